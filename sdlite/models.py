@@ -1,0 +1,142 @@
+"""The parts of a latent text-to-image model: build them from a preset, save and load a folder.
+
+The folder is diffusers' layout (``model_index.json`` plus one subfolder per part), so what we save
+loads in diffusers' ``StableDiffusionPipeline`` and a Stable Diffusion 1.x/2.x folder that a user has
+on disk loads here. Nothing is ever fetched from a hub: every load is ``local_files_only``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from sdlite.ddpm import DDPMScheduler
+from sdlite.presets import Preset, get_preset
+from sdlite.tokenizer import clip_tokenizer, load_tokenizer
+
+PARTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+# model_index.json entries: the library and class diffusers' StableDiffusionPipeline loads each
+# part with. The scheduler is recorded as diffusers' DDPMScheduler, whose config ours shares.
+LIBRARY_CLASS = {
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "scheduler": ["diffusers", "DDPMScheduler"],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+}
+
+
+class ModelFolderError(ValueError):
+    """A model folder that is missing a part or whose parts do not fit together."""
+
+
+@dataclass
+class Components:
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    unet: UNet2DConditionModel
+    scheduler: DDPMScheduler
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in PARTS}
+
+    def save_pretrained(self, path: str | Path, safe_serialization: bool = True) -> Path:
+        return save_components(self, path, safe_serialization=safe_serialization)
+
+
+def build_components(preset: str | Preset = "tiny", seed: int | None = 0) -> Components:
+    """Random-weight parts of a preset; ``seed`` makes the initialisation reproducible."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if seed is not None:
+        torch.manual_seed(seed)
+    return Components(
+        vae=AutoencoderKL(**preset.config("vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**preset.config("text_encoder"))),
+        tokenizer=clip_tokenizer(preset.max_length),
+        unet=UNet2DConditionModel(**preset.config("unet")),
+        scheduler=DDPMScheduler(**preset.config("scheduler")),
+    )
+
+
+def save_components(parts: Components, path: str | Path, safe_serialization: bool = True) -> Path:
+    """Write a diffusers-layout folder: one subfolder per part and ``model_index.json``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for name in PARTS:
+        part = getattr(parts, name)
+        if name in ("vae", "unet", "text_encoder"):
+            part.save_pretrained(path / name, safe_serialization=safe_serialization)
+        else:
+            part.save_pretrained(path / name)
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__}
+    index.update(LIBRARY_CLASS)
+    index["requires_safety_checker"] = False
+    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return path
+
+
+def check_folder(path: str | Path, parts: tuple[str, ...] = PARTS) -> Path:
+    """Fail early, naming the part, when a model folder lacks one of ``parts``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFolderError(f"model folder {str(path)!r} does not exist; pass a folder saved by "
+                               "sdlite or diffusers (it holds model_index.json)")
+    needs = {"vae": "config.json", "unet": "config.json", "text_encoder": "config.json",
+             "scheduler": "scheduler_config.json"}
+    for name in parts:
+        if name == "tokenizer":
+            continue  # a missing tokenizer is rebuilt offline from CLIP's vocabulary
+        if not (path / name / needs[name]).is_file():
+            raise ModelFolderError(
+                f"model folder {str(path)!r} has no {name}: expected {name}/{needs[name]} "
+                "(a diffusers-layout folder has vae/, unet/, text_encoder/, tokenizer/, scheduler/)"
+            )
+    return path
+
+
+def load_components(path: str | Path, torch_dtype: torch.dtype | None = None) -> Components:
+    """Load every part of a diffusers-layout folder from local files only."""
+    path = check_folder(path)
+    kw = dict(local_files_only=True)
+    if torch_dtype is not None:
+        kw["torch_dtype"] = torch_dtype
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **kw)
+    parts = Components(
+        vae=AutoencoderKL.from_pretrained(path / "vae", **kw),
+        text_encoder=text_encoder,
+        tokenizer=load_tokenizer(path, text_encoder.config.max_position_embeddings),
+        unet=UNet2DConditionModel.from_pretrained(path / "unet", **kw),
+        scheduler=DDPMScheduler.from_pretrained(path / "scheduler"),
+    )
+    check_compatible(parts)
+    return parts
+
+
+def check_compatible(parts: Components) -> None:
+    """The parts must fit: latent channels, cross-attention width, token vocabulary."""
+    vae, unet, te = parts.vae.config, parts.unet.config, parts.text_encoder.config
+    if unet.in_channels != vae.latent_channels:
+        raise ModelFolderError(
+            f"unet.in_channels is {unet.in_channels} but the VAE makes {vae.latent_channels}-channel "
+            "latents: the U-Net and VAE come from different models"
+        )
+    if unet.cross_attention_dim != te.hidden_size:
+        raise ModelFolderError(
+            f"unet.cross_attention_dim is {unet.cross_attention_dim} but the text encoder's width is "
+            f"{te.hidden_size}: the U-Net and text encoder come from different models"
+        )
+    if len(parts.tokenizer) > te.vocab_size:
+        raise ModelFolderError(
+            f"the tokenizer has {len(parts.tokenizer)} tokens but the text encoder embeds only "
+            f"{te.vocab_size}: the tokenizer and text encoder come from different models"
+        )

@@ -1,0 +1,159 @@
+"""Model presets: the configs of a latent text-to-image model, built from nothing but numbers.
+
+A preset names one config for each part, in the keys diffusers' classes take, so a preset builds
+real ``AutoencoderKL`` / ``UNet2DConditionModel`` / ``CLIPTextModel`` objects with random weights,
+and a folder saved from them loads in diffusers.
+
+- ``tiny``: 32 px images, 0.24 M-parameter VAE with f=4 (8x8x4 latents), 4.1 M-parameter U-Net,
+  2-layer 64-wide text encoder. Learns the shapes data set on a 2-core CPU in minutes.
+- ``small``: 64 px images, VAE f=4 (16x16x4 latents), 40 M-parameter U-Net; a laptop-GPU model.
+- ``sd15``: the shapes of Stable Diffusion 1.5 (VAE f=8, 4 latent channels, U-Net 320/640/1280/1280,
+  CLIP ViT-L/14 text encoder, 77 tokens), for benchmarks and as a from-scratch starting point.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    resolution: int  # pixels of the square training image
+    vae: dict[str, Any]
+    unet: dict[str, Any]
+    text_encoder: dict[str, Any]
+    scheduler: dict[str, Any]
+    max_length: int = 77  # tokens the text encoder sees, BOS and EOS included
+    notes: str = field(default="", compare=False)
+
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent: each encoder block but the last halves the size."""
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.vae_factor
+
+    def config(self, part: str) -> dict[str, Any]:
+        """A fresh copy of one part's config, safe for the caller to change."""
+        return copy.deepcopy(getattr(self, part))
+
+
+def _vae(channels, layers, resolution, latent_channels=4, groups=32, scaling_factor=0.18215):
+    n = len(channels)
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=list(channels),
+        layers_per_block=layers,
+        latent_channels=latent_channels,
+        norm_num_groups=groups,
+        sample_size=resolution,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _unet(channels, layers, latent_size, cross_dim, head_dim, groups=32, cross_attn_blocks=None):
+    n = len(channels)
+    # By default attention at every level but the first (highest-resolution, where it costs most);
+    # SD 1.x does the opposite and passes its own list.
+    attn = cross_attn_blocks if cross_attn_blocks is not None else [False] + [True] * (n - 1)
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn]
+    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]
+    return dict(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=list(channels),
+        layers_per_block=layers,
+        cross_attention_dim=cross_dim,
+        attention_head_dim=head_dim,
+        norm_num_groups=groups,
+    )
+
+
+def _clip_text(width, layers, heads, max_length, act="quick_gelu", projection_dim=None):
+    return dict(
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=max_length,
+        hidden_act=act,
+        projection_dim=projection_dim or width,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+
+
+# Ho et al. 2020's linear schedule. Latent models never clip x0 to [-1, 1]: latents go past it and
+# clipping them draws the right shapes in the wrong colours (see shared/DESIGN.md).
+DDPM_LINEAR = dict(
+    num_train_timesteps=1000,
+    beta_schedule="linear",
+    beta_start=0.0001,
+    beta_end=0.02,
+    prediction_type="epsilon",
+    variance_type="fixed_small",
+    clip_sample=False,
+)
+# Stable Diffusion's own scheduler settings.
+SD_SCALED_LINEAR = dict(
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    prediction_type="epsilon",
+    variance_type="fixed_small",
+    clip_sample=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+)
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny",
+        resolution=32,
+        vae=_vae([16, 32, 32], layers=1, resolution=32, groups=8),
+        unet=_unet([32, 64, 128], layers=1, latent_size=8, cross_dim=64, head_dim=8, groups=16),
+        text_encoder=_clip_text(64, layers=2, heads=4, max_length=16),
+        scheduler=DDPM_LINEAR,
+        max_length=16,
+    ),
+    "small": Preset(
+        name="small",
+        resolution=64,
+        vae=_vae([64, 128, 128], layers=1, resolution=64),
+        unet=_unet([128, 256, 256], layers=2, latent_size=16, cross_dim=256, head_dim=8),
+        text_encoder=_clip_text(256, layers=4, heads=4, max_length=32),
+        scheduler=DDPM_LINEAR,
+        max_length=32,
+    ),
+    "sd15": Preset(
+        name="sd15",
+        resolution=512,
+        vae=_vae([128, 256, 512, 512], layers=2, resolution=512),
+        unet=_unet([320, 640, 1280, 1280], layers=2, latent_size=64, cross_dim=768, head_dim=8,
+                   cross_attn_blocks=[True, True, True, False]),
+        text_encoder=_clip_text(768, layers=12, heads=12, max_length=77),
+        scheduler=SD_SCALED_LINEAR,
+        max_length=77,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

@@ -1,0 +1,119 @@
+"""One typed config per entry point: a dataclass, loaded from YAML, overridable from the command line.
+
+    cfg = parse_config(TrainConfig, ["--config", "configs/tiny-shapes.yaml", "--max_steps", "200"])
+
+The dataclass holds the only copy of the defaults; the YAML file and then the command line override
+them, in that order. Every field becomes a ``--name`` flag whose type comes from its annotation, so
+a misspelt key or a value of the wrong type fails at start-up with a message naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist or a value of the wrong type."""
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """(type, is_list) of a field annotation such as ``int``, ``str | None`` or ``list[str]``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    if origin in (list, tuple):
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean (use true or false)")
+
+
+def _convert(name: str, annotation: Any, value: Any) -> Any:
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        return None
+    kind, is_list = _base_type(annotation)
+    try:
+        if is_list:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [_convert(name, kind, v) for v in items]
+        if kind is bool:
+            return _to_bool(value)
+        if kind in (int, float, str):
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{value} is not an integer")
+            return kind(value)
+        return value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key {name!r}: {e}") from None
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
+    """Build ``cls`` from a dict, converting each value to its field's type; unknown keys fail."""
+    hints = _hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {unknown} for {cls.__name__}; known keys: {sorted(known)}"
+        )
+    return cls(**{k: _convert(k, hints[k], v) for k, v in values.items()})
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of key: value")
+    return data
+
+
+def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description or cls.__doc__)
+    parser.add_argument("--config", help="YAML file of key: value pairs; flags override it")
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        # Values stay strings here and are converted once, with the YAML's, in from_dict.
+        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=f"(default: {default})")
+    return parser
+
+
+def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
+    """Defaults of ``cls``, then the ``--config`` YAML file, then the ``--key value`` flags."""
+    args = vars(build_parser(cls).parse_args(argv))
+    path = args.pop("config", None)
+    values = load_yaml(path) if path else {}
+    values.update(args)
+    return from_dict(cls, values, source=path or "command line")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
