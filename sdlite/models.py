@@ -89,10 +89,16 @@ def check_folder(path: str | Path, parts: tuple[str, ...] = PARTS) -> Path:
     """Fail early, naming the part, when a model folder lacks one of ``parts``."""
     path = Path(path)
     if not path.is_dir():
-        raise ModelFolderError(f"model folder {str(path)!r} does not exist; pass a folder saved by "
-                               "sdlite or diffusers (it holds model_index.json)")
-    needs = {"vae": "config.json", "unet": "config.json", "text_encoder": "config.json",
-             "scheduler": "scheduler_config.json"}
+        raise ModelFolderError(
+            f"model folder {str(path)!r} does not exist; pass a folder saved by "
+            "sdlite or diffusers (it holds model_index.json)"
+        )
+    needs = {
+        "vae": "config.json",
+        "unet": "config.json",
+        "text_encoder": "config.json",
+        "scheduler": "scheduler_config.json",
+    }
     for name in parts:
         if name == "tokenizer":
             continue  # a missing tokenizer is rebuilt offline from CLIP's vocabulary

@@ -43,8 +43,9 @@ def test_tiny_parts_fit_together():
     images = torch.rand(2, 3, p.resolution, p.resolution) * 2 - 1
     latents = parts.vae.encode(images).latent_dist.mean
     assert latents.shape == (2, 4, p.latent_size, p.latent_size)
-    ids = parts.tokenizer(["a red circle", "a blue square"], padding="max_length",
-                          max_length=p.max_length, return_tensors="pt").input_ids
+    ids = parts.tokenizer(
+        ["a red circle", "a blue square"], padding="max_length", max_length=p.max_length, return_tensors="pt"
+    ).input_ids
     embeds = parts.text_encoder(ids)[0]
     assert embeds.shape == (2, p.max_length, p.unet["cross_attention_dim"])
     eps = parts.unet(latents, torch.tensor([10, 500]), embeds).sample
