@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A config key that does not exist or a value of the wrong type."""
 
 
+def _allows_none(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+
+
 def _base_type(annotation: Any) -> tuple[type, bool]:
     """(type, is_list) of a field annotation such as ``int``, ``str | None`` or ``list[str]``."""
     origin = typing.get_origin(annotation)
@@ -47,17 +52,36 @@ def _to_bool(value: Any) -> bool:
     raise ValueError(f"{value!r} is not a boolean (use true or false)")
 
 
+def _list_items(value: Any) -> list:
+    """A list value: a YAML list, a flag's "a,b,c", or a flag's YAML list '["a, b", "c"]' (for items
+    that hold commas), or a single item."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            items = yaml.safe_load(text)
+            if not isinstance(items, list):
+                raise ValueError(f"{value!r} is not a list")
+            return items
+        return [v.strip() for v in text.split(",")] if text else []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
 def _convert(name: str, annotation: Any, value: Any) -> Any:
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if annotation is not None and annotation is not Any and not _allows_none(annotation):
+            raise ConfigError(f"config key {name!r} cannot be none")
         return None
     kind, is_list = _base_type(annotation)
     try:
         if is_list:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return [_convert(name, kind, v) for v in items]
+            return [_convert(name, kind, v) for v in _list_items(value)]
         if kind is bool:
             return _to_bool(value)
         if kind in (int, float, str):
+            if kind in (int, float) and isinstance(value, bool):
+                raise ValueError(f"{value} is a boolean, not a number")
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"{value} is not an integer")
             return kind(value)
@@ -93,10 +117,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description or cls.__doc__)
+    # allow_abbrev=False: a misspelt or shortened flag fails instead of setting some other key.
+    parser = argparse.ArgumentParser(description=description or cls.__doc__, allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of key: value pairs; flags override it")
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
         # Values stay strings here and are converted once, with the YAML's, in from_dict.
         parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=f"(default: {default})")
     return parser

@@ -1,0 +1,199 @@
+"""A disk cache of what the frozen models compute from the training data: VAE latents, text embeddings.
+
+Each entry is one safetensors file named by its key, the SHA-256 of everything that produced it:
+
+- latents of one image and one flip: the image's bytes, the resolution, the crop box, the flip, and the
+  VAE's fingerprint (its config and weights, so also their dtype). Stored: ``mean`` and ``std`` of the
+  encoder's posterior q(z|x), each (C, h, w), before the scaling factor (which the fingerprint leaves
+  out, so a VAE whose scaling factor alone changed keeps its cache);
+- text embeddings of one caption: its token ids and the text encoder's fingerprint. Stored:
+  ``embeds`` (L, D), the encoder's last hidden state.
+
+A key changes whenever anything that shapes the tensor changes, so a stale entry is never read, and
+unchanged data hits in every later run, whatever its output folder. Entries are never rewritten:
+changed inputs make new keys and the old files stay until the folder is deleted.
+
+Why the mean and std rather than one sample: diffusers' script draws z ~ q(z|x) afresh at every step
+(``latent_dist.sample()``). Keeping the distribution keeps exactly that, so cached training optimises
+the same objective as uncached training, for twice the storage of one sample; a stored sample would
+freeze one draw of the VAE's noise for the whole run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdlite.data.dataset import ImageTransform, image_bytes, image_size
+
+# Config entries that do not change what a model computes from its input.
+NOT_COMPUTED = ("scaling_factor", "shift_factor", "force_upcast")
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(module: torch.nn.Module, ignore: Sequence[str] = NOT_COMPUTED) -> str:
+    """SHA-256 of a model's config (less ``ignore`` and private keys) and of every weight's bytes."""
+    h = hashlib.sha256()
+    config = getattr(module, "config", {})
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    public = {k: v for k, v in config.items() if not k.startswith("_") and k not in ignore}
+    h.update(json.dumps(public, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def latent_key(
+    image_digest: str, resolution: int, box: Sequence[int], flip: bool, vae_fingerprint: str
+) -> str:
+    return digest(f"latent|{image_digest}|{resolution}|{tuple(box)}|{int(flip)}|{vae_fingerprint}".encode())
+
+
+def text_key(input_ids: torch.Tensor, text_fingerprint: str) -> str:
+    ids = ",".join(str(i) for i in input_ids.tolist())
+    return digest(f"text|{ids}|{text_fingerprint}".encode())
+
+
+class TensorCache:
+    """Content-addressed safetensors files under ``root``: ``root/ab/abcdef....safetensors``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def __contains__(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def load(self, key: str) -> dict[str, torch.Tensor]:
+        return load_file(self.path(key))
+
+    def save(self, key: str, tensors: dict[str, torch.Tensor]) -> Path:
+        """Write atomically: a reader sees the whole file or none (a crash leaves only a .tmp file)."""
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # unique across processes and machines
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def fill(
+        self,
+        keys: Sequence[str],
+        compute: Callable[[list[int]], dict[str, torch.Tensor]],
+        batch_size: int = 32,
+        rank: int = 0,
+        world_size: int = 1,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Compute and store the entries of ``keys`` that are missing; returns how many were missing
+        (as this process saw them).
+
+        ``compute(positions)`` returns a dict of batched tensors for those positions of ``keys``. With
+        several processes each computes its share of the missing entries; the caller waits for all
+        of them before reading.
+        """
+        first: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        missing = [i for key, i in first.items() if key not in self]
+        # Each key has one owner, fixed by the key itself, so processes that look at different times
+        # (while others write) still split the work without gaps or overlaps.
+        mine = [i for i in missing if int(keys[i][:8], 16) % world_size == rank]
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            batch = compute(chunk)
+            for j, i in enumerate(chunk):
+                self.save(keys[i], {name: value[j] for name, value in batch.items()})
+            if progress is not None:
+                progress(len(chunk))
+        return len(missing)
+
+
+@torch.no_grad()
+def vae_moments(vae, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean and std of q(z|x) for (B, 3, H, W) pixels in [-1, 1], as float32 (B, C, h, w)."""
+    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return {"mean": posterior.mean.float(), "std": posterior.std.float()}
+
+
+@torch.no_grad()
+def text_embeddings(text_encoder, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The text encoder's last hidden state for (B, L) token ids, as float32 (B, L, D)."""
+    return {"embeds": text_encoder(input_ids.to(text_encoder.device))[0].float()}
+
+
+def cache_latents(
+    cache: TensorCache,
+    rows,
+    image_column: str,
+    transform: ImageTransform,
+    vae,
+    flips: Sequence[bool] = (False,),
+    batch_size: int = 32,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[list[str | None]], int]:
+    """Make sure every row's latents are cached for each of ``flips``.
+
+    Returns the files per row as ``[unflipped, flipped]`` (None where that flip is not cached) and the
+    number of entries that had to be computed (0: every entry hit).
+    """
+    vae_fingerprint = fingerprint(vae)
+    images = rows.select_columns([image_column])
+    keys, where = [], []  # where: (row, flip) of each key
+    entries = (entry for chunk in images.iter(batch_size=256) for entry in chunk[image_column])
+    for index, entry in enumerate(entries):
+        data = image_bytes(entry)
+        box, image_digest = transform.crop_box(image_size(data), index), digest(data)
+        for flip in flips:
+            keys.append(latent_key(image_digest, transform.resolution, box, flip, vae_fingerprint))
+            where.append((index, flip))
+
+    def compute(positions: list[int]) -> dict[str, torch.Tensor]:
+        pixels = [
+            transform(image_bytes(images[where[p][0]][image_column]), where[p][0], where[p][1])
+            for p in positions
+        ]
+        return vae_moments(vae, torch.stack(pixels))
+
+    missing = cache.fill(keys, compute, batch_size, rank, world_size, progress)
+    files: list[list[str | None]] = [[None, None] for _ in range(len(images))]
+    for key, (index, flip) in zip(keys, where):
+        files[index][int(flip)] = str(cache.path(key))
+    return files, missing
+
+
+def cache_text(
+    cache: TensorCache,
+    input_ids: torch.Tensor,
+    text_encoder,
+    batch_size: int = 64,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[list[str], int]:
+    """Make sure the embeddings of every row's token ids (N, L) are cached; returns (files, computed)."""
+    text_fingerprint = fingerprint(text_encoder)
+    keys = [text_key(ids, text_fingerprint) for ids in input_ids]
+    missing = cache.fill(
+        keys,
+        lambda positions: text_embeddings(text_encoder, input_ids[positions]),
+        batch_size,
+        rank,
+        world_size,
+    )
+    return [str(cache.path(key)) for key in keys], missing

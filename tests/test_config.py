@@ -1,0 +1,103 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from training.config import ConfigError, parse_config, save_yaml
+
+
+@dataclass
+class Example:
+    """An example entry point."""
+
+    name: str = "run"
+    steps: int = 10
+    rate: float = 1e-4
+    flag: bool = False
+    path: str | None = None
+    gamma: float | None = None
+    prompts: list[str] = field(default_factory=list)
+    timesteps: list[int] = field(default_factory=lambda: [100, 500])
+
+
+def test_defaults_come_from_the_dataclass():
+    assert parse_config(Example, []) == Example()
+
+
+def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 20\nrate: 3.0e-4\nflag: true\nprompts: [a red circle, a blue square]\n")
+    cfg = parse_config(Example, ["--config", str(path), "--steps", "30"])
+    assert (cfg.steps, cfg.rate, cfg.flag, cfg.prompts) == (30, 3e-4, True, ["a red circle", "a blue square"])
+
+
+def test_values_are_converted_to_the_annotated_type():
+    cfg = parse_config(Example, ["--steps", "5", "--rate", "1e-3", "--flag", "yes", "--path", "runs/x",
+                                 "--gamma", "5", "--timesteps", "1,2, 3"])  # fmt: skip
+    assert cfg == Example(steps=5, rate=1e-3, flag=True, path="runs/x", gamma=5.0, timesteps=[1, 2, 3])
+    assert isinstance(cfg.gamma, float) and isinstance(cfg.steps, int)
+
+
+def test_none_is_accepted_only_where_the_annotation_allows_it():
+    assert parse_config(Example, ["--path", "none", "--gamma", "null"]).path is None
+    with pytest.raises(ConfigError, match="steps"):
+        parse_config(Example, ["--steps", "none"])
+
+
+def test_list_flags_split_on_commas_or_read_a_yaml_list_for_items_with_commas():
+    assert parse_config(Example, ["--prompts", "a red circle, a blue square"]).prompts == [
+        "a red circle",
+        "a blue square",
+    ]
+    cfg = parse_config(Example, ["--prompts", '["a cat, photo", "a dog"]'])
+    assert cfg.prompts == ["a cat, photo", "a dog"]
+    assert parse_config(Example, ["--prompts", ""]).prompts == []
+
+
+def test_a_single_yaml_value_for_a_list_key_is_a_one_item_list(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("timesteps: 500\n")
+    assert parse_config(Example, ["--config", str(path)]).timesteps == [500]
+
+
+def test_wrong_types_and_unknown_keys_fail_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="'steps'"):
+        parse_config(Example, ["--steps", "many"])
+    with pytest.raises(ConfigError, match="'steps'"):
+        parse_config(Example, ["--steps", "2.5"])
+    with pytest.raises(ConfigError, match="'flag'"):
+        parse_config(Example, ["--flag", "maybe"])
+    path = tmp_path / "c.yaml"
+    path.write_text("stepz: 3\n")
+    with pytest.raises(ConfigError, match="stepz"):
+        parse_config(Example, ["--config", str(path)])
+    path.write_text("steps: true\n")  # YAML booleans are ints to Python; not here
+    with pytest.raises(ConfigError, match="'steps'"):
+        parse_config(Example, ["--config", str(path)])
+
+
+def test_unknown_or_abbreviated_flags_fail():
+    with pytest.raises(SystemExit):
+        parse_config(Example, ["--stepz", "3"])
+    with pytest.raises(SystemExit):  # no prefix matching: --step is not --steps
+        parse_config(Example, ["--step", "3"])
+
+
+def test_bad_config_files_fail(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(Example, ["--config", str(tmp_path / "missing.yaml")])
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        parse_config(Example, ["--config", str(path)])
+
+
+def test_a_saved_config_loads_back_equal(tmp_path):
+    cfg = Example(name="x", steps=3, flag=True, gamma=5.0, prompts=["a, b", "c"], timesteps=[1])
+    save_yaml(cfg, tmp_path / "saved.yaml")
+    assert parse_config(Example, ["--config", str(tmp_path / "saved.yaml")]) == cfg
+
+
+def test_help_shows_the_defaults_of_factory_fields(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(Example, ["--help"])
+    assert "[100, 500]" in capsys.readouterr().out

@@ -1,0 +1,343 @@
+"""Train the latent U-Net of a text-to-image model: Algorithm 1 of Ho et al. 2020 on VAE latents.
+
+    accelerate launch training/train.py --config configs/tiny-shapes.yaml [--key value ...]
+    python training/train.py --preset tiny --train_data_dir data/shapes/train --max_steps 100
+
+One optimizer step (Ho et al. 2020, Algorithm 1, in the latent space of Rombach et al. 2022):
+    x_0 = scaling_factor * z,  z ~ q(z | image)       VAE encoder; cached on disk as mean and std
+    t ~ Uniform{0, ..., T-1},  ε ~ N(0, I)
+    x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε                        eq. 4 (scheduler.add_noise)
+    loss = w(t) ‖ε - ε_θ(x_t, t, c)‖²                   eq. 14, the simplified objective (w = 1)
+With v-prediction the target is v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & Ho 2022); min-SNR-γ
+(Hang et al. 2023) sets w(t) = min(SNR(t), γ) / SNR(t) for ε and min(SNR(t), γ) / (SNR(t) + 1) for v.
+
+Outputs under output_dir: config.yaml, checkpoint-N/ (resumable with --resume latest), logs/
+(TensorBoard), validation/step-N.png; and final_dir (default output_dir/final), a diffusers-layout
+folder whose unet (and text_encoder, when trained) hold the EMA weights (the raw ones are in unet_raw/).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from tqdm.auto import tqdm
+
+if __package__ in (None, ""):  # run as a script (accelerate launch training/train.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sdlite.data.cache import TensorCache, cache_latents, cache_text, text_embeddings  # noqa: E402
+from sdlite.data.dataset import ImageTransform, TrainingExamples, caption_text, load_rows  # noqa: E402
+from sdlite.ddpm import DDPMScheduler  # noqa: E402
+from sdlite.models import build_components, check_compatible, load_components  # noqa: E402
+from training.config import parse_config, save_yaml, to_dict  # noqa: E402
+from training.loop import (  # noqa: E402
+    EMA,
+    Metrics,
+    StepSampler,
+    checkpoints,
+    find_resume,
+    load_checkpoint,
+    make_lr_schedule,
+    make_optimizer,
+    progress_bar,
+    save_checkpoint,
+    seeded_generator,
+    setup_accelerator,
+)
+from training.unet_step import Denoiser, optimizer_step, save_final, validate  # noqa: E402
+
+
+@dataclass
+class TrainConfig:
+    """Train the latent U-Net (and optionally the text encoder) of a text-to-image model."""
+
+    # The model: a preset from scratch, or a pretrained diffusers-layout folder.
+    preset: str = "tiny"  # sdlite.presets name, random init (used when pretrained is None)
+    pretrained: str | None = None  # a diffusers-layout folder to fine-tune
+    vae_path: str | None = None  # an AutoencoderKL folder (train_vae.py's output_dir/vae) replacing the VAE
+    train_text_encoder: bool = False  # train the CLIP text encoder with the U-Net (embeddings not cached)
+    prediction_type: str | None = None  # "epsilon" or "v_prediction"; None: the scheduler's
+    rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2023); also sets trailing spacing
+    # Data: an image folder with metadata.jsonl, a save_to_disk folder, or a CSV/parquet/JSON-lines file.
+    train_data_dir: str = "data/shapes/train"
+    image_column: str = "image"
+    caption_column: str = "text"
+    resolution: int | None = None  # None: the VAE's sample_size
+    random_crop: bool = False  # one random square per image (from seed and index); else centre crop
+    random_flip: bool = False  # flip left-right with probability 1/2 (both flips are cached)
+    caption_dropout: float = 0.0  # probability of the empty caption, for classifier-free guidance
+    cache_latents: bool = True  # encode each image once, keep mean and std of q(z|x) on disk
+    cache_text: bool = True  # cache the text embeddings too (only while the text encoder is frozen)
+    cache_dir: str = "~/.cache/sdlite"
+    dataloader_num_workers: int = 0
+    # Optimisation: steps are optimizer steps; the global batch is batch x processes x accumulation.
+    seed: int = 0
+    max_steps: int = 1000
+    train_batch_size: int = 32  # per process
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"  # any diffusers.optimization schedule, in optimizer steps
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit
+    max_grad_norm: float = 1.0  # 0: no clipping
+    snr_gamma: float | None = None  # min-SNR-γ loss weights; 5 is the paper's
+    noise_offset: float = 0.0  # ε += offset * N(0, I) per (sample, channel) (Guttenberg 2023)
+    ema_decay: float | None = 0.9999  # None: no EMA
+    # Speed
+    mixed_precision: str | None = None  # "no", "fp16", "bf16"; None: accelerate's config decides
+    allow_tf32: bool = True
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the U-Net
+    channels_last: bool = False
+    # Validation, logging, checkpoints
+    output_dir: str = "runs/train"
+    final_dir: str | None = None  # None: output_dir/final
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_every: int = 0  # steps; 0: only at the end
+    validation_inference_steps: int = 50
+    validation_guidance: float = 7.5
+    val_data_dir: str | None = None  # held-out data for the validation loss (same formats as train)
+    val_count: int = 64  # held-out items used
+    val_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    log_every: int = 50
+    report_to: str | None = "tensorboard"
+    checkpoint_every: int = 500  # steps; 0: none
+    checkpoints_total_limit: int | None = 3
+    resume: str | None = None  # "latest" or a checkpoint folder
+
+
+def check_config(cfg: TrainConfig) -> None:
+    problems = []
+    if cfg.prediction_type not in (None, "epsilon", "v_prediction"):
+        problems.append(f"prediction_type={cfg.prediction_type!r}: use epsilon or v_prediction")
+    if cfg.mixed_precision not in (None, "no", "fp16", "bf16"):
+        problems.append(f"mixed_precision={cfg.mixed_precision!r}: use no, fp16 or bf16")
+    if not 0 <= cfg.caption_dropout < 1:
+        problems.append(f"caption_dropout={cfg.caption_dropout} must be in [0, 1)")
+    if min(cfg.max_steps, cfg.train_batch_size, cfg.gradient_accumulation_steps, cfg.log_every) < 1:
+        problems.append("max_steps, train_batch_size, gradient_accumulation_steps and log_every must be >= 1")
+    if problems:
+        raise ValueError("bad training config: " + "; ".join(problems))
+
+
+@dataclass
+class Run:
+    """Everything a running training holds; the step functions take it."""
+
+    cfg: TrainConfig
+    accelerator: object
+    parts: object  # sdlite.models.Components (unwrapped)
+    model: torch.nn.Module  # the prepared Denoiser (DDP-wrapped with several processes)
+    params: list  # its trained parameters
+    optimizer: object
+    lr_schedule: object
+    ema: EMA | None  # on the main process only
+    sampler: StepSampler
+    batches: object  # iterator over the DataLoader
+    empty_text: torch.Tensor  # the empty caption's embeddings (1, L, D) or token ids (1, L)
+    latent_shape: tuple[int, int, int]
+    val: dict | None  # held-out batch and its fixed draws
+    start_step: int
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Build the models, cache the data, prepare with accelerate and resume: ready for step ``start_step``."""
+    check_config(cfg)
+    acc = setup_accelerator(
+        cfg.output_dir, cfg.mixed_precision, cfg.gradient_accumulation_steps, cfg.report_to, cfg.allow_tf32
+    )
+    parts = load_parts(cfg, acc.device)
+    examples, empty_text, latent_shape, val = build_examples(cfg, acc, parts)
+
+    unet, text_encoder = parts.unet, parts.text_encoder if cfg.train_text_encoder else None
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if text_encoder is not None:
+            text_encoder.gradient_checkpointing_enable()
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        unet.compile()
+    denoiser = Denoiser(unet, text_encoder, channels_last=cfg.channels_last).train()
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    optimizer = make_optimizer(params, cfg.learning_rate, betas, cfg.adam_weight_decay, cfg.adam_epsilon,
+                               use_8bit=cfg.use_8bit_adam)  # fmt: skip
+    lr_schedule = make_lr_schedule(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_steps)
+    model, optimizer = acc.prepare(denoiser, optimizer)  # not the schedule: see make_lr_schedule
+    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay and acc.is_main_process else None
+
+    start_step, checkpoint = 0, find_resume(cfg.output_dir, cfg.resume)
+    if checkpoint is not None:
+        start_step = load_checkpoint(
+            acc, checkpoint, trained_modules(parts, cfg), optimizer, lr_schedule, ema
+        )["step"]
+        acc.print(f"resumed from {checkpoint} at step {start_step}")
+    elif checkpoints(cfg.output_dir):
+        acc.print(f"warning: {cfg.output_dir} holds checkpoints of an earlier run; this run starts at step 0 "
+                  "(--resume latest continues the earlier one)")  # fmt: skip
+    sampler = StepSampler(len(examples), cfg.train_batch_size, cfg.seed, cfg.max_steps, start_step,
+                          acc.num_processes, acc.process_index, cfg.gradient_accumulation_steps,
+                          random_flip=cfg.random_flip)  # fmt: skip
+    workers = cfg.dataloader_num_workers
+    loader = torch.utils.data.DataLoader(
+        examples, batch_sampler=sampler, num_workers=workers, prefetch_factor=4 if workers else None,
+        pin_memory=acc.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),  # leaves the global RNG alone (resume is exact)
+    )  # fmt: skip
+    if acc.is_main_process:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
+        hparams = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in to_dict(cfg).items()
+        }
+        acc.init_trackers("sdlite-train", config=hparams)
+    return Run(cfg=cfg, accelerator=acc, parts=parts, model=model, params=params, optimizer=optimizer,
+               lr_schedule=lr_schedule, ema=ema, sampler=sampler, batches=iter(loader), empty_text=empty_text,
+               latent_shape=latent_shape, val=val, start_step=start_step)  # fmt: skip
+
+
+def trained_modules(parts, cfg: TrainConfig) -> dict[str, torch.nn.Module]:
+    return {"unet": parts.unet, **({"text_encoder": parts.text_encoder} if cfg.train_text_encoder else {})}
+
+
+def load_parts(cfg: TrainConfig, device: torch.device):
+    """The model: a preset's random init or a pretrained folder, a separately trained VAE, the scheduler
+    options; the VAE (and the text encoder, unless trained) frozen. All on ``device``."""
+    parts = load_components(cfg.pretrained) if cfg.pretrained else build_components(cfg.preset, seed=cfg.seed)
+    if cfg.vae_path:
+        path = Path(cfg.vae_path)
+        path = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        parts.vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
+        check_compatible(parts)
+    overrides = {"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}
+    if cfg.rescale_betas_zero_snr:  # sampling must then start at t = T-1: trailing spacing (Lin et al.)
+        overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    if overrides:
+        parts.scheduler = DDPMScheduler.from_config(parts.scheduler.config, **overrides)
+    parts.vae.requires_grad_(False).eval()
+    parts.text_encoder.requires_grad_(cfg.train_text_encoder).train(cfg.train_text_encoder)
+    for module in (parts.vae, parts.text_encoder, parts.unet):
+        module.to(
+            device
+        )  # frozen parts stay float32: autocast runs them in low precision, and they save intact
+    return parts
+
+
+def build_examples(cfg: TrainConfig, acc, parts):
+    """The training examples, cached as configured, the empty caption, the latent shape and the
+    held-out batch with its fixed draws (None without val_data_dir)."""
+    vae = parts.vae.config
+    resolution = cfg.resolution or vae.sample_size
+    factor = 2 ** (len(vae.block_out_channels) - 1)
+    if resolution % factor:
+        raise ValueError(f"resolution {resolution} is not a multiple of the VAE's factor {factor}")
+    latent_shape = (vae.latent_channels, resolution // factor, resolution // factor)
+    transform = ImageTransform(resolution, cfg.random_crop, cfg.seed)
+    cache = TensorCache(Path(cfg.cache_dir).expanduser())
+    embeds_cached = cfg.cache_text and not cfg.train_text_encoder
+    tokenizer = parts.tokenizer
+
+    def tokenize(captions: list[str]) -> torch.Tensor:
+        return tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    def examples_of(source: str, flips: tuple[bool, ...], limit: int | None = None) -> TrainingExamples:
+        rows = load_rows(source, cfg.image_column, cfg.caption_column)
+        rows = rows.select(range(min(limit, len(rows)))) if limit else rows
+        input_ids = tokenize([caption_text(c) for c in rows[cfg.caption_column]])
+        # Split misses among one machine's processes: a cache folder local to each machine fills too.
+        rank, world_size = acc.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+        latent_files = embed_files = None
+        if cfg.cache_latents:
+            with tqdm(desc="encoding latents", unit="image", disable=not acc.is_local_main_process) as bar:
+                latent_files, missing = cache_latents(
+                    cache, rows, cfg.image_column, transform, parts.vae, flips, cfg.train_batch_size,
+                    rank, world_size, bar.update,
+                )  # fmt: skip
+            acc.print(f"{source}: {len(rows)} images x {len(flips)} flips, {missing} latents computed")
+        if embeds_cached:
+            embed_files, missing = cache_text(cache, input_ids, parts.text_encoder, 64, rank, world_size)
+            acc.print(f"{source}: {len(rows)} captions, {missing} text embeddings computed")
+        acc.wait_for_everyone()  # every process's share of the cache is written
+        return TrainingExamples(rows, cfg.image_column, transform, input_ids, latent_files, embed_files)
+
+    examples = examples_of(cfg.train_data_dir, (False, True) if cfg.random_flip else (False,))
+    empty_ids = tokenize([""])
+    empty = text_embeddings(parts.text_encoder, empty_ids)["embeds"] if embeds_cached else empty_ids
+    val = None
+    if cfg.val_data_dir and cfg.val_count > 0:
+        held_out = examples_of(cfg.val_data_dir, (False,), cfg.val_count)
+        batch = torch.utils.data.default_collate([held_out[(i, False)] for i in range(len(held_out))])
+        T, n = parts.scheduler.config.num_train_timesteps, len(held_out)
+        generator = seeded_generator(cfg.seed, "validation", device=acc.device)
+        timesteps = sorted({min(t, T - 1) for t in cfg.val_timesteps})
+        val = {
+            "batch": {k: v.to(acc.device) for k, v in batch.items()},
+            "timesteps": timesteps,
+            "noise": torch.randn((len(timesteps), n, *latent_shape), generator=generator, device=acc.device),
+            "latent_noise": torch.randn((n, *latent_shape), generator=generator, device=acc.device),
+        }
+    return examples, empty.to(acc.device), latent_shape, val
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train from step 0 or the resumed checkpoint to max_steps; returns the final model folder."""
+    run = setup(cfg)
+    acc = run.accelerator
+    global_batch = run.sampler.global_batch
+    acc.print(
+        f"training {sum(p.numel() for p in run.params) / 1e6:.2f} M parameters on {run.sampler.num_items} "
+        f"examples, global batch {global_batch}, steps {run.start_step} -> {cfg.max_steps}"
+    )
+    metrics = Metrics(acc, images_per_step=global_batch)
+    bar = progress_bar(acc, cfg.max_steps, run.start_step)
+    for step in range(run.start_step, cfg.max_steps):
+        metrics.add(loss=optimizer_step(run, step))
+        done = step + 1
+        bar.update(1)
+        if done % cfg.log_every == 0 or done == cfg.max_steps:  # the only host syncs of the loop
+            logs = metrics.report(done, lr=run.lr_schedule.get_last_lr()[0])
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_second']:.1f}")
+        # A checkpoint every checkpoint_every steps and at the end, so that a finished run can go on.
+        if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
+            save_checkpoint(
+                acc,
+                cfg.output_dir,
+                done,
+                trained_modules(run.parts, cfg),
+                run.optimizer,
+                run.lr_schedule,
+                run.ema,
+                cfg.checkpoints_total_limit,
+            )
+        if cfg.validation_every and done % cfg.validation_every == 0 and done < cfg.max_steps:
+            validate(run, done)
+    bar.close()
+    validate(run, cfg.max_steps)
+    final = save_final(run)
+    acc.end_training()
+    return final
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return train(parse_config(TrainConfig, argv))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

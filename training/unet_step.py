@@ -1,0 +1,238 @@
+"""The U-Net trainer's step (Ho et al. 2020, Algorithm 1, on latents), its validation and its final folder.
+
+Every random draw of a step comes from generators seeded by (seed, step) for the step's whole global
+batch, and each process takes its slice: so 2 processes x batch 2 see exactly the draws of 1 x 4,
+and a resumed run the draws of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+import torch
+
+from sdlite.ddpm import DDPMScheduler
+from sdlite.models import save_components
+from training.config import save_yaml
+from training.loop import log_image, publish_dir, seeded_generator
+
+
+class Denoiser(torch.nn.Module):
+    """ε_θ(x_t, t, c): the U-Net, with the text encoder in front when it trains too (so DDP wraps both)."""
+
+    def __init__(self, unet, text_encoder=None, channels_last: bool = False):
+        super().__init__()
+        self.unet, self.text_encoder, self.channels_last = unet, text_encoder, channels_last
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        if self.text_encoder is not None:
+            text = self.text_encoder(text)[0]  # token ids (B, L) -> embeddings (B, L, D)
+        if self.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        return self.unet(x_t, t, encoder_hidden_states=text).sample
+
+
+def draw_step(run, step: int) -> dict[str, torch.Tensor]:
+    """The random draws of one optimizer step for its whole global batch G (each process takes its slice)."""
+    cfg, device = run.cfg, run.accelerator.device
+    G, T = run.sampler.global_batch, run.parts.scheduler.config.num_train_timesteps
+    cpu = seeded_generator(cfg.seed, "step", step)
+    dev = seeded_generator(cfg.seed, "noise", step, device=device)
+    draws = {  # Algorithm 1, lines 3-4
+        "t": torch.randint(0, T, (G,), generator=cpu),  # t ~ U{0..T-1}; stays on the CPU (see diffusion_loss)
+        "drop": (torch.rand(G, generator=cpu) < cfg.caption_dropout).to(device),
+        "noise": torch.randn((G, *run.latent_shape), generator=dev, device=device),  # ε
+        "latent_noise": torch.randn((G, *run.latent_shape), generator=dev, device=device),  # for z ~ q(z|x)
+    }
+    if cfg.noise_offset:
+        offset = torch.randn((G, run.latent_shape[0], 1, 1), generator=dev, device=device)
+        draws["noise"] = draws["noise"] + cfg.noise_offset * offset
+    return draws
+
+
+def latents_of(batch: dict, vae, latent_noise: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1, line 2 in latent space: x_0 = scaling_factor * (z - shift), z ~ q(z|x) drawn as
+    mean + std * noise (diffusers' latent_dist.sample()), with mean and std from the cache or the VAE."""
+    if "pixels" in batch:
+        with torch.no_grad():
+            posterior = vae.encode(batch["pixels"]).latent_dist
+        mean, std = posterior.mean, posterior.std
+    else:
+        mean, std = batch["mean"], batch["std"]
+    z = mean + std * latent_noise
+    shift = vae.config.get("shift_factor") or 0.0
+    return (z - shift) * vae.config.scaling_factor
+
+
+def text_condition(batch: dict, text_encoder, empty: torch.Tensor, drop: torch.Tensor, trains: bool):
+    """c: cached embeddings, or token ids (encoded here when frozen, by the Denoiser when trained), with
+    the empty caption where ``drop``."""
+    if "embeds" in batch:
+        return torch.where(drop[:, None, None], empty, batch["embeds"])
+    ids = torch.where(drop[:, None], empty, batch["input_ids"])
+    if trains:
+        return ids
+    with torch.no_grad():
+        return text_encoder(ids)[0]
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Hang et al. 2023: min(SNR, γ)/SNR for an ε-loss (1 at SNR 0, its limit); min(SNR, γ)/(SNR+1) for v."""
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr))
+
+
+def diffusion_loss(model, scheduler, x0, text, t, noise, snr_gamma: float | None = None) -> torch.Tensor:
+    """Algorithm 1, line 5: mean over the batch of w(t) ‖target - model(x_t, t, c)‖² (per element)."""
+    # t stays on the CPU, where the scheduler's float64 tables are: gathering there costs no device sync.
+    x_t = scheduler.add_noise(x0, noise, t)  # eq. 4: x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε
+    kind = scheduler.config.prediction_type
+    target = noise if kind == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    prediction = model(x_t, t.to(x0.device, non_blocking=True), text)
+    loss = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # eq. 14, per sample
+    if snr_gamma:
+        loss = loss * min_snr_weight(scheduler.snr(t), snr_gamma, kind).to(loss.device)
+    return loss.mean()
+
+
+def optimizer_step(run, step: int) -> torch.Tensor:
+    """One optimizer step over gradient_accumulation_steps micro-batches; the mean loss, on the device."""
+    cfg, acc, parts = run.cfg, run.accelerator, run.parts
+    draws = draw_step(run, step)
+    total = torch.zeros((), device=acc.device)
+    for micro in range(cfg.gradient_accumulation_steps):
+        batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(run.batches).items()}
+        mine = {k: v[run.sampler.positions(micro)] for k, v in draws.items()}
+        with acc.accumulate(run.model):
+            with acc.autocast():
+                x0 = latents_of(batch, parts.vae, mine["latent_noise"])
+                text = text_condition(
+                    batch, parts.text_encoder, run.empty_text, mine["drop"], cfg.train_text_encoder
+                )
+            loss = diffusion_loss(
+                run.model, parts.scheduler, x0, text, mine["t"], mine["noise"], cfg.snr_gamma
+            )
+            acc.backward(loss)
+            if acc.sync_gradients:
+                if cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
+                run.optimizer.step()
+                if not acc.optimizer_step_was_skipped:  # fp16 overflow: no step, so the schedule waits
+                    run.lr_schedule.step()
+                run.optimizer.zero_grad(set_to_none=True)
+        total += loss.detach()
+    if run.ema is not None:
+        run.ema.update(run.params)
+    return total / cfg.gradient_accumulation_steps
+
+
+# ---- validation ---------------------------------------------------------------------------------------
+
+
+def held_out_loss(run, denoiser) -> dict[str, float]:
+    """The unweighted loss on held-out data at fixed timesteps, with noise fixed for the whole run."""
+    val, acc, parts, cfg = run.val, run.accelerator, run.parts, run.cfg
+    logs = {}
+    for k, t in enumerate(val["timesteps"]):
+        total = 0.0
+        for rows in torch.arange(len(val["noise"][k])).split(cfg.train_batch_size):
+            batch = {name: value[rows] for name, value in val["batch"].items()}
+            x0 = latents_of(batch, parts.vae, val["latent_noise"][rows])
+            keep = torch.zeros(len(rows), dtype=torch.bool, device=acc.device)  # no caption dropout
+            text = text_condition(batch, parts.text_encoder, run.empty_text, keep, cfg.train_text_encoder)
+            ts = torch.full((len(rows),), t)
+            loss = diffusion_loss(denoiser, parts.scheduler, x0, text, ts, val["noise"][k][rows])
+            total += loss.item() * len(rows)
+        logs[f"val/loss_t{t}"] = total / len(val["noise"][k])
+    logs["val/loss"] = sum(logs.values()) / len(logs)
+    return logs
+
+
+def image_grid(images: list, columns: int):
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def sample_images(run) -> list:
+    """One image per validation prompt, each from its own fixed seed, with sdlite's pipeline."""
+    from pipelines import TextToImagePipeline  # training may use pipelines; sdlite never does
+
+    parts, cfg, device = run.parts, run.cfg, run.accelerator.device
+    pipe = TextToImagePipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
+        scheduler=DDPMScheduler.from_config(parts.scheduler.config),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    generators = [
+        torch.Generator(device).manual_seed(cfg.seed + i) for i in range(len(cfg.validation_prompts))
+    ]
+    return pipe(
+        list(cfg.validation_prompts),
+        num_inference_steps=cfg.validation_inference_steps,
+        guidance_scale=cfg.validation_guidance,
+        generator=generators,
+        output_type="pil",
+    ).images
+
+
+def ema_weights(run):
+    return run.ema.swapped_into(run.params) if run.ema is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def validate(run, step: int) -> dict[str, float]:
+    """Held-out loss and a grid of the validation prompts, with the EMA weights when there are any."""
+    acc, cfg = run.accelerator, run.cfg
+    if not acc.is_main_process or (run.val is None and not cfg.validation_prompts):
+        return {}
+    denoiser = acc.unwrap_model(run.model).eval()  # unwrapped: no DDP collectives on one process
+    logs = {}
+    with ema_weights(run), acc.autocast():
+        if run.val is not None:
+            logs = held_out_loss(run, denoiser)
+        if cfg.validation_prompts:
+            grid = image_grid(sample_images(run), columns=min(len(cfg.validation_prompts), 8))
+            path = Path(cfg.output_dir) / "validation" / f"step-{step}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(path)
+            log_image(acc, "validation", grid, step)
+    denoiser.train()
+    if logs:
+        acc.log(logs, step=step)
+        acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+    return logs
+
+
+def save_final(run) -> Path:
+    """The diffusers-layout folder (EMA weights in unet/ and text_encoder/; raw ones in *_raw/), written
+    atomically, with the run's config as train_config.yaml."""
+    acc, cfg, parts = run.accelerator, run.cfg, run.parts
+    final = Path(cfg.final_dir or Path(cfg.output_dir) / "final")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if run.ema is not None:
+            parts.unet.save_pretrained(tmp / "unet_raw")
+            if cfg.train_text_encoder:
+                parts.text_encoder.save_pretrained(tmp / "text_encoder_raw")
+        with ema_weights(run):
+            save_components(parts, tmp)
+        save_yaml(cfg, tmp / "train_config.yaml")
+        publish_dir(tmp, final)
+        acc.print(f"saved {final}")
+    acc.wait_for_everyone()
+    return final
