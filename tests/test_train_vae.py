@@ -1,0 +1,72 @@
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from sdlite.data.dataset import DataError
+from sdlite.data.shapes import write_dataset
+from training.cli import flags
+from training.config import ConfigError
+from training.train_vae import VAETrainConfig, latent_std, load_images, main
+
+TINY_RUN = dict(max_steps=3, train_batch_size=8, lr_warmup_steps=1, report_to="none")
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("shapes"), count=24, seed=0, holdout=8)
+
+
+def test_a_few_steps_save_a_vae_that_loads_with_its_measured_scaling_factor(shapes, tmp_path):
+    out = tmp_path / "run"
+    result = main(
+        flags(train_data_dir=shapes / "train", eval_data_dir=shapes / "test", output_dir=out, **TINY_RUN)
+    )
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    assert vae.config.latent_channels == 4 and vae.config.sample_size == 32
+    images = load_images(shapes / "train", 32)
+    std = latent_std(vae, images, seed=0)
+    assert vae.config.scaling_factor == pytest.approx(1 / std, rel=1e-4)
+    assert result["psnr"] > 0
+    assert json.loads((out / "vae_results.json").read_text())["path"] == str(out / "vae")
+    with torch.no_grad():  # scaled latents have unit variance, as the diffusion prior assumes
+        z = vae.encode(images).latent_dist.sample(torch.Generator().manual_seed(0))
+    assert (z * vae.config.scaling_factor).std().item() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_holds_out_images_of_the_training_folder_without_an_eval_folder(shapes, tmp_path):
+    result = main(flags(train_data_dir=shapes / "train", eval_count=4, output_dir=tmp_path, **TINY_RUN))
+    assert (tmp_path / "vae" / "config.json").is_file() and result["psnr"] > 0
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_unbroken_one(shapes, tmp_path):
+    argv = flags(
+        train_data_dir=shapes / "train", eval_count=4, checkpoint_every=2, **{**TINY_RUN, "max_steps": 4}
+    )
+    main(argv + flags(output_dir=tmp_path / "unbroken"))
+    shutil.copytree(tmp_path / "unbroken" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    main(argv + flags(output_dir=tmp_path / "resumed", resume="latest"))
+    a = AutoencoderKL.from_pretrained(tmp_path / "unbroken" / "vae").state_dict()
+    b = AutoencoderKL.from_pretrained(tmp_path / "resumed" / "vae").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_settings_fail_at_start_up(shapes, tmp_path):
+    with pytest.raises(SystemExit):  # argparse: unrecognized arguments
+        main(["--max_stepz", "3"])
+    with pytest.raises(ConfigError, match="max_steps"):
+        main(["--max_steps", "many"])
+    with pytest.raises(ValueError, match="reconstruction_loss"):
+        main(
+            flags(
+                train_data_dir=shapes / "train",
+                eval_count=4,
+                output_dir=tmp_path,
+                reconstruction_loss="huber",
+            )
+        )
+    with pytest.raises(DataError, match="nowhere"):
+        main(flags(train_data_dir=tmp_path / "nowhere", output_dir=tmp_path))
+    assert VAETrainConfig().max_steps > 0
