@@ -1,0 +1,244 @@
+"""LoRA adapters for the U-Net and text encoder, through peft, in the file layout diffusers reads.
+
+LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) freezes a linear layer's weight W and learns
+a low-rank update: ``W' = W + (alpha / r) * B @ A`` with A of shape (r, in) and B of shape (out, r).
+peft puts the A and B matrices beside the projections we name (``target_modules``); this module only
+chooses those targets, keeps the base frozen, and reads and writes adapter files.
+
+The file is diffusers' ``pytorch_lora_weights.safetensors``: keys ``unet.<module>.lora_A.weight`` /
+``text_encoder.<module>.lora_B.weight`` (peft's names under one prefix per part), and in the
+safetensors header the ``LoraConfig`` of each part under ``lora_adapter_metadata``, which is where
+diffusers' ``load_lora_weights`` finds ``r`` and ``lora_alpha``. Without that header diffusers would
+assume ``alpha == r`` and an adapter trained with another alpha would load at the wrong strength. We
+add one key of our own, ``sdlite``, naming the base model; diffusers ignores it.
+
+Inference uses diffusers' ``StableDiffusionLoraLoaderMixin`` on the pipeline (``load_lora_weights``,
+``set_adapters``, ``fuse_lora``, ``cross_attention_kwargs={"scale": s}``); this module is the
+training side: ``add_lora``, ``lora_param_groups``, ``cast_adapters_to_fp32``, ``save_lora`` and
+``load_lora_into`` (to resume a fine-tune), plus ``adapter_scale``, the run-time strength that a
+pipeline's ``cross_attention_kwargs={"scale": s}`` sets.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the U-Net's self- and cross-attention projections
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's self-attention projections
+SDLITE_METADATA_KEY = "sdlite"
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 4
+    alpha: float | None = None  # None means alpha = rank: the update is added at scale 1
+    dropout: float = 0.0
+    unet_targets: tuple[str, ...] = UNET_TARGETS
+    text_encoder: bool = False  # also adapt the text encoder
+    text_encoder_targets: tuple[str, ...] = TEXT_ENCODER_TARGETS
+    # peft's default (True) starts B at zero, so a new adapter leaves the model unchanged.
+    # "gaussian" draws A with std 1/r instead of Kaiming-uniform; B is still zero.
+    init: bool | str = True
+
+    def config(self, targets: tuple[str, ...]) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha if self.alpha is not None else self.rank,
+            lora_dropout=self.dropout,
+            target_modules=list(targets),
+            init_lora_weights=self.init,
+        )
+
+
+def add_lora(unet, text_encoder=None, settings: LoraSettings | None = None, adapter_name: str = "default"):
+    """Freeze both models and put a trainable adapter on the U-Net (and the text encoder if asked).
+
+    The text encoder is frozen whether or not it gets an adapter: a LoRA fine-tune never trains its
+    base weights. The adapters take the dtype of the layer they wrap; call ``cast_adapters_to_fp32``
+    after this when the base is in half precision.
+    """
+    settings = settings or LoraSettings()
+    unet.requires_grad_(False)
+    unet.add_adapter(settings.config(settings.unet_targets), adapter_name=adapter_name)
+    if text_encoder is not None:
+        text_encoder.requires_grad_(False)
+        if settings.text_encoder:
+            # What transformers' ``add_adapter`` does, minus its peft version gate: transformers 5.x
+            # asks for peft >= 0.22 there, a release newer than some installs have.
+            inject_adapter_in_model(
+                settings.config(settings.text_encoder_targets), text_encoder, adapter_name
+            )
+    elif settings.text_encoder:
+        raise ValueError("LoraSettings.text_encoder is true but no text encoder was passed to add_lora")
+
+
+def adapter_parameters(model, adapter_name: str = "default") -> list[torch.nn.Parameter]:
+    """The A and B matrices of one adapter; empty when ``model`` is None or has no such adapter."""
+    if model is None:
+        return []
+    keys = (f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}.")
+    return [p for name, p in model.named_parameters() if any(k in name for k in keys)]
+
+
+def lora_param_groups(
+    unet,
+    text_encoder=None,
+    unet_lr: float = 1e-4,
+    text_encoder_lr: float | None = None,
+    adapter_name: str = "default",
+) -> list[dict]:
+    """Optimizer param groups: the U-Net adapter at ``unet_lr``, the text encoder's at its own rate.
+
+    ``text_encoder_lr`` defaults to ``unet_lr``. A part without an adapter gives no group.
+    """
+    groups = [{"params": adapter_parameters(unet, adapter_name), "lr": unet_lr}]
+    te_params = adapter_parameters(text_encoder, adapter_name)
+    if te_params:
+        groups.append(
+            {"params": te_params, "lr": text_encoder_lr if text_encoder_lr is not None else unet_lr}
+        )
+    return [g for g in groups if g["params"]]
+
+
+def cast_adapters_to_fp32(model, adapter_name: str = "default") -> None:
+    """Keep the adapter in fp32 while the frozen base stays in fp16/bf16.
+
+    Adam's updates on a small learning rate vanish when rounded to half precision, so the weights the
+    optimizer owns stay fp32. peft's LoRA layer casts its input to the adapter's dtype and the
+    result back to the base layer's, so the forward pass needs nothing else.
+    """
+    for p in adapter_parameters(model, adapter_name):
+        p.data = p.data.float()
+
+
+@contextmanager
+def adapter_scale(*models, scale: float | None):
+    """Multiply the strength of every active adapter in ``models`` by ``scale`` inside the block.
+
+    What ``cross_attention_kwargs={"scale": s}`` means in diffusers' pipelines, for the U-Net and
+    the text encoder alike. Afterwards each layer gets back the exact scaling it had, where
+    diffusers' ``unscale_lora_layers`` divides by ``s`` (and after ``s = 0`` resets every adapter to
+    weight 1, dropping the weights ``set_adapters`` gave). None or 1 changes nothing.
+    """
+    if scale is None or scale == 1:
+        yield
+        return
+    layers = [m for model in models if model is not None for m in model.modules() if isinstance(m, LoraLayer)]
+    saved = [dict(layer.scaling) for layer in layers]
+    for layer in layers:
+        layer.scale_layer(scale)
+    try:
+        yield
+    finally:
+        for layer, scaling in zip(layers, saved):
+            layer.scaling.update(scaling)
+
+
+def _has_adapter(model, adapter_name: str) -> bool:
+    return model is not None and adapter_name in (getattr(model, "peft_config", None) or {})
+
+
+def _adapter_config(model, adapter_name: str) -> dict:
+    config = model.peft_config[adapter_name].to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}  # sets are not JSON
+
+
+def save_lora(
+    path: str | Path,
+    unet,
+    text_encoder=None,
+    adapter_name: str = "default",
+    base_model: str | None = None,
+) -> Path:
+    """Write ``path/pytorch_lora_weights.safetensors``, the file ``pipeline.load_lora_weights(path)`` reads.
+
+    The text encoder's adapter is written when it has one named ``adapter_name``. Pass models
+    unwrapped from accelerate / DDP. ``base_model`` (a folder or a name) is recorded in the header.
+    """
+    tensors, configs = {}, {}
+    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if not _has_adapter(model, adapter_name):
+            continue
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)  # adapter name dropped from keys
+        tensors.update({f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in state.items()})
+        configs.update({f"{prefix}.{k}": v for k, v in _adapter_config(model, adapter_name).items()})
+    if not tensors:
+        raise ValueError(f"neither the U-Net nor the text encoder has an adapter named {adapter_name!r}")
+    header = {
+        "format": "pt",
+        LORA_ADAPTER_METADATA_KEY: json.dumps(configs, indent=2, sort_keys=True),
+        SDLITE_METADATA_KEY: json.dumps({"base_model": None if base_model is None else str(base_model)}),
+    }
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    file = path / LORA_WEIGHT_NAME_SAFE
+    safetensors.torch.save_file(tensors, file, metadata=header)
+    return file
+
+
+def _weights_file(path: str | Path) -> Path:
+    path = Path(path)
+    return path / LORA_WEIGHT_NAME_SAFE if path.is_dir() else path
+
+
+def read_lora_metadata(path: str | Path) -> dict:
+    """What an adapter file records: ``{"base_model", "unet": {"rank", "alpha", "targets"}, ...}``.
+
+    Only the parts the file holds are present. ``path`` is the folder or the ``.safetensors`` file.
+    """
+    with safetensors.safe_open(_weights_file(path), framework="pt") as f:
+        header = f.metadata() or {}
+    configs = json.loads(header.get(LORA_ADAPTER_METADATA_KEY, "{}"))
+    info = {"base_model": json.loads(header.get(SDLITE_METADATA_KEY, "{}")).get("base_model")}
+    for part in ("unet", "text_encoder"):
+        if f"{part}.r" in configs:
+            info[part] = {
+                "rank": configs[f"{part}.r"],
+                "alpha": configs[f"{part}.lora_alpha"],
+                "targets": configs[f"{part}.target_modules"],
+            }
+    return info
+
+
+def load_lora_into(
+    unet,
+    text_encoder,
+    path: str | Path,
+    adapter_name: str = "default",
+    trainable: bool = True,
+) -> None:
+    """Load an adapter file into the models, as ``load_lora_weights`` would into a pipeline.
+
+    For resuming a fine-tune: with ``trainable`` the bases are frozen and the loaded adapter is
+    what trains. ``text_encoder`` may be None when the file has no text-encoder adapter.
+    """
+    loader = StableDiffusionLoraLoaderMixin
+    state, alphas, metadata = loader.lora_state_dict(
+        str(_weights_file(path)), local_files_only=True, return_lora_metadata=True
+    )
+    has_te = any(k.startswith("text_encoder.") for k in state)
+    if has_te and text_encoder is None:
+        raise ValueError(f"{path} holds a text-encoder adapter; pass the text encoder to load it into")
+    loader.load_lora_into_unet(state, alphas, unet, adapter_name=adapter_name, metadata=metadata)
+    if has_te:
+        loader.load_lora_into_text_encoder(
+            state, alphas, text_encoder, adapter_name=adapter_name, metadata=metadata
+        )
+    if trainable:
+        for model in (unet, text_encoder):
+            if model is not None:
+                model.requires_grad_(False)
+                for p in adapter_parameters(model, adapter_name):
+                    p.requires_grad_(True)
