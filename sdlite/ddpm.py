@@ -28,6 +28,7 @@ Glossary (paper symbol -> attribute / argument)
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -113,13 +114,31 @@ def gaussian_posterior(alphas_cumprod: torch.Tensor, alphas_cumprod_prev: torch.
     return GaussianPosterior(beta, variance, log_variance_clipped, coef_x0, coef_xt)
 
 
+_ON_DEVICE: dict[tuple, tuple] = {}  # (id(table), device, dtype) -> (weakref to table, table there)
+
+
+def _table_on(table: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``table`` cast to dtype on device, made once per (table, device, dtype) and kept."""
+    key = (id(table), device, dtype)
+    hit = _ON_DEVICE.get(key)
+    if hit is None or hit[0]() is not table:
+        hit = (weakref.ref(table), table.to(device=device, dtype=dtype))
+        _ON_DEVICE[key] = hit
+    return hit[1]
+
+
 def extract(table: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
     """table[t] cast to x's dtype and device, shaped to broadcast against x ((B,) t -> (B, 1, 1, 1)).
 
-    Tables stay float64 on the CPU (MPS has no float64); only the gathered values travel.
+    The tables are float64 on the CPU (MPS has no float64). A t already on x's accelerator (training
+    draws t there) is gathered there, from a cached copy of the table in x's dtype: no host sync per
+    call. A Python or CPU t (the sampling loop) is gathered on the CPU and only the values travel.
+    Either way the values are the float64 ones rounded once to x's dtype.
     """
-    values = table[torch.as_tensor(t, device="cpu").long()]
-    values = values.to(device=x.device, dtype=x.dtype)
+    if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+        values = _table_on(table, t.device, x.dtype)[t.long()].to(x.device)
+    else:
+        values = table[torch.as_tensor(t, device="cpu").long()].to(device=x.device, dtype=x.dtype)
     return values.reshape(values.shape + (1,) * (x.ndim - values.ndim))
 
 

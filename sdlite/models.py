@@ -80,6 +80,9 @@ def save_components(parts: Components, path: str | Path, safe_serialization: boo
             part.save_pretrained(path / name)
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__}
     index.update(LIBRARY_CLASS)
+    scheduler = type(parts.scheduler)
+    if scheduler.__module__.startswith("diffusers."):  # another diffusers scheduler: record it as itself
+        index["scheduler"] = ["diffusers", scheduler.__name__]
     index["requires_safety_checker"] = False
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return path

@@ -119,3 +119,20 @@ def _copy_without(src, dst, part):
     shutil.copytree(src, out)
     shutil.rmtree(out / part)
     return out
+
+
+def test_model_index_records_the_scheduler_class_the_folder_holds(tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    parts = build_components("tiny")
+    parts.save_pretrained(tmp_path / "ddpm")
+    assert json.loads((tmp_path / "ddpm" / "model_index.json").read_text())["scheduler"] == [
+        "diffusers",
+        "DDPMScheduler",
+    ]
+    parts.scheduler = EulerDiscreteScheduler.from_config(parts.scheduler.config)
+    parts.save_pretrained(tmp_path / "euler")
+    index = json.loads((tmp_path / "euler" / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "euler", local_files_only=True)
+    assert isinstance(loaded.scheduler, EulerDiscreteScheduler)
