@@ -6,12 +6,14 @@ error message rather than a minute of denoising or a shape error deep inside the
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds")
+UNCHECKED = object()  # the default of the optional checks: None is a value some arguments may not take
 
 
 def check_text_to_image_inputs(
@@ -32,8 +34,17 @@ def check_text_to_image_inputs(
     vae_factor: int,
     latent_channels: int,
     embed_width: int,
+    guidance_scale=UNCHECKED,
+    eta=UNCHECKED,
+    guidance_rescale=UNCHECKED,
+    clip_skip=None,
+    text_layers: int | None = None,
 ) -> int:
-    """Raise ValueError on the first bad argument; return the number of prompts."""
+    """Raise ValueError on the first bad argument; return the number of prompts.
+
+    guidance_scale, eta, guidance_rescale and clip_skip (with ``text_layers``, the text encoder's
+    depth) are checked when passed.
+    """
     if (prompt is None) == (prompt_embeds is None):
         got = "both" if prompt is not None else "neither"
         raise ValueError(f"pass exactly one of prompt or prompt_embeds, got {got}")
@@ -79,6 +90,28 @@ def check_text_to_image_inputs(
         raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
     if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
+    if timesteps is not None and not (
+        isinstance(timesteps, (list, tuple)) and len(timesteps) > 0 and all(_is_int(t) for t in timesteps)
+    ):
+        raise ValueError(f"timesteps must be a non-empty list of int, got {_describe(timesteps)}")
+    for name, value, low, high, allowed in (
+        ("guidance_scale", guidance_scale, None, None, "a finite number"),
+        ("eta", eta, 0, None, "a finite number >= 0"),
+        ("guidance_rescale", guidance_rescale, 0, 1, "a number in [0, 1]"),
+    ):
+        if value is not UNCHECKED and not _is_real(value, low, high):
+            raise ValueError(f"{name} must be {allowed}, got {_describe(value)}")
+    if clip_skip is not None and (
+        not _is_int(clip_skip) or clip_skip < 0 or (text_layers is not None and clip_skip >= text_layers)
+    ):
+        most = f" and < {text_layers} (the text encoder's layers)" if text_layers is not None else ""
+        raise ValueError(f"clip_skip must be None or an int >= 0{most}, got {_describe(clip_skip)}")
+    generators = generator if isinstance(generator, list) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+        raise ValueError(
+            f"generator must be a torch.Generator or a list of them, got {_describe(generator)}; "
+            "for a seed, pass torch.Generator().manual_seed(seed)"
+        )
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     num_images = num_prompts * num_images_per_prompt
@@ -105,6 +138,13 @@ def check_text_to_image_inputs(
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value, low=None, high=None) -> bool:
+    """A finite real number (not a bool) in [low, high]."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        return False
+    return (low is None or value >= low) and (high is None or value <= high)
 
 
 def _is_text(value) -> bool:

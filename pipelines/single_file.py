@@ -41,6 +41,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
 )
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -114,7 +115,13 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
         )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return load_file(path)
+    try:
+        return load_file(path)
+    except SafetensorError as e:  # safetensors parses a bounded JSON header and raw bytes: never code
+        raise ModelFolderError(
+            f"checkpoint {str(path)!r} is not a readable safetensors file ({e}): truncated by an "
+            "interrupted download or copy, or another format renamed; fetch it again"
+        ) from None
 
 
 def _clip_keys_for(model: CLIPTextModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -8,12 +8,14 @@ on disk loads here. Nothing is ever fetched from a hub: every load is ``local_fi
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdlite.ddpm import DDPMScheduler
@@ -89,7 +91,8 @@ def save_components(parts: Components, path: str | Path, safe_serialization: boo
 
 
 def check_folder(path: str | Path, parts: tuple[str, ...] = PARTS) -> Path:
-    """Fail early, naming the part, when a model folder lacks one of ``parts``."""
+    """Fail early, naming the part, when a model folder lacks one of ``parts`` or a part's weights do
+    not fit its config (check_weights)."""
     path = Path(path)
     if not path.is_dir():
         raise ModelFolderError(
@@ -110,11 +113,102 @@ def check_folder(path: str | Path, parts: tuple[str, ...] = PARTS) -> Path:
                 f"model folder {str(path)!r} has no {name}: expected {name}/{needs[name]} "
                 "(a diffusers-layout folder has vae/, unet/, text_encoder/, tokenizer/, scheduler/)"
             )
+    for name in parts:
+        if name in WEIGHT_FILES:
+            check_weights(path, name)
     return path
 
 
+# The weight files from_pretrained reads: safetensors, else pickled .bin files, which diffusers and
+# transformers read with torch.load(weights_only=True), as check_weights does first.
+WEIGHT_FILES = {
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "text_encoder": ("model.safetensors", "pytorch_model.bin"),
+}
+
+
+def read_header(file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a .safetensors header, without reading the tensors."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ModelFolderError(
+            f"{str(file)!r} is not a readable safetensors file ({e}): truncated by an interrupted copy "
+            "or download, or not safetensors at all; copy it again"
+        ) from None
+
+
+def read_pickled_shapes(file: Path) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape from a torch.save file, unpickled weights_only and memory-mapped (the
+    tensors stay on disk); None for the legacy format, which cannot be mapped."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        lines = [line for line in str(e).splitlines() if "unsupported" in line.lower()]
+        raise ModelFolderError(
+            f"{str(file)!r} holds pickled objects other than tensors ({lines[0].strip() if lines else e}); "
+            "refused, because unpickling them could run code. Use a safetensors copy of the model"
+        ) from None
+    except RuntimeError:
+        return None
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def expected_shapes(folder: Path, name: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the part that ``folder``'s config describes (built on the meta device)."""
+    try:
+        with torch.device("meta"):
+            if name == "text_encoder":
+                model = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, local_files_only=True))
+            else:
+                cls = AutoencoderKL if name == "vae" else UNet2DConditionModel
+                model = cls.from_config(cls.load_config(folder, local_files_only=True))
+    except Exception as e:  # a hand-edited or foreign config fails in many ways inside the libraries
+        raise ModelFolderError(f"{str(folder / 'config.json')!r} does not describe a {name}: {e}") from None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_weights(path: str | Path, name: str) -> None:
+    """Fail naming the part, the tensor and both shapes when a part's weight file does not fit its
+    config, or lack tensors it needs; rather than a stack trace from deep inside from_pretrained."""
+    folder = Path(path) / name
+    found: dict[str, tuple[int, ...]] = {}
+    for weights, read in zip(WEIGHT_FILES[name], (read_header, read_pickled_shapes)):
+        index = folder / f"{weights}.index.json"
+        if index.is_file():  # sharded
+            files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        elif (folder / weights).is_file():
+            files = [folder / weights]
+        else:
+            continue
+        for file in files:
+            found.update(read(file) or {})
+        break
+    if not found:
+        return  # no weight file we know (from_pretrained says so), or a legacy pickle
+    # transformers >= 5 names the text encoder's weights without the text_model. of older files
+    norm = lambda key: key.removeprefix("text_model.")
+    found = {norm(k): (v, k) for k, v in found.items()}
+    want = {norm(k): v for k, v in expected_shapes(folder, name).items()}
+    for key, shape in want.items():
+        if key in found and found[key][0] != shape:
+            raise ModelFolderError(
+                f"{str(folder)!r}: tensor {found[key][1]!r} has shape {found[key][0]} but {name}'s config "
+                f"makes it {shape}: the weights and config.json come from different models"
+            )
+    missing = sorted(want.keys() - found.keys())
+    if missing and not (found.keys() - want.keys()):  # with extra keys too: older names, converted on load
+        raise ModelFolderError(
+            f"{str(folder)!r} lacks {len(missing)} of the {name}'s tensors, e.g. {missing[:3]} "
+            f"(shape {want[missing[0]]}): the weight file is incomplete or belongs to a smaller model"
+        )
+
+
 def load_components(path: str | Path, torch_dtype: torch.dtype | None = None) -> Components:
-    """Load every part of a diffusers-layout folder from local files only."""
+    """Load every part of a diffusers-layout folder from local files only, checked first (check_folder)
+    and after (check_compatible)."""
     path = check_folder(path)
     kw = dict(local_files_only=True)
     if torch_dtype is not None:

@@ -6,18 +6,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from training import loop
-from training.loop import (
-    EMA,
-    Metrics,
-    StepSampler,
-    checkpoints,
-    find_resume,
-    load_checkpoint,
-    make_lr_schedule,
-    make_optimizer,
-    save_checkpoint,
-)
+from training import checkpoint
+from training.checkpoint import checkpoints, find_resume, load_checkpoint, save_checkpoint
+from training.loop import EMA, Metrics, StepSampler, make_lr_schedule, make_optimizer
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +164,7 @@ def test_checkpoints_rotate_and_a_crash_while_writing_leaves_no_complete_checkpo
     def crash(*args, **kwargs):
         raise RuntimeError("killed while writing")
 
-    monkeypatch.setattr(loop.torch, "save", crash)
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
     with pytest.raises(RuntimeError):
         save_checkpoint(accelerator, tmp_path, 4, {"net": model}, optimizer, schedule, ema, keep=2)
     assert (tmp_path / "checkpoint-4.tmp").is_dir() and not (tmp_path / "checkpoint-4").exists()

@@ -1,5 +1,5 @@
 """The machinery of a training loop, for any model: accelerator, data order, optimizer, learning-rate
-schedule, EMA, checkpoints (atomic, rotated, resumable), metrics and progress.
+schedule, EMA, metrics and progress; checkpoints and signals are in ``training/checkpoint.py``.
 
 Nothing here knows about U-Nets or VAEs; ``train.py`` and ``train_vae.py`` build their loops from it.
 
@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import re
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,11 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
-from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
-
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-MARKER = "COMPLETE"  # written last: a checkpoint folder without it is not one
 
 
 def setup_accelerator(
@@ -44,17 +37,25 @@ def setup_accelerator(
     # `accelerate launch --multi_gpu` on a machine without GPUs starts the processes, but accelerate
     # then runs each on its own; cpu=True joins them in one DDP group over gloo.
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        log_with=report_to or None,
-        project_dir=str(Path(output_dir) / "logs"),
-        cpu=cpu,
-    )
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    # Refuse sharded launches before building anything. The launch's environment is the test, not the
+    # Accelerator's type: with cpu=True accelerate quietly runs an FSDP config as DDP (DeepSpeed too).
+    launch = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED"}
+    sharded = [name for name, variable in launch.items() if os.environ.get(variable, "").lower() == "true"]
+    if not sharded:
+        accelerator = Accelerator(
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            log_with=report_to or None,
+            project_dir=str(Path(output_dir) / "logs"),
+            cpu=cpu,
+        )
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            sharded = [accelerator.distributed_type.value]
+    if sharded:
         raise NotImplementedError(
-            f"{accelerator.distributed_type.value}: sdlite's checkpoints and EMA assume every process holds "
-            "whole parameters and optimizer state (single process or DDP); use a DDP config"
+            f"{sharded[0]}: sdlite's checkpoints and EMA assume every process holds whole parameters and "
+            "optimizer state (one process or DDP): launch with configs/accelerate/ddp.yaml (one machine) or "
+            "multi-node.yaml (several); docs/scale-out.md says what sharded training still needs"
         )
     if allow_tf32 and torch.cuda.is_available():  # TF32 matmuls on Ampere and later: ~fp32 accuracy
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -138,15 +139,20 @@ class StepSampler:
 
 
 def make_optimizer(
-    params: Iterable[torch.nn.Parameter],
+    params: Iterable[torch.nn.Parameter] | list[dict],
     lr: float,
     betas=(0.9, 0.999),
     weight_decay=1e-2,
     eps=1e-8,
     use_8bit: bool = False,
 ) -> torch.optim.Optimizer:
-    """AdamW: fused (one kernel for all parameters) where the device has it, or bitsandbytes' 8-bit."""
-    params = [p for p in params if p.requires_grad]
+    """AdamW: fused (one kernel for all parameters) where the device has it, or bitsandbytes' 8-bit.
+    ``params`` may be param groups ({"params": [...], "lr": ...}), each at its own learning rate."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in params]
+    else:
+        params = [p for p in params if p.requires_grad]
     kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
     if use_8bit:
         try:
@@ -201,124 +207,6 @@ class EMA:
         for i, s in enumerate(self.shadow):
             s.copy_(tensors[f"{i}"])
         self.updates = updates
-
-
-# ---- checkpoints ------------------------------------------------------------------------------------
-
-
-def checkpoints(output_dir: str | Path) -> list[Path]:
-    """The complete checkpoints of a run, oldest first."""
-    output_dir = Path(output_dir)
-    found = [
-        p for p in output_dir.glob("checkpoint-*") if CHECKPOINT.match(p.name) and (p / MARKER).is_file()
-    ]
-    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
-
-
-def find_resume(output_dir: str | Path, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: ``"latest"`` (None if the run has none yet) or a folder."""
-    if not resume:
-        return None
-    if resume == "latest":
-        found = checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not a complete checkpoint (it has no {MARKER} file)")
-    return path
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Mark ``tmp`` complete, then rename it to ``final`` (replacing an old one): never half-written."""
-    with open(tmp / MARKER, "w") as f:
-        f.write("ok\n")
-        f.flush()
-        os.fsync(f.fileno())
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(
-    accelerator: Accelerator,
-    output_dir: str | Path,
-    step: int,
-    modules: dict[str, torch.nn.Module],
-    optimizer,
-    lr_schedule,
-    ema: EMA | None = None,
-    keep: int | None = None,
-) -> Path:
-    """Write ``output_dir/checkpoint-<step>`` atomically (all processes call it); keep the newest ``keep``."""
-    final = Path(output_dir) / f"checkpoint-{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, tmp / f"rng-{accelerator.process_index}.safetensors")
-    if accelerator.is_main_process:
-        for name, module in modules.items():
-            save_model(accelerator.unwrap_model(module), str(tmp / f"{name}.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        state = {
-            "step": step,
-            "lr_schedule": lr_schedule.state_dict(),
-            "ema_updates": ema.updates if ema else 0,
-        }
-        if accelerator.scaler is not None:
-            state["scaler"] = accelerator.scaler.state_dict()
-        if ema is not None:
-            save_file(ema.state_dict(), tmp / "ema.safetensors")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        publish_dir(tmp, final)
-        for old in checkpoints(output_dir)[: -keep if keep else 0]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(
-    accelerator: Accelerator,
-    path: str | Path,
-    modules: dict[str, torch.nn.Module],
-    optimizer,
-    lr_schedule,
-    ema: EMA | None = None,
-) -> dict:
-    """Restore what ``save_checkpoint`` wrote (every process calls it); returns state.json."""
-    path = Path(path)
-    state = json.loads((path / "state.json").read_text())
-    for name, module in modules.items():
-        load_model(
-            accelerator.unwrap_model(module),
-            str(path / f"{name}.safetensors"),
-            device=str(accelerator.device),
-        )
-    # weights_only: the optimizer's state is tensors and numbers; nothing is unpickled as code.
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    lr_schedule.load_state_dict(state["lr_schedule"])
-    if accelerator.scaler is not None and "scaler" in state:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    if ema is not None:
-        ema.load_state_dict(
-            load_file(path / "ema.safetensors", device=str(accelerator.device)), state["ema_updates"]
-        )
-    rng_file = path / f"rng-{accelerator.process_index}.safetensors"
-    if rng_file.is_file():  # absent when resuming with more processes than the run had
-        rng = load_file(rng_file)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    return state
 
 
 # ---- metrics and progress -----------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
 Each entry is one safetensors file named by its key, the SHA-256 of everything that produced it:
 
-- latents of one image and one flip: the image's bytes, the resolution, the crop box, the flip, and the
-  VAE's fingerprint (its config and weights, so also their dtype). Stored: ``mean`` and ``std`` of the
-  encoder's posterior q(z|x), each (C, h, w), before the scaling factor (which the fingerprint leaves
-  out, so a VAE whose scaling factor alone changed keeps its cache);
+- latents of one image and one flip: the image's bytes, the decoder's version, the resolution, the crop
+  box, the flip, and the VAE's fingerprint (its config and weights, so also their dtype). Stored:
+  ``mean`` and ``std`` of the encoder's posterior q(z|x), each (C, h, w), before the scaling factor
+  (which the fingerprint leaves out, so a VAE whose scaling factor alone changed keeps its cache);
 - text embeddings of one caption: its token ids and the text encoder's fingerprint. Stored:
-  ``embeds`` (L, D), the encoder's last hidden state.
+  ``embeds`` (L, D), the encoder's last hidden state;
+- ``decoded/``: an empty file per image (by its bytes and the decoder's version) that decoded whole,
+  so that the check of every image before training (``clean_rows``) decodes each only once.
 
 A key changes whenever anything that shapes the tensor changes, so a stale entry is never read, and
 unchanged data hits in every later run, whatever its output folder. Entries are never rewritten:
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdlite.data.dataset import ImageTransform, image_bytes, image_size
+from sdlite.data.dataset import DECODER, ImageTransform, image_bytes, image_size
 
 # Config entries that do not change what a model computes from its input.
 NOT_COMPUTED = ("scaling_factor", "shift_factor", "force_upcast")
@@ -58,12 +60,33 @@ def fingerprint(module: torch.nn.Module, ignore: Sequence[str] = NOT_COMPUTED) -
 def latent_key(
     image_digest: str, resolution: int, box: Sequence[int], flip: bool, vae_fingerprint: str
 ) -> str:
-    return digest(f"latent|{image_digest}|{resolution}|{tuple(box)}|{int(flip)}|{vae_fingerprint}".encode())
+    recipe = f"{image_digest}|{resolution}|{tuple(box)}|{int(flip)}|{vae_fingerprint}|decoder{DECODER}"
+    return digest(f"latent|{recipe}".encode())
 
 
 def text_key(input_ids: torch.Tensor, text_fingerprint: str) -> str:
     ids = ",".join(str(i) for i in input_ids.tolist())
     return digest(f"text|{ids}|{text_fingerprint}".encode())
+
+
+class DecodedImages:
+    """The images (by content) that decode_image has read whole: an empty file per image under
+    ``root/decoded``, so that a later run's check (clean_rows) need not decode them again."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root) / "decoded"
+
+    def path(self, data: bytes) -> Path:
+        key = digest(data + f"|decoder{DECODER}".encode())
+        return self.root / key[:2] / key
+
+    def __contains__(self, data: bytes) -> bool:
+        return self.path(data).is_file()
+
+    def add(self, data: bytes) -> None:
+        path = self.path(data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()  # empty: it exists whole or not at all
 
 
 class TensorCache:

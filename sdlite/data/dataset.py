@@ -14,18 +14,27 @@ An image becomes a training example by: resize (shorter side to the resolution, 
 square, flip left-right or not, scale to [-1, 1]. The crop is centred, or a random one drawn once per
 image from (seed, index): the same crop every epoch, so that examples can be cached (as diffusers'
 SDXL script does). Whether to flip is the sampler's choice per step; the cache holds both flips.
+
+Scraped data has bad rows. ``clean_rows`` decodes every image once, before training starts, so that
+none can fail in the middle of an epoch: a file that is not a complete image (corrupt, truncated, not
+an image, missing, a decompression bomb) is skipped or, with ``bad_data="error"``, stops the run;
+grayscale, palette, 16-bit and transparent images are converted (``decode_image``), images smaller
+than the resolution upscaled, missing captions trained as the empty caption and captions longer than
+the tokenizer's limit truncated. Each kind is counted in one log line and every row listed in a report.
 """
 
 from __future__ import annotations
 
 import io
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file
 
 TABLE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json"}
@@ -110,7 +119,7 @@ class ImageTransform:
         return left, top, left + r, top + r
 
     def __call__(self, data: bytes, index: int, flip: bool = False) -> torch.Tensor:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
+        image = decode_image(data)
         box = self.crop_box(image.size, index)
         size = self.resized_size(image.size)
         if size != image.size:
@@ -121,9 +130,132 @@ class ImageTransform:
         return pixels.flip(-1) if flip else pixels  # (3, R, R)
 
 
+# The version of decode_image, part of every cache key of decoded pixels; bump it when decoding changes.
+# 2: 16-bit images scaled rather than clipped, transparent pixels white rather than their hidden colour.
+DECODER = 2
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Encoded bytes -> an RGB image, every pixel decoded (a truncated file fails here).
+
+    16-bit images keep their top 8 bits (PIL's own conversion would clip them to white), and
+    transparent pixels become white (dropping alpha would show whatever colour they hold, often black).
+    """
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale PNG or TIFF
+        gray = np.asarray(image, dtype=np.float64) / 257
+        image = Image.fromarray(gray.round().clip(0, 255).astype(np.uint8))
+    elif image.mode == "F":  # floating-point TIFF: taken as [0, 1]
+        image = Image.fromarray((np.asarray(image) * 255).round().clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
+
+
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the image header, without decoding the pixels."""
     return Image.open(io.BytesIO(data)).size
+
+
+def row_name(entry, index: int) -> str:
+    """How a report names a row: its image file, else its position."""
+    path = entry.get("path") if isinstance(entry, dict) else None
+    return str(path) if path else f"row {index}"
+
+
+def check_image(entry, resolution: int, decoded=None) -> tuple[str | None, str | None]:
+    """(why the row's image is unusable, what conversion it needs): either may be None. ``decoded``: a
+    set-like record of image bytes known to decode (skipped here, added to when they do)."""
+    if not isinstance(entry, dict) or not (entry.get("bytes") or entry.get("path")):
+        return "no image", None
+    try:
+        data = image_bytes(entry)
+        image = Image.open(io.BytesIO(data))
+        mode, size = image.mode, image.size
+        if decoded is None or data not in decoded:
+            decode_image(data)
+            if decoded is not None:
+                decoded.add(data)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ... on bad files
+        if isinstance(e, FileNotFoundError):
+            return "missing file", None
+        if isinstance(e, Image.DecompressionBombError):
+            return "too many pixels (decompression bomb?)", None
+        if isinstance(e, UnidentifiedImageError):
+            return "not an image (in no format PIL reads)", None
+        return f"unreadable image ({type(e).__name__}: {str(e)[:80]})", None
+    fixes = []
+    if mode != "RGB":
+        fixes.append(f"converted from {mode}")
+    if min(size) < resolution:
+        fixes.append(f"upscaled from {size[0]}x{size[1]}")
+    return None, ", ".join(fixes) or None
+
+
+def clean_rows(
+    rows: datasets.Dataset,
+    image_column: str,
+    caption_column: str,
+    resolution: int,
+    tokenizer=None,
+    bad_data: str = "skip",
+    report: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    decoded=None,
+) -> datasets.Dataset:
+    """The usable rows, each image decoded once to be sure (see the module docstring).
+
+    bad_data: "skip" drops unusable rows, "error" raises DataError naming them. ``report``: a text
+    file listing every row with a problem and what was done (removed when there is none). ``decoded``:
+    see check_image (sdlite.data.cache.DecodedImages: a warm cache skips the decoding).
+    """
+    problems: list[tuple[str, str, str]] = []  # (row, problem, what was done)
+    bad: list[int] = []
+    counts: Counter[str] = Counter()  # one log line per kind of problem
+    captions = rows[caption_column]
+    limit = getattr(tokenizer, "model_max_length", None)
+    entries = (e for chunk in rows.select_columns([image_column]).iter(256) for e in chunk[image_column])
+    for index, (entry, caption) in enumerate(zip(entries, captions)):
+        name = row_name(entry, index)
+        unusable, fix = check_image(entry, resolution, decoded)
+        text = caption_text(caption)
+        if unusable:
+            bad.append(index)
+            problems.append((name, unusable, "skipped" if bad_data == "skip" else "error"))
+            counts[f"unusable images ({'skipped' if bad_data == 'skip' else 'error'})"] += 1
+            continue
+        if fix:
+            problems.append((name, fix, "kept"))
+            counts["images converted or upscaled"] += 1
+        if not text.strip():
+            problems.append((name, "no caption", "kept, trained with the empty caption"))
+            counts["rows without a caption (trained with the empty one)"] += 1
+        # A token spans at least one character: only long texts need the tokenizer.
+        elif limit and len(text) > limit - 2 and len(tokenizer(text, verbose=False).input_ids) > limit:
+            problems.append((name, f"caption longer than {limit} tokens", "kept, truncated"))
+            counts[f"captions truncated to {limit} tokens"] += 1
+    if report is not None:
+        report = Path(report)
+        if problems:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text("".join(f"{n}\t{p}\t{a}\n" for n, p, a in problems))
+        else:
+            report.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
+    where = f" (listed in {str(report)!r})" if report is not None and problems else ""
+    if bad and bad_data == "error":
+        names = ", ".join(n for n, _, a in problems if a == "error")
+        raise DataError(f"{len(bad)} rows have unusable images{where}: {names[:500]}; fix or remove them, "
+                        "or set bad_data to skip")  # fmt: skip
+    if counts:
+        log(f"data: {', '.join(f'{n} {what}' for what, n in counts.items())}{where}")
+    if len(bad) == len(rows):
+        raise DataError(f"none of the {len(rows)} rows has a usable image{where}")
+    if bad:
+        keep = sorted(set(range(len(rows))) - set(bad))
+        rows = rows.select(keep)
+    return rows
 
 
 class TrainingExamples(torch.utils.data.Dataset):
