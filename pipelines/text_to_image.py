@@ -8,6 +8,11 @@ Conventions follow diffusers' ``StableDiffusionPipeline`` so that the same weigh
 generator give the same images: the unconditional half comes first in the batch, the empty prompt
 stands in for a missing negative prompt, x_T is drawn with ``randn_tensor`` and scaled by the
 scheduler's ``init_noise_sigma``, and latents are divided by the VAE's ``scaling_factor`` to decode.
+
+LoRA adapters (``sdlite.lora``, or any file in diffusers' layout) load through diffusers'
+``StableDiffusionLoraLoaderMixin``: ``load_lora_weights``, ``set_adapters``, ``fuse_lora`` /
+``unfuse_lora``, ``unload_lora_weights``; ``cross_attention_kwargs={"scale": s}`` multiplies every
+active adapter's update, in the U-Net and the text encoder, by s for one call.
 """
 
 from __future__ import annotations
@@ -17,19 +22,22 @@ from collections.abc import Callable
 from functools import cache
 
 import torch
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import logging
 from diffusers.utils.pil_utils import numpy_to_pil
 from diffusers.utils.torch_utils import randn_tensor
+from peft.tuners.tuners_utils import BaseTunerLayer
 from tqdm.auto import tqdm
 
 from pipelines.base import BasePipeline
 from pipelines.inputs import check_text_to_image_inputs
+from sdlite.lora import adapter_scale
 
 logger = logging.get_logger(__name__)
 
 
-class TextToImagePipeline(BasePipeline):
+class TextToImagePipeline(BasePipeline, StableDiffusionLoraLoaderMixin):
     """pipe(prompt) -> ImagePipelineOutput(images): latent text-to-image, stage by stage.
 
     ``__call__`` is the recipe; each stage is a method named for its job and usable on its own:
@@ -68,6 +76,8 @@ class TextToImagePipeline(BasePipeline):
         generator: a torch.Generator, or one per image, for exactly reproducible draws.
         output_type: "pil" (list of PIL images), "np" ((N, H, W, 3) in [0, 1]), "pt" ((N, 3, H, W)
             in [0, 1]) or "latent" (the denoised latents, before the VAE).
+        cross_attention_kwargs: passed to the U-Net's attention processors, except "scale", the
+            strength of the loaded LoRA adapters for this call (0: the base model, 1: as loaded).
         clip_skip: use the text encoder's output this many layers before the last (for both prompts).
         callback_on_step_end: f(pipe, step, t, {name: tensor}) called after each step with the tensors
             named in callback_on_step_end_tensor_inputs ("latents", "prompt_embeds"); a dict it
@@ -82,14 +92,17 @@ class TextToImagePipeline(BasePipeline):
         num_prompts = self.check_inputs(
             prompt, height, width, num_inference_steps, timesteps, negative_prompt, num_images_per_prompt,
             generator, latents, prompt_embeds, negative_prompt_embeds, output_type,
-            callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs, guidance_scale=guidance_scale, eta=eta,
+            guidance_rescale=guidance_rescale, clip_skip=clip_skip,
         )  # fmt: skip
         num_images = num_prompts * num_images_per_prompt
         device = self._execution_device
         # A guidance-distilled U-Net takes w as an input (timestep_cond) and needs no second pass.
         guided = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+        cross_attention_kwargs = dict(cross_attention_kwargs or {})
+        lora_scale = cross_attention_kwargs.pop("scale", None)  # for the text encoder too, not only the U-Net
 
-        with torch.inference_mode():
+        with torch.inference_mode(), adapter_scale(self.unet, self.text_encoder, scale=lora_scale):
             prompt_embeds, negative_prompt_embeds = self.encode_prompt(
                 prompt, device, num_images_per_prompt, guided, negative_prompt,
                 prompt_embeds, negative_prompt_embeds, clip_skip,
@@ -111,7 +124,7 @@ class TextToImagePipeline(BasePipeline):
                 guidance_rescale=guidance_rescale,
                 timestep_cond=self.guidance_embedding(guidance_scale, num_images, latents),
                 step_kwargs=self.step_kwargs(generator, eta),
-                cross_attention_kwargs=cross_attention_kwargs,
+                cross_attention_kwargs=cross_attention_kwargs or None,
                 callback=callback_on_step_end,
                 callback_inputs=callback_on_step_end_tensor_inputs,
                 progress=progress,
@@ -139,6 +152,10 @@ class TextToImagePipeline(BasePipeline):
         negative_prompt_embeds=None,
         output_type="pil",
         callback_on_step_end_tensor_inputs=("latents",),
+        guidance_scale=7.5,
+        eta=0.0,
+        guidance_rescale=0.0,
+        clip_skip=None,
     ) -> int:
         """Fail before any work with a ValueError naming the argument and what it allows.
 
@@ -149,6 +166,8 @@ class TextToImagePipeline(BasePipeline):
             generator, latents, prompt_embeds, negative_prompt_embeds, output_type,
             callback_on_step_end_tensor_inputs, vae_factor=self.vae_scale_factor,
             latent_channels=self.unet.config.in_channels, embed_width=self.unet.config.cross_attention_dim,
+            guidance_scale=guidance_scale, eta=eta, guidance_rescale=guidance_rescale, clip_skip=clip_skip,
+            text_layers=self.text_encoder.config.num_hidden_layers,
         )  # fmt: skip
 
     @torch.no_grad()  # inference mode when called from __call__
@@ -283,6 +302,33 @@ class TextToImagePipeline(BasePipeline):
             return images
         images = images.cpu().permute(0, 2, 3, 1).float().numpy()  # (N, H, W, 3)
         return images if output_type == "np" else numpy_to_pil(images)
+
+    # ---- LoRA: fusing that undoes exactly ----------------------------------------------------
+
+    def fuse_lora(self, components=("unet", "text_encoder"), lora_scale: float = 1.0, **kwargs):
+        """diffusers' ``fuse_lora`` (W += lora_scale * (alpha / r) B A in place: calls then skip the LoRA
+        branch), keeping a copy of each weight it changes so that ``unfuse_lora`` restores it bit for
+        bit. peft unfuses by subtracting the update, (W + ΔW) - ΔW, which rounds. The copies cost the
+        memory of the adapted layers' weights until unfused."""
+        originals = self.__dict__.setdefault("_weights_before_fuse", {})
+        for layer in self._lora_layers(components):
+            originals.setdefault(layer, layer.get_base_layer().weight.detach().clone())  # the first fuse's
+        super().fuse_lora(components=list(components), lora_scale=lora_scale, **kwargs)
+
+    def unfuse_lora(self, components=("unet", "text_encoder"), **kwargs):
+        super().unfuse_lora(components=list(components), **kwargs)
+        originals = self.__dict__.get("_weights_before_fuse", {})
+        for layer in self._lora_layers(components):
+            if layer in originals and not layer.merged:
+                layer.get_base_layer().weight.data.copy_(originals.pop(layer))
+
+    def unload_lora_weights(self, *args, **kwargs):
+        super().unload_lora_weights(*args, **kwargs)
+        self.__dict__.pop("_weights_before_fuse", None)  # a fused update stays in: nothing to undo
+
+    def _lora_layers(self, components) -> list[BaseTunerLayer]:
+        models = [model for model in (getattr(self, name, None) for name in components) if model is not None]
+        return [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
     # ---- helpers -----------------------------------------------------------------------------
 

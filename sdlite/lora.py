@@ -14,9 +14,10 @@ add one key of our own, ``sdlite``, naming the base model; diffusers ignores it.
 
 Inference uses diffusers' ``StableDiffusionLoraLoaderMixin`` on the pipeline (``load_lora_weights``,
 ``set_adapters``, ``fuse_lora``, ``cross_attention_kwargs={"scale": s}``); this module is the
-training side: ``add_lora``, ``lora_param_groups``, ``cast_adapters_to_fp32``, ``save_lora`` and
-``load_lora_into`` (to resume a fine-tune), plus ``adapter_scale``, the run-time strength that a
-pipeline's ``cross_attention_kwargs={"scale": s}`` sets.
+training side: ``add_lora``, ``lora_param_groups``, ``cast_adapters_to_fp32``, ``AdapterWeights``
+(what a training checkpoint holds), ``save_lora`` and ``load_lora_into`` (to resume a fine-tune),
+plus ``adapter_scale``, the run-time strength that a pipeline's ``cross_attention_kwargs={"scale": s}``
+sets.
 """
 
 from __future__ import annotations
@@ -110,6 +111,24 @@ def lora_param_groups(
             {"params": te_params, "lr": text_encoder_lr if text_encoder_lr is not None else unet_lr}
         )
     return [g for g in groups if g["params"]]
+
+
+class AdapterWeights(torch.nn.Module):
+    """A module whose parameters are one adapter's A and B matrices in ``model``, shared, not copied.
+
+    Its ``state_dict`` is what a LoRA checkpoint needs of the model (megabytes, not the frozen base),
+    and ``load_state_dict`` writes into the model's adapter in place, so the optimizer's references
+    stay valid. Names are peft's with "/" for "." (a parameter name may not contain dots).
+    """
+
+    def __init__(self, model, adapter_name: str = "default"):
+        super().__init__()
+        keys = (f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}.")
+        self.adapter = torch.nn.ParameterDict(
+            {n.replace(".", "/"): p for n, p in model.named_parameters() if any(k in n for k in keys)}
+        )
+        if not len(self.adapter):
+            raise ValueError(f"{type(model).__name__} has no adapter named {adapter_name!r}")
 
 
 def cast_adapters_to_fp32(model, adapter_name: str = "default") -> None:

@@ -6,6 +6,7 @@ weight ``W + w * (alpha / r) * B @ A`` computed by hand from the file, independe
 """
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ import safetensors.torch
 import torch
 from diffusers import StableDiffusionPipeline
 
+from pipelines import TextToImagePipeline
+from sdlite.ddpm import DDPMScheduler
 from sdlite.lora import (
     LoraSettings,
     adapter_parameters,
@@ -54,11 +57,24 @@ def _adapted(base, settings, seed=0):
 
 
 def _pipe(parts):
+    pipe = TextToImagePipeline(**parts.as_dict())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _diffusers_pipe(parts):
+    """diffusers' pipeline over the same parts, with steps_offset 1 in its scheduler, as it insists
+    (it rewrites any other value): pair it with ``_with_steps_offset_1(parts)`` for our pipeline."""
     pipe = StableDiffusionPipeline(
         **parts.as_dict(), safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _with_steps_offset_1(parts):
+    config = {k: v for k, v in parts.scheduler.config.items() if not k.startswith("_")}
+    return dataclasses.replace(parts, scheduler=DDPMScheduler.from_config(config | {"steps_offset": 1}))
 
 
 def _images(pipe, **kwargs):
@@ -124,6 +140,21 @@ def test_saved_adapter_loads_in_diffusers_and_matches_in_process(base, tmp_path)
     assert np.abs(loaded - in_process).max() <= 1e-5
 
 
+@pytest.mark.parametrize("scale", [None, 0.5], ids=["as-loaded", "scale-0.5"])
+def test_our_pipeline_and_diffusers_give_the_same_images_with_the_same_adapter(base, tmp_path, scale):
+    adapted = _adapted(base, LoraSettings(rank=4, alpha=8.0, text_encoder=True))
+    save_lora(tmp_path, adapted.unet, adapted.text_encoder)
+    kw = {} if scale is None else {"cross_attention_kwargs": {"scale": scale}}
+    images = []
+    for make in (_pipe, _diffusers_pipe):
+        pipe = make(_with_steps_offset_1(copy.deepcopy(base)))
+        pipe.load_lora_weights(tmp_path, adapter_name="a")
+        images.append(_images(pipe, guidance_scale=3.0, **kw))
+    plain = _images(_pipe(_with_steps_offset_1(copy.deepcopy(base))), guidance_scale=3.0)
+    assert np.abs(images[0] - plain).max() > 1e-3, "the adapter changed nothing"
+    assert np.abs(images[0] - images[1]).max() <= 1e-5
+
+
 def test_alpha_other_than_rank_round_trips_and_scales_the_update(base, tmp_path):
     adapted = _adapted(base, LoraSettings(rank=4, alpha=16.0))  # scale alpha / r = 4
     save_lora(tmp_path, adapted.unet, base_model="presets/tiny")
@@ -154,11 +185,11 @@ def test_fuse_then_unfuse_restores_the_weights_and_scale_zero_is_the_base(base, 
     pipe.fuse_lora()
     assert np.abs(_images(pipe) - unfused).max() <= 1e-5
     pipe.unfuse_lora()
-    # peft unfuses by subtracting the update it added, (W + dW) - dW, which rounds: equal to within
-    # float32 rounding of the weights (~1e-8 here), not bit for bit.
+    # Bit for bit: our pipeline puts back the weights it kept at fusing (peft's own unfuse subtracts
+    # the update, (W + dW) - dW, which rounds).
     after = _base_weights(pipe.unet, pipe.text_encoder)
     assert after.keys() == weights.keys()
-    assert max((after[k] - weights[k]).abs().max().item() for k in weights) <= 1e-6
+    assert all(torch.equal(after[k], weights[k]) for k in weights)
     assert np.abs(_images(pipe) - unfused).max() <= 1e-5
 
 

@@ -2,6 +2,7 @@
 
     sdlite data shapes --out data/shapes --count 2000 --exclude "red circle" --holdout 256
     sdlite generate "a red circle" --model runs/demo/model --num_images 4 --out out.png
+    sdlite generate "a magenta circle" --model runs/tiny-shapes/final --lora runs/tiny-lora/final
     sdlite evaluate --model runs/demo/model --n 8
     sdlite demo --out runs/demo [--fast]
 
@@ -35,6 +36,14 @@ DEFAULT_GUIDANCE = 7.5  # generate: Stable Diffusion's usual scale
 # evaluate: the tiny shapes model's best trade-off. Its fidelity and diversity at 1 / 1.5 / 2 / 3 / 7.5:
 # 96.5% 0.90 / 99.3% 0.87 / 100% 0.81 / 100% 0.73 / 100% 0.59: guidance buys fidelity with diversity.
 EVAL_GUIDANCE = 2.0
+
+
+def _positive(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse turns the ValueError into a usage error, exit 2)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number >= 1")
+    return value
 
 
 def _csv(text: str) -> list[str]:
@@ -77,6 +86,10 @@ def load_pipeline(path: str):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model)
+    extra = {}
+    if args.lora:  # a folder or file that diffusers' load_lora_weights reads (training's final_dir)
+        pipe.load_lora_weights(args.lora)
+        extra["cross_attention_kwargs"] = {"scale": args.lora_scale}
     images = pipe(
         args.prompt,
         num_inference_steps=args.steps,
@@ -84,6 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_images_per_prompt=args.num_images,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="np",
+        **extra,
     ).images
     rows = 1 if len(images) <= 8 else int(len(images) ** 0.5)
     image = evaluation.grid(images, rows=rows, scale=args.scale)
@@ -351,9 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = data.add_subparsers(dest="kind", required=True)
     shapes = kinds.add_parser("shapes", help="coloured shapes on a plain background, captioned")
     shapes.add_argument("--out", required=True, help="folder to write (images + metadata.jsonl)")
-    shapes.add_argument("--count", type=int, default=2000, help="images (of train/ with --holdout)")
+    shapes.add_argument("--count", type=_positive, default=2000, help="images (of train/ with --holdout)")
     shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--size", type=int, default=32, help="image side in pixels")
+    shapes.add_argument("--size", type=_positive, default=32, help="image side in pixels")
     shapes.add_argument("--colours", type=_csv, default=None, help="comma-separated; default: all")
     shapes.add_argument("--shapes", type=_csv, default=None, help="comma-separated; default: all")
     shapes.add_argument(
@@ -369,26 +383,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate images for a prompt")
     gen.add_argument("prompt")
     gen.add_argument("--model", required=True, help="a diffusers-layout model folder")
-    gen.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    gen.add_argument("--steps", type=_positive, default=DEFAULT_STEPS)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    gen.add_argument("--num_images", type=int, default=1)
-    gen.add_argument("--scale", type=int, default=1, help="enlarge the PNG this many times (nearest)")
+    gen.add_argument("--num_images", type=_positive, default=1)
+    gen.add_argument("--scale", type=_positive, default=1, help="enlarge the PNG this many times (nearest)")
     gen.add_argument("--out", default="out.png", help="PNG to write; a grid when several images")
+    gen.add_argument("--lora", default=None, help="LoRA weights to load (a training run's final/ folder)")
+    gen.add_argument("--lora_scale", type=float, default=1.0, help="the adapter's scale (0: the base)")
     gen.set_defaults(func=cmd_generate)
 
     ev = commands.add_parser("evaluate", help="prompt fidelity, diversity and bits/dim on shapes")
     ev.add_argument("--model", required=True)
-    ev.add_argument("--n", type=int, default=8, help="images per prompt")
-    ev.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    ev.add_argument("--n", type=_positive, default=8, help="images per prompt")
+    ev.add_argument("--steps", type=_positive, default=DEFAULT_STEPS)
     ev.add_argument("--guidance", type=float, default=EVAL_GUIDANCE)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--colours", type=_csv, default=None, help="prompts' colours; default: all")
     ev.add_argument("--shapes", type=_csv, default=None, help="prompts' shapes; default: all")
     ev.add_argument("--unseen", action="append", default=[], help="a pair left out of training")
     ev.add_argument("--data", default=None, help="held-out image folder for bits/dim; default: drawn")
-    ev.add_argument("--bpd_count", type=int, default=256, help="held-out latents for bits/dim")
-    ev.add_argument("--stride", type=int, default=10, help="sum every k-th bound term (x k)")
+    ev.add_argument("--bpd_count", type=_positive, default=256, help="held-out latents for bits/dim")
+    ev.add_argument("--stride", type=_positive, default=10, help="sum every k-th bound term (x k)")
     ev.add_argument("--grid", default=None, help="also write the generated images as one PNG")
     ev.add_argument("--json", default=None, help="also write the figures as JSON")
     ev.set_defaults(func=cmd_evaluate)
@@ -396,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="data -> VAE -> U-Net -> samples and figures")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--fast", action="store_true", help="a few steps of each stage, to test the chain")
-    demo.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
+    demo.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: half the cores)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -14,11 +14,19 @@ With v-prediction the target is v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & H
 Outputs under output_dir: config.yaml, checkpoint-N/ (resumable with --resume latest), logs/
 (TensorBoard), validation/step-N.png; and final_dir (default output_dir/final), a diffusers-layout
 folder whose unet (and text_encoder, when trained) hold the EMA weights (the raw ones are in unet_raw/).
+
+With --lora true the same loop trains LoRA adapters (Hu et al. 2021, sdlite/lora.py) on a frozen base
+instead: W' = W + (alpha / r) B A on the U-Net's attention projections (and the text encoder's when
+lora_text_encoder), the base in the mixed-precision dtype, the adapters in fp32, no EMA. Checkpoints
+then hold only the adapters, and final_dir holds pytorch_lora_weights.safetensors, which
+``pipe.load_lora_weights(final_dir)`` reads (sdlite's pipeline or diffusers').
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,22 +38,47 @@ from tqdm.auto import tqdm
 if __package__ in (None, ""):  # run as a script (accelerate launch training/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdlite.data.cache import TensorCache, cache_latents, cache_text, text_embeddings  # noqa: E402
-from sdlite.data.dataset import ImageTransform, TrainingExamples, caption_text, load_rows  # noqa: E402
+from sdlite.data.cache import (  # noqa: E402
+    DecodedImages,
+    TensorCache,
+    cache_latents,
+    cache_text,
+    text_embeddings,
+)
+from sdlite.data.dataset import (  # noqa: E402
+    ImageTransform,
+    TrainingExamples,
+    caption_text,
+    clean_rows,
+    load_rows,
+)
 from sdlite.ddpm import DDPMScheduler  # noqa: E402
+from sdlite.lora import (  # noqa: E402
+    TEXT_ENCODER_TARGETS,
+    UNET_TARGETS,
+    AdapterWeights,
+    LoraSettings,
+    add_lora,
+    cast_adapters_to_fp32,
+    lora_param_groups,
+)
 from sdlite.models import build_components, check_compatible, load_components  # noqa: E402
+from training.checkpoint import (  # noqa: E402
+    NonFiniteLossError,
+    StopSignals,
+    checkpoints,
+    find_resume,
+    load_checkpoint,
+    save_checkpoint,
+)
 from training.config import parse_config, save_yaml, to_dict  # noqa: E402
 from training.loop import (  # noqa: E402
     EMA,
     Metrics,
     StepSampler,
-    checkpoints,
-    find_resume,
-    load_checkpoint,
     make_lr_schedule,
     make_optimizer,
     progress_bar,
-    save_checkpoint,
     seeded_generator,
     setup_accelerator,
 )
@@ -75,6 +108,8 @@ class TrainConfig:
     cache_text: bool = True  # cache the text embeddings too (only while the text encoder is frozen)
     cache_dir: str = "~/.cache/sdlite"
     dataloader_num_workers: int = 0
+    streaming: bool = False  # stream train_data_dir's shards, nothing cached (sdlite/data/streaming.py)
+    shuffle_buffer: int = 1000  # streaming: rows held for shuffling (more: a better shuffle, more memory)
     # Optimisation: steps are optimizer steps; the global batch is batch x processes x accumulation.
     seed: int = 0
     max_steps: int = 1000
@@ -113,6 +148,24 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps; 0: none
     checkpoints_total_limit: int | None = 3
     resume: str | None = None  # "latest" or a checkpoint folder
+    # LoRA: train low-rank adapters on the frozen model instead of its weights (learning_rate is the
+    # U-Net adapter's). The update is (lora_alpha / lora_rank) B A; alpha None means alpha = rank.
+    lora: bool = False
+    lora_rank: int = 4
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(UNET_TARGETS))  # U-Net attention
+    lora_text_encoder: bool = False  # an adapter on the text encoder too (embeddings are then not cached)
+    lora_text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
+    text_encoder_lr: float | None = None  # the text encoder adapter's learning rate; None: learning_rate
+    # Faults (docs/reliability.md)
+    bad_data: str = "skip"  # unreadable images: "skip" them (listed in output_dir/bad_files.txt) or "error"
+    nonfinite_loss: str = "skip"  # a NaN/inf loss or gradient: "skip" the step, or "stop" the run
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        """Whether gradients reach the text encoder: trained whole, or through its LoRA adapter."""
+        return self.train_text_encoder or (self.lora and self.lora_text_encoder)
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -125,6 +178,14 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"caption_dropout={cfg.caption_dropout} must be in [0, 1)")
     if min(cfg.max_steps, cfg.train_batch_size, cfg.gradient_accumulation_steps, cfg.log_every) < 1:
         problems.append("max_steps, train_batch_size, gradient_accumulation_steps and log_every must be >= 1")
+    if cfg.lora and cfg.train_text_encoder:
+        problems.append("lora with train_text_encoder: LoRA trains no base weight; use lora_text_encoder")
+    if cfg.lora and (cfg.lora_rank < 1 or not 0 <= cfg.lora_dropout < 1):
+        problems.append(f"lora_rank {cfg.lora_rank} must be >= 1, lora_dropout {cfg.lora_dropout} in [0, 1)")
+    if cfg.bad_data not in ("skip", "error"):
+        problems.append(f"bad_data={cfg.bad_data!r}: use skip or error")
+    if cfg.nonfinite_loss not in ("skip", "stop"):
+        problems.append(f"nonfinite_loss={cfg.nonfinite_loss!r}: use skip or stop")
     if problems:
         raise ValueError("bad training config: " + "; ".join(problems))
 
@@ -157,8 +218,10 @@ def setup(cfg: TrainConfig) -> Run:
     )
     parts = load_parts(cfg, acc.device)
     examples, empty_text, latent_shape, val = build_examples(cfg, acc, parts)
+    if cfg.lora:  # after build_examples: the cache is filled by the fp32 models, as without LoRA
+        attach_lora(cfg, parts, acc)
 
-    unet, text_encoder = parts.unet, parts.text_encoder if cfg.train_text_encoder else None
+    unet, text_encoder = parts.unet, parts.text_encoder if cfg.text_encoder_trains else None
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if text_encoder is not None:
@@ -170,11 +233,16 @@ def setup(cfg: TrainConfig) -> Run:
     denoiser = Denoiser(unet, text_encoder, channels_last=cfg.channels_last).train()
     params = [p for p in denoiser.parameters() if p.requires_grad]
     betas = (cfg.adam_beta1, cfg.adam_beta2)
-    optimizer = make_optimizer(params, cfg.learning_rate, betas, cfg.adam_weight_decay, cfg.adam_epsilon,
+    if cfg.lora:  # the text encoder's adapter at its own rate
+        groups = lora_param_groups(parts.unet, text_encoder, cfg.learning_rate, cfg.text_encoder_lr)
+    else:
+        groups = params
+    optimizer = make_optimizer(groups, cfg.learning_rate, betas, cfg.adam_weight_decay, cfg.adam_epsilon,
                                use_8bit=cfg.use_8bit_adam)  # fmt: skip
     lr_schedule = make_lr_schedule(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_steps)
     model, optimizer = acc.prepare(denoiser, optimizer)  # not the schedule: see make_lr_schedule
-    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay and acc.is_main_process else None
+    use_ema = cfg.ema_decay and not cfg.lora  # LoRA: the adapter as trained, as diffusers' LoRA script
+    ema = EMA(params, cfg.ema_decay) if use_ema and acc.is_main_process else None
 
     start_step, checkpoint = 0, find_resume(cfg.output_dir, cfg.resume)
     if checkpoint is not None:
@@ -185,15 +253,18 @@ def setup(cfg: TrainConfig) -> Run:
     elif checkpoints(cfg.output_dir):
         acc.print(f"warning: {cfg.output_dir} holds checkpoints of an earlier run; this run starts at step 0 "
                   "(--resume latest continues the earlier one)")  # fmt: skip
-    sampler = StepSampler(len(examples), cfg.train_batch_size, cfg.seed, cfg.max_steps, start_step,
-                          acc.num_processes, acc.process_index, cfg.gradient_accumulation_steps,
-                          random_flip=cfg.random_flip)  # fmt: skip
     workers = cfg.dataloader_num_workers
-    loader = torch.utils.data.DataLoader(
-        examples, batch_sampler=sampler, num_workers=workers, prefetch_factor=4 if workers else None,
-        pin_memory=acc.device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed),  # leaves the global RNG alone (resume is exact)
-    )  # fmt: skip
+    if cfg.streaming:  # sdlite.data.streaming: the stream is its own sampler; a resume skips what was read
+        sampler, loader = examples, examples.loader(start_step, workers, acc.device.type == "cuda")
+    else:
+        sampler = StepSampler(len(examples), cfg.train_batch_size, cfg.seed, cfg.max_steps, start_step,
+                              acc.num_processes, acc.process_index, cfg.gradient_accumulation_steps,
+                              random_flip=cfg.random_flip)  # fmt: skip
+        loader = torch.utils.data.DataLoader(
+            examples, batch_sampler=sampler, num_workers=workers, prefetch_factor=4 if workers else None,
+            pin_memory=acc.device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed),  # leaves the global RNG alone: exact resume
+        )  # fmt: skip
     if acc.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
@@ -207,7 +278,43 @@ def setup(cfg: TrainConfig) -> Run:
 
 
 def trained_modules(parts, cfg: TrainConfig) -> dict[str, torch.nn.Module]:
+    """What a checkpoint holds of the model: the trained models, or with LoRA only their adapters."""
+    if cfg.lora:
+        te = {"text_encoder_lora": AdapterWeights(parts.text_encoder)} if cfg.lora_text_encoder else {}
+        return {"unet_lora": AdapterWeights(parts.unet), **te}
     return {"unet": parts.unet, **({"text_encoder": parts.text_encoder} if cfg.train_text_encoder else {})}
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def attach_lora(cfg: TrainConfig, parts, acc) -> None:
+    """Freeze the U-Net and text encoder in the weight dtype (fp16/bf16 under mixed precision, else
+    fp32) and put fp32 adapters on them.
+
+    Half-precision base weights halve the frozen model's memory; the adapters stay fp32 because
+    Adam's small updates vanish when rounded to fp16/bf16 (and the fp16 grad scaler refuses fp16
+    gradients). Autocast runs each layer in low precision; peft casts between the two dtypes.
+    The adapters' random A comes from the run's seed, so two runs of one config start alike.
+    """
+    dtype = weight_dtype(acc.mixed_precision)
+    if dtype != torch.float32:
+        parts.unet.to(dtype)
+        parts.text_encoder.to(dtype)
+    settings = LoraSettings(
+        rank=cfg.lora_rank,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        unet_targets=tuple(cfg.lora_target_modules),
+        text_encoder=cfg.lora_text_encoder,
+        text_encoder_targets=tuple(cfg.lora_text_encoder_target_modules),
+    )
+    with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        add_lora(parts.unet, parts.text_encoder, settings)
+    for model in (parts.unet, parts.text_encoder):
+        cast_adapters_to_fp32(model)
 
 
 def load_parts(cfg: TrainConfig, device: torch.device):
@@ -244,7 +351,8 @@ def build_examples(cfg: TrainConfig, acc, parts):
     latent_shape = (vae.latent_channels, resolution // factor, resolution // factor)
     transform = ImageTransform(resolution, cfg.random_crop, cfg.seed)
     cache = TensorCache(Path(cfg.cache_dir).expanduser())
-    embeds_cached = cfg.cache_text and not cfg.train_text_encoder
+    # A stream is encoded as it comes (no cache): its batches carry token ids, so the empty caption must too.
+    embeds_cached = cfg.cache_text and not cfg.text_encoder_trains and not cfg.streaming
     tokenizer = parts.tokenizer
 
     def tokenize(captions: list[str]) -> torch.Tensor:
@@ -259,6 +367,12 @@ def build_examples(cfg: TrainConfig, acc, parts):
     def examples_of(source: str, flips: tuple[bool, ...], limit: int | None = None) -> TrainingExamples:
         rows = load_rows(source, cfg.image_column, cfg.caption_column)
         rows = rows.select(range(min(limit, len(rows)))) if limit else rows
+        # Every image checked now (decoded, unless an earlier run did): a bad one is skipped or stops the
+        # run before step 0, never in the middle of an epoch.
+        report = Path(cfg.output_dir) / ("bad_files_val.txt" if limit else "bad_files.txt")
+        rows = clean_rows(rows, cfg.image_column, cfg.caption_column, resolution, tokenizer, cfg.bad_data,
+                          report if acc.is_main_process else None, acc.print,
+                          DecodedImages(cache.root) if cfg.cache_latents else None)  # fmt: skip
         input_ids = tokenize([caption_text(c) for c in rows[cfg.caption_column]])
         # Split misses among one machine's processes: a cache folder local to each machine fills too.
         rank, world_size = acc.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
@@ -276,7 +390,16 @@ def build_examples(cfg: TrainConfig, acc, parts):
         acc.wait_for_everyone()  # every process's share of the cache is written
         return TrainingExamples(rows, cfg.image_column, transform, input_ids, latent_files, embed_files)
 
-    examples = examples_of(cfg.train_data_dir, (False, True) if cfg.random_flip else (False,))
+    if cfg.streaming:  # the DataLoader comes from examples.loader(start_step, ...) in setup()
+        from sdlite.data.streaming import StreamingExamples, load_stream, parquet_rows
+
+        stream = load_stream(cfg.train_data_dir, cfg.image_column, cfg.caption_column)
+        examples = StreamingExamples(stream, cfg.image_column, cfg.caption_column, transform, tokenizer,
+                                     cfg.train_batch_size, cfg.seed, acc.num_processes, acc.process_index,
+                                     cfg.gradient_accumulation_steps, cfg.random_flip, cfg.shuffle_buffer,
+                                     num_items=parquet_rows(cfg.train_data_dir))  # fmt: skip
+    else:
+        examples = examples_of(cfg.train_data_dir, (False, True) if cfg.random_flip else (False,))
     empty_ids = tokenize([""])
     empty = text_embeddings(parts.text_encoder, empty_ids)["embeds"] if embeds_cached else empty_ids
     val = None
@@ -296,42 +419,74 @@ def build_examples(cfg: TrainConfig, acc, parts):
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train from step 0 or the resumed checkpoint to max_steps; returns the final model folder."""
+    """Train from step 0 or the resumed checkpoint to max_steps; returns the final model folder.
+
+    Faults (docs/reliability.md): a step whose loss or gradients are NaN or inf changes nothing
+    (optimizer_step); the loop counts such steps at its host-sync points (log and checkpoint steps)
+    and warns, or with nonfinite_loss=stop raises there, before any checkpoint of that window is
+    written. SIGTERM or SIGINT: a checkpoint after the current step, then exit 128 + the signal.
+    """
     run = setup(cfg)
     acc = run.accelerator
-    global_batch = run.sampler.global_batch
+    global_batch, items = run.sampler.global_batch, run.sampler.num_items or "streamed"
     acc.print(
-        f"training {sum(p.numel() for p in run.params) / 1e6:.2f} M parameters on {run.sampler.num_items} "
+        f"training {sum(p.numel() for p in run.params) / 1e6:.2f} M parameters on {items} "
         f"examples, global batch {global_batch}, steps {run.start_step} -> {cfg.max_steps}"
     )
     metrics = Metrics(acc, images_per_step=global_batch)
     bar = progress_bar(acc, cfg.max_steps, run.start_step)
-    for step in range(run.start_step, cfg.max_steps):
-        metrics.add(loss=optimizer_step(run, step))
-        done = step + 1
-        bar.update(1)
-        if done % cfg.log_every == 0 or done == cfg.max_steps:  # the only host syncs of the loop
-            logs = metrics.report(done, lr=run.lr_schedule.get_last_lr()[0])
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_second']:.1f}")
-        # A checkpoint every checkpoint_every steps and at the end, so that a finished run can go on.
-        if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
-            save_checkpoint(
-                acc,
-                cfg.output_dir,
-                done,
-                trained_modules(run.parts, cfg),
-                run.optimizer,
-                run.lr_schedule,
-                run.ema,
-                cfg.checkpoints_total_limit,
-            )
-        if cfg.validation_every and done % cfg.validation_every == 0 and done < cfg.max_steps:
-            validate(run, done)
-    bar.close()
+    nonfinite, since = torch.zeros((), device=acc.device), run.start_step  # skipped steps since `since`
+    with StopSignals() as stop, contextlib.closing(bar):
+        for step in range(run.start_step, cfg.max_steps):
+            loss, skipped = optimizer_step(run, step)
+            metrics.add(loss=loss)
+            nonfinite += skipped
+            done = step + 1
+            bar.update(1)
+            logging = done % cfg.log_every == 0 or done == cfg.max_steps
+            # A checkpoint every checkpoint_every steps and at the end, so that a finished run can go on.
+            saving = cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps)
+            if logging or saving:  # the loop's only host syncs
+                check_nonfinite(cfg, acc, int(acc.reduce(nonfinite, "max").item()), since, done)
+                nonfinite.zero_()
+                since = done
+            if logging:
+                logs = metrics.report(done, lr=run.lr_schedule.get_last_lr()[0])
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_second']:.1f}")
+            if saving:
+                save_checkpoint(acc, cfg.output_dir, done, trained_modules(run.parts, cfg), run.optimizer,
+                                run.lr_schedule, run.ema, cfg.checkpoints_total_limit)  # fmt: skip
+            signum = stop.requested(acc, synced=bool(logging or saving))
+            if signum:  # SIGTERM, Ctrl-C: keep this step's state and go
+                if not saving:
+                    save_checkpoint(acc, cfg.output_dir, done, trained_modules(run.parts, cfg), run.optimizer,
+                                    run.lr_schedule, run.ema, cfg.checkpoints_total_limit)  # fmt: skip
+                acc.print(f"{signal.Signals(signum).name}: stopped after step {done} with checkpoint-{done} "
+                          "in output_dir; continue with --resume latest")  # fmt: skip
+                acc.end_training()
+                raise SystemExit(128 + signum)
+            if cfg.validation_every and done % cfg.validation_every == 0 and done < cfg.max_steps:
+                validate(run, done)
     validate(run, cfg.max_steps)
     final = save_final(run)
     acc.end_training()
     return final
+
+
+def check_nonfinite(cfg: TrainConfig, acc, count: int, since: int, done: int) -> None:
+    """Report the steps since..done whose loss or gradients were NaN or inf (each skipped)."""
+    if not count:
+        return
+    steps = f"step {done}" if done - since == 1 else f"steps {since + 1}..{done}"
+    what = f"{count} step(s) of {steps} had a NaN or inf loss or gradients"
+    if cfg.nonfinite_loss == "stop":
+        last = checkpoints(cfg.output_dir)
+        raise NonFiniteLossError(
+            f"{what} (nonfinite_loss=stop); they were skipped, so the weights are finite, and no checkpoint "
+            f"was written after them; the last one is {str(last[-1]) if last else 'none'}. Try a lower "
+            "learning_rate, bf16 instead of fp16 or max_grad_norm > 0; nonfinite_loss=skip trains past them"
+        )
+    acc.print(f"warning: {what}; those steps were skipped (weights unchanged)")
 
 
 def main(argv: list[str] | None = None) -> Path:

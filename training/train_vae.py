@@ -35,16 +35,14 @@ if __package__ in (None, ""):  # run as a script (accelerate launch training/tra
 
 from sdlite.data.dataset import ImageTransform, image_bytes, load_rows  # noqa: E402
 from sdlite.presets import get_preset  # noqa: E402
+from training.checkpoint import find_resume, load_checkpoint, save_checkpoint  # noqa: E402
 from training.config import parse_config, save_yaml  # noqa: E402
 from training.loop import (  # noqa: E402
     Metrics,
     StepSampler,
-    find_resume,
-    load_checkpoint,
     make_lr_schedule,
     make_optimizer,
     progress_bar,
-    save_checkpoint,
     setup_accelerator,
 )
 

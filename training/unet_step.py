@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 
 from sdlite.ddpm import DDPMScheduler
+from sdlite.lora import save_lora
 from sdlite.models import save_components
+from training.checkpoint import publish_dir
 from training.config import save_yaml
-from training.loop import log_image, publish_dir, seeded_generator
+from training.loop import log_image, seeded_generator
 
 
 class Denoiser(torch.nn.Module):
@@ -99,11 +101,13 @@ def diffusion_loss(model, scheduler, x0, text, t, noise, snr_gamma: float | None
     return loss.mean()
 
 
-def optimizer_step(run, step: int) -> torch.Tensor:
-    """One optimizer step over gradient_accumulation_steps micro-batches; the mean loss, on the device."""
+def optimizer_step(run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over gradient_accumulation_steps micro-batches: (mean loss, non-finite flag),
+    both on the device. A step whose loss or gradients are NaN or inf changes nothing (see skip_update)."""
     cfg, acc, parts = run.cfg, run.accelerator, run.parts
     draws = draw_step(run, step)
     total = torch.zeros((), device=acc.device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
     for micro in range(cfg.gradient_accumulation_steps):
         batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(run.batches).items()}
         mine = {k: v[run.sampler.positions(micro)] for k, v in draws.items()}
@@ -111,23 +115,54 @@ def optimizer_step(run, step: int) -> torch.Tensor:
             with acc.autocast():
                 x0 = latents_of(batch, parts.vae, mine["latent_noise"])
                 text = text_condition(
-                    batch, parts.text_encoder, run.empty_text, mine["drop"], cfg.train_text_encoder
+                    batch, parts.text_encoder, run.empty_text, mine["drop"], cfg.text_encoder_trains
                 )
             loss = diffusion_loss(
                 run.model, parts.scheduler, x0, text, mine["t"], mine["noise"], cfg.snr_gamma
             )
             acc.backward(loss)
+            total += loss.detach()
             if acc.sync_gradients:
-                if cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
+                nonfinite = skip_update(run, ~torch.isfinite(total))
                 run.optimizer.step()
                 if not acc.optimizer_step_was_skipped:  # fp16 overflow: no step, so the schedule waits
                     run.lr_schedule.step()
                 run.optimizer.zero_grad(set_to_none=True)
-        total += loss.detach()
+                vars(run.optimizer.optimizer).pop("found_inf", None)
     if run.ema is not None:
         run.ema.update(run.params)
-    return total / cfg.gradient_accumulation_steps
+    return total / cfg.gradient_accumulation_steps, nonfinite
+
+
+def skip_update(run, bad_loss: torch.Tensor) -> torch.Tensor:
+    """Clip the gradients and arrange for the coming optimizer step to change nothing if the loss or the
+    gradients are not finite; returns that flag (on the device), for the loop to count.
+
+    Without a host sync: the flag goes to the optimizer as ``found_inf``, the tensor by which torch's
+    fused Adam/AdamW kernels skip a step on the device (moments, step count and weights untouched), as
+    GradScaler uses them. The gradient norm is taken after DDP's all-reduce, so every process makes the
+    same choice. Under fp16 the GradScaler already skips steps with inf gradients (its scale search
+    makes a few) and sets found_inf itself; the flag then only counts non-finite losses. Other
+    optimizers (bitsandbytes, non-fused AdamW) have no found_inf: for them the flag is read on the host,
+    one sync per step.
+    """
+    acc, cfg = run.accelerator, run.cfg
+    if acc.scaler is not None:
+        if cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
+        return bad_loss
+    if cfg.max_grad_norm > 0:
+        norm = acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
+    # A non-finite loss makes non-finite gradients; the norm alone decides, as it is the same everywhere.
+    bad = ~torch.isfinite(norm.to(bad_loss.device))
+    optimizer = run.optimizer.optimizer  # accelerate's wrapper holds the torch optimizer
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = bad.float()
+    elif bad.item():
+        optimizer.zero_grad(set_to_none=True)  # no gradients: the optimizer skips every parameter
+    return bad | bad_loss
 
 
 # ---- validation ---------------------------------------------------------------------------------------
@@ -143,7 +178,7 @@ def held_out_loss(run, denoiser) -> dict[str, float]:
             batch = {name: value[rows] for name, value in val["batch"].items()}
             x0 = latents_of(batch, parts.vae, val["latent_noise"][rows])
             keep = torch.zeros(len(rows), dtype=torch.bool, device=acc.device)  # no caption dropout
-            text = text_condition(batch, parts.text_encoder, run.empty_text, keep, cfg.train_text_encoder)
+            text = text_condition(batch, parts.text_encoder, run.empty_text, keep, cfg.text_encoder_trains)
             ts = torch.full((len(rows),), t)
             loss = diffusion_loss(denoiser, parts.scheduler, x0, text, ts, val["noise"][k][rows])
             total += loss.item() * len(rows)
@@ -217,20 +252,24 @@ def validate(run, step: int) -> dict[str, float]:
 
 
 def save_final(run) -> Path:
-    """The diffusers-layout folder (EMA weights in unet/ and text_encoder/; raw ones in *_raw/), written
-    atomically, with the run's config as train_config.yaml."""
+    """The diffusers-layout folder (EMA weights in unet/ and text_encoder/; raw ones in *_raw/), or with
+    LoRA pytorch_lora_weights.safetensors; written atomically, with the run's config as train_config.yaml."""
     acc, cfg, parts = run.accelerator, run.cfg, run.parts
     final = Path(cfg.final_dir or Path(cfg.output_dir) / "final")
     acc.wait_for_everyone()
     if acc.is_main_process:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        if run.ema is not None:
-            parts.unet.save_pretrained(tmp / "unet_raw")
-            if cfg.train_text_encoder:
-                parts.text_encoder.save_pretrained(tmp / "text_encoder_raw")
-        with ema_weights(run):
-            save_components(parts, tmp)
+        if cfg.lora:  # only the adapters, in the file load_lora_weights reads, naming the base model
+            te = parts.text_encoder if cfg.lora_text_encoder else None
+            save_lora(tmp, parts.unet, te, base_model=cfg.pretrained or f"sdlite preset {cfg.preset}")
+        else:
+            if run.ema is not None:
+                parts.unet.save_pretrained(tmp / "unet_raw")
+                if cfg.train_text_encoder:
+                    parts.text_encoder.save_pretrained(tmp / "text_encoder_raw")
+            with ema_weights(run):
+                save_components(parts, tmp)
         save_yaml(cfg, tmp / "train_config.yaml")
         publish_dir(tmp, final)
         acc.print(f"saved {final}")
