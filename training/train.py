@@ -32,37 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
-from tqdm.auto import tqdm
 
 if __package__ in (None, ""):  # run as a script (accelerate launch training/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdlite.data.cache import (  # noqa: E402
-    DecodedImages,
-    TensorCache,
-    cache_latents,
-    cache_text,
-    text_embeddings,
-)
-from sdlite.data.dataset import (  # noqa: E402
-    ImageTransform,
-    TrainingExamples,
-    caption_text,
-    clean_rows,
-    load_rows,
-)
-from sdlite.ddpm import DDPMScheduler  # noqa: E402
 from sdlite.lora import (  # noqa: E402
     TEXT_ENCODER_TARGETS,
     UNET_TARGETS,
     AdapterWeights,
-    LoraSettings,
-    add_lora,
-    cast_adapters_to_fp32,
     lora_param_groups,
 )
-from sdlite.models import build_components, check_compatible, load_components  # noqa: E402
 from training.checkpoint import (  # noqa: E402
     NonFiniteLossError,
     StopSignals,
@@ -79,9 +58,9 @@ from training.loop import (  # noqa: E402
     make_lr_schedule,
     make_optimizer,
     progress_bar,
-    seeded_generator,
     setup_accelerator,
 )
+from training.parts import attach_lora, build_examples, load_parts  # noqa: E402
 from training.unet_step import Denoiser, optimizer_step, save_final, validate  # noqa: E402
 
 
@@ -283,139 +262,6 @@ def trained_modules(parts, cfg: TrainConfig) -> dict[str, torch.nn.Module]:
         te = {"text_encoder_lora": AdapterWeights(parts.text_encoder)} if cfg.lora_text_encoder else {}
         return {"unet_lora": AdapterWeights(parts.unet), **te}
     return {"unet": parts.unet, **({"text_encoder": parts.text_encoder} if cfg.train_text_encoder else {})}
-
-
-def weight_dtype(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-def attach_lora(cfg: TrainConfig, parts, acc) -> None:
-    """Freeze the U-Net and text encoder in the weight dtype (fp16/bf16 under mixed precision, else
-    fp32) and put fp32 adapters on them.
-
-    Half-precision base weights halve the frozen model's memory; the adapters stay fp32 because
-    Adam's small updates vanish when rounded to fp16/bf16 (and the fp16 grad scaler refuses fp16
-    gradients). Autocast runs each layer in low precision; peft casts between the two dtypes.
-    The adapters' random A comes from the run's seed, so two runs of one config start alike.
-    """
-    dtype = weight_dtype(acc.mixed_precision)
-    if dtype != torch.float32:
-        parts.unet.to(dtype)
-        parts.text_encoder.to(dtype)
-    settings = LoraSettings(
-        rank=cfg.lora_rank,
-        alpha=cfg.lora_alpha,
-        dropout=cfg.lora_dropout,
-        unet_targets=tuple(cfg.lora_target_modules),
-        text_encoder=cfg.lora_text_encoder,
-        text_encoder_targets=tuple(cfg.lora_text_encoder_target_modules),
-    )
-    with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        add_lora(parts.unet, parts.text_encoder, settings)
-    for model in (parts.unet, parts.text_encoder):
-        cast_adapters_to_fp32(model)
-
-
-def load_parts(cfg: TrainConfig, device: torch.device):
-    """The model: a preset's random init or a pretrained folder, a separately trained VAE, the scheduler
-    options; the VAE (and the text encoder, unless trained) frozen. All on ``device``."""
-    parts = load_components(cfg.pretrained) if cfg.pretrained else build_components(cfg.preset, seed=cfg.seed)
-    if cfg.vae_path:
-        path = Path(cfg.vae_path)
-        path = path / "vae" if (path / "vae" / "config.json").is_file() else path
-        parts.vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
-        check_compatible(parts)
-    overrides = {"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}
-    if cfg.rescale_betas_zero_snr:  # sampling must then start at t = T-1: trailing spacing (Lin et al.)
-        overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    if overrides:
-        parts.scheduler = DDPMScheduler.from_config(parts.scheduler.config, **overrides)
-    parts.vae.requires_grad_(False).eval()
-    parts.text_encoder.requires_grad_(cfg.train_text_encoder).train(cfg.train_text_encoder)
-    for module in (parts.vae, parts.text_encoder, parts.unet):
-        module.to(
-            device
-        )  # frozen parts stay float32: autocast runs them in low precision, and they save intact
-    return parts
-
-
-def build_examples(cfg: TrainConfig, acc, parts):
-    """The training examples, cached as configured, the empty caption, the latent shape and the
-    held-out batch with its fixed draws (None without val_data_dir)."""
-    vae = parts.vae.config
-    resolution = cfg.resolution or vae.sample_size
-    factor = 2 ** (len(vae.block_out_channels) - 1)
-    if resolution % factor:
-        raise ValueError(f"resolution {resolution} is not a multiple of the VAE's factor {factor}")
-    latent_shape = (vae.latent_channels, resolution // factor, resolution // factor)
-    transform = ImageTransform(resolution, cfg.random_crop, cfg.seed)
-    cache = TensorCache(Path(cfg.cache_dir).expanduser())
-    # A stream is encoded as it comes (no cache): its batches carry token ids, so the empty caption must too.
-    embeds_cached = cfg.cache_text and not cfg.text_encoder_trains and not cfg.streaming
-    tokenizer = parts.tokenizer
-
-    def tokenize(captions: list[str]) -> torch.Tensor:
-        return tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-
-    def examples_of(source: str, flips: tuple[bool, ...], limit: int | None = None) -> TrainingExamples:
-        rows = load_rows(source, cfg.image_column, cfg.caption_column)
-        rows = rows.select(range(min(limit, len(rows)))) if limit else rows
-        # Every image checked now (decoded, unless an earlier run did): a bad one is skipped or stops the
-        # run before step 0, never in the middle of an epoch.
-        report = Path(cfg.output_dir) / ("bad_files_val.txt" if limit else "bad_files.txt")
-        rows = clean_rows(rows, cfg.image_column, cfg.caption_column, resolution, tokenizer, cfg.bad_data,
-                          report if acc.is_main_process else None, acc.print,
-                          DecodedImages(cache.root) if cfg.cache_latents else None)  # fmt: skip
-        input_ids = tokenize([caption_text(c) for c in rows[cfg.caption_column]])
-        # Split misses among one machine's processes: a cache folder local to each machine fills too.
-        rank, world_size = acc.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
-        latent_files = embed_files = None
-        if cfg.cache_latents:
-            with tqdm(desc="encoding latents", unit="image", disable=not acc.is_local_main_process) as bar:
-                latent_files, missing = cache_latents(
-                    cache, rows, cfg.image_column, transform, parts.vae, flips, cfg.train_batch_size,
-                    rank, world_size, bar.update,
-                )  # fmt: skip
-            acc.print(f"{source}: {len(rows)} images x {len(flips)} flips, {missing} latents computed")
-        if embeds_cached:
-            embed_files, missing = cache_text(cache, input_ids, parts.text_encoder, 64, rank, world_size)
-            acc.print(f"{source}: {len(rows)} captions, {missing} text embeddings computed")
-        acc.wait_for_everyone()  # every process's share of the cache is written
-        return TrainingExamples(rows, cfg.image_column, transform, input_ids, latent_files, embed_files)
-
-    if cfg.streaming:  # the DataLoader comes from examples.loader(start_step, ...) in setup()
-        from sdlite.data.streaming import StreamingExamples, load_stream, parquet_rows
-
-        stream = load_stream(cfg.train_data_dir, cfg.image_column, cfg.caption_column)
-        examples = StreamingExamples(stream, cfg.image_column, cfg.caption_column, transform, tokenizer,
-                                     cfg.train_batch_size, cfg.seed, acc.num_processes, acc.process_index,
-                                     cfg.gradient_accumulation_steps, cfg.random_flip, cfg.shuffle_buffer,
-                                     num_items=parquet_rows(cfg.train_data_dir))  # fmt: skip
-    else:
-        examples = examples_of(cfg.train_data_dir, (False, True) if cfg.random_flip else (False,))
-    empty_ids = tokenize([""])
-    empty = text_embeddings(parts.text_encoder, empty_ids)["embeds"] if embeds_cached else empty_ids
-    val = None
-    if cfg.val_data_dir and cfg.val_count > 0:
-        held_out = examples_of(cfg.val_data_dir, (False,), cfg.val_count)
-        batch = torch.utils.data.default_collate([held_out[(i, False)] for i in range(len(held_out))])
-        T, n = parts.scheduler.config.num_train_timesteps, len(held_out)
-        generator = seeded_generator(cfg.seed, "validation", device=acc.device)
-        timesteps = sorted({min(t, T - 1) for t in cfg.val_timesteps})
-        val = {
-            "batch": {k: v.to(acc.device) for k, v in batch.items()},
-            "timesteps": timesteps,
-            "noise": torch.randn((len(timesteps), n, *latent_shape), generator=generator, device=acc.device),
-            "latent_noise": torch.randn((n, *latent_shape), generator=generator, device=acc.device),
-        }
-    return examples, empty.to(acc.device), latent_shape, val
 
 
 def train(cfg: TrainConfig) -> Path:
