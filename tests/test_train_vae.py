@@ -53,6 +53,35 @@ def test_a_resumed_run_ends_with_the_weights_of_an_unbroken_one(shapes, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigterm_checkpoints_then_exits_143_and_the_resumed_run_is_exact(shapes, tmp_path, monkeypatch):
+    """SIGTERM in the middle of step 2 of 4: a checkpoint of step 2, exit 143; resuming ends with the
+    weights of an uninterrupted run."""
+    import signal
+
+    from training import train_vae
+
+    argv = flags(train_data_dir=shapes / "train", eval_count=4, **{**TINY_RUN, "max_steps": 4})
+    main(argv + flags(output_dir=tmp_path / "unbroken"))
+    real, calls = train_vae.VAEObjective.forward, [0]
+
+    def forward(self, x):
+        calls[0] += 1
+        if calls[0] == 2:
+            signal.raise_signal(signal.SIGTERM)  # arrives mid-step; the loop stops after it
+        return real(self, x)
+
+    monkeypatch.setattr(train_vae.VAEObjective, "forward", forward)
+    with pytest.raises(SystemExit) as stopped:
+        main(argv + flags(output_dir=tmp_path / "stopped"))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert (tmp_path / "stopped" / "checkpoint-2" / "COMPLETE").is_file()
+    monkeypatch.undo()
+    main(argv + flags(output_dir=tmp_path / "stopped", resume="latest"))
+    a = AutoencoderKL.from_pretrained(tmp_path / "unbroken" / "vae").state_dict()
+    b = AutoencoderKL.from_pretrained(tmp_path / "stopped" / "vae").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_settings_fail_at_start_up(shapes, tmp_path):
     with pytest.raises(SystemExit):  # argparse: unrecognized arguments
         main(["--max_stepz", "3"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch training/tra
 
 from sdlite.data.dataset import ImageTransform, image_bytes, load_rows  # noqa: E402
 from sdlite.presets import get_preset  # noqa: E402
-from training.checkpoint import find_resume, load_checkpoint, save_checkpoint  # noqa: E402
+from training.checkpoint import StopSignals, find_resume, load_checkpoint, save_checkpoint  # noqa: E402
 from training.config import parse_config, save_yaml  # noqa: E402
 from training.loop import (  # noqa: E402
     Metrics,
@@ -217,38 +218,45 @@ def train(cfg: VAETrainConfig) -> dict:
     metrics = Metrics(acc, images_per_step=sampler.global_batch)
     bar = progress_bar(acc, cfg.max_steps, start_step)
     objective.train()
-    for step, items in enumerate(sampler, start=start_step):
-        x = train_images[[index for index, _ in items]].to(acc.device)
-        with acc.autocast():
-            loss, rec, kl = objective(x)
-        acc.backward(loss)
-        if cfg.max_grad_norm > 0:
-            acc.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics.add(loss=loss, rec=rec, kl=kl)
-        done = step + 1
-        bar.update(1)
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            logs = metrics.report(done, lr=lr_schedule.get_last_lr()[0])
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs['kl']:.2f}")
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            save_checkpoint(
-                acc,
-                cfg.output_dir,
-                done,
-                {"vae": vae},
-                optimizer,
-                lr_schedule,
-                keep=cfg.checkpoints_total_limit,
-            )
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps and acc.is_main_process:
-            vae.eval()
-            held_out = psnr(vae, eval_images.to(acc.device))
-            acc.log({"val/psnr": held_out}, step=done)
-            acc.print(f"step {done}: held-out PSNR {held_out:.2f} dB")
-            vae.train()
+    modules = {"vae": vae}
+    with StopSignals() as stop:  # SIGTERM / Ctrl-C: a checkpoint after the step, then exit 128 + signal
+        for step, items in enumerate(sampler, start=start_step):
+            x = train_images[[index for index, _ in items]].to(acc.device)
+            with acc.autocast():
+                loss, rec, kl = objective(x)
+            acc.backward(loss)
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            metrics.add(loss=loss, rec=rec, kl=kl)
+            done = step + 1
+            bar.update(1)
+            logging = done % cfg.log_every == 0 or done == cfg.max_steps
+            saving = bool(cfg.checkpoint_every) and done % cfg.checkpoint_every == 0
+            if logging:
+                logs = metrics.report(done, lr=lr_schedule.get_last_lr()[0])
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs['kl']:.2f}")
+            if saving:
+                save_checkpoint(acc, cfg.output_dir, done, modules, optimizer, lr_schedule,
+                                keep=cfg.checkpoints_total_limit)  # fmt: skip
+            signum = stop.requested(acc, synced=logging or saving)
+            if signum:
+                if not saving:
+                    save_checkpoint(acc, cfg.output_dir, done, modules, optimizer, lr_schedule,
+                                    keep=cfg.checkpoints_total_limit)  # fmt: skip
+                bar.close()
+                acc.print(f"{signal.Signals(signum).name}: stopped after step {done} with checkpoint-{done} "
+                          "in output_dir; continue with --resume latest")  # fmt: skip
+                acc.end_training()
+                raise SystemExit(128 + signum)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps and acc.is_main_process:
+                vae.eval()
+                held_out = psnr(vae, eval_images.to(acc.device))
+                acc.log({"val/psnr": held_out}, step=done)
+                acc.print(f"step {done}: held-out PSNR {held_out:.2f} dB")
+                vae.train()
     bar.close()
 
     acc.wait_for_everyone()
