@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdlite.ddpm import DDPMScheduler
-from sdlite.models import Components, ModelFolderError, check_compatible, check_folder
+from sdlite.models import CONFIG_FILES, Components, ModelFolderError, check_compatible, check_folder
 from sdlite.presets import PRESETS, Preset
 from sdlite.tokenizer import load_tokenizer
 
@@ -143,9 +143,7 @@ def _architecture(config) -> tuple[dict[str, dict], Path | None]:
         return {p: config.config(p) for p in ("unet", "vae", "text_encoder", "scheduler")}, None
     if isinstance(config, (str, Path)) and Path(config).is_dir():
         folder = check_folder(config, ("unet", "vae", "text_encoder", "scheduler"))
-        names = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
-                 "scheduler": "scheduler_config.json"}  # fmt: skip
-        configs = {p: json.loads((folder / p / f).read_text()) for p, f in names.items()}
+        configs = {p: json.loads((folder / p / f).read_text()) for p, f in CONFIG_FILES.items()}
         for drop in ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype"):
             configs["text_encoder"].pop(drop, None)
         return configs, folder

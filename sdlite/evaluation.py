@@ -33,6 +33,7 @@ from PIL import Image
 
 from sdlite.data.shapes import PALETTE, SHAPES, half_range, parse_pair, shape_mask
 from sdlite.ddpm import bits_per_dim
+from sdlite.tokenizer import token_ids
 
 # A pixel belongs to the shape when its colour is this far (RGB Euclidean, 0..441) from the
 # background's: about half the distance of the palette colour nearest to the background (yellow, 219).
@@ -313,14 +314,7 @@ class BoundReport:
 @torch.no_grad()
 def encode_text(tokenizer, text_encoder, texts: Sequence[str]) -> torch.Tensor:
     """(N, tokens, width) CLIP embeddings of texts padded to the tokenizer's length."""
-    ids = tokenizer(
-        list(texts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
+    return text_encoder(token_ids(tokenizer, texts).to(text_encoder.device))[0]
 
 
 @torch.no_grad()

@@ -85,12 +85,17 @@ def add_lora(unet, text_encoder=None, settings: LoraSettings | None = None, adap
         raise ValueError("LoraSettings.text_encoder is true but no text encoder was passed to add_lora")
 
 
-def adapter_parameters(model, adapter_name: str = "default") -> list[torch.nn.Parameter]:
-    """The A and B matrices of one adapter; empty when ``model`` is None or has no such adapter."""
+def named_adapter_parameters(model, adapter_name: str = "default") -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of one adapter's A and B matrices; empty when ``model`` is None or has none."""
     if model is None:
         return []
     keys = (f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}.")
-    return [p for name, p in model.named_parameters() if any(k in name for k in keys)]
+    return [(name, p) for name, p in model.named_parameters() if any(k in name for k in keys)]
+
+
+def adapter_parameters(model, adapter_name: str = "default") -> list[torch.nn.Parameter]:
+    """The A and B matrices of one adapter; empty when ``model`` is None or has no such adapter."""
+    return [p for _, p in named_adapter_parameters(model, adapter_name)]
 
 
 def lora_param_groups(
@@ -123,9 +128,8 @@ class AdapterWeights(torch.nn.Module):
 
     def __init__(self, model, adapter_name: str = "default"):
         super().__init__()
-        keys = (f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}.")
         self.adapter = torch.nn.ParameterDict(
-            {n.replace(".", "/"): p for n, p in model.named_parameters() if any(k in n for k in keys)}
+            {n.replace(".", "/"): p for n, p in named_adapter_parameters(model, adapter_name)}
         )
         if not len(self.adapter):
             raise ValueError(f"{type(model).__name__} has no adapter named {adapter_name!r}")

@@ -35,6 +35,13 @@ LIBRARY_CLASS = {
     "feature_extractor": [None, None],
     "image_encoder": [None, None],
 }
+# The config file of each part in a diffusers-layout folder (the tokenizer's are optional).
+CONFIG_FILES = {
+    "vae": "config.json",
+    "unet": "config.json",
+    "text_encoder": "config.json",
+    "scheduler": "scheduler_config.json",
+}
 
 
 class ModelFolderError(ValueError):
@@ -99,18 +106,12 @@ def check_folder(path: str | Path, parts: tuple[str, ...] = PARTS) -> Path:
             f"model folder {str(path)!r} does not exist; pass a folder saved by "
             "sdlite or diffusers (it holds model_index.json)"
         )
-    needs = {
-        "vae": "config.json",
-        "unet": "config.json",
-        "text_encoder": "config.json",
-        "scheduler": "scheduler_config.json",
-    }
     for name in parts:
         if name == "tokenizer":
             continue  # a missing tokenizer is rebuilt offline from CLIP's vocabulary
-        if not (path / name / needs[name]).is_file():
+        if not (path / name / CONFIG_FILES[name]).is_file():
             raise ModelFolderError(
-                f"model folder {str(path)!r} has no {name}: expected {name}/{needs[name]} "
+                f"model folder {str(path)!r} has no {name}: expected {name}/{CONFIG_FILES[name]} "
                 "(a diffusers-layout folder has vae/, unet/, text_encoder/, tokenizer/, scheduler/)"
             )
     for name in parts:

@@ -14,6 +14,7 @@ import gzip
 from functools import lru_cache
 from pathlib import Path
 
+import torch
 from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -49,6 +50,18 @@ def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
         unk_token=EOS,
         pad_token=EOS,
     )
+
+
+def token_ids(tokenizer, texts) -> torch.Tensor:
+    """(N, model_max_length) token ids of ``texts``, padded and truncated to the tokenizer's length: the
+    text encoder's input everywhere (training, its cache, streaming, evaluation)."""
+    return tokenizer(
+        list(texts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def load_tokenizer(path: str | Path | None = None, model_max_length: int = 77) -> CLIPTokenizer:

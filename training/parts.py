@@ -17,6 +17,7 @@ from sdlite.data.dataset import ImageTransform, TrainingExamples, caption_text, 
 from sdlite.ddpm import DDPMScheduler
 from sdlite.lora import LoraSettings, add_lora, cast_adapters_to_fp32
 from sdlite.models import build_components, check_compatible, load_components
+from sdlite.tokenizer import token_ids
 from training.loop import seeded_generator
 
 if TYPE_CHECKING:
@@ -94,13 +95,7 @@ def build_examples(cfg: TrainConfig, acc, parts):
     tokenizer = parts.tokenizer
 
     def tokenize(captions: list[str]) -> torch.Tensor:
-        return tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        return token_ids(tokenizer, captions)
 
     def examples_of(source: str, flips: tuple[bool, ...], limit: int | None = None) -> TrainingExamples:
         rows = load_rows(source, cfg.image_column, cfg.caption_column)

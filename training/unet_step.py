@@ -8,11 +8,13 @@ and a resumed run the draws of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 from pathlib import Path
 
 import torch
 
+from sdlite import evaluation
 from sdlite.ddpm import DDPMScheduler
 from sdlite.lora import save_lora
 from sdlite.models import save_components
@@ -187,17 +189,6 @@ def held_out_loss(run, denoiser) -> dict[str, float]:
     return logs
 
 
-def image_grid(images: list, columns: int):
-    from PIL import Image
-
-    w, h = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
-    return grid
-
-
 def sample_images(run) -> list:
     """One image per validation prompt, each from its own fixed seed, with sdlite's pipeline."""
     from pipelines import TextToImagePipeline  # training may use pipelines; sdlite never does
@@ -239,7 +230,8 @@ def validate(run, step: int) -> dict[str, float]:
         if run.val is not None:
             logs = held_out_loss(run, denoiser)
         if cfg.validation_prompts:
-            grid = image_grid(sample_images(run), columns=min(len(cfg.validation_prompts), 8))
+            n = len(cfg.validation_prompts)
+            grid = evaluation.grid(sample_images(run), rows=math.ceil(n / 8))  # at most 8 a row
             path = Path(cfg.output_dir) / "validation" / f"step-{step}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)

@@ -39,6 +39,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from sdlite.data.dataset import DataError, ImageTransform, caption_text, image_bytes, load_rows
+from sdlite.tokenizer import token_ids
 
 SHARD_FORMATS = {
     ".parquet": "parquet",
@@ -216,9 +217,7 @@ class StreamingExamples(torch.utils.data.IterableDataset):
                 pixels, captions = [], []
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
-        t = self.tokenizer
-        return t(captions, padding="max_length", max_length=t.model_max_length, truncation=True,
-                 return_tensors="pt").input_ids  # fmt: skip
+        return token_ids(self.tokenizer, captions)
 
     def loader(self, start_step: int = 0, num_workers: int = 0, pin_memory: bool = False):
         """A DataLoader of this process's micro-batches from optimizer step ``start_step`` on."""
