@@ -141,15 +141,20 @@ def read_header(file: Path) -> dict[str, tuple[int, ...]]:
         ) from None
 
 
+def unpickling_refusal(error: Exception) -> str:
+    """The line of torch's weights_only refusal that names what a file tried to unpickle ("" if none)."""
+    lines = [line for line in str(error).splitlines() if "unsupported" in line.lower()]
+    return lines[0].strip() if lines else ""
+
+
 def read_pickled_shapes(file: Path) -> dict[str, tuple[int, ...]] | None:
     """Tensor name -> shape from a torch.save file, unpickled weights_only and memory-mapped (the
     tensors stay on disk); None for the legacy format, which cannot be mapped."""
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        lines = [line for line in str(e).splitlines() if "unsupported" in line.lower()]
         raise ModelFolderError(
-            f"{str(file)!r} holds pickled objects other than tensors ({lines[0].strip() if lines else e}); "
+            f"{str(file)!r} holds pickled objects other than tensors ({unpickling_refusal(e) or e}); "
             "refused, because unpickling them could run code. Use a safetensors copy of the model"
         ) from None
     except RuntimeError:

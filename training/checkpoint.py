@@ -22,6 +22,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from sdlite.models import unpickling_refusal
+
 if TYPE_CHECKING:
     from training.loop import EMA
 
@@ -187,8 +189,7 @@ def load_tensors_pickle(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [line for line in str(e).splitlines() if "unsupported" in line.lower()]
-        reason = lines[0].strip()[:200] if lines else "not a plain tensor file"
+        reason = unpickling_refusal(e)[:200] or "not a plain tensor file"
         raise CheckpointError(
             f"{str(path)!r} holds pickled objects other than tensors ({reason}); refused, because "
             "unpickling them could run code. Only load checkpoints you or sdlite wrote."
