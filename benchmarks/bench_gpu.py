@@ -113,8 +113,8 @@ def run_train(args) -> dict:
 def run_lora_ours(args) -> dict:
     import bench_train
 
-    from training.train import setup
-    from training.unet_step import optimizer_step
+    from sdlite.training.train import setup
+    from sdlite.training.unet_step import optimizer_step
 
     a = train_args(args, args.px)
     cfg = bench_train.ours_config(a, args.warmup + args.steps)

@@ -151,8 +151,8 @@ def run_reference(args) -> dict:
 
 
 def ours_config(args, max_steps: int):
-    from training.config import parse_config
-    from training.train import TrainConfig
+    from sdlite.training.config import parse_config
+    from sdlite.training.train import TrainConfig
 
     flags = dict(
         preset=args.preset,
@@ -172,8 +172,8 @@ def ours_config(args, max_steps: int):
 
 
 def run_ours(args) -> dict:
-    from training.train import setup
-    from training.unet_step import optimizer_step
+    from sdlite.training.train import setup
+    from sdlite.training.unet_step import optimizer_step
 
     run = setup(ours_config(args, args.warmup + args.steps))
     return {
@@ -184,8 +184,8 @@ def run_ours(args) -> dict:
 
 def warm_cache(args) -> dict:
     """Fill the cache (what a first run pays once), timed."""
-    from training.loop import setup_accelerator
-    from training.train import build_examples, load_parts
+    from sdlite.training.loop import setup_accelerator
+    from sdlite.training.train import build_examples, load_parts
 
     cfg = ours_config(args, 1)
     accelerator = setup_accelerator(args.out, report_to=None)

@@ -96,11 +96,11 @@ def main() -> None:
 
     import torch
 
-    from pipelines import TextToImagePipeline
     from sdlite.data.shapes import write_dataset
-    from training import train, train_vae
-    from training.cli import flags, recipe
-    from training.config import parse_config
+    from sdlite.pipelines import TextToImagePipeline
+    from sdlite.training import train, train_vae
+    from sdlite.training.cli import flags, recipe
+    from sdlite.training.config import parse_config
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

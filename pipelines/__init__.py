@@ -1,5 +1,5 @@
-"""Pipelines built on sdlite's parts: text to image."""
+"""Pipelines built on sdlite's parts: text to image. Installed as ``sdlite.pipelines``."""
 
-from pipelines.text_to_image import TextToImagePipeline
+from sdlite.pipelines.text_to_image import TextToImagePipeline
 
 __all__ = ["TextToImagePipeline"]

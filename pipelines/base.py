@@ -20,9 +20,9 @@ from diffusers.pipelines import pipeline_utils
 from diffusers.utils import is_xformers_available
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pipelines.single_file import load_single_file, save_single_file
 from sdlite.ddpm import DDPMScheduler
 from sdlite.models import PARTS, Components, check_folder, save_components
+from sdlite.pipelines.single_file import load_single_file, save_single_file
 from sdlite.tokenizer import load_tokenizer
 
 # diffusers >= 0.42 calls from_pretrained's dtype argument dtype and warns on torch_dtype.

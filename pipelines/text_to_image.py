@@ -30,9 +30,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from peft.tuners.tuners_utils import BaseTunerLayer
 from tqdm.auto import tqdm
 
-from pipelines.base import BasePipeline
-from pipelines.inputs import check_text_to_image_inputs
 from sdlite.lora import adapter_scale
+from sdlite.pipelines.base import BasePipeline
+from sdlite.pipelines.inputs import check_text_to_image_inputs
 
 logger = logging.get_logger(__name__)
 

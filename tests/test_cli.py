@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from sdlite.models import build_components, save_components
-from training.cli import main
+from sdlite.training.cli import main
 
 
 @pytest.fixture(scope="module")

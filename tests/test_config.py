@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from training.config import ConfigError, parse_config, save_yaml
+from sdlite.training.config import ConfigError, parse_config, save_yaml
 
 
 @dataclass

@@ -3,8 +3,8 @@ import math
 
 from PIL import Image
 
-from pipelines.text_to_image import TextToImagePipeline
-from training.cli import main
+from sdlite.pipelines.text_to_image import TextToImagePipeline
+from sdlite.training.cli import main
 
 
 def test_the_whole_chain_runs_in_a_few_steps_and_makes_a_loadable_model(tmp_path, capsys):

@@ -13,10 +13,10 @@ import random
 import pytest
 import torch
 
-from pipelines import TextToImagePipeline
-from pipelines.inputs import check_text_to_image_inputs
 from sdlite.models import build_components
-from training.cli import main as cli
+from sdlite.pipelines import TextToImagePipeline
+from sdlite.pipelines.inputs import check_text_to_image_inputs
+from sdlite.training.cli import main as cli
 
 GOOD_GENERATOR = torch.Generator().manual_seed(0)
 PIPELINE_POOLS = {

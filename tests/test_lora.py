@@ -14,7 +14,6 @@ import safetensors.torch
 import torch
 from diffusers import StableDiffusionPipeline
 
-from pipelines import TextToImagePipeline
 from sdlite.ddpm import DDPMScheduler
 from sdlite.lora import (
     LoraSettings,
@@ -28,6 +27,7 @@ from sdlite.lora import (
     save_lora,
 )
 from sdlite.models import build_components
+from sdlite.pipelines import TextToImagePipeline
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from sdlite.data.cache import DecodedImages
 from sdlite.data.dataset import DataError, ImageTransform, clean_rows, decode_image, load_rows
 from sdlite.data.shapes import write_dataset
 from sdlite.tokenizer import clip_tokenizer
-from training.train import main
+from sdlite.training.train import main
 
 UNREADABLE = {"corrupt.png", "truncated.png", "notes.png"}
 CONVERTED = {"gray.png", "rgba.png", "deep.png", "small.png"}

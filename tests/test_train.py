@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 
 from sdlite.data.shapes import write_dataset
 from sdlite.models import build_components, load_components
-from training import train as train_module
-from training.config import parse_config
-from training.train import TrainConfig, main
-from training.unet_step import min_snr_weight
+from sdlite.training import train as train_module
+from sdlite.training.config import parse_config
+from sdlite.training.train import TrainConfig, main
+from sdlite.training.unet_step import min_snr_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,9 @@ from diffusers import AutoencoderKL
 
 from sdlite.data.dataset import DataError
 from sdlite.data.shapes import write_dataset
-from training.cli import flags
-from training.config import ConfigError
-from training.train_vae import VAETrainConfig, latent_std, load_images, main
+from sdlite.training.cli import flags
+from sdlite.training.config import ConfigError
+from sdlite.training.train_vae import VAETrainConfig, latent_std, load_images, main
 
 TINY_RUN = dict(max_steps=3, train_batch_size=8, lr_warmup_steps=1, report_to="none")
 
@@ -58,7 +58,7 @@ def test_sigterm_checkpoints_then_exits_143_and_the_resumed_run_is_exact(shapes,
     weights of an uninterrupted run."""
     import signal
 
-    from training import train_vae
+    from sdlite.training import train_vae
 
     argv = flags(train_data_dir=shapes / "train", eval_count=4, **{**TINY_RUN, "max_steps": 4})
     main(argv + flags(output_dir=tmp_path / "unbroken"))

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.text_to_image import TextToImagePipeline
 from sdlite import evaluation
 from sdlite.data.dataset import ImageTransform, caption_text, image_bytes, load_rows
 from sdlite.data.shapes import allowed_pairs, draw, sample_specs, write_dataset
 from sdlite.models import ModelFolderError
-from training import train, train_vae
-from training.config import parse_config
+from sdlite.pipelines.text_to_image import TextToImagePipeline
+from sdlite.training import train, train_vae
+from sdlite.training.config import parse_config
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5  # generate: Stable Diffusion's usual scale

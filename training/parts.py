@@ -18,10 +18,10 @@ from sdlite.ddpm import DDPMScheduler
 from sdlite.lora import LoraSettings, add_lora, cast_adapters_to_fp32
 from sdlite.models import build_components, check_compatible, load_components
 from sdlite.tokenizer import token_ids
-from training.loop import seeded_generator
+from sdlite.training.loop import seeded_generator
 
 if TYPE_CHECKING:
-    from training.train import TrainConfig
+    from sdlite.training.train import TrainConfig
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:

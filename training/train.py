@@ -42,7 +42,7 @@ from sdlite.lora import (  # noqa: E402
     AdapterWeights,
     lora_param_groups,
 )
-from training.checkpoint import (  # noqa: E402
+from sdlite.training.checkpoint import (  # noqa: E402
     NonFiniteLossError,
     StopSignals,
     checkpoints,
@@ -50,8 +50,8 @@ from training.checkpoint import (  # noqa: E402
     load_checkpoint,
     save_checkpoint,
 )
-from training.config import parse_config, save_yaml, to_dict  # noqa: E402
-from training.loop import (  # noqa: E402
+from sdlite.training.config import parse_config, save_yaml, to_dict  # noqa: E402
+from sdlite.training.loop import (  # noqa: E402
     EMA,
     Metrics,
     StepSampler,
@@ -60,8 +60,8 @@ from training.loop import (  # noqa: E402
     progress_bar,
     setup_accelerator,
 )
-from training.parts import attach_lora, build_examples, load_parts  # noqa: E402
-from training.unet_step import Denoiser, optimizer_step, save_final, validate  # noqa: E402
+from sdlite.training.parts import attach_lora, build_examples, load_parts  # noqa: E402
+from sdlite.training.unet_step import Denoiser, optimizer_step, save_final, validate  # noqa: E402
 
 
 @dataclass

@@ -36,9 +36,9 @@ if __package__ in (None, ""):  # run as a script (accelerate launch training/tra
 
 from sdlite.data.dataset import ImageTransform, image_bytes, load_rows  # noqa: E402
 from sdlite.presets import get_preset  # noqa: E402
-from training.checkpoint import StopSignals, find_resume, load_checkpoint, save_checkpoint  # noqa: E402
-from training.config import parse_config, save_yaml  # noqa: E402
-from training.loop import (  # noqa: E402
+from sdlite.training.checkpoint import StopSignals, find_resume, load_checkpoint, save_checkpoint  # noqa: E402
+from sdlite.training.config import parse_config, save_yaml  # noqa: E402
+from sdlite.training.loop import (  # noqa: E402
     Metrics,
     StepSampler,
     make_lr_schedule,

@@ -18,9 +18,9 @@ from sdlite import evaluation
 from sdlite.ddpm import DDPMScheduler
 from sdlite.lora import save_lora
 from sdlite.models import save_components
-from training.checkpoint import publish_dir
-from training.config import save_yaml
-from training.loop import log_image, seeded_generator
+from sdlite.training.checkpoint import publish_dir
+from sdlite.training.config import save_yaml
+from sdlite.training.loop import log_image, seeded_generator
 
 
 class Denoiser(torch.nn.Module):
@@ -191,7 +191,7 @@ def held_out_loss(run, denoiser) -> dict[str, float]:
 
 def sample_images(run) -> list:
     """One image per validation prompt, each from its own fixed seed, with sdlite's pipeline."""
-    from pipelines import TextToImagePipeline  # training may use pipelines; sdlite never does
+    from sdlite.pipelines import TextToImagePipeline  # training may use pipelines; sdlite never does
 
     parts, cfg, device = run.parts, run.cfg, run.accelerator.device
     pipe = TextToImagePipeline(
