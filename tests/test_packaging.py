@@ -1,0 +1,28 @@
+"""What `pip install` ships: every package folder of the repository, under the sdlite name."""
+
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setuptools() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def test_pipelines_and_training_install_under_the_sdlite_name():
+    assert _setuptools()["package-dir"] == {"sdlite.pipelines": "pipelines", "sdlite.training": "training"}
+
+
+def test_every_package_folder_is_listed_so_a_wheel_does_not_drop_it():
+    folders = {
+        "sdlite": ROOT / "sdlite",
+        "sdlite.pipelines": ROOT / "pipelines",
+        "sdlite.training": ROOT / "training",
+    }
+    found = set()
+    for name, folder in folders.items():
+        for init in folder.rglob("__init__.py"):
+            parts = init.parent.relative_to(folder).parts
+            found.add(".".join((name, *parts)))
+    assert found == set(_setuptools()["packages"])
