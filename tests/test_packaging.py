@@ -1,7 +1,11 @@
 """What `pip install` ships: every package folder of the repository, under the sdlite name."""
 
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: pytest's own dependency
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
