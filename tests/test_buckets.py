@@ -24,6 +24,7 @@ from sdlite.data.buckets import (
     write_buckets_json,
 )
 from sdlite.data.cache import TensorCache
+from sdlite.data.dataset import TrainingExamples
 
 
 def png(size, color=(10, 120, 240)) -> bytes:
@@ -195,3 +196,17 @@ def test_latents_cache_one_bucket_at_a_time_with_each_images_shape(tmp_path):
         TensorCache(tmp_path), rows, "image", transform, of_rows, TinyVAE()
     )
     assert computed == 0 and [f[0] for f in again] == [f[0] for f in files]
+
+
+def test_training_examples_through_a_data_loader_come_in_one_size_per_batch():
+    sizes = [(64, 64), (100, 50), (64, 70), (50, 100), (120, 60), (30, 90)]
+    rows = datasets.Dataset.from_dict({"image": [{"bytes": png(s), "path": None} for s in sizes]})
+    rows = rows.cast_column("image", datasets.Image(decode=False))
+    transform = BucketTransform(64, tuple(make_buckets(64, 16)))
+    of_rows = image_buckets(rows, "image", transform)
+    examples = TrainingExamples(rows, "image", transform, torch.zeros(len(sizes), 4, dtype=torch.long))
+    s = BucketSampler(of_rows, 2, seed=0, max_steps=6, random_flip=True)
+    loader = torch.utils.data.DataLoader(examples, batch_sampler=s)
+    for step, batch in enumerate(loader):
+        w, h = transform.buckets[s.step_bucket(step)]
+        assert batch["pixels"].shape == (2, 3, h, w) and batch["input_ids"].shape == (2, 4)
