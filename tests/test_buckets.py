@@ -20,6 +20,7 @@ from sdlite.data.buckets import (
     cache_bucket_latents,
     covering_size,
     image_buckets,
+    image_sizes,
     make_buckets,
     write_buckets_json,
 )
@@ -184,6 +185,7 @@ def test_latents_cache_one_bucket_at_a_time_with_each_images_shape(tmp_path):
     rows = rows.cast_column("image", datasets.Image(decode=False))
     transform = BucketTransform(64, tuple(make_buckets(64, 16)))
     of_rows = image_buckets(rows, "image", transform)
+    assert image_sizes(rows, "image") == sizes
     files, computed = cache_bucket_latents(TensorCache(tmp_path), rows, "image", transform, of_rows,
                                            TinyVAE(), flips=(False, True), batch_size=4)  # fmt: skip
     assert computed == 2 * len(sizes)

@@ -293,9 +293,15 @@ def cache_bucket_latents(cache, rows, image_column: str, transform: BucketTransf
     return files, computed
 
 
-def image_buckets(rows, image_column: str, transform: BucketTransform) -> list[int]:
-    """The bucket of every row, from its image's header (nothing decoded)."""
+def image_sizes(rows, image_column: str) -> list[Size]:
+    """Every row's image (width, height), from its header (nothing decoded): for ``image_buckets`` and
+    SDXL's ``BucketTransform.conditioning(sizes[index], index, flip)``."""
     from sdlite.data.dataset import image_bytes, image_size
 
     entries = (e for chunk in rows.select_columns([image_column]).iter(256) for e in chunk[image_column])
-    return [assign_bucket(image_size(image_bytes(e)), transform.buckets) for e in entries]
+    return [image_size(image_bytes(e)) for e in entries]
+
+
+def image_buckets(rows, image_column: str, transform: BucketTransform) -> list[int]:
+    """The bucket of every row (an index into ``transform.buckets``)."""
+    return [assign_bucket(size, transform.buckets) for size in image_sizes(rows, image_column)]
