@@ -17,7 +17,6 @@ for the prior-preservation loss.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -25,13 +24,9 @@ from pathlib import Path
 import datasets
 import torch
 
+from sdlite.data.buckets import _generator  # a stream that is a function of its keys
 from sdlite.data.captions import IMAGE_EXTENSIONS
 from sdlite.data.dataset import DataError
-
-
-def _generator(*keys) -> torch.Generator:  # as sdlite.data.buckets: a stream that is a function of keys
-    h = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(h, "little") >> 1)
 
 
 def image_files(folder: str | Path) -> list[Path]:
