@@ -1,0 +1,307 @@
+"""Aspect-ratio buckets (NovelAI's, as kohya's sd-scripts and SDXL's training use them).
+
+Instead of cropping every image to a square, images are grouped by aspect ratio into bucket sizes of
+about the same pixel count as resolution² (so a step costs about the same whatever its bucket):
+
+- ``make_buckets``: for each width w from min_side to max_side in steps of ``multiple`` (the VAE
+  factor times 8, so the latent sides are multiples of 8), the tallest h, a multiple too, with
+  w * h <= resolution², and each size's transpose;
+- ``assign_bucket``: an image goes to the bucket of the nearest aspect ratio (in log scale, so 2:1
+  and 1:2 are equally far from 1:1);
+- ``BucketTransform``: scale the image so that it covers its bucket, then crop the small excess of one
+  side (centred, or a random offset from (seed, index), the same every epoch so that latents cache).
+  It stands in for ``ImageTransform`` (same ``crop_box`` and call), and gives SDXL's size and crop
+  conditioning (the image's real size and the crop's top-left);
+- ``BucketSampler``: every optimizer step's global batch comes from one bucket, so every process and
+  every accumulation micro-step of a step holds images of one size. It stands in for
+  ``sdlite.training.loop.StepSampler``, with the same exact resume and DDP slicing.
+
+A bucket with fewer images than the global batch G (even one image) is not merged into another bucket,
+which would crop its images to another aspect: its step is filled by repeating its images (each at
+least once per epoch). Every bucket's last short run is filled the same way, so no image is ever
+dropped from an epoch; the price is that an image of a tiny bucket is seen up to G times per epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdlite.data.dataset import decode_image
+from sdlite.latents import vae_factor
+
+Size = tuple[int, int]  # (width, height) in pixels, as PIL
+
+
+def _generator(*keys) -> torch.Generator:
+    # A stream that is a function of ``keys`` alone. sdlite.training.loop.seeded_generator does the same
+    # for the trainer; the library may not import the trainer.
+    h = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h, "little") >> 1)
+
+
+def bucket_multiple(vae_config) -> int:
+    """What bucket sides are multiples of: the VAE factor times 8 (latent sides multiples of 8)."""
+    return vae_factor(vae_config) * 8
+
+
+def make_buckets(
+    resolution: int, multiple: int, min_side: int | None = None, max_side: int | None = None
+) -> list[Size]:
+    """Bucket sizes (w, h) with w, h multiples of ``multiple`` in [min_side, max_side], h the tallest
+    with w * h <= resolution² (so w * h > resolution² - multiple * max(w, h)). Defaults: resolution / 2 to
+    resolution * 2."""
+    if resolution % multiple:
+        raise ValueError(
+            f"resolution {resolution} is not a multiple of {multiple} (the VAE factor x 8), which aspect "
+            f"buckets need: choose {resolution // multiple * multiple or multiple} or "
+            f"{(resolution // multiple + 1) * multiple}"
+        )
+    lo = max(multiple, (min_side or resolution // 2) // multiple * multiple)
+    hi = (max_side or resolution * 2) // multiple * multiple
+    if not lo <= resolution <= hi:
+        raise ValueError(f"bucket sides {lo}..{hi} must hold the resolution {resolution}")
+    area, sizes = resolution * resolution, set()
+    for w in range(lo, hi + 1, multiple):
+        h = area // w // multiple * multiple
+        if lo <= h <= hi:  # a narrower w would need h past max_side: that size would lose pixels, left out
+            sizes.update({(w, h), (h, w)})
+    return sorted(sizes, key=lambda s: (s[0] / s[1], s))
+
+
+def assign_bucket(size: Size, buckets: Sequence[Size]) -> int:
+    """The index of the bucket whose aspect ratio is nearest the image's (log scale; ties: larger area)."""
+    aspect = math.log(size[0] / size[1])
+    return min(range(len(buckets)), key=lambda b: (abs(math.log(buckets[b][0] / buckets[b][1]) - aspect),
+                                                   -buckets[b][0] * buckets[b][1]))  # fmt: skip
+
+
+def covering_size(size: Size, bucket: Size) -> Size:
+    """The image's size scaled (aspect kept) to cover the bucket: one side equals the bucket's, the
+    other is at least the bucket's."""
+    scale = max(bucket[0] / size[0], bucket[1] / size[1])
+    return max(bucket[0], round(size[0] * scale)), max(bucket[1], round(size[1] * scale))
+
+
+@dataclass(frozen=True)
+class BucketTransform:
+    """Encoded image -> (3, h, w) float tensor in [-1, 1] of its bucket's size (w, h): resize to cover
+    the bucket, crop the excess, optional flip. ``resolution`` names the bucket set in cache keys."""
+
+    resolution: int
+    buckets: tuple[Size, ...]
+    random_crop: bool = False
+    seed: int = 0
+
+    def bucket(self, size: Size) -> Size:
+        return self.buckets[assign_bucket(size, self.buckets)]
+
+    def resized_size(self, size: Size) -> Size:
+        return covering_size(size, self.bucket(size))
+
+    def crop_box(self, size: Size, index: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) in the resized image; a random crop is a function of (seed, index)."""
+        (w, h), (bw, bh) = self.resized_size(size), self.bucket(size)
+        if self.random_crop:
+            rng = np.random.default_rng([self.seed, index])
+            left, top = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+        else:
+            left, top = (w - bw) // 2, (h - bh) // 2
+        return left, top, left + bw, top + bh
+
+    def conditioning(self, size: Size, index: int, flip: bool = False) -> tuple[int, ...]:
+        """SDXL's added time ids (Podell et al. 2023, sec. 2.2): original (h, w), crop top-left (top,
+        left), target (h, w). A flipped image's crop is measured from its (new) left edge."""
+        left, top, right, bottom = self.crop_box(size, index)
+        if flip:
+            left = self.resized_size(size)[0] - right
+        return size[1], size[0], top, left, bottom - top, right - left
+
+    def fit(self, image: Image.Image, index: int) -> tuple[Image.Image, Size, tuple[int, int]]:
+        """(image in its bucket, its original (w, h), the crop's top-left (top, left))."""
+        size, box = image.size, self.crop_box(image.size, index)
+        resized = self.resized_size(size)
+        if resized != size:
+            image = image.resize(resized, Image.BICUBIC)
+        if box != (0, 0, *resized):
+            image = image.crop(box)
+        return image, size, (box[1], box[0])
+
+    def __call__(self, data: bytes, index: int, flip: bool = False) -> torch.Tensor:
+        image, _, _ = self.fit(decode_image(data), index)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
+        return pixels.flip(-1) if flip else pixels  # (3, h, w)
+
+
+def bucket_counts(bucket_of_rows: Sequence[int], buckets: Sequence[Size]) -> dict[str, int]:
+    """``"WxH"`` -> number of images, for the buckets that hold any (in bucket order)."""
+    counts = Counter(bucket_of_rows)
+    return {f"{w}x{h}": counts[b] for b, (w, h) in enumerate(buckets) if counts[b]}
+
+
+def write_buckets_json(path: str | Path, counts: dict[str, int]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(counts, indent=1) + "\n")
+
+
+def bucket_summary(counts: dict[str, int], global_batch: int) -> str:
+    """One line for the start-up log."""
+    listed = ", ".join(f"{name} {n}" for name, n in counts.items())
+    small = sum(1 for n in counts.values() if n < global_batch)
+    note = (f" ({small} with fewer images than the global batch {global_batch}: repeated within their step)"
+            if small else "")  # fmt: skip
+    return f"aspect buckets: {sum(counts.values())} images in {len(counts)} buckets: {listed}{note}"
+
+
+class BucketSampler:
+    """A batch sampler for the optimizer steps ``start_step`` .. ``max_steps - 1``, each from one bucket.
+
+    Items: row r appears ``repeats[r]`` times per epoch (1 each without ``repeats``). Epoch e: each
+    bucket's items in an order drawn from (seed, e, bucket), its last short run filled by repeating them
+    from its start, cut into runs of G = batch_size * num_processes * accumulation_steps; the runs of all
+    buckets then in an order drawn from (seed, e). Step s takes the next run; micro-step a of process r
+    takes positions (a * num_processes + r) * batch_size onward, as StepSampler. Items come as
+    (row, flip), the flip drawn from (seed, step) when ``random_flip``; with ``draw_keys`` as
+    (row, flip, epoch, item), item being the row's place among the epoch's items (for draw_caption).
+    ``bucket_of_rows`` None: one bucket (a StepSampler with repeats that drops no image).
+    """
+
+    def __init__(
+        self,
+        bucket_of_rows: Sequence[int] | None,
+        batch_size: int,
+        seed: int,
+        max_steps: int,
+        start_step: int = 0,
+        num_processes: int = 1,
+        process_index: int = 0,
+        accumulation_steps: int = 1,
+        random_flip: bool = False,
+        repeats: Sequence[int] | None = None,
+        num_rows: int | None = None,
+        draw_keys: bool = False,
+    ):
+        if bucket_of_rows is None:
+            bucket_of_rows = [0] * (num_rows if num_rows is not None else len(repeats or []))
+        self.bucket_of_rows = list(bucket_of_rows)
+        repeats = [1] * len(self.bucket_of_rows) if repeats is None else [int(n) for n in repeats]
+        if len(repeats) != len(self.bucket_of_rows) or any(n < 0 for n in repeats):
+            raise ValueError("repeats must give a count >= 0 for every row")
+        self.rows_of_items = [row for row, n in enumerate(repeats) for _ in range(n)]  # item -> row
+        self.num_items, self.batch_size, self.seed = len(self.rows_of_items), batch_size, seed
+        if self.num_items == 0:
+            raise ValueError("no training items: every row repeats 0 times")
+        self.max_steps, self.start_step = max_steps, start_step
+        self.num_processes, self.process_index = num_processes, process_index
+        self.accumulation_steps, self.random_flip, self.draw_keys = accumulation_steps, random_flip, draw_keys
+        self.global_batch = batch_size * num_processes * accumulation_steps
+        self.items_of_bucket: dict[int, list[int]] = {}
+        for item, row in enumerate(self.rows_of_items):
+            self.items_of_bucket.setdefault(self.bucket_of_rows[row], []).append(item)
+        G = self.global_batch
+        self.steps_per_epoch = sum(-(-len(items) // G) for items in self.items_of_bucket.values())
+        self._epoch, self._plan = -1, None
+
+    def epoch_plan(self, epoch: int) -> list[tuple[int, list[int]]]:
+        """The epoch's steps in order: (bucket, the G items of the step)."""
+        if epoch != self._epoch:
+            G, runs = self.global_batch, []
+            for bucket, items in sorted(self.items_of_bucket.items()):
+                order = torch.randperm(len(items), generator=_generator(self.seed, "bucket", epoch, bucket))
+                steps = -(-len(items) // G)
+                cycle = [items[i] for i in order.tolist()]
+                filled = [
+                    cycle[i % len(cycle)] for i in range(steps * G)
+                ]  # the short run filled from the start
+                runs += [(bucket, filled[k * G : (k + 1) * G]) for k in range(steps)]
+            order = torch.randperm(len(runs), generator=_generator(self.seed, "steps", epoch)).tolist()
+            self._epoch, self._plan = epoch, [runs[i] for i in order]
+        return self._plan
+
+    def step_bucket(self, step: int) -> int:
+        """The bucket of a step (its latent shape for the step's noise draws)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return self.epoch_plan(epoch)[k][0]
+
+    def step_items(self, step: int) -> list[tuple]:
+        """The global batch of one optimizer step, in position order."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        items = self.epoch_plan(epoch)[k][1]
+        if self.random_flip:
+            flips = torch.rand(self.global_batch, generator=_generator(self.seed, "flip", step)) < 0.5
+        else:
+            flips = torch.zeros(self.global_batch, dtype=torch.bool)
+        rows = [self.rows_of_items[i] for i in items]
+        if self.draw_keys:
+            return [(r, f, epoch, i) for r, f, i in zip(rows, flips.tolist(), items)]
+        return list(zip(rows, flips.tolist()))
+
+    def positions(self, micro_step: int) -> slice:
+        """This process's positions in the global batch at micro-step ``micro_step``."""
+        start = (micro_step * self.num_processes + self.process_index) * self.batch_size
+        return slice(start, start + self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple]]:
+        for step in range(self.start_step, self.max_steps):
+            items = self.step_items(step)
+            for a in range(self.accumulation_steps):
+                yield items[self.positions(a)]
+
+    def __len__(self) -> int:
+        return (self.max_steps - self.start_step) * self.accumulation_steps
+
+
+class _RowsOf:
+    """A transform seen through a subset of rows: local index i is global row ``rows[i]`` (crop seeds)."""
+
+    def __init__(self, transform: BucketTransform, rows: Sequence[int]):
+        self.transform, self.rows, self.resolution = transform, rows, transform.resolution
+
+    def crop_box(self, size: Size, index: int) -> tuple[int, int, int, int]:
+        return self.transform.crop_box(size, self.rows[index])
+
+    def __call__(self, data: bytes, index: int, flip: bool = False) -> torch.Tensor:
+        return self.transform(data, self.rows[index], flip)
+
+
+def cache_bucket_latents(cache, rows, image_column: str, transform: BucketTransform, bucket_of_rows,
+                         vae, flips=(False,), batch_size: int = 32, rank: int = 0, world_size: int = 1,
+                         progress=None) -> tuple[list[list[str | None]], int]:  # fmt: skip
+    """``sdlite.data.cache.cache_latents`` one bucket at a time (its VAE batches must be of one size);
+    the same result: each row's files ``[unflipped, flipped]`` and the number of entries computed."""
+    from sdlite.data.cache import cache_latents
+
+    files: list[list[str | None]] = [[None, None] for _ in range(len(rows))]
+    computed = 0
+    for bucket in sorted(set(bucket_of_rows)):
+        members = [r for r, b in enumerate(bucket_of_rows) if b == bucket]
+        found, missing = cache_latents(cache, rows.select(members), image_column, _RowsOf(transform, members),
+                                       vae, flips, batch_size, rank, world_size, progress)  # fmt: skip
+        for r, entry in zip(members, found):
+            files[r] = entry
+        computed += missing
+    return files, computed
+
+
+def image_sizes(rows, image_column: str) -> list[Size]:
+    """Every row's image (width, height), from its header (nothing decoded): for ``image_buckets`` and
+    SDXL's ``BucketTransform.conditioning(sizes[index], index, flip)``."""
+    from sdlite.data.dataset import image_bytes, image_size
+
+    entries = (e for chunk in rows.select_columns([image_column]).iter(256) for e in chunk[image_column])
+    return [image_size(image_bytes(e)) for e in entries]
+
+
+def image_buckets(rows, image_column: str, transform: BucketTransform) -> list[int]:
+    """The bucket of every row (an index into ``transform.buckets``)."""
+    return [assign_bucket(size, transform.buckets) for size in image_sizes(rows, image_column)]

@@ -1,0 +1,214 @@
+"""Aspect-ratio buckets: sizes, assignment, the fit into a bucket, the one-bucket-per-step sampler."""
+
+import io
+import json
+import math
+from types import SimpleNamespace
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+from sdlite.data.buckets import (
+    BucketSampler,
+    BucketTransform,
+    assign_bucket,
+    bucket_counts,
+    bucket_multiple,
+    bucket_summary,
+    cache_bucket_latents,
+    covering_size,
+    image_buckets,
+    image_sizes,
+    make_buckets,
+    write_buckets_json,
+)
+from sdlite.data.cache import TensorCache
+from sdlite.data.dataset import TrainingExamples
+
+
+def png(size, color=(10, 120, 240)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_buckets_have_about_the_pixels_of_the_square_and_sides_of_the_multiple():
+    for resolution, multiple in ((512, 64), (1024, 64), (64, 16)):
+        buckets = make_buckets(resolution, multiple)
+        area = resolution**2
+        assert (resolution, resolution) in buckets
+        for w, h in buckets:
+            assert w % multiple == 0 and h % multiple == 0
+            assert resolution // 2 <= min(w, h) and max(w, h) <= 2 * resolution
+            # The tallest multiple under the area: short of it by less than one strip `multiple` wide.
+            assert area - multiple * max(w, h) < w * h <= area
+            assert (h, w) in buckets
+        ratios = [w / h for w, h in buckets]
+        assert ratios == sorted(ratios) and ratios[0] <= 0.5 and ratios[-1] >= 2
+
+
+def test_bucket_sides_are_multiples_of_eight_latent_pixels():
+    assert bucket_multiple({"block_out_channels": [128, 256, 512, 512]}) == 64  # SD and SDXL: factor 8
+    assert bucket_multiple({"block_out_channels": [32, 64]}) == 16
+
+
+def test_a_resolution_off_the_multiple_is_refused_with_the_nearest_choices():
+    with pytest.raises(ValueError, match="choose 512 or 576"):
+        make_buckets(520, 64)
+
+
+def test_images_go_to_the_bucket_of_the_nearest_aspect_ratio():
+    buckets = make_buckets(512, 64)
+    for size in ((3000, 2000), (2000, 3000), (1920, 1080), (500, 500), (8, 8), (4000, 800)):
+        w, h = buckets[assign_bucket(size, buckets)]
+        best = min(abs(math.log(bw / bh) - math.log(size[0] / size[1])) for bw, bh in buckets)
+        assert abs(math.log(w / h) - math.log(size[0] / size[1])) == best
+    assert buckets[assign_bucket((500, 500), buckets)] == (512, 512)
+
+
+def test_an_image_fit_into_its_bucket_keeps_its_whole_width_or_height():
+    transform = BucketTransform(64, tuple(make_buckets(64, 16)))
+    for size in ((300, 200), (200, 300), (97, 31), (8, 8), (640, 360), (33, 100)):
+        bucket = transform.bucket(size)
+        resized = covering_size(size, bucket)
+        assert resized[0] >= bucket[0] and resized[1] >= bucket[1]
+        assert resized[0] == bucket[0] or resized[1] == bucket[1]  # one side whole: no cut beyond the bucket
+        assert abs(resized[0] / resized[1] - size[0] / size[1]) < 0.05 * size[0] / size[1] + 1 / min(resized)
+        image, original, (top, left) = transform.fit(Image.new("RGB", size), index=0)
+        assert image.size == bucket and original == size
+        assert top == (resized[1] - bucket[1]) // 2 and left == (resized[0] - bucket[0]) // 2
+        pixels = transform(png(size), index=0, flip=True)
+        assert pixels.shape == (3, bucket[1], bucket[0]) and pixels.min() >= -1 and pixels.max() <= 1
+
+
+def test_random_crops_are_a_function_of_seed_and_index_and_sdxl_conditioning_reports_them():
+    transform = BucketTransform(64, tuple(make_buckets(64, 16)), random_crop=True, seed=3)
+    size = (500, 100)  # 5:1, wider than any bucket (4:1 at most): a real cut along the width
+    boxes = {transform.crop_box(size, i) for i in range(20)}
+    assert len(boxes) > 1 and transform.crop_box(size, 5) == transform.crop_box(size, 5)
+    left, top, right, bottom = transform.crop_box(size, 5)
+    resized_w = transform.resized_size(size)[0]
+    assert transform.conditioning(size, 5) == (100, 500, top, left, bottom - top, right - left)
+    assert transform.conditioning(size, 5, flip=True)[3] == resized_w - right
+
+
+def sampler(buckets, batch=2, processes=1, rank=0, accumulation=1, start=0, steps=40, **kw):
+    return BucketSampler(buckets, batch, seed=7, max_steps=steps, start_step=start, num_processes=processes,
+                         process_index=rank, accumulation_steps=accumulation, **kw)  # fmt: skip
+
+
+BUCKETS = [0] * 9 + [1] * 5 + [2] * 1  # bucket 2 holds one image
+
+
+def test_every_step_draws_from_one_bucket_and_each_epoch_sees_every_image():
+    s = sampler(BUCKETS, batch=2, processes=2)
+    G = s.global_batch
+    assert s.steps_per_epoch == 3 + 2 + 1  # ceil(9/4) + ceil(5/4) + ceil(1/4)
+    seen = set()
+    for step in range(s.steps_per_epoch):
+        rows = [row for row, _ in s.step_items(step)]
+        assert len(rows) == G and len({BUCKETS[r] for r in rows}) == 1
+        assert {BUCKETS[r] for r in rows} == {s.step_bucket(step)}
+        seen.update(rows)
+    assert seen == set(range(len(BUCKETS)))
+    single = next(step for step in range(s.steps_per_epoch) if s.step_bucket(step) == 2)
+    assert [row for row, _ in s.step_items(single)] == [14] * G  # the lone image repeated, not merged
+
+
+def test_two_processes_take_disjoint_slices_of_the_same_bucket_per_step():
+    one = [list(batch) for batch in sampler([0] * 16 + [1] * 16, batch=2, processes=2, rank=0, steps=12)]
+    two = [list(batch) for batch in sampler([0] * 16 + [1] * 16, batch=2, processes=2, rank=1, steps=12)]
+    whole = sampler([0] * 16 + [1] * 16, batch=4, steps=12)
+    for step, (a, b) in enumerate(zip(one, two)):
+        rows_a, rows_b = {r for r, _ in a}, {r for r, _ in b}
+        assert not rows_a & rows_b
+        assert {r // 16 for r in rows_a | rows_b} == {whole.step_bucket(step)}
+        assert a + b == whole.step_items(step)  # the same global batch however it is split
+
+
+def test_sampling_restarted_at_step_k_is_identical():
+    full = list(sampler(BUCKETS, batch=2, accumulation=2, random_flip=True, steps=30))
+    for k in (0, 4, 13):
+        resumed = list(sampler(BUCKETS, batch=2, accumulation=2, random_flip=True, start=k, steps=30))
+        assert resumed == full[2 * k :]
+    assert any(flip for batch in full for _, flip in batch) and len(full) == 60
+
+
+def test_epochs_differ_and_repeats_count_in_the_epoch():
+    s = sampler([0, 0, 1], batch=1, repeats=[3, 1, 2], draw_keys=True)
+    assert s.num_items == 6 and s.steps_per_epoch == 6
+    epoch0 = [s.step_items(k)[0] for k in range(6)]
+    assert sorted(r for r, *_ in epoch0) == [0, 0, 0, 1, 2, 2]
+    assert sorted(item for *_, item in epoch0) == list(range(6)) and {e for _, _, e, _ in epoch0} == {0}
+    epoch1 = [s.step_items(6 + k)[0][3] for k in range(6)]
+    assert epoch1 != [i for *_, i in epoch0] and sorted(epoch1) == list(range(6))
+
+
+def test_one_bucket_for_all_keeps_every_image_of_the_epoch():
+    s = BucketSampler(None, 4, seed=0, max_steps=3, num_rows=10)
+    assert s.steps_per_epoch == 3
+    assert sorted({r for k in range(3) for r, _ in s.step_items(k)}) == list(range(10))
+
+
+def test_buckets_json_and_summary_count_images(tmp_path):
+    buckets = make_buckets(64, 16)
+    sizes = [(64, 64)] * 3 + [(100, 50)] * 2 + [(50, 100)]
+    of_rows = [assign_bucket(s, buckets) for s in sizes]
+    counts = bucket_counts(of_rows, buckets)
+    assert counts == {"48x80": 1, "64x64": 3, "80x48": 2}
+    write_buckets_json(tmp_path / "out" / "buckets.json", counts)
+    assert json.loads((tmp_path / "out" / "buckets.json").read_text()) == counts
+    line = bucket_summary(counts, global_batch=2)
+    assert (
+        "6 images in 3 buckets" in line and "64x64 3" in line and "1 with fewer" in line and "\n" not in line
+    )
+
+
+class TinyVAE(torch.nn.Module):
+    """Stands in for AutoencoderKL: the posterior's mean is the 4x-pooled pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.device, self.dtype, self.config = torch.device("cpu"), torch.float32, {"f": 4}
+
+    def encode(self, pixels):
+        mean = torch.nn.functional.avg_pool2d(pixels, 4) * self.scale
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, std=torch.ones_like(mean)))
+
+
+def test_latents_cache_one_bucket_at_a_time_with_each_images_shape(tmp_path):
+    sizes = [(64, 64), (100, 50), (64, 70), (50, 100), (120, 60)]
+    rows = datasets.Dataset.from_dict({"image": [{"bytes": png(s), "path": None} for s in sizes]})
+    rows = rows.cast_column("image", datasets.Image(decode=False))
+    transform = BucketTransform(64, tuple(make_buckets(64, 16)))
+    of_rows = image_buckets(rows, "image", transform)
+    assert image_sizes(rows, "image") == sizes
+    files, computed = cache_bucket_latents(TensorCache(tmp_path), rows, "image", transform, of_rows,
+                                           TinyVAE(), flips=(False, True), batch_size=4)  # fmt: skip
+    assert computed == 2 * len(sizes)
+    from safetensors.torch import load_file
+
+    for size, (plain, flipped) in zip(sizes, files):
+        w, h = transform.bucket(size)
+        assert load_file(plain)["mean"].shape == (3, h // 4, w // 4) and flipped is not None
+    again, computed = cache_bucket_latents(
+        TensorCache(tmp_path), rows, "image", transform, of_rows, TinyVAE()
+    )
+    assert computed == 0 and [f[0] for f in again] == [f[0] for f in files]
+
+
+def test_training_examples_through_a_data_loader_come_in_one_size_per_batch():
+    sizes = [(64, 64), (100, 50), (64, 70), (50, 100), (120, 60), (30, 90)]
+    rows = datasets.Dataset.from_dict({"image": [{"bytes": png(s), "path": None} for s in sizes]})
+    rows = rows.cast_column("image", datasets.Image(decode=False))
+    transform = BucketTransform(64, tuple(make_buckets(64, 16)))
+    of_rows = image_buckets(rows, "image", transform)
+    examples = TrainingExamples(rows, "image", transform, torch.zeros(len(sizes), 4, dtype=torch.long))
+    s = BucketSampler(of_rows, 2, seed=0, max_steps=6, random_flip=True)
+    loader = torch.utils.data.DataLoader(examples, batch_sampler=s)
+    for step, batch in enumerate(loader):
+        w, h = transform.buckets[s.step_bucket(step)]
+        assert batch["pixels"].shape == (2, 3, h, w) and batch["input_ids"].shape == (2, 4)

@@ -1,0 +1,110 @@
+"""DreamBooth's data: instance and class rows, batches holding both halves, the prior-preservation loss,
+and topping the class folder up with generated images."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from sdlite.data.buckets import BucketSampler
+from sdlite.data.dataset import DataError
+from sdlite.data.dreambooth import (
+    PriorPairSampler,
+    class_images_needed,
+    dreambooth_rows,
+    generate_class_images,
+    prior_preservation_loss,
+)
+
+
+def images(folder: Path, n: int, size=(16, 16)) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", size, (i * 20, 0, 0)).save(folder / f"{i:03d}.png")
+
+
+def test_instance_and_class_rows_carry_their_prompts_and_flags(tmp_path):
+    images(tmp_path / "dog", 3)
+    images(tmp_path / "dogs", 5)
+    rows = dreambooth_rows(tmp_path / "dog", "a photo of sks dog", tmp_path / "dogs", "a photo of a dog")
+    assert rows["text"] == ["a photo of sks dog"] * 3 + ["a photo of a dog"] * 5
+    assert rows["is_prior"] == [False] * 3 + [True] * 5
+    assert Path(rows[0]["image"]["path"]).parent.name == "dog"
+    alone = dreambooth_rows(tmp_path / "dog", "a photo of sks dog")
+    assert len(alone) == 3 and not any(alone["is_prior"])
+
+
+def test_missing_instance_images_or_class_prompt_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="holds no images"):
+        dreambooth_rows(tmp_path / "nothing", "a photo of sks dog")
+    images(tmp_path / "dog", 1)
+    with pytest.raises(DataError, match="without class_prompt"):
+        dreambooth_rows(tmp_path / "dog", "sks dog", tmp_path / "dogs")
+    with pytest.raises(DataError, match="generate them first"):
+        dreambooth_rows(tmp_path / "dog", "sks dog", tmp_path / "dogs", "a dog")
+
+
+def pairs(instances=4, classes=6, batch=2, processes=1, rank=0, accumulation=1, start=0, steps=20, **kw):
+    inner = BucketSampler(None, batch, seed=1, max_steps=steps, start_step=start, num_processes=processes,
+                          process_index=rank, accumulation_steps=accumulation,
+                          num_rows=instances)  # fmt: skip
+    return PriorPairSampler(inner, list(range(instances, instances + classes)), seed=1, **kw)
+
+
+def test_every_micro_batch_holds_instances_then_as_many_class_images():
+    s = pairs(batch=2, processes=2, accumulation=2)
+    assert s.global_batch == 16 and s.flags.tolist() == [False, False, True, True]
+    for batch in s:
+        assert len(batch) == 4
+        assert [row >= 4 for row, _ in batch] == s.flags.tolist()
+    seen = {row for step in range(3) for row, _ in s.step_items(step) if row >= 4}
+    assert seen == set(range(4, 10))  # the class images are all visited
+
+
+def test_class_draws_resume_exactly_and_split_disjointly_over_processes():
+    full = list(pairs(steps=12))
+    assert list(pairs(start=5, steps=12)) == full[5:]
+    a, b = list(pairs(processes=2, rank=0, steps=6)), list(pairs(processes=2, rank=1, steps=6))
+    for x, y in zip(a, b):
+        assert not {r for r, _ in x[2:]} & {r for r, _ in y[2:]}  # class halves: different images
+
+
+def test_class_images_follow_the_steps_bucket_or_the_missing_bucket_is_named():
+    inner = BucketSampler([0, 0, 1, 1], 1, seed=0, max_steps=8)
+    s = PriorPairSampler(inner, [4, 5, 6], seed=0, class_buckets=[0, 1, 1])
+    for step in range(8):
+        (instance, _), (prior, _) = s.step_items(step)
+        assert (instance >= 2) == (prior >= 5)  # bucket 1: rows 2, 3 and class rows 5, 6
+    keyed = BucketSampler([0, 0, 1, 1], 1, seed=0, max_steps=8, draw_keys=True)
+    assert all(len(item) == 4 for item in PriorPairSampler(keyed, [4, 5, 6], seed=0).step_items(3))
+    with pytest.raises(DataError, match=r"buckets \[1\] hold instance images but no class images"):
+        PriorPairSampler(inner, [4], seed=0, class_buckets=[0])
+
+
+def test_the_prior_loss_is_the_instance_mean_plus_the_weighted_class_mean():
+    losses = torch.tensor([1.0, 3.0, 10.0, 20.0, 30.0])
+    flags = torch.tensor([False, False, True, True, True])
+    loss, instance, prior = prior_preservation_loss(losses, flags, prior_loss_weight=0.5)
+    assert instance.item() == 2.0 and prior.item() == 20.0 and loss.item() == 2.0 + 0.5 * 20.0
+    only, _, _ = prior_preservation_loss(losses[:2], flags[:2], 0.5)
+    assert only.item() == 2.0
+
+
+def test_class_images_are_topped_up_with_captions_and_a_rerun_makes_none(tmp_path):
+    folder = tmp_path / "class"
+    images(folder, 2)
+    assert class_images_needed(folder, 5) == 3 and class_images_needed(tmp_path / "none", 4) == 4
+    calls = []
+
+    def make(prompts, seeds):
+        calls.append(list(seeds))
+        return [Image.new("RGB", (16, 16), (s % 256, 0, 0)) for s in seeds]
+
+    written = generate_class_images(folder, "a photo of a dog", 5, make, batch_size=2, seed=3)
+    assert [p.name for p in written] == ["class_00000.png", "class_00001.png", "class_00002.png"]
+    assert [len(c) for c in calls] == [2, 1]
+    assert all(p.with_suffix(".txt").read_text() == "a photo of a dog\n" for p in written)
+    assert class_images_needed(folder, 5) == 0
+    assert generate_class_images(folder, "a photo of a dog", 5, make) == [] and len(calls) == 2
+    assert not list(folder.glob(".*"))  # no temporary file left
