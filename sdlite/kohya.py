@@ -43,6 +43,7 @@ KOHYA_PARTS = {
     "lora_te2": "text_encoder_2",
 }
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+DIFFUSERS_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 SDLITE_METADATA_KEY = "sdlite"  # sdlite.lora's: the base model
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -111,6 +112,18 @@ def load_lora_file(path: str | Path) -> tuple[dict, dict[str, str]]:
     file = weights_file(path)
     if not file.is_file():
         raise LoraFileError(f"{str(file)!r} does not exist")
+    refuse_pickle(file)
+    try:
+        with safetensors.safe_open(file, framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = safetensors.torch.load_file(file)
+    except Exception as e:  # safetensors reports a bad header as several error types
+        raise LoraFileError(f"{str(file)!r} is not a safetensors file ({e})") from None
+    return tensors, header
+
+
+def refuse_pickle(file: Path) -> None:
+    """Refuse a torch.save / pickle file by its first bytes, before anything tries to read it."""
     with file.open("rb") as f:
         head = f.read(9)  # safetensors: the header's length (u64) then the header, a JSON object
     pickled = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch.save's zip, or a bare pickle
@@ -119,13 +132,6 @@ def load_lora_file(path: str | Path) -> tuple[dict, dict[str, str]]:
             f"{str(file)!r} is a pickle (a torch.save / .ckpt / .bin file), refused: unpickling can run "
             "code. Ask for the .safetensors version of this LoRA"
         )
-    try:
-        with safetensors.safe_open(file, framework="pt") as f:
-            header = f.metadata() or {}
-        tensors = safetensors.torch.load_file(file)
-    except Exception as e:  # safetensors reports a bad header as several error types
-        raise LoraFileError(f"{str(file)!r} is not a safetensors file ({e})") from None
-    return tensors, header
 
 
 def _is_kohya(key: str) -> bool:
@@ -165,6 +171,17 @@ def _pair(name: str, down, up) -> None:
         )
 
 
+def _group(tensors: dict, suffixes: tuple[str, ...], refusal: str) -> dict[str, dict]:
+    """{module name: {suffix: tensor}}; a name with another ending is refused, naming ``refusal``."""
+    groups: dict[str, dict] = {}
+    for key, value in tensors.items():
+        suffix = next((s for s in suffixes if key.endswith(s)), None)
+        if suffix is None:
+            raise LoraFileError(f"{key!r} is not plain LoRA (names end in {', '.join(suffixes)}): {refusal}")
+        groups.setdefault(key.removesuffix(suffix), {})[suffix] = value
+    return groups
+
+
 def part_configs(header: dict[str, str]) -> dict[str, dict]:
     """Each part's LoraConfig fields from a diffusers-layout header ({} when the file has none)."""
     configs = json.loads(header.get(ADAPTER_METADATA_KEY, "{}"))
@@ -181,15 +198,11 @@ def modules_from_diffusers(tensors: dict, header: dict[str, str]) -> Modules:
     from peft.utils.other import get_pattern_key  # how peft matches rank_pattern / alpha_pattern keys
 
     configs = part_configs(header)
-    names = {k.rsplit(".lora_", 1)[0] for k in tensors}
+    groups = _group(tensors, DIFFUSERS_SUFFIXES, "a LoRA bias or DoRA, which kohya's layout cannot hold")
     modules: Modules = {}
-    for full in sorted(names):
+    for full, group in sorted(groups.items()):
         part, module = full.split(".", 1)
-        down, up = tensors.get(f"{full}.lora_A.weight"), tensors.get(f"{full}.lora_B.weight")
-        pair = {f"{full}.lora_A.weight", f"{full}.lora_B.weight"}
-        extra = {k for k in tensors if k.startswith(full + ".lora_")} - pair
-        if extra:
-            raise LoraFileError(f"{sorted(extra)}: a LoRA bias or DoRA, which kohya's layout cannot hold")
+        down, up = group.get(".lora_A.weight"), group.get(".lora_B.weight")
         _pair(full, down, up)
         config = configs.get(part)
         if not config:
@@ -225,15 +238,7 @@ def module_path(name: str) -> str:
 
 def modules_from_kohya(tensors: dict) -> Modules:
     """The modules of a kohya-layout file; a module without ``.alpha`` has alpha = r (kohya's default)."""
-    groups: dict[str, dict] = {}
-    for key, value in tensors.items():
-        suffix = next((s for s in KOHYA_SUFFIXES if key.endswith(s)), None)
-        if suffix is None:
-            raise LoraFileError(
-                f"{key!r} is not plain LoRA (expected names ending in {', '.join(KOHYA_SUFFIXES)}): "
-                "LyCORIS / LoHa / LoKr / DoRA files are not supported"
-            )
-        groups.setdefault(key.removesuffix(suffix), {})[suffix] = value
+    groups = _group(tensors, KOHYA_SUFFIXES, "LyCORIS / LoHa / LoKr / DoRA files are not supported")
     modules: Modules = {}
     for name, group in sorted(groups.items()):
         prefix = next(p for p in sorted(KOHYA_PARTS, key=len, reverse=True) if name.startswith(p + "_"))
@@ -334,8 +339,12 @@ def kohya_lora_state(source) -> tuple[dict, dict] | None:
     elif isinstance(source, (str, Path)) and Path(source).is_file() and Path(source).suffix == ".safetensors":
         import safetensors
 
-        with safetensors.safe_open(source, framework="pt") as f:
-            keys = list(f.keys())  # the names only: a diffusers-layout file is not read twice
+        refuse_pickle(Path(source))
+        try:
+            with safetensors.safe_open(source, framework="pt") as f:
+                keys = list(f.keys())  # the names only: a diffusers-layout file is not read twice
+        except Exception:  # not a safetensors file: diffusers' reading says what it is
+            return None
         tensors = load_lora_file(source)[0] if keys and all(map(_is_kohya, keys)) else {}
     else:
         return None
@@ -396,9 +405,11 @@ def convert_lora_file(src: str | Path, out: str | Path, to: str = "kohya", overw
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of ``lora convert``, on a parser or subparser the caller made."""
     parser.add_argument(
-        "src", help="LoRA file (.safetensors) or a folder holding pytorch_lora_weights.safetensors"
+        "src", metavar="SRC", help="LoRA .safetensors file, or a folder with pytorch_lora_weights.safetensors"
     )
-    parser.add_argument("out", help="the file to write (.safetensors); with --to diffusers also a folder")
+    parser.add_argument(
+        "out", metavar="OUT", help="the .safetensors file to write; with --to diffusers also a folder"
+    )
     parser.add_argument(
         "--to", required=True, choices=("kohya", "diffusers"),
         help="kohya: the A1111 / ComfyUI / sd-scripts layout (lora_unet_..., per-module alpha); "
@@ -430,3 +441,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -241,6 +241,8 @@ def test_pickles_and_non_safetensors_files_are_refused(tmp_path):
         torch.save(state, tmp_path / name)
         with pytest.raises(LoraFileError, match="is a pickle.*refused"):
             convert_lora_file(tmp_path / name, tmp_path / "out.safetensors", to="kohya")
+    with pytest.raises(LoraFileError, match="is a pickle"):  # what a pipeline's loading would go through
+        kohya_lora_state(str(tmp_path / "lora.safetensors"))
     (tmp_path / "text.safetensors").write_text("not a tensor file at all")
     with pytest.raises(LoraFileError, match="not a safetensors file"):
         convert_lora_file(tmp_path / "text.safetensors", tmp_path / "out.safetensors", to="kohya")
