@@ -184,12 +184,17 @@ def save_lora(
     text_encoder=None,
     adapter_name: str = "default",
     base_model: str | None = None,
+    format: str = "diffusers",
 ) -> Path:
     """Write ``path/pytorch_lora_weights.safetensors``, the file ``pipeline.load_lora_weights(path)`` reads.
 
     The text encoder's adapter is written when it has one named ``adapter_name``. Pass models
     unwrapped from accelerate / DDP. ``base_model`` (a folder or a name) is recorded in the header.
+    ``format="kohya"`` also writes ``path/lora_kohya.safetensors`` in kohya's layout (A1111, ComfyUI),
+    each module with its alpha (``sdlite.kohya``), and returns that file.
     """
+    if format not in ("diffusers", "kohya"):
+        raise ValueError(f"unknown LoRA file format {format!r}: choose 'diffusers' or 'kohya'")
     tensors, configs = {}, {}
     for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
         if not _has_adapter(model, adapter_name):
@@ -208,6 +213,10 @@ def save_lora(
     path.mkdir(parents=True, exist_ok=True)
     file = path / LORA_WEIGHT_NAME_SAFE
     safetensors.torch.save_file(tensors, file, metadata=header)
+    if format == "kohya":  # from the file just written, so both files hold the same adapter
+        from sdlite.kohya import KOHYA_WEIGHT_NAME, convert_lora_file
+
+        return convert_lora_file(file, path / KOHYA_WEIGHT_NAME, to="kohya", overwrite=True)
     return file
 
 
