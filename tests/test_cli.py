@@ -86,6 +86,23 @@ def test_a_missing_lora_path_is_named_as_a_missing_file(model, tmp_path, capsys)
     assert "Repo id" not in err and "Traceback" not in err
 
 
+def test_a_lora_that_cannot_be_read_fails_with_a_message(model, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "lora.bin").write_bytes(b"a pickle, perhaps")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x08")
+    argv = ["generate", "x", "--model", str(model), "--steps", "1", "--out", str(tmp_path / "x.png")]
+    expected = {
+        "empty": "pytorch_lora_weights.safetensors",
+        "lora.bin": "pickled",
+        "cut.safetensors": "header",
+    }
+    for name, words in expected.items():
+        assert main(argv + ["--lora", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"--lora {str(tmp_path / name)!r}" in err and words in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_lora_spec_reads_a_scale_after_the_last_colon(tmp_path):
     (tmp_path / "a:b").mkdir()
     assert cli.lora_spec(str(tmp_path / "a:b")) == (str(tmp_path / "a:b"), 1.0)

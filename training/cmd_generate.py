@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import logging as diffusers_logging
+from safetensors import SafetensorError
 from transformers.utils import logging as transformers_logging
 
 from sdlite import evaluation
@@ -35,10 +36,22 @@ def load_loras(pipe: TextToImagePipeline, loras: list[tuple[str, float]]) -> Non
     """Load each (path, scale) as an adapter of its own and run them all, each at its scale."""
     names = [f"lora{i}" for i in range(len(loras))]
     for name, (path, _) in zip(names, loras):
-        with warnings.catch_warnings():  # peft warns at a second adapter; several are what we asked for
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            # use_safetensors=True: never fall back to unpickling a .bin that happens to sit beside it.
-            pipe.load_lora_weights(path, adapter_name=name, use_safetensors=True, local_files_only=True)
+        if Path(path).is_file() and Path(path).suffix != ".safetensors":
+            raise ValueError(
+                f"--lora {path!r}: LoRA weights are read from .safetensors files only; a pickled file "
+                "(.bin, .pt, .ckpt) can run code when loaded, so it is refused"
+            )
+        try:
+            with warnings.catch_warnings():  # peft warns at a second adapter; several are what we asked
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                # use_safetensors=True: never fall back to unpickling a .bin that sits beside it.
+                pipe.load_lora_weights(path, adapter_name=name, use_safetensors=True, local_files_only=True)
+        except (OSError, SafetensorError, KeyError, RuntimeError) as e:
+            raise ValueError(
+                f"--lora {path!r} is not LoRA weights this model can load ({' '.join(str(e).split())}); "
+                "give a training run's final/ folder (it holds pytorch_lora_weights.safetensors) or a "
+                "LoRA .safetensors file made for this model"
+            ) from None
     pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
 
 
