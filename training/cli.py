@@ -9,8 +9,10 @@
 
 This module is only the parser: it imports no torch, so ``--help`` and argument errors answer at once.
 Each command lives in a module of its own (cmd_data, cmd_generate, cmd_evaluate, demo), imported only
-when that command runs; a subcommand is a function below that adds its parser and names its
-``run="package.module:function"``. It lives in ``training/`` because the demo sits on everything else.
+when that command runs. A command is an ``add_*`` function below, listed in ``build_parser``: it makes
+its parser with ``_parser`` (or a group of them with ``_group``), naming the function that runs it as
+``"package.module:function"``, which gets the parsed arguments and returns the exit status. It lives
+in ``training/`` because the demo sits on everything else.
 """
 
 from __future__ import annotations
@@ -107,6 +109,12 @@ def _parser(commands, name: str, help: str, run: str) -> argparse.ArgumentParser
     return parser
 
 
+def _group(commands, name: str, help: str):
+    """A command with subcommands of its own (``sdlite data shapes``): returns their subparsers."""
+    group = commands.add_parser(name, help=help, description=help, allow_abbrev=False)
+    return group.add_subparsers(dest="subcommand", required=True)
+
+
 def _threads(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads",
@@ -118,8 +126,7 @@ def _threads(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data(commands) -> None:
-    data = commands.add_parser("data", help="make a built-in data set", allow_abbrev=False)
-    kinds = data.add_subparsers(dest="kind", required=True)
+    kinds = _group(commands, "data", "make a built-in data set")
     shapes = _parser(
         kinds, "shapes", "coloured shapes on a plain background, captioned", "sdlite.training.cmd_data:shapes"
     )
