@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from sdlite.lora import LoraSettings, adapter_parameters, add_lora, save_lora
 from sdlite.models import build_components, load_components, save_components
@@ -200,14 +201,17 @@ def test_generate_reads_a_single_file_checkpoint(model, tmp_path, capsys):
 
 
 def random_lora(model, folder, seed: int):
-    """An sdlite LoRA of the tiny model whose update is visible (B starts at zero, a no-op)."""
+    """An sdlite LoRA of the tiny model's U-Net and text encoder whose update is visible (B starts at
+    zero, a no-op)."""
     parts = load_components(model)
-    add_lora(parts.unet, parts.text_encoder, LoraSettings(rank=4))
+    add_lora(parts.unet, parts.text_encoder, LoraSettings(rank=4, text_encoder=True))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in adapter_parameters(parts.unet):
+        for p in [*adapter_parameters(parts.unet), *adapter_parameters(parts.text_encoder)]:
             p.copy_(0.3 * torch.randn(p.shape, generator=generator))
-    save_lora(folder, parts.unet)
+    save_lora(folder, parts.unet, parts.text_encoder)
+    with safe_open(folder / "pytorch_lora_weights.safetensors", "pt") as f:
+        assert any(k.startswith("text_encoder.") for k in f.keys())
     return folder
 
 
