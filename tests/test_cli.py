@@ -1,12 +1,27 @@
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
+import torch
 from PIL import Image
+from safetensors import safe_open
 
-from sdlite.models import build_components, save_components
+from sdlite.lora import LoraSettings, adapter_parameters, add_lora, save_lora
+from sdlite.models import build_components, load_components, save_components
+from sdlite.pipelines.text_to_image import TextToImagePipeline
+from sdlite.training import cli
 from sdlite.training.cli import main
+from sdlite.training.schedulers import SCHEDULERS, make_scheduler
+
+
+@pytest.fixture(autouse=True)
+def _threads(monkeypatch):
+    """The commands' default threads follow $OMP_NUM_THREADS: the tests' one thread (conftest.py)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("SDLITE_TEST_THREADS", "1"))
 
 
 @pytest.fixture(scope="module")
@@ -15,12 +30,204 @@ def model(tmp_path_factory):
     return save_components(build_components("tiny", seed=0), tmp_path_factory.mktemp("model"))
 
 
+def generate(model, out, *flags: str) -> bytes:
+    """The pixels `sdlite generate "a red circle" --steps 2 <flags>` writes (it must succeed)."""
+    argv = ["generate", "a red circle", "--model", str(model), "--steps", "2", "--seed", "0"]
+    assert main(argv + ["--out", str(out), *flags]) == 0
+    return Image.open(out).tobytes()
+
+
+def usage_error(argv: list[str], capsys) -> str:
+    """stderr of an argument error (argparse's exit 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+# ---- the parser: fast, no torch, no shortened flags ----------------------------------------------
+
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft", "datasets")
+PARSE_ONLY = """
+import sys
+from sdlite.training.cli import main
+for argv in {argvs!r}:
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print(sorted({{m.split(".")[0] for m in sys.modules}} & set({heavy!r})))
+"""
+
+
+def test_help_and_argument_errors_import_no_torch_or_diffusers():
+    argvs = [["--help"], ["generate", "--help"], ["evaluate", "--help"], ["demo", "--help"]]
+    argvs += [["data", "shapes", "--help"], ["generate", "x", "--model", "m", "--num_image", "4"]]
+    argvs += [["generate", "x", "--model", "m", "--lora", "nowhere"], ["nonsense"]]
+    code = PARSE_ONLY.format(argvs=argvs, heavy=HEAVY)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "usage: sdlite" in done.stdout and "no such file or folder" in done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"  # none of HEAVY was imported
+
+
+def test_shortened_flags_are_refused(model, capsys):
+    err = usage_error(["generate", "x", "--model", str(model), "--num_image", "4"], capsys)
+    assert "unrecognized arguments: --num_image" in err
+    err = usage_error(["evaluate", "--model", str(model), "--bpd", "4"], capsys)
+    assert "unrecognized arguments: --bpd" in err
+    err = usage_error(["data", "shapes", "--out", "x", "--cou", "4"], capsys)
+    assert "unrecognized arguments: --cou" in err
+
+
+def test_a_missing_lora_path_is_named_as_a_missing_file(model, tmp_path, capsys):
+    missing = tmp_path / "runs" / "no-lora"
+    err = usage_error(["generate", "x", "--model", str(model), "--lora", f"{missing}:0.5"], capsys)
+    assert f"no such file or folder: {str(missing)!r}" in err
+    assert "Repo id" not in err and "Traceback" not in err
+
+
+def test_a_lora_that_cannot_be_read_fails_with_a_message(model, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "lora.bin").write_bytes(b"a pickle, perhaps")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x08")
+    argv = ["generate", "x", "--model", str(model), "--steps", "1", "--out", str(tmp_path / "x.png")]
+    expected = {
+        "empty": "pytorch_lora_weights.safetensors",
+        "lora.bin": "pickled",
+        "cut.safetensors": "header",
+    }
+    for name, words in expected.items():
+        assert main(argv + ["--lora", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"--lora {str(tmp_path / name)!r}" in err and words in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_lora_spec_reads_a_scale_after_the_last_colon(tmp_path):
+    (tmp_path / "a:b").mkdir()
+    assert cli.lora_spec(str(tmp_path / "a:b")) == (str(tmp_path / "a:b"), 1.0)
+    assert cli.lora_spec(f"{tmp_path / 'a:b'}:0.25") == (str(tmp_path / "a:b"), 0.25)
+    assert cli.lora_spec(f"{tmp_path}:-1") == (str(tmp_path), -1.0)
+
+
+def test_default_threads_follow_the_machine(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(cli, "_threads_per_core", lambda: 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    assert cli.default_threads() == 6
+    monkeypatch.setattr(cli, "_threads_per_core", lambda: 2)  # hyper-threads share a core: half
+    assert cli.default_threads() == 3
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert cli.default_threads() == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's standing choice wins
+    assert cli.default_threads() == 5
+
+
+def test_a_command_runs_on_the_default_threads_and_restores_them(model, tmp_path, monkeypatch):
+    from sdlite.training import cmd_generate
+
+    seen = []
+    monkeypatch.setattr(cmd_generate, "run", lambda args: seen.append(torch.get_num_threads()) or 0)
+    monkeypatch.setattr(cli, "default_threads", lambda: 3)
+    before = torch.get_num_threads()
+    assert main(["generate", "x", "--model", str(model)]) == 0
+    assert main(["generate", "x", "--model", str(model), "--threads", "2"]) == 0
+    assert seen == [3, 2] and torch.get_num_threads() == before
+
+
+# ---- generate ------------------------------------------------------------------------------------
+
+
 def test_generate_writes_a_grid_png_of_the_right_size(model, tmp_path):
-    generate = ["generate", "a red circle", "--model", str(model), "--steps", "2"]
-    assert main(generate + ["--num_images", "4", "--seed", "0", "--out", str(tmp_path / "four.png")]) == 0
+    generate(model, tmp_path / "four.png", "--num_images", "4")
     assert Image.open(tmp_path / "four.png").size == (4 * 32, 32)
-    assert main(generate + ["--scale", "2", "--out", str(tmp_path / "one.png")]) == 0
+    generate(model, tmp_path / "one.png", "--scale", "2")
     assert Image.open(tmp_path / "one.png").size == (64, 64)
+    generate(model, tmp_path / "tall.png", "--height", "64", "--width", "32")
+    assert Image.open(tmp_path / "tall.png").size == (32, 64)
+
+
+def test_generate_rejects_a_size_the_model_cannot_make(model, tmp_path, capsys):
+    argv = ["generate", "x", "--model", str(model), "--steps", "1", "--height", "30"]
+    assert main(argv + ["--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "height" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_steers_away_from_a_negative_prompt(model, tmp_path):
+    plain = generate(model, tmp_path / "plain.png")
+    assert generate(model, tmp_path / "same.png", "--negative_prompt", "") == plain  # "" is no prompt
+    assert generate(model, tmp_path / "neg.png", "--negative_prompt", "a blue square") != plain
+
+
+def test_every_scheduler_name_makes_its_class_on_the_models_schedule(model):
+    config = load_components(model).scheduler.config
+    for name, entry in SCHEDULERS.items():
+        if entry is None:
+            assert make_scheduler(name, config) is None  # ddpm: the model's own
+            continue
+        try:
+            scheduler = make_scheduler(name, config)
+        except ValueError as e:  # a class whose optional package is missing here (lms: scipy)
+            assert f"--scheduler {name}" in str(e) and "pip install" in str(e)
+            continue
+        assert type(scheduler).__name__ == entry[0]
+        for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
+            assert scheduler.config[key] == config[key], (name, key)
+        for key, value in entry[1].items():
+            assert scheduler.config[key] == value
+
+
+def test_generate_samples_with_the_chosen_scheduler(model, tmp_path, capsys):
+    ddpm = generate(model, tmp_path / "ddpm.png")
+    for name in ("ddim", "euler_a", "dpm++_sde"):
+        assert generate(model, tmp_path / f"{name}.png", "--scheduler", name) != ddpm, name
+    err = usage_error(["generate", "x", "--model", str(model), "--scheduler", "dpm"], capsys)
+    assert "invalid choice: 'dpm'" in err
+
+
+def test_generate_reads_a_single_file_checkpoint(model, tmp_path, capsys):
+    checkpoint = TextToImagePipeline.from_pretrained(model).save_single_file(tmp_path / "tiny.safetensors")
+    from_folder = generate(model, tmp_path / "folder.png")
+    assert generate(checkpoint, tmp_path / "file.png", "--model_config", "tiny") == from_folder
+    assert generate(checkpoint, tmp_path / "file2.png", "--model_config", str(model)) == from_folder
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"not read")
+    assert main(["generate", "x", "--model", str(pickle), "--model_config", "tiny"]) == 2
+    assert "pickled checkpoints" in capsys.readouterr().err
+
+
+def random_lora(model, folder, seed: int):
+    """An sdlite LoRA of the tiny model's U-Net and text encoder whose update is visible (B starts at
+    zero, a no-op)."""
+    parts = load_components(model)
+    add_lora(parts.unet, parts.text_encoder, LoraSettings(rank=4, text_encoder=True))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in [*adapter_parameters(parts.unet), *adapter_parameters(parts.text_encoder)]:
+            p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    save_lora(folder, parts.unet, parts.text_encoder)
+    with safe_open(folder / "pytorch_lora_weights.safetensors", "pt") as f:
+        assert any(k.startswith("text_encoder.") for k in f.keys())
+    return folder
+
+
+def test_generate_applies_several_loras_each_at_its_scale(model, tmp_path):
+    a = random_lora(model, tmp_path / "a", seed=1)
+    b_file = random_lora(model, tmp_path / "b", seed=2) / "pytorch_lora_weights.safetensors"
+    base = generate(model, tmp_path / "base.png")
+    assert generate(model, tmp_path / "a0.png", "--lora", f"{a}:0") == base
+    only_a = generate(model, tmp_path / "a1.png", "--lora", str(a))  # scale 1 when none is given
+    assert only_a != base
+    assert generate(model, tmp_path / "a1b0.png", "--lora", f"{a}:1", "--lora", f"{b_file}:0") == only_a
+    both = generate(model, tmp_path / "a1b1.png", "--lora", f"{a}:1", "--lora", f"{b_file}:1")
+    assert both not in (base, only_a)
+
+
+# ---- data and evaluate ---------------------------------------------------------------------------
 
 
 def test_data_shapes_writes_an_image_folder(tmp_path):
@@ -53,28 +260,3 @@ def test_evaluate_reports_fidelity_diversity_and_bits_per_dim(model, tmp_path, c
     assert 0 <= results["fidelity"] <= 1 and results["diversity"] >= 0
     assert math.isfinite(results["bpd"]) and results["bpd"] > 0
     assert "bits/dim" in capsys.readouterr().out
-
-
-def test_generate_applies_a_lora_at_its_scale(model, tmp_path):
-    """--lora loads an adapter saved by sdlite; --lora_scale 0 gives the base image, 1 another one."""
-    import torch
-
-    from sdlite.lora import LoraSettings, adapter_parameters, add_lora, save_lora
-    from sdlite.models import load_components
-
-    parts = load_components(model)
-    add_lora(parts.unet, parts.text_encoder, LoraSettings(rank=4))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # B starts at zero (a no-op adapter): make the update visible
-        for p in adapter_parameters(parts.unet):
-            p.copy_(0.3 * torch.randn(p.shape, generator=generator))
-    save_lora(tmp_path / "lora", parts.unet)
-
-    generate = ["generate", "a red circle", "--model", str(model), "--steps", "3", "--seed", "0"]
-    assert main(generate + ["--out", str(tmp_path / "base.png")]) == 0
-    for scale in ("0", "1"):
-        out = str(tmp_path / f"{scale}.png")
-        assert main(generate + ["--lora", str(tmp_path / "lora"), "--lora_scale", scale, "--out", out]) == 0
-    pixels = {k: Image.open(tmp_path / f"{k}.png").tobytes() for k in ("base", "0", "1")}
-    assert pixels["0"] == pixels["base"]
-    assert pixels["1"] != pixels["base"]

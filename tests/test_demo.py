@@ -1,14 +1,21 @@
 import json
 import math
+import os
 
+import pytest
 from PIL import Image
 
 from sdlite.pipelines.text_to_image import TextToImagePipeline
+from sdlite.training import demo
 from sdlite.training.cli import main
+from sdlite.training.config import ConfigError, load_yaml
+from sdlite.training.train import TrainConfig
+from sdlite.training.train_vae import VAETrainConfig
 
 
 def test_the_whole_chain_runs_in_a_few_steps_and_makes_a_loadable_model(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--fast"]) == 0
+    threads = os.environ.get("SDLITE_TEST_THREADS", "1")  # the tests' one thread (conftest.py)
+    assert main(["demo", "--out", str(tmp_path), "--fast", "--threads", threads]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results["stage_seconds"]) == ["data", "vae", "unet", "evaluate"]
     assert math.isfinite(results["bpd"]) and 0 <= results["fidelity"] <= 1
@@ -18,3 +25,15 @@ def test_the_whole_chain_runs_in_a_few_steps_and_makes_a_loadable_model(tmp_path
     assert Image.open(tmp_path / "samples.png").size[0] >= 32
     out = capsys.readouterr().out
     assert "prompt fidelity" in out and "bits/dim" in out and "total" in out
+
+
+def test_the_demo_builds_each_trainers_config_from_its_recipe_and_its_paths(tmp_path):
+    cfg = demo.config(VAETrainConfig, "tiny-vae.yaml", output_dir=tmp_path / "vae", max_steps=4)
+    recipe = load_yaml(demo.recipe("tiny-vae.yaml"))
+    assert isinstance(cfg, VAETrainConfig)
+    assert cfg.output_dir == str(tmp_path / "vae") and cfg.max_steps == 4  # typed as the field says
+    assert cfg.learning_rate == recipe["learning_rate"] and cfg.preset == recipe["preset"]
+    unet = demo.config(TrainConfig, "tiny-shapes.yaml", final_dir=tmp_path / "model")
+    assert isinstance(unet, TrainConfig) and unet.final_dir == str(tmp_path / "model")
+    with pytest.raises(ConfigError, match="max_step"):  # a misspelt key fails, naming it
+        demo.config(TrainConfig, "tiny-shapes.yaml", max_step=4)
