@@ -64,6 +64,11 @@ def fidelity(pipe, colours: list[str], n: int, steps: int, guidance: float, scal
     return {"fidelity": report.fidelity, "colour": sum(s.colour for s in report.scores) / len(prompts)}
 
 
+def flags(**values) -> list[str]:
+    """--key value flags for the trainers' own parsers."""
+    return [t for k, v in values.items() for t in (f"--{k}", str(v))]
+
+
 def mixed_data(out: Path, new: Path, known: Path, count: int) -> Path:
     """A folder with every image of ``new`` and the first ``count`` of ``known`` (both image folders)."""
     import shutil
@@ -99,8 +104,8 @@ def main() -> None:
     from sdlite.data.shapes import write_dataset
     from sdlite.pipelines import TextToImagePipeline
     from sdlite.training import train, train_vae
-    from sdlite.training.cli import flags, recipe
     from sdlite.training.config import parse_config
+    from sdlite.training.demo import recipe
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -433,8 +434,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         file = convert_lora_file(args.src, args.out, to=args.to, overwrite=args.overwrite)
     except LoraFileError as e:
-        print(f"sdlite lora convert: error: {e}")
-        return 1
+        print(f"sdlite lora convert: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {file} ({args.to} layout)")
     return 0
 

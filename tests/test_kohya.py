@@ -286,16 +286,20 @@ def test_broken_lora_files_are_refused_by_name(tmp_path, tensors, message):
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_command_converts_and_refuses_overwriting_or_a_file_already_in_the_layout(files, tmp_path, capsys):
+def test_sdlite_lora_convert_converts_and_refuses_overwriting_or_a_file_already_in_the_layout(
+    files, tmp_path, capsys
+):
+    from sdlite.training.cli import main as sdlite
+
     out = tmp_path / "out.safetensors"
-    assert main([str(files[0].parent), str(out), "--to", "kohya"]) == 0
+    assert sdlite(["lora", "convert", str(files[0].parent), str(out), "--to", "kohya"]) == 0
     assert read_modules(out)[1] == "kohya"
-    assert main([str(files[0]), str(out), "--to", "kohya"]) == 1
-    assert "exists" in capsys.readouterr().out
-    assert main([str(files[1]), str(tmp_path / "again.safetensors"), "--to", "kohya"]) == 1
-    assert "already in kohya's layout" in capsys.readouterr().out
+    assert sdlite(["lora", "convert", str(files[0]), str(out), "--to", "kohya"]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main([str(files[1]), str(tmp_path / "again.safetensors"), "--to", "kohya"]) == 2
+    assert "already in kohya's layout" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main([str(files[0]), str(out), "--t", "kohya"])  # no abbreviations
+        sdlite(["lora", "convert", str(files[0]), str(out), "--t", "kohya"])  # no abbreviations
 
 
 def test_command_help_imports_no_torch():

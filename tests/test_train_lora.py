@@ -28,7 +28,7 @@ from sdlite.models import build_components, load_components
 from sdlite.pipelines import TextToImagePipeline
 from sdlite.presets import get_preset
 from sdlite.training import train as train_module
-from sdlite.training.cli import held_out_data
+from sdlite.training.cmd_evaluate import held_out_data
 from sdlite.training.config import parse_config
 from sdlite.training.train import TrainConfig, main
 

@@ -7,7 +7,6 @@ from diffusers import AutoencoderKL
 
 from sdlite.data.dataset import DataError
 from sdlite.data.shapes import write_dataset
-from sdlite.training.cli import flags
 from sdlite.training.config import ConfigError
 from sdlite.training.train_vae import VAETrainConfig, latent_std, load_images, main
 
@@ -17,6 +16,11 @@ TINY_RUN = dict(max_steps=3, train_batch_size=8, lr_warmup_steps=1, report_to="n
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("shapes"), count=24, seed=0, holdout=8)
+
+
+def flags(**values) -> list[str]:
+    """--key value command-line flags: this file tests the trainer's own argument parsing."""
+    return [t for k, v in values.items() for t in (f"--{k}", str(v))]
 
 
 def test_a_few_steps_save_a_vae_that_loads_with_its_measured_scaling_factor(shapes, tmp_path):

@@ -223,10 +223,21 @@ def add_demo(commands) -> None:
     _threads(demo)
 
 
+def add_lora(commands) -> None:
+    from sdlite import kohya  # imports no torch until a file is converted
+
+    lora = _group(commands, "lora", "LoRA files")
+    convert = _parser(
+        lora, "convert", "diffusers <-> kohya (A1111, ComfyUI) layout, keeping each module's alpha",
+        "sdlite.kohya:run",
+    )  # fmt: skip
+    kohya.add_arguments(convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlite", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (add_data, add_generate, add_evaluate, add_demo):
+    for add in (add_data, add_generate, add_evaluate, add_demo, add_lora):
         add(commands)
     return parser
 
