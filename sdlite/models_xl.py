@@ -12,6 +12,7 @@ assembled from an SD 1.x/2.x model and an SDXL one fails naming which part is wh
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +68,8 @@ def _xl_preset(preset: str | PresetXL) -> PresetXL:
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if not isinstance(preset, PresetXL):
         raise ValueError(
-            f"preset {preset.name!r} is an SD 1.x-style preset with one text encoder; SDXL needs a "
-            "preset with text_encoder_2 such as 'sdxl' or 'tiny-sdxl' (or build it with build_components)"
+            f"preset {preset.name!r} is an SD 1.x-style preset with one text encoder (build it with "
+            "build_components); SDXL needs a preset with text_encoder_2 such as 'sdxl' or 'tiny-sdxl'"
         )
     return preset
 
@@ -84,7 +85,7 @@ def build_components_xl(
     preset = _xl_preset(preset)
     if seed is not None:
         torch.manual_seed(seed)
-    with torch.device(device or "cpu"):
+    with torch.device(device) if device is not None else nullcontext():
         vae = AutoencoderKL(**preset.config("vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig(**preset.config("text_encoder")))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**preset.config("text_encoder_2")))
@@ -115,7 +116,7 @@ def save_components_xl(parts: ComponentsXL, path: str | Path) -> Path:
     scheduler = type(parts.scheduler)
     if scheduler.__module__.startswith("diffusers."):  # another diffusers scheduler: record it as itself
         index["scheduler"] = ["diffusers", scheduler.__name__]
-    index["force_zeros_for_empty_prompt"] = True  # SDXL base's: an empty negative prompt is zeros
+    index["force_zeros_for_empty_prompt"] = True  # SDXL base's: no negative prompt = zero embeddings
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return path
 
