@@ -70,6 +70,16 @@ def test_sdxl_single_file_round_trips_through_our_loader(parts, folder, checkpoi
         assert loaded.tokenizer_2.pad_token == "!" and loaded.tokenizer.model_max_length == 16
 
 
+def test_the_buffers_published_sdxl_files_also_hold_are_ignored(parts, checkpoint, tmp_path):
+    state = load_file(checkpoint)
+    state["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(16)[None]
+    state["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6052)  # OpenCLIP's, unused here
+    save_file(state, tmp_path / "published.safetensors")
+    assert_same_weights(
+        parts, load_single_file_xl(tmp_path / "published.safetensors", "tiny-sdxl"), XL_MODELS
+    )
+
+
 def test_sdxl_single_file_saved_in_half_precision_loads_in_the_dtype_asked(parts, tmp_path):
     path = save_single_file_xl(
         parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2, tmp_path / "half.safetensors",
