@@ -22,13 +22,14 @@ import torch
 from sdlite.tokenizer import token_ids
 
 
-@torch.no_grad()
 def encode_prompts_xl(
     text_encoder, text_encoder_2, tokenizer, tokenizer_2, prompts: Sequence[str], prompts_2=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L, d1 + d2) penultimate states of both encoders and (B, p) pooled embeddings of encoder 2.
 
     prompts_2: what encoder 2 reads (SDXL's ``prompt_2``); the same prompts when None.
+    Gradients flow when enabled (training LoRA on the encoders); pipelines and the embedding cache call
+    it under ``torch.no_grad()``.
     """
     prompts = list(prompts)
     prompts_2 = prompts if prompts_2 is None else list(prompts_2)

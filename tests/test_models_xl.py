@@ -60,6 +60,16 @@ def test_loads_in_the_dtype_asked(folder):
     assert {getattr(ours, name).dtype for name in MODELS} == {torch.bfloat16}
 
 
+def test_text_encoders_get_gradients_through_the_conditioning(parts):
+    embeds, pooled = encode_prompts_xl(
+        parts.text_encoder, parts.text_encoder_2, parts.tokenizer, parts.tokenizer_2, ["a red circle"]
+    )
+    (embeds.square().mean() + pooled.square().mean()).backward()
+    for encoder in (parts.text_encoder, parts.text_encoder_2):
+        assert encoder.get_input_embeddings().weight.grad.abs().sum() > 0
+        encoder.zero_grad(set_to_none=True)
+
+
 def test_prompt_conditioning_equals_diffusers_encode_prompt(parts):
     pipe = StableDiffusionXLPipeline(**{k: v for k, v in parts.as_dict().items()})
     prompts, prompts_2 = ["a red circle", "a blue square"], ["a circle", "a square, blue"]

@@ -72,10 +72,11 @@ def _batch(parts, n=4):
     p = get_preset("tiny-sdxl")
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(n, 4, p.latent_size, p.latent_size, generator=g)
-    embeds, pooled = encode_prompts_xl(
-        parts.text_encoder, parts.text_encoder_2, parts.tokenizer, parts.tokenizer_2,
-        ["a red circle", "a blue square", "a green triangle", "a red square"][:n],
-    )  # fmt: skip
+    with torch.no_grad():  # a cache's embeddings: the encoders are not trained here
+        embeds, pooled = encode_prompts_xl(
+            parts.text_encoder, parts.text_encoder_2, parts.tokenizer, parts.tokenizer_2,
+            ["a red circle", "a blue square", "a green triangle", "a red square"][:n],
+        )  # fmt: skip
     time_ids = add_time_ids([[32, 32]] * n, [[0, 0]] * n, [[32, 32]] * n)
     return x0, embeds, pooled, time_ids
 
