@@ -163,3 +163,6 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+import sdlite.presets_xl  # noqa: E402, F401  registers the SDXL presets (sdxl, tiny-sdxl) into PRESETS
