@@ -56,8 +56,7 @@ from sdlite.pipelines.single_file import (
     read_safetensors,
     to_original_layout,
 )
-from sdlite.presets import PRESETS
-from sdlite.presets_xl import PresetXL
+from sdlite.presets import PRESETS, PresetXL
 from sdlite.tokenizer import load_tokenizer
 
 XL_CLIP_KEY = "conditioner.embedders.0.transformer."

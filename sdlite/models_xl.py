@@ -23,8 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from sdlite.ddpm import DDPMScheduler
 from sdlite.models import LIBRARY_CLASS, ModelFolderError, check_folder, read_header
-from sdlite.presets import get_preset
-from sdlite.presets_xl import SIZE_CONDITIONS, PresetXL
+from sdlite.presets import SIZE_CONDITIONS, PresetXL, get_preset
 from sdlite.tokenizer import clip_tokenizer
 
 PARTS_XL = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
