@@ -98,7 +98,7 @@ def test_a_folder_of_only_bad_images_is_an_error_and_a_clean_one_leaves_no_list(
 
 def test_images_that_decoded_in_an_earlier_run_are_not_decoded_again(messy, tmp_path, monkeypatch):
     real, calls = dataset.decode_image, []
-    monkeypatch.setattr(dataset, "decode_image", lambda data: calls.append(data) or real(data))
+    monkeypatch.setattr(dataset, "decode_image", lambda data, *limit: calls.append(data) or real(data, *limit))
     rows, decoded = load_rows(messy), DecodedImages(tmp_path)
     first = clean_rows(rows, "image", "text", 32, None, "skip", None, print, decoded)
     assert len(calls) >= 10

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdlite.data.dataset import DECODER, ImageTransform, image_bytes, image_size
+from sdlite.data.dataset import ImageTransform, image_bytes
+from sdlite.data.decoding import DECODER, image_size
 from sdlite.latents import to_latents
 
 # Config entries that do not change what a model computes from its input.
