@@ -145,8 +145,8 @@ def load_rows(
             feature = rows.features.get(image_column)
             if isinstance(feature, datasets.Value) and "string" in feature.dtype:
                 # Parquet or a JSON array (lines were checked above): outside paths stop the run.
-                outside = [resolve_in(folder, p, allow_outside)[1] for p in rows[image_column]]
-                _raise_for([why for why in outside if why], "error")
+                outside = [w for p in rows[image_column] if (w := resolve_in(folder, p, allow_outside)[1])]
+                _raise_for(outside, "error", "or allow_outside_paths if you trust the table")
                 absolute = [str(resolve_in(folder, p, True)[0]) for p in rows[image_column]]
                 rows = rows.remove_columns(image_column).add_column(image_column, absolute)
     else:
@@ -165,11 +165,11 @@ def load_rows(
     return rows.cast_column(image_column, datasets.Image(decode=False))
 
 
-def _raise_for(problems: list[str], bad_data: str) -> None:
+def _raise_for(problems: list[str], bad_data: str, fix: str = "or set bad_data to skip to train without "
+               "them (they are listed)") -> None:  # fmt: skip
     if problems and bad_data != "skip":
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise DataError(f"{len(problems)} rows of metadata cannot be read: {shown}. Fix them, or set "
-                        "bad_data to skip to train without them (they are listed)")  # fmt: skip
+        raise DataError(f"{len(problems)} rows of metadata cannot be read: {shown}. Fix them, {fix}")
 
 
 def image_bytes(entry: dict, max_bytes: int = MAX_FILE_BYTES) -> bytes:
