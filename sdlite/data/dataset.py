@@ -43,7 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file
 
 from sdlite.data.decoding import decode_image, open_image, pixel_limit
-from sdlite.data.files import MAX_FILE_BYTES, DataError, metadata_lines, read_file, resolve_in
+from sdlite.data.files import MAX_FILE_BYTES, DataError, metadata_table, read_file, resolve_in
 
 TABLE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 # Rows of metadata that cannot be read (bad_data="skip") stay in the rows, marked here, for clean_rows
@@ -70,34 +70,18 @@ def _rows_of_lines(
     allow_outside: bool,
     image_key: str,
 ) -> tuple[datasets.Dataset | None, list[str]]:
-    """Check every line of metadata ``tables`` (paths in each are relative to its folder, and must
-    lie in the data folder ``root``).
+    """Check every line of metadata ``tables`` (see sdlite.data.files.metadata_table).
 
     Returns (None, []) when every line is good (``datasets`` may read the files as they are); with
     bad lines and bad_data="error", (None, the bad lines named); with "skip", the rows built here, in
     file order as imagefolder builds them, the bad ones marked for clean_rows to skip and list.
-    """
-    table, problems = {image_column: [], caption_column: [], PROBLEM: [], WHERE: []}, []
-    for path in tables:
-        good, bad = metadata_lines(path, image_key, caption_column)
-        rows = [(n, row, None) for n, row in good] + [(n, None, why) for n, why in bad]
-        for number, row, why in sorted(rows, key=lambda r: r[0]):
-            image = None
-            if row is not None:
-                image, why = resolve_in(path.parent, row[image_key], allow_outside, root)
-            where = f"{path} line {number}"
-            if why:
-                problems.append(f"{where}: {why}")
-            table[image_column].append(None if why else {"path": str(image), "bytes": None})
-            caption = None if row is None else row.get(caption_column)
-            table[caption_column].append(None if caption is None else caption_text(caption))
-            table[PROBLEM].append(why)
-            table[WHERE].append(where)
-    if not problems:
-        return None, []
-    if bad_data != "skip":
+    """  # fmt: skip
+    table, problems = metadata_table(tables, root, image_key, allow_outside, caption_column)
+    if not problems or bad_data != "skip":
         return None, problems
     text = datasets.Value("string")
+    table = {image_column: table["image"], caption_column: table["caption"], PROBLEM: table["problem"],
+             WHERE: table["where"]}  # fmt: skip
     features = datasets.Features(
         {image_column: datasets.Image(decode=False), caption_column: text, PROBLEM: text, WHERE: text}
     )

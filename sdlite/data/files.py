@@ -71,6 +71,37 @@ def resolve_in(
     )
 
 
+def metadata_table(
+    tables: list[Path], root: Path, image_key: str, allow_outside: bool, caption_key: str
+) -> tuple[dict[str, list], list[str]]:
+    """Every line of the metadata files ``tables``, as columns ``image`` ({"path", "bytes"} entries,
+    None where the line is bad), ``caption``, ``problem`` (None on a good line) and ``where`` ("file
+    line N"), and the problems as "file line N: what". Image paths are relative to their file's
+    folder and must lie in the data folder ``root`` (unless ``allow_outside``)."""
+    table: dict[str, list] = {"image": [], "caption": [], "problem": [], "where": []}
+    problems = []
+    for path in tables:
+        good, bad = metadata_lines(path, image_key, caption_key)
+        rows = sorted(
+            [(n, row, None) for n, row in good] + [(n, None, why) for n, why in bad], key=lambda r: r[0]
+        )
+        for number, row, why in rows:
+            image, caption = None, None
+            if row is not None:
+                image, why = resolve_in(path.parent, row[image_key], allow_outside, root)
+                caption = row.get(caption_key)
+                if isinstance(caption, list):  # several captions: the first, as caption_text reads them
+                    caption = caption[0] if caption else None
+            where = f"{path} line {number}"
+            if why:
+                problems.append(f"{where}: {why}")
+            table["image"].append(None if why else {"path": str(image), "bytes": None})
+            table["caption"].append(caption or None)
+            table["problem"].append(why)
+            table["where"].append(where)
+    return table, problems
+
+
 def _kind(value) -> str:
     if value is None:
         return "none"
