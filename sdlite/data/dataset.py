@@ -75,7 +75,7 @@ def _rows_of_lines(
     Returns (None, []) when every line is good (``datasets`` may read the files as they are); with
     bad lines and bad_data="error", (None, the bad lines named); with "skip", the rows built here, in
     file order as imagefolder builds them, the bad ones marked for clean_rows to skip and list.
-    """  # fmt: skip
+    """
     table, problems = metadata_table(tables, root, image_key, allow_outside, caption_column)
     if not problems or bad_data != "skip":
         return None, problems
