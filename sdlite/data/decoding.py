@@ -50,11 +50,15 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """The image of ``data`` with its header read and nothing decoded; TooManyPixels past the limit."""
+def _open(data: bytes) -> Image.Image:
     with warnings.catch_warnings():  # PIL's own warning at 89 MP: the limit here is ours
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data))
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The image of ``data`` with its header read and nothing decoded; TooManyPixels past the limit."""
+    image = _open(data)
     w, h = image.size
     if w * h > max_pixels:
         raise TooManyPixels(
@@ -66,7 +70,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) as shown, from the header (and EXIF orientation), without decoding the pixels."""
-    image = Image.open(io.BytesIO(data))
+    image = _open(data)
     w, h = image.size
     return (h, w) if _orientation(image) in (5, 6, 7, 8) else (w, h)
 
