@@ -21,15 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlite.data.dataset import (
-    DataError,
-    ImageTransform,
-    TrainingExamples,
-    check_image,
-    clean_rows,
-    image_bytes,
-    load_rows,
-)
+from sdlite.data.cleaning import check_image, clean_rows
+from sdlite.data.dataset import DataError, ImageTransform, TrainingExamples, image_bytes, load_rows
 from sdlite.data.decoding import FLOOR_PIXELS, decode_image, image_size, pixel_limit
 from sdlite.data.files import read_file
 

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdlite.data import dataset
+from sdlite.data import cleaning
 from sdlite.data.cache import DecodedImages
-from sdlite.data.dataset import DataError, ImageTransform, clean_rows, decode_image, load_rows
+from sdlite.data.cleaning import clean_rows
+from sdlite.data.dataset import DataError, ImageTransform, load_rows
+from sdlite.data.decoding import decode_image
 from sdlite.data.shapes import write_dataset
 from sdlite.tokenizer import clip_tokenizer
 from sdlite.training.train import main
@@ -98,9 +100,9 @@ def test_a_folder_of_only_bad_images_is_an_error_and_a_clean_one_leaves_no_list(
 
 
 def test_images_that_decoded_in_an_earlier_run_are_not_decoded_again(messy, tmp_path, monkeypatch):
-    real, calls = dataset.decode_image, []
+    real, calls = cleaning.decode_image, []
     monkeypatch.setattr(
-        dataset, "decode_image", lambda data, *limit: calls.append(data) or real(data, *limit)
+        cleaning, "decode_image", lambda data, *limit: calls.append(data) or real(data, *limit)
     )
     rows, decoded = load_rows(messy), DecodedImages(tmp_path)
     first = clean_rows(rows, "image", "text", 32, None, "skip", None, print, decoded)

@@ -10,7 +10,8 @@ Each entry is one safetensors file named by its key, the SHA-256 of everything t
 - text embeddings of one caption: its token ids and the text encoder's fingerprint. Stored:
   ``embeds`` (L, D), the encoder's last hidden state;
 - ``decoded/``: an empty file per image (by its bytes and the decoder's version) that decoded whole,
-  so that the check of every image before training (``clean_rows``) decodes each only once.
+  so that the check of every image before training (``sdlite.data.cleaning.clean_rows``) decodes
+  each only once.
 
 A key changes whenever anything that shapes the tensor changes, so a stale entry is never read, and
 unchanged data hits in every later run, whatever its output folder. Entries are never rewritten:

@@ -16,7 +16,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdlite.data.files import DataError
 
@@ -109,3 +109,16 @@ def decode_image(data: bytes, max_pixels: int = FLOOR_PIXELS) -> Image.Image:
         image = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
     return image.convert("RGB")
+
+
+def why_unusable(error: Exception) -> str:
+    """What a report says of an image that failed to read or decode with ``error``."""
+    if isinstance(error, FileNotFoundError):
+        return "missing file"
+    if isinstance(error, DataError):  # too many pixels, not a regular file, too many bytes
+        return str(error)
+    if isinstance(error, Image.DecompressionBombError):
+        return "too many pixels (decompression bomb?)"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image (in no format PIL reads)"
+    return f"unreadable image ({type(error).__name__}: {str(error)[:80]})"
