@@ -231,8 +231,7 @@ def test_strided_bound_over_all_offsets_averages_to_the_full_bound():
     assert (torch.stack(strided) - full).abs().max() > 1e-3  # a single offset really is an estimate
     # The first terms all computed (weight 1), the tail sampled: still exact over the offsets.
     dense = [
-        sched.calc_bpd_loop(model, x0, stride=k, offset=r, dense_below=50, generator=gen(r))
-        for r in range(k)
+        sched.calc_bpd_loop(model, x0, stride=k, offset=r, dense_below=50, generator=gen(r)) for r in range(k)
     ]
     torch.testing.assert_close(torch.stack([b.total_bpd for b in dense]).mean(0), full, rtol=1e-10, atol=0)
     assert dense[0].weights[:50].tolist() == [1] * 50 and set(dense[0].weights[50:].tolist()) == {0, k}
