@@ -6,7 +6,7 @@
    text encoder (configs/tiny-shapes.yaml) on shapes with no magenta at all: the base, which has
    never seen the colour or the word. (The VAE, like SD's, is a codec for every colour: one trained
    without magenta decodes it as green, and no adapter on the U-Net could then draw it.)
-2. Prompt fidelity (sdlite/evaluation.py: colour and shape read back from the pixels) of the base for
+2. Prompt fidelity (sdlite/fidelity.py: colour and shape read back from the pixels) of the base for
    "a magenta circle / square / triangle" and for the 15 pairs it knows.
 3. configs/tiny-lora.yaml: a LoRA adapter trained on magenta shapes alone (with --replay N, plus N
    shapes of the known colours), base frozen.
@@ -48,8 +48,8 @@ def fidelity(pipe, colours: list[str], n: int, steps: int, guidance: float, scal
     """Prompt fidelity over every shape in ``colours``; ``scale``: the adapters' strength."""
     import torch
 
-    from sdlite import evaluation
     from sdlite.data.shapes import SHAPES
+    from sdlite.fidelity import prompt_fidelity
 
     prompts = [f"a {c} {s}" for c in colours for s in SHAPES]
     extra = {} if scale is None else {"cross_attention_kwargs": {"scale": scale}}
@@ -59,7 +59,7 @@ def fidelity(pipe, colours: list[str], n: int, steps: int, guidance: float, scal
         return list(pipe(list(asked), num_inference_steps=steps, guidance_scale=guidance,
                          generator=generator, output_type="np", **extra).images)  # fmt: skip
 
-    report = evaluation.prompt_fidelity(generate, prompts, n=n, seed=0)
+    report = prompt_fidelity(generate, prompts, n=n, seed=0)
     print(report.table(), flush=True)
     return {"fidelity": report.fidelity, "colour": sum(s.colour for s in report.scores) / len(prompts)}
 

@@ -51,9 +51,34 @@ class DDPMSchedulerOutput(BaseOutput):
 
 @dataclass
 class VariationalBound:
-    total_bpd: torch.Tensor  # (B,) L_T + Σ_t L_{t-1} + L_0 in bits per dimension (eq. 5)
+    total_bpd: torch.Tensor  # (B,) L_T + Σ_t weight_t L_{t-1} + L_0 in bits per dimension (eq. 5)
     prior_bpd: torch.Tensor  # (B,) L_T
     terms_bpd: torch.Tensor  # (B, T) column t: the term of step t -> t-1 (column 0: L_0); 0 if skipped
+    weights: torch.Tensor  # (T,) how many terms each computed column stands for (0: skipped)
+    eps_mse: torch.Tensor  # (B,) ||ε - ε_θ(x_t, t)||² at the same draws, weighted alike: E_t of it
+
+    @property
+    def diffusion_bpd(self) -> torch.Tensor:
+        """(B,) Σ_{t>1} L_{t-1}: the weighted terms between the prior and the decoder."""
+        return (self.terms_bpd[:, 1:] * self.weights[1:]).sum(1)
+
+
+def bound_timesteps(T: int, stride: int = 1, dense_below: int = 1, offset: int = 0) -> list[tuple[int, int]]:
+    """(t, weight) of the eq. 5 terms to compute: every t < dense_below with weight 1 (t = 0 is L_0,
+    always computed), then every ``stride``-th t from ``dense_below + offset`` with weight ``stride``.
+
+    With ``offset`` uniform over 0..stride-1 each tail term is kept with probability 1/stride, so the
+    weighted sum is an unbiased estimate of the full one. The terms of the first few steps are most
+    of the sum (for a trained tiny model, t < 20 gives about 85% of Σ L_{t-1}): computing them all
+    and sampling only the long, small tail (dense_below > 1) lowers the estimate's variance.
+    """
+    if stride < 1 or not 0 <= offset < stride or dense_below < 1:
+        raise ValueError(
+            f"need stride >= 1, 0 <= offset < stride and dense_below >= 1 (t = 0 is the decoder term), "
+            f"got stride={stride}, offset={offset}, dense_below={dense_below}"
+        )
+    dense = [(t, 1) for t in range(min(dense_below, T))]
+    return dense + [(t, stride) for t in range(dense_below + offset, T, stride)]
 
 
 # Beta schedules: each returns β_1..β_T in float64.
@@ -464,29 +489,44 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         offset: int | None = None,
         bin_width: float | None = None,
         generator: torch.Generator | None = None,
+        dense_below: int = 1,
     ) -> VariationalBound:
         """The bound of eq. 5 per sample, in bits per dimension; model_fn(x_t, t) -> model output.
 
         Each term uses one draw of x_t ~ q(x_t | x_0), as improved-diffusion does, so the result is
-        an unbiased single-sample estimate of the bound. stride=1 sums all T terms. stride=k keeps
-        L_T and L_0 and, of t = 1..T-1, those with (t - 1) % k == offset, weighted by k; with offset
-        drawn uniformly from 0..k-1 (offset=None) each t is kept with probability exactly 1/k, so
-        the estimate stays unbiased at 1/k of the model calls.
+        an unbiased single-sample estimate of the bound. The terms computed are ``bound_timesteps``'s:
+        stride=1 sums all T; stride=k keeps L_T, the terms t < dense_below and, of the rest, every
+        k-th from ``offset`` weighted by k. With offset drawn uniformly from 0..k-1 (offset=None,
+        from ``generator``) each is kept with probability exactly 1/k: unbiased at 1/k of the calls.
+        The same model calls give the ε-MSE (the training loss of an ε-model), weighted alike.
         """
         T, B = self.config.num_train_timesteps, len(x0)
         if offset is None:
             offset = int(torch.randint(stride, (1,), generator=generator))
-        kept = [0] + list(range(1 + offset, T, stride))
+        steps = bound_timesteps(T, stride, dense_below, offset)
         terms = torch.zeros(B, T, device=x0.device, dtype=x0.dtype)
-        for t_int in kept:
+        weights = torch.zeros(T, device=x0.device, dtype=x0.dtype)
+        eps_mse = torch.zeros(B, device=x0.device, dtype=x0.dtype)
+        for t_int, weight in steps:
             t = torch.full((B,), t_int, device=x0.device, dtype=torch.long)
             noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             x_t = self.q_sample(x0, t, noise)
-            nats = self.vb_term(model_fn(x_t, t), x0, x_t, t, bin_width)
-            terms[:, t_int] = bits_per_dim(nats)
+            output = model_fn(x_t, t)
+            terms[:, t_int] = bits_per_dim(self.vb_term(output, x0, x_t, t, bin_width))
+            weights[t_int] = weight
+            eps_mse += weight * ((self.predict_eps(output, x_t, t) - noise) ** 2).reshape(B, -1).mean(1)
         prior = bits_per_dim(self.prior_kl(x0))
-        total = prior + terms[:, 0] + stride * terms[:, 1:].sum(1)
-        return VariationalBound(total_bpd=total, prior_bpd=prior, terms_bpd=terms)
+        total = prior + (terms * weights).sum(1)
+        return VariationalBound(total, prior, terms, weights, eps_mse / weights.sum())
+
+    def predict_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        """ε̂ from the model output, read according to config.prediction_type."""
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return model_output
+        if kind == "v_prediction":
+            return self.predict_eps_from_v(x_t, t, model_output)
+        return self.predict_eps_from_x0(x_t, t, self.predict_x0(model_output, x_t, t))
 
 
 # Log likelihoods and KL of diagonal Gaussians, all per element, in nats.

@@ -97,7 +97,7 @@ def _clip_text(width, layers, heads, max_length, act="quick_gelu", projection_di
 
 
 # Ho et al. 2020's linear schedule. Latent models never clip x0 to [-1, 1]: latents go past it and
-# clipping them draws the right shapes in the wrong colours (see shared/DESIGN.md).
+# clipping them draws the right shapes in the wrong colours.
 DDPM_LINEAR = dict(
     num_train_timesteps=1000,
     beta_schedule="linear",

@@ -14,9 +14,12 @@ from sdlite.data.cache import (
     cache_text,
     fingerprint,
     latent_key,
+    sample_latents,
     text_key,
+    vae_moments,
 )
 from sdlite.data.dataset import ImageTransform, load_rows
+from sdlite.latents import encode
 from sdlite.presets import get_preset
 
 
@@ -145,3 +148,16 @@ def test_text_embeddings_hit_per_caption_and_follow_the_encoder(tmp_path):
     torch.testing.assert_close(cache.load(files[1].split("/")[-1][:-12])["embeds"], expected)
     assert cache_text(cache, ids, encoder)[1] == 0
     assert cache_text(cache, ids, tiny_text_encoder(seed=1))[1] == 2
+
+
+def test_latents_from_cached_moments_equal_the_codecs_encode_with_the_same_draw():
+    # One codec: a cached entry's mean and std, with the noise latent_dist.sample() would draw, give
+    # the same x_0 as sdlite.latents.encode, shift included (the cache stores neither factor).
+    vae = tiny_vae()
+    vae.register_to_config(scaling_factor=0.7, shift_factor=0.2)
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    expected = encode(vae, pixels, torch.Generator().manual_seed(3))
+    moments = vae_moments(vae, pixels)
+    noise = torch.randn(moments["mean"].shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(sample_latents(moments, noise, vae.config), expected)
+    assert not torch.allclose(sample_latents(moments, noise, {"scaling_factor": 0.7}), expected)

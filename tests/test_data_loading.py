@@ -57,19 +57,23 @@ def test_a_saved_dataset_and_tables_of_paths_read_the_same_rows(folder, tmp_path
     saved.save_to_disk(tmp_path / "saved")
     rows = load_rows(tmp_path / "saved", image_column="picture", caption_column="caption")
     assert {(image_bytes(r["picture"]), r["caption"]) for r in rows} == expected
-    # CSV and parquet with paths relative to the table's folder
+    # CSV and parquet with paths relative to the table's folder; this table's images lie outside its
+    # folder, which the user allows (by default a table reads only inside its folder)
     table = tmp_path / "tables"
     table.mkdir()
     relative = os.path.relpath(folder, table)
     lines = ["file,text"] + [f"{relative}/{i:04d}.png,caption {i}" for i in range(4)]
     (table / "data.csv").write_text("\n".join(lines) + "\n")
-    rows = load_rows(table / "data.csv", image_column="file")
+    rows = load_rows(table / "data.csv", image_column="file", allow_outside=True)
     assert {(image_bytes(r["file"]), r["text"]) for r in rows} == expected
     datasets.load_dataset("csv", data_files=str(table / "data.csv"), split="train").to_parquet(
         table / "d.parquet"
     )
-    rows = load_rows(table / "d.parquet", image_column="file")
+    rows = load_rows(table / "d.parquet", image_column="file", allow_outside=True)
     assert {(image_bytes(r["file"]), r["text"]) for r in rows} == expected
+    for name in ("data.csv", "d.parquet"):
+        with pytest.raises(DataError, match="outside the data folder.*allow_outside_paths"):
+            load_rows(table / name, image_column="file")
 
 
 def test_a_missing_column_or_source_fails_with_a_useful_message(folder, tmp_path):

@@ -229,6 +229,29 @@ def test_strided_bound_over_all_offsets_averages_to_the_full_bound():
     ]
     torch.testing.assert_close(torch.stack(strided).mean(0), full, rtol=1e-10, atol=0)
     assert (torch.stack(strided) - full).abs().max() > 1e-3  # a single offset really is an estimate
+    # The first terms all computed (weight 1), the tail sampled: still exact over the offsets.
+    dense = [
+        sched.calc_bpd_loop(model, x0, stride=k, offset=r, dense_below=50, generator=gen(r)) for r in range(k)
+    ]
+    torch.testing.assert_close(torch.stack([b.total_bpd for b in dense]).mean(0), full, rtol=1e-10, atol=0)
+    assert dense[0].weights[:50].tolist() == [1] * 50 and set(dense[0].weights[50:].tolist()) == {0, k}
+
+
+def test_an_oracle_that_knows_x0_pays_only_the_prior_and_the_decoder():
+    # ε-model that returns the very noise of x_t (it knows x_0): ε-MSE is 0, x̂_0 = x_0 so p_θ's
+    # mean is q's posterior mean and, with σ_t² = β̃_t, every L_{t-1} (t > 1) is KL(q || q) = 0.
+    sched = DDPMScheduler(clip_sample=False, num_train_timesteps=100)
+    x0 = torch.rand(4, 2, 3, 3, generator=gen(8), dtype=torch.float64) * 2 - 1
+
+    def oracle(x_t, t):
+        return sched.predict_eps_from_x0(x_t, t, x0)
+
+    bound = sched.calc_bpd_loop(oracle, x0, stride=3, dense_below=10, generator=gen(9))
+    assert bound.eps_mse.abs().max() < 1e-12
+    assert bound.diffusion_bpd.abs().max() < 1e-9
+    expected = bound.prior_bpd + bound.terms_bpd[:, 0]
+    torch.testing.assert_close(bound.total_bpd, expected, rtol=1e-12, atol=1e-12)
+    assert (bound.terms_bpd[:, 0] != 0).all()  # L_0: a density of x_0 under N(x_0, β̃_1), not 0
 
 
 def test_discrete_decoder_puts_all_mass_on_the_256_pixel_values():

@@ -7,14 +7,17 @@ without a caption, an empty caption and one longer than the tokenizer's limit.
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from sdlite.data import dataset
+from sdlite.data import cleaning
 from sdlite.data.cache import DecodedImages
-from sdlite.data.dataset import DataError, ImageTransform, clean_rows, decode_image, load_rows
+from sdlite.data.cleaning import clean_rows
+from sdlite.data.dataset import DataError, ImageTransform, load_rows
+from sdlite.data.decoding import decode_image
 from sdlite.data.shapes import write_dataset
 from sdlite.tokenizer import clip_tokenizer
 from sdlite.training.train import main
@@ -97,8 +100,10 @@ def test_a_folder_of_only_bad_images_is_an_error_and_a_clean_one_leaves_no_list(
 
 
 def test_images_that_decoded_in_an_earlier_run_are_not_decoded_again(messy, tmp_path, monkeypatch):
-    real, calls = dataset.decode_image, []
-    monkeypatch.setattr(dataset, "decode_image", lambda data: calls.append(data) or real(data))
+    real, calls = cleaning.decode_image, []
+    monkeypatch.setattr(
+        cleaning, "decode_image", lambda data, *limit: calls.append(data) or real(data, *limit)
+    )
     rows, decoded = load_rows(messy), DecodedImages(tmp_path)
     first = clean_rows(rows, "image", "text", 32, None, "skip", None, print, decoded)
     assert len(calls) >= 10
@@ -137,3 +142,27 @@ def test_training_on_a_messy_folder_runs_and_writes_bad_files(messy, tmp_path, c
     assert len(skipped) == 3
     with pytest.raises(DataError, match="unusable images"):
         main(argv({**flags, "bad_data": "error"}))
+
+
+def test_an_image_that_breaks_after_the_check_does_not_end_an_uncached_run(
+    messy, tmp_path, monkeypatch, capfd
+):
+    # Issue 15, item 7: the file changes between the start-up check and its turn in the loop. Before,
+    # PIL.UnidentifiedImageError (naming no file) ended the run without a checkpoint.
+    import sdlite.training.parts as parts
+
+    folder = tmp_path / "data"
+    shutil.copytree(messy, folder)
+    checked = parts.clean_rows
+
+    def check_then_break(*args, **kwargs):
+        rows = checked(*args, **kwargs)
+        (folder / "000003.png").write_bytes(b"overwritten after the check\n")
+        return rows
+
+    monkeypatch.setattr(parts, "clean_rows", check_then_break)
+    out = tmp_path / "run"
+    main(argv(dict(train_data_dir=folder, output_dir=out, max_steps=3, train_batch_size=5, checkpoint_every=0,
+                   report_to="none", ema_decay="none", cache_latents="false")))  # fmt: skip
+    assert (out / "final" / "unet").is_dir()
+    assert "000003.png: not an image" in capfd.readouterr().out

@@ -15,7 +15,7 @@ from sdlite.data.shapes import (
     sample_specs,
     write_dataset,
 )
-from sdlite.evaluation import analyse_image, matches
+from sdlite.fidelity import analyse_image, matches
 
 
 def read_folder(folder):

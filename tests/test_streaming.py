@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdlite.data.dataset import ImageTransform
+from sdlite.data.dataset import DataError, ImageTransform
 from sdlite.data.shapes import write_dataset
 from sdlite.data.streaming import StreamingExamples, load_stream, parquet_rows, write_shards
 from sdlite.models import build_components
@@ -107,3 +107,22 @@ def test_streamed_training_decodes_each_step_s_batch_once_and_resumes_exactly(sh
     a, b = (load_file(next((tmp_path / run / "final" / "unet").glob("*.safetensors")))
             for run in ("whole", "split"))  # fmt: skip
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_json_shards_naming_files_outside_their_folder_or_fifos_stop_with_the_path_named(tmp_path, tokenizer):
+    import json
+    import os
+
+    write_dataset(tmp_path / "images", count=2, seed=0)
+    (tmp_path / "shards").mkdir()
+    os.mkfifo(tmp_path / "shards" / "pipe.png")  # reading it would block the stream for ever
+    rows = [("../images/000000.png", "up and out"), ("pipe.png", "a fifo")]
+    (tmp_path / "shards" / "part-0.jsonl").write_text(
+        "".join(json.dumps({"image": p, "text": t}) + "\n" for p, t in rows)
+    )
+    with pytest.raises(DataError, match="'../images/000000.png' is outside the data folder"):
+        next(iter(load_stream(tmp_path / "shards")))
+    stream = StreamingExamples(load_stream(tmp_path / "shards", allow_outside=True), "image", "text",
+                               ImageTransform(32), tokenizer, 2, seed=0, shuffle_buffer=1)  # fmt: skip
+    with pytest.raises(DataError, match="image .*pipe.png: .*is a FIFO, not a regular file"):
+        next(iter(stream))

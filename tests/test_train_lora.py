@@ -4,7 +4,7 @@ Checked here on the tiny preset: only adapter weights move (the base is bit-iden
 text encoder's adapter trains at its own rate, checkpoints hold only the adapters and resume exactly,
 two processes train like one, the saved file loads in sdlite's and diffusers' pipelines alike, and a
 LoRA run on a colour the base never saw lowers that colour's bits/dim and teaches the base to draw it
-(both measured with sdlite/evaluation.py).
+(both measured with sdlite/fidelity.py and sdlite/likelihood.py).
 """
 
 import copy
@@ -22,7 +22,8 @@ from test_train import ROOT, flags, launch
 
 from sdlite.data.shapes import write_dataset
 from sdlite.ddpm import DDPMScheduler
-from sdlite.evaluation import pipeline_generate, prompt_fidelity, variational_bound
+from sdlite.fidelity import pipeline_generate, prompt_fidelity
+from sdlite.likelihood import variational_bound
 from sdlite.lora import adapter_parameters, load_lora_into, read_lora_metadata
 from sdlite.models import build_components, load_components
 from sdlite.pipelines import TextToImagePipeline
@@ -206,7 +207,7 @@ def held_out_bits_per_dim(parts, folder: Path) -> float:
 def test_a_lora_run_lowers_the_bits_per_dim_of_a_colour_the_base_never_saw(tmp_path, seed):
     """The cut-down version of benchmarks/lora_new_colour.py, in seconds: a base trained briefly on
     shapes of every colour but magenta, then a LoRA run on magenta shapes alone; held-out magenta
-    shapes' bits/dim (sdlite/evaluation.py, eq. 5 of Ho et al.) before and after.
+    shapes' bits/dim (sdlite/likelihood.py, eq. 5 of Ho et al.) before and after.
 
     This shows less than the script's prompt fidelity. The adapter lowers the new colour's bits/dim
     (figures at DROP_MARGIN), but at this length most of the gain is generic: in trial runs shapes
@@ -338,7 +339,7 @@ def common_flags(seed: int) -> dict:
 
 def colour_right(parts, colours, n: int = 8) -> float:
     """The fraction of n images per "a <colour> square" whose square reads back in that colour
-    (sdlite/evaluation.py: the palette colour nearest the shape's median pixel)."""
+    (sdlite/fidelity.py: the palette colour nearest the shape's median pixel)."""
     pipe = TextToImagePipeline(**parts.as_dict())
     pipe.set_progress_bar_config(disable=True)
     generate = pipeline_generate(functools.partial(pipe, height=SIZE, width=SIZE), **SAMPLING)
@@ -351,7 +352,7 @@ def test_a_lora_run_teaches_the_base_to_draw_a_colour_it_never_saw(colour_base):
     """benchmarks/lora_new_colour.py cut down to a minute: a base that knows red, green and yellow
     squares, a LoRA run (100 steps, rank 8, attention, convolution and projection layers, text encoder
     too) on magenta squares alone, and 8 images for "a magenta square" whose colour is read back from
-    the pixels (sdlite/evaluation.py's prompt fidelity), before and after. The VAE is pixel_codec, a
+    the pixels (sdlite/fidelity.py's prompt fidelity), before and after. The VAE is pixel_codec, a
     lossless colour codec, so that the colour is the U-Net's doing.
 
     Measured with seeds 0 / 1 / 2 (2 shared CPU cores, 1 thread; 8 images a prompt): the base's

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdlite import evaluation
+from sdlite import fidelity, likelihood
 from sdlite.data.dataset import ImageTransform, caption_text, image_bytes, load_rows
 from sdlite.data.shapes import allowed_pairs, draw, sample_specs
+from sdlite.images import grid
 from sdlite.training.cli import DEFAULT_STEPS, EVAL_GUIDANCE
 from sdlite.training.cmd_generate import load_pipeline
 
@@ -44,8 +45,8 @@ def run_evaluation(
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     prompts = evaluation_prompts(colours, shapes)
     start = time.perf_counter()
-    generate = evaluation.pipeline_generate(pipe, steps, guidance)
-    report = evaluation.prompt_fidelity(
+    generate = fidelity.pipeline_generate(pipe, steps, guidance)
+    report = fidelity.prompt_fidelity(
         generate, prompts, n=n, seed=seed, image_size=size, unseen=unseen, keep_images=grid_path is not None
     )
     fidelity_s = time.perf_counter() - start
@@ -55,12 +56,12 @@ def run_evaluation(
         images = [im for _, batch in report.images for im in batch]
         # Prompts run colour-major, so with one row per colour a row holds its shapes side by side.
         rows = len({c for c, _ in allowed_pairs(colours, shapes)})
-        evaluation.grid(images, rows=rows, scale=2).save(grid_path)
+        grid(images, rows=rows, scale=2).save(grid_path)
         print(f"wrote {grid_path}: a row per colour, {n} images per prompt, pixels doubled")
 
     start = time.perf_counter()
     images, captions = held_out_data(data, bpd_count, size, seed)
-    bound = evaluation.variational_bound(pipe, images, captions, stride=stride, seed=seed)
+    bound = likelihood.variational_bound(pipe, images, captions, stride=stride, seed=seed)
     bpd_s = time.perf_counter() - start
     print(f"held-out {bound.line()} ({bpd_s:.0f} s)")
     return {

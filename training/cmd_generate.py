@@ -12,7 +12,7 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors import SafetensorError
 from transformers.utils import logging as transformers_logging
 
-from sdlite import evaluation
+from sdlite.images import grid
 from sdlite.pipelines.text_to_image import TextToImagePipeline
 from sdlite.training.schedulers import make_scheduler
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         output_type="np",
     ).images
     rows = 1 if len(images) <= 8 else int(len(images) ** 0.5)
-    image = evaluation.grid(images, rows=rows, scale=args.scale)
+    image = grid(images, rows=rows, scale=args.scale)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)

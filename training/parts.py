@@ -13,7 +13,8 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from sdlite.data.cache import DecodedImages, TensorCache, cache_latents, cache_text, text_embeddings
-from sdlite.data.dataset import ImageTransform, TrainingExamples, caption_text, clean_rows, load_rows
+from sdlite.data.cleaning import clean_rows
+from sdlite.data.dataset import ImageTransform, TrainingExamples, caption_text, load_rows
 from sdlite.ddpm import DDPMScheduler
 from sdlite.lora import LoraSettings, add_lora, cast_adapters_to_fp32
 from sdlite.models import build_components, check_compatible, load_components

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sdlite import evaluation
+from sdlite import images
 from sdlite.ddpm import DDPMScheduler
 from sdlite.lora import save_lora
 from sdlite.models import save_components
@@ -231,7 +231,7 @@ def validate(run, step: int) -> dict[str, float]:
             logs = held_out_loss(run, denoiser)
         if cfg.validation_prompts:
             n = len(cfg.validation_prompts)
-            grid = evaluation.grid(sample_images(run), rows=math.ceil(n / 8))  # at most 8 a row
+            grid = images.grid(sample_images(run), rows=math.ceil(n / 8))  # at most 8 a row
             path = Path(cfg.output_dir) / "validation" / f"step-{step}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)

@@ -1,2 +1,3 @@
-"""Training data: loading (``dataset``), the latent and embedding cache (``cache``), and the generated
-shapes data set (``shapes``)."""
+"""Training data: loading (``dataset``; reading what a source names safely, ``files``; image decoding,
+``decoding``), the check of every row before training (``cleaning``), the latent and embedding cache
+(``cache``), streaming (``streaming``) and the generated shapes data set (``shapes``)."""

@@ -4,12 +4,14 @@ Each entry is one safetensors file named by its key, the SHA-256 of everything t
 
 - latents of one image and one flip: the image's bytes, the decoder's version, the resolution, the crop
   box, the flip, and the VAE's fingerprint (its config and weights, so also their dtype). Stored:
-  ``mean`` and ``std`` of the encoder's posterior q(z|x), each (C, h, w), before the scaling factor
-  (which the fingerprint leaves out, so a VAE whose scaling factor alone changed keeps its cache);
+  ``mean`` and ``std`` of the encoder's posterior q(z|x), each (C, h, w), before the scaling and shift
+  factors (which the fingerprint leaves out, so a VAE whose factors alone changed keeps its cache);
+  ``sample_latents`` turns them into the U-Net's x_0 through ``sdlite.latents.to_latents``;
 - text embeddings of one caption: its token ids and the text encoder's fingerprint. Stored:
   ``embeds`` (L, D), the encoder's last hidden state;
 - ``decoded/``: an empty file per image (by its bytes and the decoder's version) that decoded whole,
-  so that the check of every image before training (``clean_rows``) decodes each only once.
+  so that the check of every image before training (``sdlite.data.cleaning.clean_rows``) decodes
+  each only once.
 
 A key changes whenever anything that shapes the tensor changes, so a stale entry is never read, and
 unchanged data hits in every later run, whatever its output folder. Entries are never rewritten:
@@ -33,7 +35,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdlite.data.dataset import DECODER, ImageTransform, image_bytes, image_size
+from sdlite.data.dataset import ImageTransform, image_bytes
+from sdlite.data.decoding import DECODER, image_size
+from sdlite.latents import to_latents
 
 # Config entries that do not change what a model computes from its input.
 NOT_COMPUTED = ("scaling_factor", "shift_factor", "force_upcast")
@@ -151,6 +155,12 @@ def vae_moments(vae, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mean and std of q(z|x) for (B, 3, H, W) pixels in [-1, 1], as float32 (B, C, h, w)."""
     posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     return {"mean": posterior.mean.float(), "std": posterior.std.float()}
+
+
+def sample_latents(moments: dict[str, torch.Tensor], noise: torch.Tensor, vae_config) -> torch.Tensor:
+    """x_0 from moments of q(z|x) (a cache entry or ``vae_moments``): z = mean + std * noise, the draw
+    diffusers' ``latent_dist.sample()`` makes, then scaled and shifted by ``sdlite.latents.to_latents``."""
+    return to_latents(moments["mean"] + moments["std"] * noise, vae_config)
 
 
 @torch.no_grad()

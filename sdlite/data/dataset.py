@@ -15,18 +15,15 @@ square, flip left-right or not, scale to [-1, 1]. The crop is centred, or a rand
 image from (seed, index): the same crop every epoch, so that examples can be cached (as diffusers'
 SDXL script does). Whether to flip is the sampler's choice per step; the cache holds both flips.
 
-Scraped data has bad rows. ``clean_rows`` decodes every image once, before training starts, so that
-none can fail in the middle of an epoch: a file that is not a complete image (corrupt, truncated, not
-an image, missing, a decompression bomb) is skipped or, with ``bad_data="error"``, stops the run;
-grayscale, palette, 16-bit and transparent images are converted (``decode_image``), images smaller
-than the resolution upscaled, missing captions trained as the empty caption and captions longer than
-the tokenizer's limit truncated. Each kind is counted in one log line and every row listed in a report.
+Scraped data has bad rows. ``load_rows`` reads metadata line by line (sdlite.data.files): a line
+that is not UTF-8 or not JSON, a caption that is not text, an image path outside the data folder is
+named by file and line. ``sdlite.data.cleaning.clean_rows`` then checks every row before training.
+An image that breaks after that check (uncached runs read it again every epoch) is replaced and
+listed (``TrainingExamples``).
 """
 
 from __future__ import annotations
 
-import io
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,37 +31,100 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from safetensors.torch import load_file
 
+from sdlite.data.decoding import decode_image, pixel_limit, why_unusable
+from sdlite.data.files import MAX_FILE_BYTES, DataError, metadata_table, read_file, resolve_in
+
 TABLE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json"}
-
-
-class DataError(ValueError):
-    """A data source that cannot be read as rows of images and captions."""
+# Rows of metadata that cannot be read (bad_data="skip") stay in the rows, marked here, for clean_rows
+# to skip and list like a bad image: (where: "file line N", what is wrong), None on good rows.
+PROBLEM, WHERE = "sdlite_problem", "sdlite_where"
 
 
 def _is_saved_dataset(path: Path) -> bool:
     return any((path / name).is_file() for name in ("state.json", "dataset_dict.json", "dataset_info.json"))
 
 
+def _metadata_files(path: Path) -> list[Path]:
+    """The metadata files datasets' imagefolder reads for the train split of folder ``path``."""
+    root = path / "train" if (path / "train").is_dir() else path
+    return sorted(p for p in root.rglob("metadata.*") if p.suffix in (".jsonl", ".csv"))
+
+
+def _rows_of_lines(
+    tables: list[Path],
+    root: Path,
+    image_column: str,
+    caption_column: str,
+    bad_data: str,
+    allow_outside: bool,
+    image_key: str,
+) -> tuple[datasets.Dataset | None, list[str]]:
+    """Check every line of metadata ``tables`` (see sdlite.data.files.metadata_table).
+
+    Returns (None, []) when every line is good (``datasets`` may read the files as they are); with
+    bad lines and bad_data="error", (None, the bad lines named); with "skip", the rows built here, in
+    file order as imagefolder builds them, the bad ones marked for clean_rows to skip and list.
+    """
+    table, problems = metadata_table(tables, root, image_key, allow_outside, caption_column)
+    if not problems or bad_data != "skip":
+        return None, problems
+    text = datasets.Value("string")
+    table = {image_column: table["image"], caption_column: table["caption"], PROBLEM: table["problem"],
+             WHERE: table["where"]}  # fmt: skip
+    features = datasets.Features(
+        {image_column: datasets.Image(decode=False), caption_column: text, PROBLEM: text, WHERE: text}
+    )
+    return datasets.Dataset.from_dict(table, features=features), problems
+
+
 def load_rows(
-    source: str | Path, image_column: str = "image", caption_column: str = "text"
+    source: str | Path,
+    image_column: str = "image",
+    caption_column: str = "text",
+    bad_data: str = "error",
+    allow_outside: bool = False,
 ) -> datasets.Dataset:
-    """The rows of a data source (see the module docstring), images left encoded."""
+    """The rows of a data source (see the module docstring), images left encoded.
+
+    Metadata (``metadata.jsonl`` / ``.csv`` of an image folder, a JSON-lines or CSV table) is read line
+    by line first: a line that is not UTF-8 or not JSON, a caption that is not text, an image path
+    outside the data folder (unless ``allow_outside``) is a DataError naming the file and line, or
+    with bad_data="skip" a row that clean_rows skips and lists.
+    """
     path = Path(source)
+    rows = None
     if path.is_dir() and _is_saved_dataset(path):
         rows = datasets.load_from_disk(str(path))
         if isinstance(rows, datasets.DatasetDict):
             rows = rows["train"]
     elif path.is_dir():
-        rows = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+        rows, problems = _rows_of_lines(_metadata_files(path), path, image_column, caption_column, bad_data,
+                                        allow_outside, "file_name")  # fmt: skip
+        _raise_for(problems, bad_data)
+        if rows is None:
+            rows = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
     elif path.is_file() and path.suffix.lower() in TABLE_FORMATS:
-        rows = datasets.load_dataset(TABLE_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
-        feature = rows.features.get(image_column)
-        if isinstance(feature, datasets.Value) and "string" in feature.dtype:
-            folder = path.resolve().parent  # relative image paths are relative to the table
-            rows = rows.map(lambda row: {image_column: str(folder / row[image_column])})
+        folder = path.resolve().parent  # relative image paths are relative to the table
+        lines = path.suffix.lower() in (".csv", ".jsonl") or (
+            path.suffix.lower() == ".json" and path.read_bytes()[:64].lstrip()[:1] != b"["
+        )
+        if lines:
+            rows, problems = _rows_of_lines([path], folder, image_column, caption_column, bad_data,
+                                            allow_outside, image_column)  # fmt: skip
+            _raise_for(problems, bad_data)
+        if rows is None:
+            builder = TABLE_FORMATS[path.suffix.lower()]
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+            feature = rows.features.get(image_column)
+            if isinstance(feature, datasets.Value) and "string" in feature.dtype:
+                # Parquet or a JSON array (lines were checked above): outside paths stop the run.
+                outside = [w for p in rows[image_column] if (w := resolve_in(folder, p, allow_outside)[1])]
+                _raise_for(outside, "error", "or allow_outside_paths if you trust the table")
+                absolute = [str(resolve_in(folder, p, True)[0]) for p in rows[image_column]]
+                rows = rows.remove_columns(image_column).add_column(image_column, absolute)
     else:
         raise DataError(
             f"data source {str(path)!r} is neither a folder (images with metadata.jsonl, or a dataset "
@@ -81,11 +141,19 @@ def load_rows(
     return rows.cast_column(image_column, datasets.Image(decode=False))
 
 
-def image_bytes(entry: dict) -> bytes:
-    """The encoded bytes of an undecoded ``datasets.Image`` entry: stored bytes, else the file's."""
+def _raise_for(problems: list[str], bad_data: str, fix: str = "or set bad_data to skip to train without "
+               "them (they are listed)") -> None:  # fmt: skip
+    if problems and bad_data != "skip":
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise DataError(f"{len(problems)} rows of metadata cannot be read: {shown}. Fix them, {fix}")
+
+
+def image_bytes(entry: dict, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The encoded bytes of an undecoded ``datasets.Image`` entry: stored bytes, else the file's (a
+    regular file of at most ``max_bytes``: see sdlite.data.files.read_file)."""
     if entry.get("bytes"):
         return entry["bytes"]
-    return Path(entry["path"]).read_bytes()
+    return read_file(entry["path"], max_bytes)
 
 
 def caption_text(value) -> str:
@@ -102,6 +170,7 @@ class ImageTransform:
     resolution: int
     random_crop: bool = False
     seed: int = 0
+    max_pixels: int | None = None  # the most pixels an image may declare; None: pixel_limit(resolution)
 
     def resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
         scale = self.resolution / min(size)
@@ -119,7 +188,7 @@ class ImageTransform:
         return left, top, left + r, top + r
 
     def __call__(self, data: bytes, index: int, flip: bool = False) -> torch.Tensor:
-        image = decode_image(data)
+        image = decode_image(data, pixel_limit(self.resolution, self.max_pixels))
         box = self.crop_box(image.size, index)
         size = self.resized_size(image.size)
         if size != image.size:
@@ -130,132 +199,10 @@ class ImageTransform:
         return pixels.flip(-1) if flip else pixels  # (3, R, R)
 
 
-# The version of decode_image, part of every cache key of decoded pixels; bump it when decoding changes.
-# 2: 16-bit images scaled rather than clipped, transparent pixels white rather than their hidden colour.
-DECODER = 2
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes -> an RGB image, every pixel decoded (a truncated file fails here).
-
-    16-bit images keep their top 8 bits (PIL's own conversion would clip them to white), and
-    transparent pixels become white (dropping alpha would show whatever colour they hold, often black).
-    """
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale PNG or TIFF
-        gray = np.asarray(image, dtype=np.float64) / 257
-        image = Image.fromarray(gray.round().clip(0, 255).astype(np.uint8))
-    elif image.mode == "F":  # floating-point TIFF: taken as [0, 1]
-        image = Image.fromarray((np.asarray(image) * 255).round().clip(0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
-        image = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
-    return image.convert("RGB")
-
-
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the image header, without decoding the pixels."""
-    return Image.open(io.BytesIO(data)).size
-
-
 def row_name(entry, index: int) -> str:
     """How a report names a row: its image file, else its position."""
     path = entry.get("path") if isinstance(entry, dict) else None
     return str(path) if path else f"row {index}"
-
-
-def check_image(entry, resolution: int, decoded=None) -> tuple[str | None, str | None]:
-    """(why the row's image is unusable, what conversion it needs): either may be None. ``decoded``: a
-    set-like record of image bytes known to decode (skipped here, added to when they do)."""
-    if not isinstance(entry, dict) or not (entry.get("bytes") or entry.get("path")):
-        return "no image", None
-    try:
-        data = image_bytes(entry)
-        image = Image.open(io.BytesIO(data))
-        mode, size = image.mode, image.size
-        if decoded is None or data not in decoded:
-            decode_image(data)
-            if decoded is not None:
-                decoded.add(data)
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ... on bad files
-        if isinstance(e, FileNotFoundError):
-            return "missing file", None
-        if isinstance(e, Image.DecompressionBombError):
-            return "too many pixels (decompression bomb?)", None
-        if isinstance(e, UnidentifiedImageError):
-            return "not an image (in no format PIL reads)", None
-        return f"unreadable image ({type(e).__name__}: {str(e)[:80]})", None
-    fixes = []
-    if mode != "RGB":
-        fixes.append(f"converted from {mode}")
-    if min(size) < resolution:
-        fixes.append(f"upscaled from {size[0]}x{size[1]}")
-    return None, ", ".join(fixes) or None
-
-
-def clean_rows(
-    rows: datasets.Dataset,
-    image_column: str,
-    caption_column: str,
-    resolution: int,
-    tokenizer=None,
-    bad_data: str = "skip",
-    report: str | Path | None = None,
-    log: Callable[[str], None] = print,
-    decoded=None,
-) -> datasets.Dataset:
-    """The usable rows, each image decoded once to be sure (see the module docstring).
-
-    bad_data: "skip" drops unusable rows, "error" raises DataError naming them. ``report``: a text
-    file listing every row with a problem and what was done (removed when there is none). ``decoded``:
-    see check_image (sdlite.data.cache.DecodedImages: a warm cache skips the decoding).
-    """
-    problems: list[tuple[str, str, str]] = []  # (row, problem, what was done)
-    bad: list[int] = []
-    counts: Counter[str] = Counter()  # one log line per kind of problem
-    captions = rows[caption_column]
-    limit = getattr(tokenizer, "model_max_length", None)
-    entries = (e for chunk in rows.select_columns([image_column]).iter(256) for e in chunk[image_column])
-    for index, (entry, caption) in enumerate(zip(entries, captions)):
-        name = row_name(entry, index)
-        unusable, fix = check_image(entry, resolution, decoded)
-        text = caption_text(caption)
-        if unusable:
-            bad.append(index)
-            problems.append((name, unusable, "skipped" if bad_data == "skip" else "error"))
-            counts[f"unusable images ({'skipped' if bad_data == 'skip' else 'error'})"] += 1
-            continue
-        if fix:
-            problems.append((name, fix, "kept"))
-            counts["images converted or upscaled"] += 1
-        if not text.strip():
-            problems.append((name, "no caption", "kept, trained with the empty caption"))
-            counts["rows without a caption (trained with the empty one)"] += 1
-        # A token spans at least one character: only long texts need the tokenizer.
-        elif limit and len(text) > limit - 2 and len(tokenizer(text, verbose=False).input_ids) > limit:
-            problems.append((name, f"caption longer than {limit} tokens", "kept, truncated"))
-            counts[f"captions truncated to {limit} tokens"] += 1
-    if report is not None:
-        report = Path(report)
-        if problems:
-            report.parent.mkdir(parents=True, exist_ok=True)
-            report.write_text("".join(f"{n}\t{p}\t{a}\n" for n, p, a in problems))
-        else:
-            report.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
-    where = f" (listed in {str(report)!r})" if report is not None and problems else ""
-    if bad and bad_data == "error":
-        names = ", ".join(n for n, _, a in problems if a == "error")
-        raise DataError(f"{len(bad)} rows have unusable images{where}: {names[:500]}; fix or remove them, "
-                        "or set bad_data to skip")  # fmt: skip
-    if counts:
-        log(f"data: {', '.join(f'{n} {what}' for what, n in counts.items())}{where}")
-    if len(bad) == len(rows):
-        raise DataError(f"none of the {len(rows)} rows has a usable image{where}")
-    if bad:
-        keep = sorted(set(range(len(rows))) - set(bad))
-        rows = rows.select(keep)
-    return rows
 
 
 class TrainingExamples(torch.utils.data.Dataset):
@@ -265,6 +212,12 @@ class TrainingExamples(torch.utils.data.Dataset):
     ``latent_files`` is given (one file per flip), else ``pixels`` (3, R, R) for the trainer to
     encode. The text side is ``embeds`` (L, D) from the cache when ``embed_files`` is given, else
     ``input_ids`` (L,) for the trainer to encode.
+
+    Uncached, an image is read again at every step, and the file may have changed or broken since
+    clean_rows checked it (a sync, an editor, a disk). Such an item is replaced by the next row that
+    still reads (the step keeps its batch size; the replacement is a function of the index alone, so
+    every run and every worker picks the same one), and listed in ``report`` (appended to, as
+    clean_rows' rows are: "file, problem, what was done") and through ``log`` once per file.
     """
 
     def __init__(
@@ -275,13 +228,39 @@ class TrainingExamples(torch.utils.data.Dataset):
         input_ids: torch.Tensor,
         latent_files: list[list[str | None]] | None = None,
         embed_files: list[str] | None = None,
+        report: str | Path | None = None,
+        log: Callable[[str], None] = print,
     ):
         self.images = rows.select_columns([image_column])
         self.image_column, self.transform, self.input_ids = image_column, transform, input_ids
         self.latent_files, self.embed_files = latent_files, embed_files
+        self.report, self.log = report, log
+        self.broken: set[int] = set()  # rows found broken in this process
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def pixels(self, index: int, flip: bool) -> torch.Tensor:
+        """(3, R, R) pixels of row ``index``, or of the next row that still reads."""
+        for k in range(len(self)):
+            row = (index + k) % len(self)
+            if row in self.broken:
+                continue
+            entry = self.images[row][self.image_column]
+            try:
+                return self.transform(image_bytes(entry), row, flip)
+            except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+                self.broken.add(row)
+                self._list(row_name(entry, row), why_unusable(error))
+        raise DataError(f"none of the {len(self)} images reads any more: the data changed after the start")
+
+    def _list(self, name: str, problem: str) -> None:
+        action = "skipped (broke after the start-up check), another row trained in its place"
+        self.log(f"data: {name}: {problem}; {action}")
+        if self.report is not None:
+            # One short append per line: O_APPEND keeps the lines of several workers whole.
+            with open(self.report, "a") as f:
+                f.write(f"{name}\t{problem}\t{action}\n")
 
     def __getitem__(self, item: tuple[int, bool]) -> dict[str, torch.Tensor]:
         index, flip = item
@@ -291,8 +270,7 @@ class TrainingExamples(torch.utils.data.Dataset):
                 raise DataError(f"example {index} was cached without its flipped image")
             example = load_file(path)
         else:
-            data = image_bytes(self.images[index][self.image_column])
-            example = {"pixels": self.transform(data, index, flip)}
+            example = {"pixels": self.pixels(index, flip)}
         if self.embed_files is not None:
             example["embeds"] = load_file(self.embed_files[index])["embeds"]
         else:

@@ -3,7 +3,7 @@
     a red circle          a small blue square          a large yellow triangle
 
 It is generated, so it needs no download, it is exactly reproducible from a seed, and a program can
-check a generated image against its prompt (``sdlite.evaluation.analyse_image``). Shapes are drawn
+check a generated image against its prompt (``sdlite.fidelity.analyse_image``). Shapes are drawn
 as exact pixel masks (no anti-aliasing): a pixel is inside when its centre is, so every pixel is
 either the background or the shape's colour.
 

@@ -39,6 +39,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from sdlite.data.dataset import DataError, ImageTransform, caption_text, image_bytes, load_rows
+from sdlite.data.files import read_file, resolve_in
 from sdlite.tokenizer import token_ids
 
 SHARD_FORMATS = {
@@ -70,9 +71,11 @@ def shard_files(source: str | Path) -> tuple[str, list[str]]:
 
 
 def load_stream(
-    source: str | Path, image_column: str = "image", caption_column: str = "text"
+    source: str | Path, image_column: str = "image", caption_column: str = "text", allow_outside: bool = False
 ) -> datasets.IterableDataset:
-    """The rows of a sharded source as a ``datasets.IterableDataset``, images left encoded."""
+    """The rows of a sharded source as a ``datasets.IterableDataset``, images left encoded. Image paths
+    in the shards must lie in the shards' folder unless ``allow_outside`` (checked as rows arrive: a
+    path outside stops the stream with a DataError naming it)."""
     builder, files = shard_files(source)
     if builder == "imagefolder":
         stream = datasets.load_dataset(builder, data_dir=files[0], split="train", streaming=True)
@@ -90,7 +93,14 @@ def load_stream(
         stream = stream.cast_column(image_column, datasets.Image(decode=False))
     elif isinstance(feature, datasets.Value) and "string" in feature.dtype:
         root = Path(files[0]).resolve().parent  # paths in the shards are relative to their folder
-        stream = stream.map(lambda row: {image_column: str(root / row[image_column])})
+
+        def inside(row: dict) -> dict:
+            path, why = resolve_in(root, row[image_column], allow_outside)
+            if why:
+                raise DataError(f"streaming source {str(source)!r}: {why}")
+            return {image_column: str(path)}
+
+        stream = stream.map(inside)
     return stream
 
 
@@ -192,13 +202,16 @@ class StreamingExamples(torch.utils.data.IterableDataset):
     def example(self, row: dict, position: int) -> torch.Tensor:
         """The pixels of this process's row at ``position`` (counted from the stream's start)."""
         entry = row["image"]
-        data = Path(entry).read_bytes() if isinstance(entry, str) else image_bytes(entry)
+        name = entry if isinstance(entry, str) else (entry or {}).get("path") or "(bytes in the shard)"
         index = position * self.num_processes + self.process_index  # unique over processes: crop seed
         flip = self.random_flip and np.random.default_rng([self.seed, index, 1]).random() < 0.5
         try:
+            data = read_file(entry) if isinstance(entry, str) else image_bytes(entry)
             return self.transform(data, index, bool(flip))
-        except (OSError, ValueError) as error:  # PIL's errors for a truncated or unknown image
-            raise DataError(f"process {self.process_index}, row {position} of its stream: {error}") from error
+        except (OSError, ValueError) as error:  # PIL's errors for a truncated or unknown image, DataError
+            raise DataError(
+                f"process {self.process_index}, row {position} of its stream, image {name}: {error}"
+            ) from error
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = torch.utils.data.get_worker_info()

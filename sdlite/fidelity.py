@@ -1,22 +1,15 @@
-"""Measure a text-to-image model: does it draw what it is asked, how varied, how likely are the data.
+"""Prompt fidelity and diversity of a text-to-image model on the shapes data, read from the pixels.
 
-Two measurements, both deterministic for a seed:
-
-1. **Prompt fidelity on the shapes data.** Generate ``n`` images per prompt ("a red circle") and read
-   the colour and shape back from the pixels: segment the shape from the background, name its colour
-   by the palette colour nearest the foreground's median, name its shape by which template (circle,
-   square, triangle drawn in the shape's bounding box) overlaps it most. Beside it a **diversity**
-   figure: the spread (standard deviation) of the shape's position and size over a prompt's images,
-   over the same spread in the data, so 1.0 means "as varied as the data" and a model that draws one
-   picture per prompt scores near 0.
-2. **Bits per dimension** of held-out latents under the diffusion model: the variational bound
-   L_T + sum_{t>1} L_{t-1} + L_0 of Ho et al. 2020 eq. 5, from the scheduler's terms, divided by
-   D * ln 2; reported beside the plain eps-MSE training loss on the same latents. Latents are
-   continuous, so this bounds a differential entropy: lower is better, it can go below zero, and it
-   compares models that share a VAE, not with the bits per pixel of image models.
+Generate ``n`` images per prompt ("a red circle") and read the colour and shape back from the pixels:
+segment the shape from the background, name its colour by the palette colour nearest the foreground's
+median, name its shape by which template (circle, square, triangle drawn in the shape's bounding box)
+overlaps it most. Beside it a **diversity** figure: the spread (standard deviation) of the shape's
+position and size over a prompt's images, over the same spread in the data, so 1.0 means "as varied as
+the data" and a model that draws one picture per prompt scores near 0. Deterministic for a seed.
 
 This module imports no pipeline: ``prompt_fidelity`` takes a ``generate(prompts, seed)`` callable,
-and ``pipeline_generate`` wraps any object called like ``TextToImagePipeline``.
+and ``pipeline_generate`` wraps any object called like ``TextToImagePipeline``. The likelihood of
+held-out data (bits per dimension) is ``sdlite.likelihood``.
 """
 
 from __future__ import annotations
@@ -28,12 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image
 
 from sdlite.data.shapes import PALETTE, SHAPES, half_range, parse_pair, shape_mask
-from sdlite.ddpm import bits_per_dim
-from sdlite.tokenizer import token_ids
+from sdlite.images import to_uint8
 
 # A pixel belongs to the shape when its colour is this far (RGB Euclidean, 0..441) from the
 # background's: about half the distance of the palette colour nearest to the background (yellow, 219).
@@ -60,16 +50,6 @@ class Analysis:
     half: float = math.nan  # half the longer side of the bounding box, pixels
     area: int = 0  # pixels of the shape
     match: float = 0.0  # intersection over union of the shape and its best template
-
-
-def to_uint8(image) -> np.ndarray:
-    """(H, W, 3) uint8 from a PIL image, a uint8 array or a float array in [0, 1]."""
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
-    return array
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -271,130 +251,3 @@ def pipeline_generate(
         return images
 
     return generate
-
-
-def grid(images: Sequence, rows: int, scale: int = 1) -> Image.Image:
-    """One image of ``images`` laid out row-major in ``rows`` rows, each pixel ``scale`` x ``scale``."""
-    arrays = [to_uint8(im) for im in images]
-    h, w, _ = arrays[0].shape
-    cols = math.ceil(len(arrays) / rows)
-    canvas = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
-    for i, a in enumerate(arrays):
-        r, c = divmod(i, cols)
-        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = a
-    canvas = canvas.repeat(scale, axis=0).repeat(scale, axis=1)  # nearest neighbour: pixels stay sharp
-    return Image.fromarray(canvas)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Bits per dimension
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class BoundReport:
-    """The variational bound (eq. 5) of held-out latents, mean over them, in bits per dimension."""
-
-    bpd: float  # L_T + Σ_{t>1} L_{t-1} + L_0
-    prior: float  # L_T
-    diffusion: float  # Σ_{t>1} L_{t-1}
-    decoder: float  # L_0
-    eps_mse: float  # the training loss ||ε - ε_θ(x_t, t, c)||², t ~ U{0..T-1}, on the same latents
-    count: int  # latents measured
-    stride: int  # 1: every term summed; k: every k-th term of the tail (random offset), times k
-
-    def line(self) -> str:
-        return (
-            f"bits/dim {self.bpd:.3f} (L_T {self.prior:.4f} + Σ L_t-1 {self.diffusion:.3f} + "
-            f"L_0 {self.decoder:.3f}; stride {self.stride}, {self.count} latents); "
-            f"eps-MSE {self.eps_mse:.4f}"
-        )
-
-
-@torch.no_grad()
-def encode_text(tokenizer, text_encoder, texts: Sequence[str]) -> torch.Tensor:
-    """(N, tokens, width) CLIP embeddings of texts padded to the tokenizer's length."""
-    return text_encoder(token_ids(tokenizer, texts).to(text_encoder.device))[0]
-
-
-@torch.no_grad()
-def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Latents z ~ q(z|x) of images in [-1, 1], times the VAE's scaling_factor."""
-    z = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample(generator)
-    return z * vae.config.scaling_factor
-
-
-def bound_timesteps(
-    T: int, stride: int = 10, dense_below: int = 20, offset: int = 0
-) -> list[tuple[int, int]]:
-    """(t, weight) of the eq. 5 terms to compute: t = 0 (L_0) and every t < dense_below with weight 1,
-    then every ``stride``-th t from ``dense_below + offset`` with weight ``stride``.
-
-    The terms of the first few steps are most of the sum (for a trained tiny model, t < 20 gives
-    about 85% of Σ L_{t-1}), so they are all computed and only the long, small tail is sampled. With
-    ``offset`` uniform over 0..stride-1 each tail term is kept with probability 1/stride: unbiased.
-    """
-    if stride < 1 or not 0 <= offset < stride:
-        raise ValueError(f"need stride >= 1 and 0 <= offset < stride, got stride={stride}, offset={offset}")
-    dense = [(t, 1) for t in range(min(dense_below, T))]
-    return dense + [(t, stride) for t in range(max(dense_below, 1) + offset, T, stride)]
-
-
-@torch.no_grad()
-def variational_bound(
-    parts,
-    images: torch.Tensor,
-    captions: Sequence[str],
-    stride: int = 10,
-    dense_below: int = 20,
-    seed: int = 0,
-    batch_size: int = 64,
-    offset: int | None = None,
-) -> BoundReport:
-    """Bits per dimension of the images' latents given their captions, under the diffusion model.
-
-    ``parts`` holds vae, tokenizer, text_encoder, unet and scheduler (a pipeline or
-    ``sdlite.models.Components``); ``images`` is (N, 3, H, W) in [-1, 1]. Each term is the
-    scheduler's ``vb_term`` at one draw of x_t ~ q(x_t | x_0), as in its ``calc_bpd_loop``, over the
-    timesteps of ``bound_timesteps`` (``offset`` None: drawn from ``seed``). The same model calls
-    give the eps-MSE training loss, E_t ||ε - ε_θ(x_t, t, c)||², weighted alike.
-
-    The bound is of continuous latents, a differential entropy: comparable between models of the
-    same latents (the same VAE), not with bits per pixel of images, and negative for a sharp model.
-    """
-    scheduler, unet = parts.scheduler, parts.unet
-    T = scheduler.config.num_train_timesteps
-    generator = torch.Generator().manual_seed(seed)
-    if offset is None:
-        offset = int(torch.randint(stride, (1,), generator=generator))
-    steps = bound_timesteps(T, stride, dense_below, offset)
-    prior, decoder, diffusion, mse = (torch.zeros(0) for _ in range(4))
-    for start in range(0, len(images), batch_size):
-        x0 = encode_images(parts.vae, images[start : start + batch_size], generator).float()
-        context = encode_text(parts.tokenizer, parts.text_encoder, captions[start : start + batch_size])
-        B = len(x0)
-        terms, errors = torch.zeros(B), torch.zeros(B)
-        for t_int, weight in steps:
-            t = torch.full((B,), t_int, dtype=torch.long)
-            noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            x_t = scheduler.q_sample(x0, t, noise)
-            eps = unet(x_t.to(unet.dtype), t.to(unet.device), encoder_hidden_states=context).sample.float()
-            bits = bits_per_dim(scheduler.vb_term(eps, x0, x_t, t))  # (B,)
-            if t_int == 0:
-                decoder = torch.cat([decoder, bits])
-            else:
-                terms += weight * bits
-            errors += weight * ((eps - noise) ** 2).mean((1, 2, 3))
-        prior = torch.cat([prior, bits_per_dim(scheduler.prior_kl(x0))])
-        diffusion = torch.cat([diffusion, terms])
-        mse = torch.cat([mse, errors / sum(w for _, w in steps)])
-    prior, decoder, diffusion = prior.mean().item(), decoder.mean().item(), diffusion.mean().item()
-    return BoundReport(
-        bpd=prior + diffusion + decoder,
-        prior=prior,
-        diffusion=diffusion,
-        decoder=decoder,
-        eps_mse=mse.mean().item(),
-        count=len(images),
-        stride=stride,
-    )

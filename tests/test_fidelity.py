@@ -1,0 +1,72 @@
+"""Prompt fidelity and diversity read from the pixels (sdlite.fidelity), and the grid (sdlite.images)."""
+
+import numpy as np
+
+from sdlite.data.shapes import PALETTE, ShapeSpec, draw, parse_pair, sample_specs
+from sdlite.fidelity import analyse_image, prompt_fidelity
+from sdlite.images import grid
+
+PROMPTS = ["a red circle", "a blue square", "a yellow triangle"]
+
+
+def data_like(prompts, seed):
+    """A perfect model: draws what each prompt asks, at a random size and place, as the data does."""
+    images = []
+    for i, prompt in enumerate(prompts):
+        colour, shape = parse_pair(prompt)
+        (spec,) = sample_specs(1, seed=[seed, i], colours=[colour], shapes=[shape])
+        images.append(draw(spec) / 255.0)  # floats in [0, 1], as a pipeline's output_type="np"
+    return images
+
+
+def test_a_model_that_draws_the_data_scores_full_fidelity_and_diversity_near_one():
+    report = prompt_fidelity(data_like, PROMPTS, n=24, seed=0)
+    assert report.fidelity == 1.0
+    assert 0.7 < report.diversity < 1.3
+    assert "overall" in report.table()
+
+
+def test_a_model_that_draws_one_picture_per_prompt_has_no_diversity():
+    def same_every_time(prompts, seed):
+        return [data_like([p], seed=0)[0] for p in prompts]
+
+    report = prompt_fidelity(same_every_time, PROMPTS, n=4)
+    assert report.fidelity == 1.0
+    assert report.diversity == 0.0
+
+
+def test_wrong_colour_right_shape_counts_as_wrong_and_unseen_pairs_are_reported_apart():
+    def always_green(prompts, seed):
+        return [draw(ShapeSpec("green", parse_pair(p)[1], 16, 16, 8, None)) for p in prompts]
+
+    report = prompt_fidelity(always_green, PROMPTS, n=2, unseen=["red circle"])
+    assert report.fidelity == 0.0
+    assert all(s.shape == 1.0 and s.colour == 0.0 for s in report.scores)
+    assert [s.seen for s in report.scores] == [False, True, True]
+    assert "never seen" in report.table()
+
+
+def test_analysis_reads_blurred_noisy_shapes_and_finds_nothing_in_a_blank_image():
+    rng = np.random.default_rng(0)
+    spec = ShapeSpec("magenta", "triangle", 14, 17, 9, None)
+    image = draw(spec).astype(float)
+    image = (image + np.roll(image, 1, axis=0) + np.roll(image, 1, axis=1)) / 3  # soften the edges
+    image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+    a = analyse_image(image)
+    assert (a.colour, a.shape) == ("magenta", "triangle")
+    assert abs(a.cx - 14) <= 1 and abs(a.cy - 17) <= 1 and abs(a.half - 9) <= 1
+    blank = analyse_image(np.full((32, 32, 3), 250, np.uint8))
+    assert blank.shape is None and blank.colour is None
+
+
+def test_each_palette_colour_is_read_back():
+    for colour in PALETTE:
+        assert analyse_image(draw(ShapeSpec(colour, "square", 16, 16, 6, None))).colour == colour
+
+
+def test_grid_lays_images_out_row_major_and_leaves_missing_cells_white():
+    tiles = [np.full((2, 3, 3), v, np.uint8) for v in (10, 20, 30)]
+    image = np.asarray(grid(tiles, rows=2, scale=2))
+    assert image.shape == (8, 12, 3)  # 2 rows x 2 columns of 2x3 tiles, pixels doubled
+    assert image[0, 0, 0] == 10 and image[0, 6, 0] == 20 and image[4, 0, 0] == 30
+    assert (image[4:, 6:] == 255).all()
