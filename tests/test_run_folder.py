@@ -112,3 +112,11 @@ def test_a_staging_folder_sdlite_did_not_create_is_not_deleted(tmp_path):
     with pytest.raises(RunFolderError, match="did not create it"):
         final_staging(final, tmp_path / "run")
     assert (tmp_path / ".model.sdlite-staging" / "keep.txt").exists()
+
+
+def test_a_lock_an_earlier_run_of_this_process_left_is_taken_over(tmp_path):
+    """A train() that raised in a notebook keeps its lock alive with the traceback; the next one goes on."""
+    leaked, logs = lock_run(tmp_path), []
+    with lock_run(tmp_path, log=logs.append):
+        assert "did not release its lock; taking it over" in logs[0]
+    leaked.release()  # a second release does nothing

@@ -47,18 +47,25 @@ class RunLock:
 
     def __init__(self, path: Path, file):
         self.path, self._file = path, file
+        _HELD[path.resolve()] = self
 
     def release(self) -> None:
         if self._file is not None:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+            _HELD.pop(self.path.resolve(), None)
 
     def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# The locks this process holds: a run that ended without releasing its lock (an exception kept alive by
+# a notebook or a test) must not lock this process out of its own folder.
+_HELD: dict[Path, RunLock] = {}
 
 
 def _holder_text(info: dict) -> str:
@@ -80,6 +87,9 @@ def lock_run(output_dir: str | Path, log: Callable[[str], None] = print) -> RunL
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
+    if path.resolve() in _HELD:
+        log(f"{path}: an earlier run in this process did not release its lock; taking it over")
+        _HELD[path.resolve()].release()
     file = open(path, "a+")  # noqa: SIM115 (held open for the lock's life); a+: never truncates another's
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
