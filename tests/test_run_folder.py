@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,6 +21,11 @@ from sdlite.training.run_folder import (
     prepare_final_dir,
     publish_final,
 )
+
+
+def rank(is_main_process):  # the two things open_run_folder asks of an Accelerator, on one process
+    return SimpleNamespace(is_main_process=is_main_process, num_processes=1)
+
 
 HOLD = "import sys, time; from sdlite.training.run_folder import lock_run; lock = lock_run(sys.argv[1]); print('held', flush=True); time.sleep(60)"  # noqa: E501
 
@@ -43,8 +49,8 @@ def test_a_second_run_on_one_output_dir_fails_at_once_naming_the_first(tmp_path)
 
 
 def test_only_the_main_process_takes_the_lock(tmp_path):
-    with lock_run(tmp_path):
-        assert open_run_folder(tmp_path, is_main=False) is None  # another rank of the same run
+    with lock_run(tmp_path):  # the main process's
+        assert open_run_folder(tmp_path, rank(is_main_process=False)) is None  # another rank of the run
 
 
 def test_opening_the_run_folder_removes_checkpoints_a_kill_left_incomplete(tmp_path):
@@ -55,7 +61,7 @@ def test_opening_the_run_folder_removes_checkpoints_a_kill_left_incomplete(tmp_p
     (tmp_path / "checkpoint-10.old" / MARKER).write_text("ok\n")  # superseded by checkpoint-10
     (tmp_path / "notes-checkpoint-3").mkdir()  # not ours: left alone
     logs = []
-    with open_run_folder(tmp_path, is_main=True, log=logs.append):
+    with open_run_folder(tmp_path, rank(is_main_process=True), log=logs.append):
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "notes-checkpoint-3", "run.lock"]
     assert "removed 3 incomplete checkpoint folder(s)" in logs[0]

@@ -48,7 +48,7 @@ def follow_launcher(signum: int = signal.SIGTERM) -> bool:
             return False
     except (OSError, AttributeError):
         return False
-    if os.getppid() != parent:  # the launcher died before the request: act on it now
+    if os.getppid() != parent or parent == 1:  # the launcher died before the request: act on it now
         os.kill(os.getpid(), signum)
     return True
 

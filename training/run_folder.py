@@ -1,12 +1,12 @@
 """The run folder (output_dir) and the final folder: one run at a time, and nothing deleted it did not write.
 
-    lock = open_run_folder(cfg.output_dir, acc.is_main_process, log=acc.print)  # before anything is written
-    final = prepare_final_dir(cfg.final_dir, cfg.output_dir)                     # at start-up: fails early
-    ...
-    staging = final_staging(final, cfg.output_dir)   # an empty folder next to final_dir, ours to fill
+    lock = open_run_folder(cfg.output_dir, acc, log=acc.print)  # every process, before anything is written
+    final = prepare_final_dir(cfg.final_dir, cfg.output_dir)     # at start-up: fails before training
+    ...                                                          # main process, at the end:
+    staging = final_staging(final, cfg.output_dir)               # an empty folder beside final, to fill
     <write the model into staging>
     publish_final(staging, final, cfg.output_dir, step=cfg.max_steps)
-    lock.release()                                    # or: with open_run_folder(...) as lock:
+    if lock: lock.release()                                      # in a finally (None on other processes)
 
 The lock is an ``fcntl.flock`` on ``output_dir/run.lock``, which the kernel drops when the process
 ends however it ends (SIGKILL included): so a lock is never left behind by a dead process, and the
@@ -28,7 +28,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from sdlite.training.checkpoint import CHECKPOINT, fsync_tree, remove_leftovers
+from sdlite.training.checkpoint import CHECKPOINT, _agree, fsync_tree, remove_leftovers
 
 LOCK_FILE = "run.lock"
 FINAL_MARKER = "sdlite_final.json"  # in every final folder a run published: whose it is
@@ -129,17 +129,25 @@ def lock_run(output_dir: str | Path, log: Callable[[str], None] = print) -> RunL
 
 
 def open_run_folder(
-    output_dir: str | Path, is_main: bool, log: Callable[[str], None] = print
+    output_dir: str | Path, accelerator, log: Callable[[str], None] = print
 ) -> RunLock | None:
-    """The main process locks output_dir (RunFolderError if another run holds it) and removes what killed
-    runs left half-written; other processes get None. Call before writing anything to output_dir."""
-    if not is_main:
-        return None
-    lock = lock_run(output_dir, log)
-    removed = remove_leftovers(output_dir)
-    if removed:
-        log(f"removed {len(removed)} incomplete checkpoint folder(s) left by a killed run: "
-            + ", ".join(p.name for p in removed))  # fmt: skip
+    """The main process locks output_dir and removes what killed runs left half-written; returns the lock
+    (None on the other processes: one run, one lock). If it cannot, every process raises RunFolderError
+    at once (an all-reduce), instead of the others waiting for a main process that is gone. Call it
+    (every process) before anything is written to output_dir."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = lock_run(output_dir, log)
+        except RunFolderError as e:
+            error = e
+    if not _agree(accelerator, error is None):
+        raise error or RunFolderError(f"the main process could not lock {str(output_dir)!r}; see its error")
+    if lock is not None:
+        removed = remove_leftovers(output_dir)
+        if removed:
+            log(f"removed {len(removed)} incomplete checkpoint folder(s) left by a killed run: "
+                + ", ".join(p.name for p in removed))  # fmt: skip
     return lock
 
 
