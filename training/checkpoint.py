@@ -2,8 +2,10 @@
 
 A checkpoint holds the trained weights (safetensors), the optimizer state (``torch.load`` with
 ``weights_only=True``: nothing is unpickled as code), the learning-rate schedule, the EMA and every
-process's RNG state, so that ``--resume latest`` continues a run exactly. ``StopSignals`` turns
-SIGTERM / SIGINT into a checkpoint at the next step boundary and a clean exit.
+process's RNG state, so that ``--resume latest`` continues a run exactly, and the run's config. A
+failed write is a CheckpointError naming the last complete checkpoint; an unreadable file on loading
+is a CorruptCheckpointError naming it (sdlite.training.resume then tries an older checkpoint).
+``StopSignals`` turns SIGTERM / SIGINT into a checkpoint at the next step boundary and a clean exit.
 """
 
 from __future__ import annotations
