@@ -2,8 +2,10 @@
 
 A checkpoint holds the trained weights (safetensors), the optimizer state (``torch.load`` with
 ``weights_only=True``: nothing is unpickled as code), the learning-rate schedule, the EMA and every
-process's RNG state, so that ``--resume latest`` continues a run exactly. ``StopSignals`` turns
-SIGTERM / SIGINT into a checkpoint at the next step boundary and a clean exit.
+process's RNG state, so that ``--resume latest`` continues a run exactly, and the run's config. A
+failed write is a CheckpointError naming the last complete checkpoint; an unreadable file on loading
+is a CorruptCheckpointError naming it (sdlite.training.resume then tries an older checkpoint).
+``StopSignals`` turns SIGTERM / SIGINT into a checkpoint at the next step boundary and a clean exit.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import re
 import shutil
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from sdlite.models import unpickling_refusal
@@ -77,6 +81,13 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Every file under ``folder`` on disk (not only in the page cache)."""
+    for file in folder.rglob("*"):
+        if file.is_file():
+            _fsync(file)
+
+
 def remove_dir(path: Path) -> None:
     """Delete a published folder, its marker first: a kill midway leaves an incomplete folder, never a
     "complete" one with files missing."""
@@ -86,9 +97,7 @@ def remove_dir(path: Path) -> None:
 
 def publish_dir(tmp: Path, final: Path) -> None:
     """Mark ``tmp`` complete, then rename it to ``final`` (replacing an old one): never half-written."""
-    for file in tmp.rglob("*"):  # on disk before the marker says so, in case the power goes
-        if file.is_file():
-            _fsync(file)
+    fsync_tree(tmp)  # on disk before the marker says so, in case the power goes
     with open(tmp / MARKER, "w") as f:
         f.write("ok\n")
         f.flush()
@@ -103,6 +112,11 @@ def publish_dir(tmp: Path, final: Path) -> None:
         remove_dir(old)
 
 
+# What a write raises when the disk is full or the folder read-only: OSError from Python's own writes,
+# SafetensorError from safetensors' writer, RuntimeError from torch.save's zip writer (most of the bytes).
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
 def _agree(accelerator: Accelerator, ok: bool) -> bool:
     """True when every process is ``ok``; a barrier too, so a failure on one process stops all of them
     instead of leaving the others waiting for it."""
@@ -110,6 +124,28 @@ def _agree(accelerator: Accelerator, ok: bool) -> bool:
         return ok
     flag = torch.tensor(float(ok), device=accelerator.device)
     return bool(accelerator.reduce(flag, "min").item())
+
+
+def remove_leftovers(output_dir: str | Path, before: int | None = None) -> list[Path]:
+    """Remove the checkpoint folders a killed process left half-written or half-deleted (no marker) and
+    marked .tmp/.old copies that a checkpoint of their step supersedes; only those of steps < ``before``
+    (None: all, safe only while the run holds output_dir's lock, as then no other process writes one)."""
+    by_step, removed = {}, []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        match = CHECKPOINT.match(path.name)
+        if not (match and path.is_dir()) or (before is not None and int(match[1]) >= before):
+            continue
+        if (path / MARKER).is_file():
+            by_step.setdefault(int(match[1]), []).append(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    for paths in by_step.values():  # keep the one ``checkpoints`` takes: "" before .tmp before .old
+        paths.sort(key=lambda p: ("", ".tmp", ".old").index(CHECKPOINT.match(p.name)[2]))
+        for extra in paths[1:]:
+            remove_dir(extra)
+            removed.append(extra)
+    return sorted(removed)
 
 
 def save_checkpoint(
@@ -121,11 +157,15 @@ def save_checkpoint(
     lr_schedule,
     ema: EMA | None = None,
     keep: int | None = None,
+    config: dict | None = None,
 ) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically (all processes call it); keep the newest ``keep``.
 
-    An OSError while writing (a full disk) removes the partial folder and raises CheckpointError on
-    every process; the earlier checkpoints stay as they were.
+    ``config``, the run's config as a dict, is saved as config.json: a resume compares the new config
+    with it (sdlite.training.resume). Any write failure (a full disk: OSError, SafetensorError, torch's
+    RuntimeError) removes the partial folder and raises CheckpointError on every process, naming the
+    last complete checkpoint, which stays as it was. Rotation also removes older folders a killed
+    process left incomplete.
     """
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = final.with_name(final.name + ".tmp")
@@ -138,14 +178,15 @@ def save_checkpoint(
         error = e
     if _agree(accelerator, error is None):
         try:
-            _write_checkpoint(accelerator, tmp, step, modules, optimizer, lr_schedule, ema)
-        except OSError as e:
+            _write_checkpoint(accelerator, tmp, step, modules, optimizer, lr_schedule, ema, config)
+        except WRITE_ERRORS as e:
             error = e
     if _agree(accelerator, error is None) and accelerator.is_main_process:
         try:
             publish_dir(tmp, final)
             for old in checkpoints(output_dir)[: -keep if keep else 0]:
                 remove_dir(old)
+            remove_leftovers(output_dir, before=step)
         except OSError as e:
             error = e
     if not _agree(accelerator, error is None):
@@ -161,7 +202,7 @@ def save_checkpoint(
     return final
 
 
-def _write_checkpoint(accelerator, tmp: Path, step: int, modules, optimizer, lr_schedule, ema) -> None:
+def _write_checkpoint(accelerator, tmp: Path, step, modules, optimizer, lr_schedule, ema, config) -> None:
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -181,6 +222,15 @@ def _write_checkpoint(accelerator, tmp: Path, step: int, modules, optimizer, lr_
     if ema is not None:
         save_file(ema.state_dict(), tmp / "ema.safetensors")
     (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    if config is not None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that is missing, truncated or unreadable (``--resume latest`` tries an older one)."""
 
 
 def load_tensors_pickle(path: Path):
@@ -189,11 +239,50 @@ def load_tensors_pickle(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not any(word in str(e) for word in ("GLOBAL", "global", "allowlisted")):  # no code refused:
+            raise CorruptCheckpointError(f"{str(path)!r} is corrupt ({str(e)[:200]})") from None  # bad bytes
         reason = unpickling_refusal(e)[:200] or "not a plain tensor file"
         raise CheckpointError(
             f"{str(path)!r} holds pickled objects other than tensors ({reason}); refused, because "
             "unpickling them could run code. Only load checkpoints you or sdlite wrote."
         ) from None
+
+
+def read_file(path: Path, reader: Callable):
+    """``reader(path)``, with any failure to read it as a CorruptCheckpointError naming the file."""
+    if not path.is_file():
+        raise CorruptCheckpointError(f"{str(path)!r} is missing: the checkpoint is incomplete")
+    try:
+        return reader(path)
+    except CheckpointError:
+        raise
+    except (OSError, SafetensorError, RuntimeError, ValueError, KeyError, EOFError) as e:
+        raise CorruptCheckpointError(
+            f"{str(path)!r} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
+
+
+def check_shapes(module: torch.nn.Module, path: Path) -> None:
+    """CheckpointError, before loading, if the file's tensors do not fit ``module`` (another preset or
+    model, another LoRA rank): named with the tensor and both shapes, not torch's size-mismatch dump."""
+
+    def header(file):
+        with safe_open(file, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    saved, wanted = read_file(path, header), {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    wrong = [k for k in wanted.keys() & saved.keys() if saved[k] != wanted[k]]
+    missing = sorted(wanted.keys() - saved.keys())
+    if wrong or missing:
+        if wrong:
+            what = f"{wrong[0]} is {saved[wrong[0]]} there but {wanted[wrong[0]]} in this run's model"
+        else:
+            what = f"it lacks {len(missing)} of the model's tensors, e.g. {missing[0]}"
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} does not fit this run's model: {what}. It was written by a run "
+            "with another preset, pretrained model or LoRA setting; resume with that config, or start a "
+            "new output_dir"
+        )
 
 
 def load_checkpoint(
@@ -204,26 +293,25 @@ def load_checkpoint(
     lr_schedule,
     ema: EMA | None = None,
 ) -> dict:
-    """Restore what ``save_checkpoint`` wrote (every process calls it); returns state.json."""
+    """Restore what ``save_checkpoint`` wrote (every process calls it); returns state.json. A missing or
+    unreadable file: CorruptCheckpointError naming it; a model that does not fit: CheckpointError."""
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
+    device = str(accelerator.device)
+    state = read_file(path / "state.json", lambda p: json.loads(p.read_text()))
     for name, module in modules.items():
-        load_model(
-            accelerator.unwrap_model(module),
-            str(path / f"{name}.safetensors"),
-            device=str(accelerator.device),
-        )
-    optimizer.load_state_dict(load_tensors_pickle(path / "optimizer.pt"))
+        file = path / f"{name}.safetensors"
+        check_shapes(accelerator.unwrap_model(module), file)
+        read_file(file, lambda p, m=module: load_model(accelerator.unwrap_model(m), str(p), device=device))
+    optimizer.load_state_dict(read_file(path / "optimizer.pt", load_tensors_pickle))
     lr_schedule.load_state_dict(state["lr_schedule"])
     if accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
     if ema is not None:
-        ema.load_state_dict(
-            load_file(path / "ema.safetensors", device=str(accelerator.device)), state["ema_updates"]
-        )
+        shadow = read_file(path / "ema.safetensors", lambda p: load_file(p, device=device))
+        ema.load_state_dict(shadow, state["ema_updates"])
     rng_file = path / f"rng-{accelerator.process_index}.safetensors"
     if rng_file.is_file():  # absent when resuming with more processes than the run had
-        rng = load_file(rng_file)
+        rng = read_file(rng_file, load_file)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])

@@ -1,0 +1,125 @@
+"""SIGTERM through ``accelerate launch`` with one process (docs/reliability.md).
+
+accelerate 1.15's one-process launcher neither forwards SIGTERM nor waits: ``python -m
+sdlite.training.launch`` (accelerate's launch command, forwarding and waiting) keeps the README's
+promise, a checkpoint and then exit 143, for SIGTERM to the launcher and to its process group; and a
+trainer that calls ``follow_launcher`` still stops with a checkpoint when a plain launcher is killed.
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdlite.data.shapes import write_dataset
+from sdlite.training.checkpoint import checkpoints
+from sdlite.training.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12  # more than the interrupted runs reach; the last one runs to the end
+ACCELERATE = ["--num_processes", "1", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]  # fmt: skip
+LAUNCHER = [sys.executable, "-m", "sdlite.training.launch", *ACCELERATE]
+PLAIN = [str(Path(sys.executable).parent / "accelerate"), "launch", *ACCELERATE]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("shapes"), count=8, seed=0)
+
+
+def flags(data, out, **overrides) -> list[str]:
+    values = dict(train_data_dir=data, output_dir=out, cache_dir=out.parent / "cache", max_steps=STEPS,
+                  train_batch_size=4, learning_rate=1e-3, log_every=1, checkpoint_every=0, ema_decay=0.9,
+                  report_to="none", seed=0, resume="latest")  # fmt: skip
+    values.update(overrides)
+    return [text for key, value in values.items() for text in (f"--{key}", str(value))]
+
+
+def start(command: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # fmt: skip  # its own process group
+
+
+def wait_for_a_step(process: subprocess.Popen, deadline: float) -> None:
+    """Read the trainer's log until it reports a finished step (log_every=1 prints a loss each step)."""
+    for line in process.stdout:
+        if "step 1:" in line or "loss=" in line or "it/s" in line or "s/it" in line:
+            return
+        assert time.monotonic() < deadline, "the trainer made no progress"
+    raise AssertionError("the trainer ended before its first step")
+
+
+def newest_step(out: Path) -> int:
+    found = checkpoints(out)
+    return int(found[-1].name.split("-")[1]) if found else 0
+
+
+def test_sigterm_to_the_launcher_or_its_group_waits_for_the_checkpoint_and_exits_143(data, tmp_path):
+    out, deadline = tmp_path / "run", time.monotonic() + 120
+    train = [*LAUNCHER, str(ROOT / "training" / "train.py"), *flags(data, out)]
+    for send in (lambda p: p.send_signal(signal.SIGTERM), lambda p: os.killpg(p.pid, signal.SIGTERM)):
+        before = newest_step(out)
+        process = start(train)
+        try:
+            wait_for_a_step(process, deadline)
+            send(process)
+            log = process.communicate(timeout=60)[0]
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # whatever of its group is left
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        # 143, not -15: the launcher was not killed; it waited for the trainer and exits with its status
+        assert process.returncode == 128 + signal.SIGTERM, log[-3000:]
+        assert "SIGTERM: stopped after step" in log and before < newest_step(out) < STEPS
+    main(flags(data, out))  # the rest of the run (in this process: one launcher start less)
+    whole = tmp_path / "whole"
+    main(flags(data, whole, resume="none"))
+    for part in ("unet_raw", "unet"):  # stopped twice, then resumed: the uninterrupted run's weights
+        a, b = (load_file(next((o / "final" / part).glob("*.safetensors"))) for o in (out, whole))
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+FOLLOWER = """
+import os, signal, sys, time
+from sdlite.training.launch import follow_launcher
+stop = []
+signal.signal(signal.SIGTERM, lambda number, frame: stop.append(number))  # what StopSignals records
+print("following", follow_launcher(), flush=True)
+while not stop:
+    time.sleep(0.01)
+time.sleep(0.5)  # the checkpoint
+open(sys.argv[1], "w").write("saved")
+sys.exit(128 + stop[0])
+"""
+
+
+def test_a_trainer_following_its_launcher_stops_with_a_checkpoint_when_plain_accelerate_launch_is_killed(
+    tmp_path,
+):
+    """Plain ``accelerate launch``: the launcher ends at once on SIGTERM (accelerate's behaviour); a trainer
+    that called follow_launcher gets SIGTERM from the kernel and writes its checkpoint, not training on."""
+    script, saved = tmp_path / "trainer.py", tmp_path / "checkpoint"
+    script.write_text(FOLLOWER)
+    process = start([*PLAIN, str(script), str(saved)])
+    try:
+        assert process.stdout.readline().strip() == "following True"  # under the one-process launcher
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+        assert process.returncode == -signal.SIGTERM  # accelerate's launcher did not wait
+        deadline = time.monotonic() + 20
+        while not saved.exists():  # the orphaned trainer was told by the kernel, and saves
+            assert time.monotonic() < deadline, "the trainer did not stop when its launcher ended"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the trainer too, if it outlived the launcher
+            os.killpg(process.pid, signal.SIGKILL)
+    assert saved.read_text() == "saved"
