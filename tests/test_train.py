@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from sdlite.data.shapes import write_dataset
 from sdlite.models import build_components, load_components
+from sdlite.training import configs
 from sdlite.training.config import ConfigError, field_docs, parse_config
 from sdlite.training.configs import TrainConfig, VAETrainConfig
 from sdlite.training.train import UNetTrainer, main
@@ -307,6 +308,17 @@ def test_each_flag_named_as_the_equivalent_of_a_diffusers_flag_exists(config):
         assert theirs not in names
         if hint.startswith("--"):
             assert hint[2:].split()[0] in names, hint
+
+
+def test_the_configs_import_no_torch_and_default_to_the_lora_targets_of_sdlite_lora():
+    code = "import sys, sdlite.training.configs, sdlite.training.config; print(sorted(sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "'torch'" not in result.stdout and "'peft'" not in result.stdout
+    from sdlite import lora
+
+    assert configs.UNET_TARGETS == lora.UNET_TARGETS
+    assert configs.TEXT_ENCODER_TARGETS == lora.TEXT_ENCODER_TARGETS
 
 
 def test_bad_settings_fail_before_training(data, tmp_path):

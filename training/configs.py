@@ -7,6 +7,9 @@ add their own and may give a shared field another default. Each field's trailing
 them), so a field's description lives only here. ``FOREIGN_FLAGS`` maps the flags of diffusers'
 training scripts (examples/text_to_image) to ours, so that ``--max_train_steps`` fails naming
 ``--max_steps`` instead of "unrecognized arguments".
+
+This module imports neither torch nor any model library, so that a command line can parse and print
+``--help`` in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from sdlite.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS
+# sdlite.lora's UNET_TARGETS and TEXT_ENCODER_TARGETS, written out so as not to import torch and peft
+# here (tests/test_train.py keeps them equal): the attention projections LoRA adapts by default.
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 # diffusers' flag -> ours ("--name ..."), or why sdlite has none.
 DIFFUSERS_FLAGS = {
