@@ -44,6 +44,7 @@ class Trainer:
     ema: EMA | None = None  # on the main process only
     global_batch: int  # images per optimizer step, over all processes
     start_step: int = 0
+    eval_every = 0  # steps between ``evaluate`` calls in the loop; 0: none
 
     # ---- what a subclass defines ----------------------------------------------------------------------
 
@@ -55,10 +56,8 @@ class Trainer:
         """What a checkpoint holds of the model, by file name."""
         raise NotImplementedError
 
-    eval_every = 0  # steps between ``evaluate`` calls in the loop; 0: none
-
     def evaluate(self, step: int) -> None:
-        pass
+        """Measure the model in the middle of the run (every eval_every steps)."""
 
     def progress(self, logs: dict[str, float]) -> dict[str, str]:
         """The progress bar's postfix at a log step."""
