@@ -113,15 +113,14 @@ def run_train(args) -> dict:
 def run_lora_ours(args) -> dict:
     import bench_train
 
-    from sdlite.training.train import setup
-    from sdlite.training.unet_step import optimizer_step
+    from sdlite.training.train import UNetTrainer
 
     a = train_args(args, args.px)
     cfg = bench_train.ours_config(a, args.warmup + args.steps)
     cfg.lora, cfg.gradient_checkpointing = True, True
-    run = setup(cfg)
-    seconds = bench_train.timed_steps(lambda i: optimizer_step(run, i), a, run.accelerator.device)
-    return {"seconds": seconds, "device": run.accelerator.device}
+    trainer = UNetTrainer(cfg)
+    seconds = bench_train.timed_steps(trainer.optimizer_step, a, trainer.accelerator.device)
+    return {"seconds": seconds, "device": trainer.accelerator.device}
 
 
 def run_lora_reference(args) -> dict:

@@ -152,7 +152,7 @@ def run_reference(args) -> dict:
 
 def ours_config(args, max_steps: int):
     from sdlite.training.config import parse_config
-    from sdlite.training.train import TrainConfig
+    from sdlite.training.configs import TrainConfig
 
     flags = dict(
         preset=args.preset,
@@ -172,20 +172,19 @@ def ours_config(args, max_steps: int):
 
 
 def run_ours(args) -> dict:
-    from sdlite.training.train import setup
-    from sdlite.training.unet_step import optimizer_step
+    from sdlite.training.train import UNetTrainer
 
-    run = setup(ours_config(args, args.warmup + args.steps))
+    trainer = UNetTrainer(ours_config(args, args.warmup + args.steps))
     return {
-        "seconds": timed_steps(lambda i: optimizer_step(run, i), args, run.accelerator.device),
-        "device": run.accelerator.device,
+        "seconds": timed_steps(trainer.optimizer_step, args, trainer.accelerator.device),
+        "device": trainer.accelerator.device,
     }
 
 
 def warm_cache(args) -> dict:
     """Fill the cache (what a first run pays once), timed."""
     from sdlite.training.loop import setup_accelerator
-    from sdlite.training.train import build_examples, load_parts
+    from sdlite.training.parts import build_examples, load_parts
 
     cfg = ours_config(args, 1)
     accelerator = setup_accelerator(args.out, report_to=None)

@@ -16,7 +16,8 @@ from sdlite.data.captions import (
     folder_repeats,
     is_caption_folder,
 )
-from sdlite.data.dataset import DataError, clean_rows, image_bytes
+from sdlite.data.cleaning import clean_rows
+from sdlite.data.dataset import DataError, image_bytes
 
 
 def image(path: Path, size=(12, 8), color=(200, 30, 30)) -> Path:

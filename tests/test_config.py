@@ -1,8 +1,9 @@
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 
-from sdlite.training.config import ConfigError, parse_config, save_yaml
+from sdlite.training.config import ConfigError, field_docs, parse_config, save_yaml
 
 
 @dataclass
@@ -101,3 +102,63 @@ def test_help_shows_the_defaults_of_factory_fields(capsys):
     with pytest.raises(SystemExit):
         parse_config(Example, ["--help"])
     assert "[100, 500]" in capsys.readouterr().out
+
+
+@dataclass
+class Base:
+    """A base entry point."""
+
+    FOREIGN_FLAGS: ClassVar[dict[str, str]] = {"num_steps": "--steps", "push": "nothing is uploaded"}
+    SECTION: ClassVar[str] = "Optimisation: steps are optimizer steps."
+
+    # Optimisation: steps are optimizer steps.
+    steps: int = 10  # steps to train for
+    rate: float = 1e-4  # the learning rate
+    # Output: files
+    # (two lines)
+    out: str = "runs"  # where 100% of the files go
+
+
+@dataclass
+class Derived(Base):
+    """A derived entry point."""
+
+    steps: int = 20  # a redeclared field keeps its section
+    rate: float = 2e-3
+    extra: list[int] = field(  # a field over
+        default_factory=lambda: [1, 2]  # several lines
+    )
+
+
+def test_descriptions_and_sections_come_from_the_source_comments():
+    assert field_docs(Base) == {
+        "steps": (Base.SECTION, "steps to train for"),
+        "rate": (Base.SECTION, "the learning rate"),
+        "out": ("Output: files (two lines)", "where 100% of the files go"),
+    }
+    docs = field_docs(Derived)
+    assert docs["steps"] == (Base.SECTION, "a redeclared field keeps its section")
+    assert docs["rate"][1] == "the learning rate"  # no comment of its own: the base's
+    assert docs["extra"][1] == "a field over several lines"
+
+
+def test_help_groups_the_options_by_section_with_their_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(Derived, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Optimisation: steps are optimizer steps. --steps STEPS a redeclared field" in text
+    assert "--steps STEPS a redeclared field keeps its section (default: 20)" in text
+    assert "--out OUT where 100% of the files go (default: runs)" in text  # % is not a format here
+
+
+def test_a_foreign_flag_fails_naming_ours_or_why_there_is_none(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(Derived, ["--num_steps", "3"])
+    assert "--num_steps is diffusers' name; sdlite's is --steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(Derived, ["--push=true"])
+    assert "no equivalent of: nothing is uploaded" in capsys.readouterr().err
+    path = tmp_path / "c.yaml"
+    path.write_text("num_steps: 3\n")
+    with pytest.raises(ConfigError, match="sdlite's is --steps"):
+        parse_config(Derived, ["--config", str(path)])

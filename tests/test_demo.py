@@ -9,8 +9,7 @@ from sdlite.pipelines.text_to_image import TextToImagePipeline
 from sdlite.training import demo
 from sdlite.training.cli import main
 from sdlite.training.config import ConfigError, load_yaml
-from sdlite.training.train import TrainConfig
-from sdlite.training.train_vae import VAETrainConfig
+from sdlite.training.configs import TrainConfig, VAETrainConfig
 
 
 def test_the_whole_chain_runs_in_a_few_steps_and_makes_a_loadable_model(tmp_path, capsys):

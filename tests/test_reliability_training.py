@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from sdlite.data.shapes import write_dataset
-from sdlite.training import checkpoint, unet_step
+from sdlite.training import checkpoint
 from sdlite.training import train as train_module
 from sdlite.training.checkpoint import CheckpointError, NonFiniteLossError, checkpoints
-from sdlite.training.train import main
+from sdlite.training.train import UNetTrainer, main
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -62,14 +62,14 @@ def whole(data, tmp_path_factory):
 
 def nan_at(monkeypatch, calls: set[int]):
     """Make diffusion_loss NaN on the given calls (= steps: no accumulation, no validation loss)."""
-    real, count = unet_step.diffusion_loss, [0]
+    real, count = train_module.diffusion_loss, [0]
 
     def loss(*args, **kwargs):
         value = real(*args, **kwargs)
         count[0] += 1
         return value * float("nan") if count[0] - 1 in calls else value
 
-    monkeypatch.setattr(unet_step, "diffusion_loss", loss)
+    monkeypatch.setattr(train_module, "diffusion_loss", loss)
 
 
 def test_a_nan_step_is_skipped_without_touching_weights_or_optimizer(data, tmp_path, monkeypatch, capsys):
@@ -116,14 +116,14 @@ def test_a_full_disk_while_saving_fails_clearly_and_keeps_the_last_checkpoint(
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_is_exact(data, tmp_path, monkeypatch, whole):
-    real = train_module.optimizer_step
+    real = UNetTrainer.optimizer_step
 
-    def step(run, i):
+    def step(trainer, i):
         if i == 2:  # arrives mid-step; the loop checkpoints after it
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(run, i)
+        return real(trainer, i)
 
-    monkeypatch.setattr(train_module, "optimizer_step", step)
+    monkeypatch.setattr(UNetTrainer, "optimizer_step", step)
     with pytest.raises(SystemExit) as stopped:
         main(flags(data, tmp_path, tmp_path / "cache", checkpoint_every=0))
     assert stopped.value.code == 128 + signal.SIGTERM

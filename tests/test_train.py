@@ -11,6 +11,7 @@ So `assert_same_training` asks for a mean difference under 1e-6 and fewer than 0
 more than 1e-5 apart.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,13 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from sdlite.data.shapes import write_dataset
 from sdlite.models import build_components, load_components
-from sdlite.training import train as train_module
-from sdlite.training.config import parse_config
-from sdlite.training.train import TrainConfig, main
+from sdlite.training import configs
+from sdlite.training.config import ConfigError, field_docs, parse_config
+from sdlite.training.configs import TrainConfig, VAETrainConfig
+from sdlite.training.train import UNetTrainer, main
 from sdlite.training.unet_step import min_snr_weight
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,14 +166,14 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_ends_with_the_same_weigh
     )
     main(flags(data, cache, tmp_path / "whole", **options))
 
-    step = train_module.optimizer_step
+    step = UNetTrainer.optimizer_step
 
-    def crash_at_step_4(run, i):
+    def crash_at_step_4(trainer, i):
         if i == 4:
             raise KeyboardInterrupt("the machine went away")
-        return step(run, i)
+        return step(trainer, i)
 
-    monkeypatch.setattr(train_module, "optimizer_step", crash_at_step_4)
+    monkeypatch.setattr(UNetTrainer, "optimizer_step", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         main(flags(data, cache, tmp_path / "broken", **options))
     monkeypatch.undo()
@@ -237,13 +240,85 @@ def test_min_snr_weights_for_epsilon_and_v():
     )
 
 
-@pytest.mark.parametrize("recipe", ["sd15-finetune.yaml", "tiny-shapes.yaml"])
-def test_the_recipes_are_train_configs(recipe):
+RECIPES = {"sd15-finetune.yaml": TrainConfig, "sd15-lora.yaml": TrainConfig, "tiny-shapes.yaml": TrainConfig,
+           "tiny-lora.yaml": TrainConfig, "tiny-vae.yaml": VAETrainConfig}  # fmt: skip
+
+
+def test_every_recipe_in_configs_is_covered():
+    assert {path.name for path in (ROOT / "configs").glob("*.yaml")} == set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_each_recipe_sets_exactly_its_keys_to_valid_settings(recipe):
     path = ROOT / "configs" / recipe
-    if not path.is_file():
-        pytest.skip(f"{recipe} is not written yet")
-    cfg = parse_config(TrainConfig, ["--config", str(path)])
-    assert cfg.max_steps > 0
+    cfg = parse_config(RECIPES[recipe], ["--config", str(path)])
+    written = yaml.safe_load(path.read_text())
+    assert {key: getattr(cfg, key) for key in written} == written  # every key read, with its value
+    cfg.check()  # the settings a trainer accepts
+
+
+@pytest.mark.parametrize("config", [TrainConfig, VAETrainConfig])
+def test_help_describes_every_option(config, capsys):
+    docs = field_docs(config)
+    missing = [f.name for f in dataclasses.fields(config) if not docs.get(f.name, ("", ""))[1]]
+    assert not missing, f"options without a description: {missing}"
+    with pytest.raises(SystemExit) as done:
+        parse_config(config, ["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for f in dataclasses.fields(config):
+        assert f"--{f.name} {f.name.upper()} {' '.join(docs[f.name][1].split())}" in text, f.name
+
+
+def test_the_script_prints_its_help_with_descriptions():
+    result = subprocess.run([sys.executable, str(ROOT / "training" / "train.py"), "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = " ".join(result.stdout.split())
+    assert "--max_steps MAX_STEPS optimizer steps to train for, in all (default: 1000)" in text
+    assert "LoRA: train low-rank adapters" in text  # the sections title their groups
+
+
+@pytest.mark.parametrize(
+    "flag, ours",
+    [("--max_train_steps", "--max_steps"), ("--pretrained_model_name_or_path", "--pretrained"),
+     ("--rank", "--lora_rank"), ("--resume_from_checkpoint", "--resume"),
+     ("--checkpointing_steps", "--checkpoint_every")],
+)  # fmt: skip
+def test_a_diffusers_flag_fails_naming_ours(flag, ours, capsys):
+    with pytest.raises(SystemExit) as failed:
+        main([flag, "10"])
+    assert failed.value.code == 2
+    assert f"{flag} is diffusers' name; sdlite's is {ours}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([f"{flag}=10"])
+
+
+def test_a_diffusers_key_in_a_yaml_file_fails_naming_ours(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("max_train_steps: 10\n")
+    with pytest.raises(ConfigError, match="--max_train_steps is diffusers' name; sdlite's is --max_steps"):
+        parse_config(TrainConfig, ["--config", str(path)])
+
+
+@pytest.mark.parametrize("config", [TrainConfig, VAETrainConfig])
+def test_each_flag_named_as_the_equivalent_of_a_diffusers_flag_exists(config):
+    names = {f.name for f in dataclasses.fields(config)}
+    for theirs, hint in config.FOREIGN_FLAGS.items():
+        assert theirs not in names
+        if hint.startswith("--"):
+            assert hint[2:].split()[0] in names, hint
+
+
+def test_the_configs_import_no_torch_and_default_to_the_lora_targets_of_sdlite_lora():
+    code = "import sys, sdlite.training.configs, sdlite.training.config; print(sorted(sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "'torch'" not in result.stdout and "'peft'" not in result.stdout
+    from sdlite import lora
+
+    assert configs.UNET_TARGETS == lora.UNET_TARGETS
+    assert configs.TEXT_ENCODER_TARGETS == lora.TEXT_ENCODER_TARGETS
 
 
 def test_bad_settings_fail_before_training(data, tmp_path):
@@ -251,6 +326,8 @@ def test_bad_settings_fail_before_training(data, tmp_path):
         main(flags(data, tmp_path, tmp_path, prediction_type="x0"))
     with pytest.raises(ValueError, match="caption_dropout"):
         main(flags(data, tmp_path, tmp_path, caption_dropout=1.5))
+    with pytest.raises(ValueError, match="nonfinite_loss"):
+        main(flags(data, tmp_path, tmp_path, nonfinite_loss="ignore"))
     with pytest.raises(SystemExit):
         main(["--max_stepz", "3"])
-    assert TrainConfig().max_steps > 0
+    assert not (tmp_path / "config.yaml").exists()  # nothing was started

@@ -28,10 +28,10 @@ from sdlite.lora import adapter_parameters, load_lora_into, read_lora_metadata
 from sdlite.models import build_components, load_components
 from sdlite.pipelines import TextToImagePipeline
 from sdlite.presets import get_preset
-from sdlite.training import train as train_module
 from sdlite.training.cmd_evaluate import held_out_data
 from sdlite.training.config import parse_config
-from sdlite.training.train import TrainConfig, main
+from sdlite.training.configs import TrainConfig
+from sdlite.training.train import UNetTrainer, main
 
 # U-Net and text-encoder adapters, alpha / r = 2, at two learning rates; lr 1e-2 so that three steps
 # change the images visibly. ema_decay (0.9 in flags) is ignored by a LoRA run.
@@ -51,16 +51,16 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(data, cache, tmp_path_factory):
-    """A 3-step LoRA run, and the run object it trained (kept from save_final)."""
+    """A 3-step LoRA run, and the trainer that ran it (kept from save_final)."""
     out, runs = tmp_path_factory.mktemp("lora"), []
-    save_final = train_module.save_final
+    save_final = UNetTrainer.save_final
 
-    def keep(run):
-        runs.append(run)
-        return save_final(run)
+    def keep(trainer):
+        runs.append(trainer)
+        return save_final(trainer)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "save_final", keep)
+        mp.setattr(UNetTrainer, "save_final", keep)
         main(flags(data, cache, out, **LORA))
     return out, runs[0]
 
@@ -103,7 +103,7 @@ def test_only_the_adapters_train_and_the_base_stays_bit_identical(trained):
 
 def test_under_bf16_the_base_is_bf16_and_the_adapters_fp32(data, cache, tmp_path, monkeypatch):
     runs = []
-    monkeypatch.setattr(train_module, "save_final", runs.append)
+    monkeypatch.setattr(UNetTrainer, "save_final", lambda trainer: runs.append(trainer))
     # accelerate keeps one state per process and refuses another precision: reset it around this run.
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
@@ -129,14 +129,14 @@ def test_an_interrupted_lora_run_resumed_from_its_checkpoint_ends_with_the_same_
     options = dict(LORA, max_steps=4, checkpoint_every=2, lr_scheduler="cosine", lr_warmup_steps=1,
                    caption_dropout=0.25, lora_dropout=0.1)  # fmt: skip
     main(flags(data, cache, tmp_path / "whole", **options))
-    step = train_module.optimizer_step
+    step = UNetTrainer.optimizer_step
 
-    def crash_at_step_3(run, i):
+    def crash_at_step_3(trainer, i):
         if i == 3:
             raise KeyboardInterrupt("the machine went away")
-        return step(run, i)
+        return step(trainer, i)
 
-    monkeypatch.setattr(train_module, "optimizer_step", crash_at_step_3)
+    monkeypatch.setattr(UNetTrainer, "optimizer_step", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         main(flags(data, cache, tmp_path / "broken", **options))
     monkeypatch.undo()

@@ -4,13 +4,23 @@
 
 The dataclass holds the only copy of the defaults; the YAML file and then the command line override
 them, in that order. Every field becomes a ``--name`` flag whose type comes from its annotation, so
-a misspelt key or a value of the wrong type fails at start-up with a message naming it.
+a misspelt key or a value of the wrong type fails at start-up with a message naming it. The flag's
+``--help`` text is the field's trailing comment in the dataclass source, and a comment line above a
+run of fields titles their section (``field_docs``): the description is written once, where the field
+is. A class's ``FOREIGN_FLAGS`` ({other tool's name: ours or why there is none}) turn another tool's
+flag into an error that names ours.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import io
+import sys
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -94,14 +104,27 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def foreign_flag(cls: type, name: str) -> str | None:
+    """The error for a flag or key ``name`` of another tool (cls.FOREIGN_FLAGS); None if it is not one."""
+    hint = getattr(cls, "FOREIGN_FLAGS", {}).get(name)
+    if hint is None or name in {f.name for f in dataclasses.fields(cls)}:
+        return None
+    if hint.startswith("--"):
+        return f"--{name} is diffusers' name; sdlite's is {hint}"
+    return f"--{name} is a flag of diffusers' training scripts that sdlite has no equivalent of: {hint}"
+
+
 def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
     """Build ``cls`` from a dict, converting each value to its field's type; unknown keys fail."""
     hints = _hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
+        foreign = [message for message in map(lambda k: foreign_flag(cls, k), unknown) if message]
         raise ConfigError(
-            f"{source}: unknown key(s) {unknown} for {cls.__name__}; known keys: {sorted(known)}"
+            f"{source}: unknown key(s) {unknown} for {cls.__name__}"
+            + "".join(f"; {message}" for message in foreign)
+            + f"; known keys: {sorted(known)}"
         )
     return cls(**{k: _convert(k, hints[k], v) for k, v in values.items()})
 
@@ -116,25 +139,81 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _comments(source: str) -> dict[int, tuple[str, bool]]:
+    """{line: (comment text, whether the comment is the whole line)} of Python source."""
+    found = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            found[token.start[0]] = (token.string.lstrip("#").strip(), token.line.lstrip().startswith("#"))
+    return found
+
+
+def field_docs(cls: type) -> dict[str, tuple[str, str]]:
+    """{field: (section, description)} read from the comments of the dataclass's source and its bases'.
+
+    A field's description is its trailing comment (over all its lines); its section is the comment
+    line(s) last seen above it. A subclass that redeclares a field (to change its default) keeps the
+    base's section and, unless it writes its own comment, the base's description. Without the source
+    (a frozen or .pyc-only install) the fields have no description.
+    """
+    docs: dict[str, tuple[str, str]] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        comments = _comments(source)
+        section, previous_end = "", 0
+        for node in ast.parse(source).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                above = [comments[n] for n in range(previous_end + 1, node.lineno) if n in comments]
+                if any(whole for _, whole in above):
+                    section = " ".join(text for text, whole in above if whole)
+                own = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+                text = " ".join(text for text, whole in own if not whole)
+                base_section, base_text = docs.get(node.target.id, (section, ""))
+                docs[node.target.id] = (base_section, text or base_text)
+            previous_end = node.end_lineno
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {name: doc for name, doc in docs.items() if name in names}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    """A ``--name`` flag per field, described by its comment and grouped by its section."""
     # allow_abbrev=False: a misspelt or shortened flag fails instead of setting some other key.
-    parser = argparse.ArgumentParser(description=description or cls.__doc__, allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=description or cls.__doc__, allow_abbrev=False,
+                                     usage="%(prog)s [--config FILE] [--key value ...]")  # fmt: skip
     parser.add_argument("--config", help="YAML file of key: value pairs; flags override it")
+    docs, groups = field_docs(cls), {}
     for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = None
+        section, text = docs.get(f.name, ("", ""))
+        title, _, about = section.partition(":")  # "Data: what it may be" -> title "Data"
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title or None, about.strip() or None)
+        help_text = f"{text} (default: {_default(f)})".strip().replace("%", "%%")  # argparse %-formats
         # Values stay strings here and are converted once, with the YAML's, in from_dict.
-        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=f"(default: {default})")
+        groups[title].add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=help_text)
     return parser
 
 
 def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
     """Defaults of ``cls``, then the ``--config`` YAML file, then the ``--key value`` flags."""
-    args = vars(build_parser(cls).parse_args(argv))
+    parser = build_parser(cls)
+    for arg in sys.argv[1:] if argv is None else argv:
+        message = foreign_flag(cls, arg[2:].partition("=")[0]) if arg.startswith("--") else None
+        if message:
+            parser.error(message)
+    args = vars(parser.parse_args(argv))
     path = args.pop("config", None)
     values = load_yaml(path) if path else {}
     values.update(args)

@@ -1,5 +1,5 @@
 """The model and the data of a training run: load the parts, put LoRA adapters on them, and build the
-(cached) training examples and the held-out batch. ``train.py``'s ``setup`` calls these.
+(cached) training examples and the held-out batch. ``UNetTrainer`` (train.py) calls these.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from sdlite.data.cache import DecodedImages, TensorCache, cache_latents, cache_t
 from sdlite.data.cleaning import clean_rows
 from sdlite.data.dataset import ImageTransform, TrainingExamples, caption_text, load_rows
 from sdlite.ddpm import DDPMScheduler
+from sdlite.latents import vae_factor
 from sdlite.lora import LoraSettings, add_lora, cast_adapters_to_fp32
 from sdlite.models import build_components, check_compatible, load_components
 from sdlite.tokenizer import token_ids
 from sdlite.training.loop import seeded_generator
 
 if TYPE_CHECKING:
-    from sdlite.training.train import TrainConfig
+    from sdlite.training.configs import TrainConfig
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -85,7 +86,7 @@ def build_examples(cfg: TrainConfig, acc, parts):
     held-out batch with its fixed draws (None without val_data_dir)."""
     vae = parts.vae.config
     resolution = cfg.resolution or vae.sample_size
-    factor = 2 ** (len(vae.block_out_channels) - 1)
+    factor = vae_factor(vae)
     if resolution % factor:
         raise ValueError(f"resolution {resolution} is not a multiple of the VAE's factor {factor}")
     latent_shape = (vae.latent_channels, resolution // factor, resolution // factor)

@@ -8,23 +8,22 @@ diffusion trains its first stage (Rombach et al. 2022, sec. 3 and appendix G, wi
 and adversarial terms): loss = ‖x - D(z)‖² + kl_weight · KL(q(z|x) ‖ N(0, I)), z ~ q(z|x).
 
 The learning rate warms up and then decays to zero at the last step: at a constant rate a small VAE
-can end on a loss spike (see shared/DESIGN.md). PSNR is measured on held-out images, and the one
-reported at the end is of the saved weights, read back from disk.
+can end on a loss spike. PSNR is measured on held-out images, and the one reported at the end is of
+the saved weights, read back from disk.
 
 Output: ``output_dir/vae`` in diffusers' layout (``AutoencoderKL.from_pretrained`` loads it), with
 ``scaling_factor`` set to 1 / std of the latents of the training images, as Stable Diffusion sets
-it, so that scaled latents have unit variance, as the diffusion's prior N(0, I) assumes. The loop's
-machinery (accelerator, data order, optimizer, schedule, checkpoints, metrics) is ``training/loop.py``.
+it, so that scaled latents have unit variance, as the diffusion's prior N(0, I) assumes. The loop
+(log, checkpoint, signal and non-finite cadence) is ``training/trainer.py``'s, as the U-Net trainer's;
+its machinery (accelerator, data order, optimizer, schedule, metrics) is ``training/loop.py``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,51 +35,10 @@ if __package__ in (None, ""):  # run as a script (accelerate launch training/tra
 
 from sdlite.data.dataset import ImageTransform, image_bytes, load_rows  # noqa: E402
 from sdlite.presets import get_preset  # noqa: E402
-from sdlite.training.checkpoint import StopSignals, find_resume, load_checkpoint, save_checkpoint  # noqa: E402
-from sdlite.training.config import parse_config, save_yaml  # noqa: E402
-from sdlite.training.loop import (  # noqa: E402
-    Metrics,
-    StepSampler,
-    make_lr_schedule,
-    make_optimizer,
-    progress_bar,
-    setup_accelerator,
-)
-
-
-@dataclass
-class VAETrainConfig:
-    """Train the preset's AutoencoderKL from scratch on an image folder."""
-
-    # Data: the sources train.py reads (an image folder, a save_to_disk folder, a CSV/parquet/JSON file).
-    train_data_dir: str = "data/shapes/train"
-    eval_data_dir: str | None = None  # held-out images for PSNR; None: hold out eval_count of train
-    eval_count: int = 256  # images held out of train_data_dir when eval_data_dir is None
-    image_column: str = "image"
-    preset: str = "tiny"  # the VAE config to build (sdlite.presets)
-    resolution: int | None = None  # image side; None: the preset's
-    # Optimisation
-    seed: int = 0
-    max_steps: int = 600
-    train_batch_size: int = 32
-    learning_rate: float = 2e-3
-    lr_scheduler: str = "cosine"  # a diffusers.optimization schedule; cosine decays to 0 at max_steps
-    lr_warmup_steps: int = 50
-    adam_weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0: no clipping
-    reconstruction_loss: str = "mse"  # "mse" or "l1"
-    kl_weight: float = 1e-6
-    mixed_precision: str | None = None  # "no", "fp16", "bf16"; None: accelerate's config decides
-    # Output, logging, checkpoints
-    output_dir: str = "runs/tiny-vae"
-    scale_count: int = 1024  # training images encoded to measure the latents' std
-    log_every: int = 100
-    eval_every: int = 0  # steps between held-out PSNR reports; 0: only at the end
-    report_to: str | None = "tensorboard"
-    checkpoint_every: int = 0  # steps; 0: none
-    checkpoints_total_limit: int | None = 2
-    resume: str | None = None  # "latest" or a checkpoint folder
-
+from sdlite.training.config import parse_config  # noqa: E402
+from sdlite.training.configs import VAETrainConfig  # noqa: E402
+from sdlite.training.loop import StepSampler, make_lr_schedule, make_optimizer, setup_accelerator  # noqa: E402
+from sdlite.training.trainer import Trainer  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # Data
@@ -180,97 +138,82 @@ def save_vae(vae: AutoencoderKL, train_images: torch.Tensor, cfg: VAETrainConfig
     return path, std
 
 
-def train(cfg: VAETrainConfig) -> dict:
-    """Train (or resume), save, then measure the saved weights; returns the final figures."""
-    start = time.perf_counter()
-    acc = setup_accelerator(cfg.output_dir, cfg.mixed_precision, report_to=cfg.report_to)
-    torch.manual_seed(cfg.seed)  # the initial weights; the steps' draws continue this stream
-    vae, resolution = build_vae(cfg)
-    train_images, eval_images = load_splits(cfg, resolution)
-    objective = VAEObjective(vae, cfg.reconstruction_loss, cfg.kl_weight)
-    optimizer = make_optimizer(objective.parameters(), cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
-    lr_schedule = make_lr_schedule(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_steps)
-    objective, optimizer = acc.prepare(objective, optimizer)
+class VAETrainer(Trainer):
+    """A VAE training run: ``VAETrainer(cfg).train()`` builds, resumes, trains, saves output_dir/vae."""
 
-    start_step, checkpoint = 0, find_resume(cfg.output_dir, cfg.resume)
-    if checkpoint is not None:
-        start_step = load_checkpoint(acc, checkpoint, {"vae": vae}, optimizer, lr_schedule)["step"]
-        acc.print(f"resumed from {checkpoint} at step {start_step}")
-    sampler = StepSampler(
-        len(train_images),
-        cfg.train_batch_size,
-        cfg.seed,
-        cfg.max_steps,
-        start_step,
-        acc.num_processes,
-        acc.process_index,
-    )
-    if acc.is_main_process:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
-        acc.init_trackers("sdlite-train-vae")
-    acc.print(
-        f"VAE {cfg.preset}: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, "
-        f"{len(train_images)} training and {len(eval_images)} held-out images at {resolution} px, "
-        f"steps {start_step} -> {cfg.max_steps}"
-    )
+    project = "sdlite-train-vae"
 
-    metrics = Metrics(acc, images_per_step=sampler.global_batch)
-    bar = progress_bar(acc, cfg.max_steps, start_step)
-    objective.train()
-    modules = {"vae": vae}
-    with StopSignals() as stop:  # SIGTERM / Ctrl-C: a checkpoint after the step, then exit 128 + signal
-        for step, items in enumerate(sampler, start=start_step):
-            x = train_images[[index for index, _ in items]].to(acc.device)
-            with acc.autocast():
-                loss, rec, kl = objective(x)
-            acc.backward(loss)
-            if cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            lr_schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            metrics.add(loss=loss, rec=rec, kl=kl)
-            done = step + 1
-            bar.update(1)
-            logging = done % cfg.log_every == 0 or done == cfg.max_steps
-            saving = bool(cfg.checkpoint_every) and done % cfg.checkpoint_every == 0
-            if logging:
-                logs = metrics.report(done, lr=lr_schedule.get_last_lr()[0])
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs['kl']:.2f}")
-            if saving:
-                save_checkpoint(acc, cfg.output_dir, done, modules, optimizer, lr_schedule,
-                                keep=cfg.checkpoints_total_limit)  # fmt: skip
-            signum = stop.requested(acc, synced=logging or saving)
-            if signum:
-                if not saving:
-                    save_checkpoint(acc, cfg.output_dir, done, modules, optimizer, lr_schedule,
-                                    keep=cfg.checkpoints_total_limit)  # fmt: skip
-                bar.close()
-                acc.print(f"{signal.Signals(signum).name}: stopped after step {done} with checkpoint-{done} "
-                          "in output_dir; continue with --resume latest")  # fmt: skip
-                acc.end_training()
-                raise SystemExit(128 + signum)
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps and acc.is_main_process:
-                vae.eval()
-                held_out = psnr(vae, eval_images.to(acc.device))
-                acc.log({"val/psnr": held_out}, step=done)
-                acc.print(f"step {done}: held-out PSNR {held_out:.2f} dB")
-                vae.train()
-    bar.close()
+    def __init__(self, cfg: VAETrainConfig):
+        cfg.check()
+        self.cfg, self.started = cfg, time.perf_counter()
+        acc = setup_accelerator(cfg.output_dir, cfg.mixed_precision, report_to=cfg.report_to)
+        self.accelerator = acc
+        torch.manual_seed(cfg.seed)  # the initial weights; the steps' draws continue this stream
+        self.vae, resolution = build_vae(cfg)
+        self.train_images, self.eval_images = load_splits(cfg, resolution)
+        objective = VAEObjective(self.vae, cfg.reconstruction_loss, cfg.kl_weight)
+        self.params = list(objective.parameters())
+        optimizer = make_optimizer(self.params, cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+        self.lr_schedule = make_lr_schedule(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_steps)
+        self.objective, self.optimizer = acc.prepare(objective, optimizer)
 
-    acc.wait_for_everyone()
-    result = {}
-    if acc.is_main_process:
-        vae.eval()
-        path, std = save_vae(vae, train_images.to(acc.device), cfg)
+        self.start_step = self.resume()
+        sampler = StepSampler(len(self.train_images), cfg.train_batch_size, cfg.seed, cfg.max_steps,
+                              self.start_step, acc.num_processes, acc.process_index)  # fmt: skip
+        self.batches, self.global_batch, self.eval_every = iter(sampler), sampler.global_batch, cfg.eval_every
+        self.start_logs()
+        acc.print(
+            f"VAE {cfg.preset}: {sum(p.numel() for p in self.params) / 1e6:.2f} M parameters, "
+            f"{len(self.train_images)} training and {len(self.eval_images)} held-out images at {resolution} "
+            f"px, steps {self.start_step} -> {cfg.max_steps}"
+        )
+
+    def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
+        return {"vae": self.vae}
+
+    def train(self) -> dict:
+        """Train to max_steps, save, then measure the saved weights; returns the final figures."""
+        self.objective.train()
+        self.loop()
+        self.accelerator.wait_for_everyone()
+        result = self.save_final() if self.accelerator.is_main_process else {}
+        self.accelerator.end_training()
+        return result
+
+    def train_step(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        acc = self.accelerator
+        x = self.train_images[[index for index, _ in next(self.batches)]].to(acc.device)
+        with acc.autocast():
+            loss, rec, kl = self.objective(x)
+        acc.backward(loss)
+        nonfinite = self.update(~torch.isfinite(loss.detach()))
+        return {"loss": loss, "rec": rec, "kl": kl}, nonfinite
+
+    def progress(self, logs: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{logs['loss']:.4f}", "kl": f"{logs['kl']:.2f}"}
+
+    def evaluate(self, step: int) -> None:
+        """Held-out PSNR, logged."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.vae.eval()
+            held_out = psnr(self.vae, self.eval_images.to(acc.device))
+            acc.log({"val/psnr": held_out}, step=step)
+            acc.print(f"step {step}: held-out PSNR {held_out:.2f} dB")
+            self.vae.train()
+
+    def save_final(self) -> dict:
+        """Write output_dir/vae (main process), read it back and measure it: the final figures."""
+        acc, cfg = self.accelerator, self.cfg
+        self.vae.eval()
+        path, std = save_vae(self.vae, self.train_images.to(acc.device), cfg)
         saved = AutoencoderKL.from_pretrained(path).to(acc.device)  # what was written, not what is in memory
         result = {
             "path": str(path),
-            "psnr": psnr(saved, eval_images.to(acc.device)),
+            "psnr": psnr(saved, self.eval_images.to(acc.device)),
             "latent_std": std,
             "scaling_factor": saved.config.scaling_factor,
-            "seconds": time.perf_counter() - start,
+            "seconds": time.perf_counter() - self.started,
         }
         acc.log({"val/psnr": result["psnr"]}, step=cfg.max_steps)
         acc.print(
@@ -278,8 +221,12 @@ def train(cfg: VAETrainConfig) -> dict:
             f"scaling_factor {result['scaling_factor']:.4f} ({result['seconds']:.0f} s)"
         )
         (Path(cfg.output_dir) / "vae_results.json").write_text(json.dumps(result, indent=2) + "\n")
-    acc.end_training()
-    return result
+        return result
+
+
+def train(cfg: VAETrainConfig) -> dict:
+    """Train (or resume), save, then measure the saved weights; returns the final figures."""
+    return VAETrainer(cfg).train()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdlite.data.dataset import decode_image
+from sdlite.data.decoding import decode_image
 from sdlite.latents import vae_factor
 
 Size = tuple[int, int]  # (width, height) in pixels, as PIL
@@ -296,7 +296,8 @@ def cache_bucket_latents(cache, rows, image_column: str, transform: BucketTransf
 def image_sizes(rows, image_column: str) -> list[Size]:
     """Every row's image (width, height), from its header (nothing decoded): for ``image_buckets`` and
     SDXL's ``BucketTransform.conditioning(sizes[index], index, flip)``."""
-    from sdlite.data.dataset import image_bytes, image_size
+    from sdlite.data.dataset import image_bytes
+    from sdlite.data.decoding import image_size
 
     entries = (e for chunk in rows.select_columns([image_column]).iter(256) for e in chunk[image_column])
     return [image_size(image_bytes(e)) for e in entries]

@@ -1,0 +1,215 @@
+"""The configs of sdlite's two trainers: what each entry point takes, with its defaults.
+
+``RunConfig`` holds the fields both trainers share (data, optimisation, output, faults), written once;
+``TrainConfig`` (training/train.py, the latent U-Net) and ``VAETrainConfig`` (training/train_vae.py)
+add their own and may give a shared field another default. Each field's trailing comment is its
+``--help`` text and each comment line above a run of fields its section (training/config.py reads
+them), so a field's description lives only here. ``FOREIGN_FLAGS`` maps the flags of diffusers'
+training scripts (examples/text_to_image) to ours, so that ``--max_train_steps`` fails naming
+``--max_steps`` instead of "unrecognized arguments".
+
+This module imports neither torch nor any model library, so that a command line can parse and print
+``--help`` in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+# sdlite.lora's UNET_TARGETS and TEXT_ENCODER_TARGETS, written out so as not to import torch and peft
+# here (tests/test_train.py keeps them equal): the attention projections LoRA adapts by default.
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+# diffusers' flag -> ours ("--name ..."), or why sdlite has none.
+DIFFUSERS_FLAGS = {
+    "max_train_steps": "--max_steps",
+    "num_train_epochs": "--max_steps (sdlite counts optimizer steps, not epochs)",
+    "checkpointing_steps": "--checkpoint_every",
+    "resume_from_checkpoint": "--resume (latest or a checkpoint folder)",
+    "dataset_name": "--train_data_dir (a local folder or file: sdlite downloads nothing)",
+    "logging_dir": "logs always go to output_dir/logs",
+    "scale_lr": "set --learning_rate to the rate you want",
+    "push_to_hub": "sdlite uploads nothing; upload final_dir with huggingface_hub if you wish",
+    "enable_xformers_memory_efficient_attention": "attention already runs torch's fused SDPA kernels",
+}
+UNET_FLAGS = {
+    "pretrained_model_name_or_path": "--pretrained (a local diffusers-layout folder)",
+    "rank": "--lora_rank (with --lora true)",
+    "validation_prompt": "--validation_prompts (a comma-separated list)",
+    "validation_epochs": "--validation_every (in optimizer steps)",
+    "use_ema": "--ema_decay (a decay such as 0.9999; none turns the EMA off)",
+    "center_crop": "--random_crop false (the centre crop is the default)",
+}
+
+
+@dataclass
+class RunConfig:
+    """What every sdlite trainer takes."""
+
+    FOREIGN_FLAGS: ClassVar[dict[str, str]] = DIFFUSERS_FLAGS
+
+    # The model
+    preset: str = "tiny"  # the sdlite.presets architecture, built with random weights
+    # Data: an image folder with metadata.jsonl, a save_to_disk folder, or a CSV/parquet/JSON-lines file.
+    train_data_dir: str = "data/shapes/train"  # the training data
+    image_column: str = "image"  # the column of images (files, paths or bytes)
+    resolution: int | None = None  # the image side in pixels; None: the model's sample_size
+    # Optimisation: steps are optimizer steps.
+    seed: int = 0  # every random draw of the run follows from it (the initial weights, the data order, noise)
+    max_steps: int = 1000  # optimizer steps to train for, in all
+    train_batch_size: int = 32  # images per process per micro-step
+    learning_rate: float = 1e-4  # AdamW's peak rate
+    lr_scheduler: str = "constant"  # any diffusers.optimization schedule, in optimizer steps
+    lr_warmup_steps: int = 0  # steps of linear warm-up from 0
+    adam_weight_decay: float = 1e-2  # AdamW's decoupled weight decay
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0: no clipping
+    mixed_precision: str | None = None  # "no", "fp16", "bf16"; None: accelerate's config decides
+    # Output, logging, checkpoints
+    output_dir: str = "runs/train"  # the run's folder: config.yaml, checkpoints, logs/
+    log_every: int = 50  # steps between logged means (also when the loop syncs with the device)
+    report_to: str | None = "tensorboard"  # an accelerate tracker: "tensorboard", "wandb", ...; none
+    checkpoint_every: int = 500  # steps between checkpoints (one at the end too); 0: none
+    checkpoints_total_limit: int | None = 3  # keep the newest this many checkpoints; None: all
+    resume: str | None = None  # "latest" (output_dir's newest checkpoint, if any) or a checkpoint folder
+    # Faults (docs/reliability.md)
+    nonfinite_loss: str = "skip"  # a NaN/inf loss or gradient: "skip" the step, or "stop" the run
+
+    def problems(self) -> list[str]:
+        """What is wrong with the settings, in words; empty when they are fine."""
+        problems = []
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            problems.append(f"mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16")
+        if min(self.max_steps, self.train_batch_size, self.log_every) < 1:
+            problems.append("max_steps, train_batch_size and log_every must be >= 1")
+        if self.nonfinite_loss not in ("skip", "stop"):
+            problems.append(f"nonfinite_loss={self.nonfinite_loss!r}: use skip or stop")
+        return problems
+
+    def check(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("bad training config: " + "; ".join(problems))
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Train the latent U-Net (and optionally the text encoder) of a text-to-image model."""
+
+    FOREIGN_FLAGS: ClassVar[dict[str, str]] = DIFFUSERS_FLAGS | UNET_FLAGS
+
+    # The model: a preset from scratch, or a pretrained diffusers-layout folder.
+    preset: str = "tiny"  # the sdlite.presets model to build with random weights (when pretrained is None)
+    pretrained: str | None = None  # a diffusers-layout folder to fine-tune
+    vae_path: str | None = None  # an AutoencoderKL folder (train_vae.py's output_dir/vae) replacing the VAE
+    train_text_encoder: bool = False  # train the CLIP text encoder with the U-Net (embeddings not cached)
+    prediction_type: str | None = None  # "epsilon" or "v_prediction"; None: the scheduler's
+    rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2023); also sets trailing spacing
+    # Data
+    caption_column: str = "text"  # the column of captions
+    random_crop: bool = False  # one random square per image (from seed and index); else centre crop
+    random_flip: bool = False  # flip left-right with probability 1/2 (both flips are cached)
+    caption_dropout: float = 0.0  # probability of the empty caption, for classifier-free guidance
+    cache_latents: bool = True  # encode each image once, keep mean and std of q(z|x) on disk
+    cache_text: bool = True  # cache the text embeddings too (only while the text encoder is frozen)
+    cache_dir: str = "~/.cache/sdlite"  # where the latent and text caches live (shared between runs)
+    dataloader_num_workers: int = 0  # DataLoader worker processes; 0: load in the training process
+    streaming: bool = False  # stream train_data_dir's shards, nothing cached (sdlite/data/streaming.py)
+    shuffle_buffer: int = 1000  # streaming: rows held for shuffling (more: a better shuffle, more memory)
+    # Optimisation: the global batch is train_batch_size x processes x gradient_accumulation_steps.
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
+    adam_beta1: float = 0.9  # AdamW's β1
+    adam_beta2: float = 0.999  # AdamW's β2
+    adam_epsilon: float = 1e-8  # AdamW's ε
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit
+    snr_gamma: float | None = None  # min-SNR-γ loss weights (Hang et al. 2023); 5 is the paper's
+    noise_offset: float = 0.0  # ε += offset * N(0, I) per (sample, channel) (Guttenberg 2023)
+    ema_decay: float | None = 0.9999  # the EMA of the weights that final_dir holds; None: no EMA
+    # Speed
+    allow_tf32: bool = True  # TF32 matmuls on Ampere and later GPUs
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
+    compile: bool = False  # torch.compile the U-Net
+    channels_last: bool = False  # the U-Net's activations in channels-last memory layout
+    # Validation, output
+    final_dir: str | None = None  # the trained model's folder; None: output_dir/final
+    validation_prompts: list[str] = field(default_factory=list)  # prompts sampled into validation/step-N.png
+    validation_every: int = 0  # steps between validations; 0: only at the end
+    validation_inference_steps: int = 50  # sampling steps of the validation images
+    validation_guidance: float = 7.5  # classifier-free guidance scale of the validation images
+    val_data_dir: str | None = None  # held-out data for the validation loss (same formats as train)
+    val_count: int = 64  # held-out items used
+    val_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])  # validation loss t
+    # LoRA: train low-rank adapters on the frozen model instead of its weights (learning_rate is the
+    # U-Net adapter's). The update is (lora_alpha / lora_rank) B A; alpha None means alpha = rank.
+    lora: bool = False  # train LoRA adapters (Hu et al. 2021) instead of the weights
+    lora_rank: int = 4  # r, the adapters' rank
+    lora_alpha: float | None = None  # α; the update is scaled by α / r; None: α = r
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_target_modules: list[str] = field(default_factory=lambda: list(UNET_TARGETS))  # U-Net attention
+    lora_text_encoder: bool = False  # an adapter on the text encoder too (embeddings are then not cached)
+    lora_text_encoder_target_modules: list[str] = field(  # the text encoder's attention projections
+        default_factory=lambda: list(TEXT_ENCODER_TARGETS)
+    )
+    text_encoder_lr: float | None = None  # the text encoder adapter's learning rate; None: learning_rate
+    # Faults
+    bad_data: str = "skip"  # unreadable images: "skip" them (listed in output_dir/bad_files.txt) or "error"
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        """Whether gradients reach the text encoder: trained whole, or through its LoRA adapter."""
+        return self.train_text_encoder or (self.lora and self.lora_text_encoder)
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            problems.append(f"prediction_type={self.prediction_type!r}: use epsilon or v_prediction")
+        if not 0 <= self.caption_dropout < 1:
+            problems.append(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
+        if self.gradient_accumulation_steps < 1:
+            problems.append("gradient_accumulation_steps must be >= 1")
+        if self.lora and self.train_text_encoder:
+            problems.append("lora with train_text_encoder: LoRA trains no base weight; use lora_text_encoder")
+        if self.lora and (self.lora_rank < 1 or not 0 <= self.lora_dropout < 1):
+            problems.append(
+                f"lora_rank {self.lora_rank} must be >= 1, lora_dropout {self.lora_dropout} in [0, 1)"
+            )
+        if self.bad_data not in ("skip", "error"):
+            problems.append(f"bad_data={self.bad_data!r}: use skip or error")
+        return problems
+
+
+@dataclass
+class VAETrainConfig(RunConfig):
+    """Train the preset's AutoencoderKL from scratch on an image folder."""
+
+    FOREIGN_FLAGS: ClassVar[dict[str, str]] = DIFFUSERS_FLAGS | {
+        "pretrained_model_name_or_path": "train_vae.py trains the --preset's VAE from random weights",
+    }
+
+    # The model
+    preset: str = "tiny"  # the sdlite.presets VAE to build with random weights
+    # Data
+    eval_data_dir: str | None = None  # held-out images for PSNR; None: hold out eval_count of train
+    eval_count: int = 256  # images held out of train_data_dir when eval_data_dir is None
+    # Optimisation: a VAE at a constant rate can end on a loss spike; cosine decays to 0 at max_steps.
+    max_steps: int = 600
+    learning_rate: float = 2e-3
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 50
+    adam_weight_decay: float = 0.0
+    reconstruction_loss: str = "mse"  # "mse" or "l1"
+    kl_weight: float = 1e-6  # the weight of KL(q(z|x) ‖ N(0, I)) against the reconstruction loss
+    # Output, logging, checkpoints
+    output_dir: str = "runs/tiny-vae"
+    scale_count: int = 1024  # training images encoded to measure the latents' std
+    log_every: int = 100
+    eval_every: int = 0  # steps between held-out PSNR reports; 0: only at the end
+    checkpoint_every: int = 0
+    checkpoints_total_limit: int | None = 2
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.reconstruction_loss not in ("mse", "l1"):
+            problems.append(f"reconstruction_loss={self.reconstruction_loss!r}: use mse or l1")
+        return problems

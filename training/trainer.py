@@ -1,0 +1,218 @@
+"""The loop both trainers share: the step cadence, the update with its non-finite guard, checkpoints.
+
+A trainer (``UNetTrainer`` in train.py, ``VAETrainer`` in train_vae.py) builds its model, optimizer and
+data, then runs ``loop``: its own ``train_step`` once per optimizer step, and at the loop's host-sync
+points (log and checkpoint steps) everything that needs the host: the count of skipped non-finite
+steps, the logged means, the checkpoint and the stop signal. Every call into training/checkpoint.py
+is in this file (``resume``, ``save_checkpoint``, ``check_nonfinite``, ``publish``), so that
+checkpoint policy changes in one place for both trainers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from pathlib import Path
+
+import torch
+
+from sdlite.training.checkpoint import (
+    NonFiniteLossError,
+    StopSignals,
+    checkpoints,
+    find_resume,
+    load_checkpoint,
+    publish_dir,
+    save_checkpoint,
+)
+from sdlite.training.config import save_yaml, to_dict
+from sdlite.training.configs import RunConfig
+from sdlite.training.loop import EMA, Metrics, progress_bar
+
+
+class Trainer:
+    """A training run of ``cfg.max_steps`` optimizer steps. A subclass sets the attributes below in its
+    ``__init__`` (``start_step`` from ``resume``) and defines ``train_step`` and ``checkpoint_modules``;
+    ``evaluate`` and ``eval_every`` for periodic evaluation."""
+
+    project = "sdlite-train"  # the trackers' project name
+    cfg: RunConfig
+    accelerator: object  # accelerate.Accelerator
+    params: list  # the trained parameters (clipped, checked, averaged)
+    optimizer: object  # accelerate's AcceleratedOptimizer
+    lr_schedule: object
+    ema: EMA | None = None  # on the main process only
+    global_batch: int  # images per optimizer step, over all processes
+    start_step: int = 0
+    eval_every = 0  # steps between ``evaluate`` calls in the loop; 0: none
+
+    # ---- what a subclass defines ----------------------------------------------------------------------
+
+    def train_step(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimizer step: (values to log, on the device; whether it was skipped as non-finite)."""
+        raise NotImplementedError
+
+    def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
+        """What a checkpoint holds of the model, by file name."""
+        raise NotImplementedError
+
+    def evaluate(self, step: int) -> None:
+        """Measure the model in the middle of the run (every eval_every steps)."""
+
+    def progress(self, logs: dict[str, float]) -> dict[str, str]:
+        """The progress bar's postfix at a log step."""
+        return {"loss": f"{logs['loss']:.4f}", "img_s": f"{logs['images_per_second']:.1f}"}
+
+    # ---- the update -----------------------------------------------------------------------------------
+
+    def update(self, bad_loss: torch.Tensor) -> torch.Tensor:
+        """Clip, step the optimizer and the schedule, zero the gradients; returns whether the step was
+        skipped because the loss (``bad_loss``) or the gradients were NaN or inf (on the device)."""
+        nonfinite = self.skip_if_nonfinite(bad_loss)
+        self.optimizer.step()
+        if not self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, so the schedule waits
+            self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        vars(self.optimizer.optimizer).pop("found_inf", None)
+        return nonfinite
+
+    def skip_if_nonfinite(self, bad_loss: torch.Tensor) -> torch.Tensor:
+        """Clip the gradients and arrange for the coming optimizer step to change nothing if the loss or
+        the gradients are not finite; returns that flag (on the device), for the loop to count.
+
+        Without a host sync: the flag goes to the optimizer as ``found_inf``, the tensor by which torch's
+        fused Adam/AdamW kernels skip a step on the device (moments, step count and weights untouched),
+        as GradScaler uses them. The gradient norm is taken after DDP's all-reduce, so every process
+        makes the same choice. Under fp16 the GradScaler already skips steps with inf gradients (its
+        scale search makes a few) and sets found_inf itself; the flag then only counts non-finite
+        losses. Other optimizers (bitsandbytes, non-fused AdamW) have no found_inf: for them the flag
+        is read on the host, one sync per step.
+        """
+        acc, max_norm = self.accelerator, self.cfg.max_grad_norm
+        if acc.scaler is not None:
+            if max_norm > 0:
+                acc.clip_grad_norm_(self.params, max_norm)
+            return bad_loss
+        if max_norm > 0:
+            norm = acc.clip_grad_norm_(self.params, max_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        # A non-finite loss makes non-finite gradients; the norm alone decides, as it is the same everywhere.
+        bad = ~torch.isfinite(norm.to(bad_loss.device))
+        optimizer = self.optimizer.optimizer  # accelerate's wrapper holds the torch optimizer
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = bad.float()
+        elif bad.item():
+            optimizer.zero_grad(set_to_none=True)  # no gradients: the optimizer skips every parameter
+        return bad | bad_loss
+
+    # ---- the loop -------------------------------------------------------------------------------------
+
+    def loop(self) -> None:
+        """Steps start_step .. max_steps - 1, then return (the caller evaluates and saves the result).
+
+        Faults (docs/reliability.md): a step whose loss or gradients are NaN or inf changes nothing
+        (``update``); such steps are counted at the host-sync points and reported, or with
+        nonfinite_loss=stop raised there, before any checkpoint of that window is written. SIGTERM or
+        SIGINT: a checkpoint after the current step, then exit 128 + the signal.
+        """
+        cfg, acc = self.cfg, self.accelerator
+        metrics = Metrics(acc, images_per_step=self.global_batch)
+        bar = progress_bar(acc, cfg.max_steps, self.start_step)
+        nonfinite, since = torch.zeros((), device=acc.device), self.start_step  # skipped steps since `since`
+        with StopSignals() as stop, contextlib.closing(bar):
+            for step in range(self.start_step, cfg.max_steps):
+                values, skipped = self.train_step(step)
+                metrics.add(**values)
+                nonfinite += skipped
+                done = step + 1
+                bar.update(1)
+                logging = done % cfg.log_every == 0 or done == cfg.max_steps
+                # A checkpoint every checkpoint_every steps and at the end, so that a finished run can go on.
+                saving = bool(cfg.checkpoint_every) and (
+                    done % cfg.checkpoint_every == 0 or done == cfg.max_steps
+                )
+                if logging or saving:  # the loop's only host syncs
+                    self.check_nonfinite(int(acc.reduce(nonfinite, "max").item()), since, done)
+                    nonfinite.zero_()
+                    since = done
+                if logging:
+                    logs = metrics.report(done, lr=self.lr_schedule.get_last_lr()[0])
+                    bar.set_postfix(self.progress(logs))
+                if saving:
+                    self.save_checkpoint(done)
+                signum = stop.requested(acc, synced=logging or saving)
+                if signum:  # SIGTERM, Ctrl-C: keep this step's state and go
+                    if not saving:
+                        self.save_checkpoint(done)
+                    acc.print(
+                        f"{signal.Signals(signum).name}: stopped after step {done} with "
+                        f"checkpoint-{done} in output_dir; continue with --resume latest"
+                    )
+                    acc.end_training()
+                    raise SystemExit(128 + signum)
+                if self.eval_every and done % self.eval_every == 0 and done < cfg.max_steps:
+                    self.evaluate(done)
+
+    def check_nonfinite(self, count: int, since: int, done: int) -> None:
+        """Report the steps since..done whose loss or gradients were NaN or inf (each skipped)."""
+        if not count:
+            return
+        steps = f"step {done}" if done - since == 1 else f"steps {since + 1}..{done}"
+        what = f"{count} step(s) of {steps} had a NaN or inf loss or gradients"
+        if self.cfg.nonfinite_loss == "stop":
+            last = checkpoints(self.cfg.output_dir)
+            raise NonFiniteLossError(
+                f"{what} (nonfinite_loss=stop); they were skipped, so the weights are finite, and no "
+                f"checkpoint was written after them; the last one is {str(last[-1]) if last else 'none'}. "
+                "Try a lower learning_rate, bf16 instead of fp16 or max_grad_norm > 0; nonfinite_loss=skip "
+                "trains past them"
+            )
+        self.accelerator.print(f"warning: {what}; those steps were skipped (weights unchanged)")
+
+    # ---- the run folder and its checkpoints -------------------------------------------------------------
+
+    def resume(self) -> int:
+        """Load the checkpoint ``cfg.resume`` names, if any; returns the step to start from."""
+        cfg, acc = self.cfg, self.accelerator
+        checkpoint = find_resume(cfg.output_dir, cfg.resume)
+        if checkpoint is None:
+            if checkpoints(cfg.output_dir):
+                acc.print(
+                    f"warning: {cfg.output_dir} holds checkpoints of an earlier run; this run starts "
+                    "at step 0 (--resume latest continues the earlier one)"
+                )
+            return 0
+        state = load_checkpoint(
+            acc, checkpoint, self.checkpoint_modules(), self.optimizer, self.lr_schedule, self.ema
+        )
+        acc.print(f"resumed from {checkpoint} at step {state['step']}")
+        return state["step"]
+
+    def save_checkpoint(self, step: int) -> Path:
+        return save_checkpoint(
+            self.accelerator,
+            self.cfg.output_dir,
+            step,
+            self.checkpoint_modules(),
+            self.optimizer,
+            self.lr_schedule,
+            self.ema,
+            self.cfg.checkpoints_total_limit,
+        )
+
+    def start_logs(self) -> None:
+        """Write output_dir/config.yaml and start the trackers, with the config as hyperparameters."""
+        if self.accelerator.is_main_process:
+            Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            save_yaml(self.cfg, Path(self.cfg.output_dir) / "config.yaml")
+            hparams = {
+                k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                for k, v in to_dict(self.cfg).items()
+            }
+            self.accelerator.init_trackers(self.project, config=hparams)
+
+    @staticmethod
+    def publish(tmp: Path, final: Path) -> None:
+        """Make the folder written at ``tmp`` the run's result at ``final``, atomically."""
+        publish_dir(tmp, final)
