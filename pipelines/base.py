@@ -26,7 +26,7 @@ from diffusers.utils import is_xformers_available, logging
 from diffusers.utils.pil_utils import numpy_to_pil
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from sdlite.ddpm import DDPMScheduler
+from sdlite.ddpm import DDPMScheduler, check_num_train_timesteps
 from sdlite.latents import vae_factor
 from sdlite.models import PARTS, check_folder, save_components
 from sdlite.pipelines.single_file import load_single_file, save_single_file
@@ -120,6 +120,7 @@ class BasePipeline(DiffusionPipeline, StableDiffusionMixin):
         kwargs.setdefault("local_files_only", True)
         if "scheduler" not in kwargs:
             config = DDPMScheduler.load_config(path / "scheduler")
+            check_num_train_timesteps(config.get("num_train_timesteps", 1000))  # before any table is built
             if config.get("_class_name") == "DDPMScheduler":
                 kwargs["scheduler"] = DDPMScheduler.from_config(config)
         if "tokenizer" not in kwargs and not (path / "tokenizer").is_dir():

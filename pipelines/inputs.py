@@ -188,6 +188,11 @@ def check_output(output_type, tensor_inputs, allowed_tensor_inputs) -> None:
 def check_ip_adapter(image, image_embeds, num_adapters: int, has_image_encoder: bool) -> None:
     """IP-Adapter inputs: images or precomputed embeddings (one entry per loaded adapter), not both."""
     if image is None and image_embeds is None:
+        if num_adapters:  # the U-Net's IP-Adapter layers would fail on a missing input
+            raise ValueError(
+                f"{num_adapters} IP-Adapter(s) loaded: pass ip_adapter_image or ip_adapter_image_embeds, "
+                "or pipe.unload_ip_adapter() to generate without"
+            )
         return
     if image is not None and image_embeds is not None:
         raise ValueError("pass at most one of ip_adapter_image or ip_adapter_image_embeds, got both")
