@@ -111,8 +111,11 @@ def check_batch(num_prompts, num_images_per_prompt, height, width, vae_factor: i
     return num_images
 
 
-def check_schedule(num_inference_steps, timesteps, sigmas, limits: Limits | None) -> None:
-    """A step count, or one custom list of timesteps or of sigmas, within ``limits``."""
+def check_schedule(
+    num_inference_steps, timesteps, sigmas, limits: Limits | None, num_train_timesteps: int | None = None
+) -> None:
+    """A step count, or one custom list of timesteps (each below the scheduler's ``num_train_timesteps``)
+    or of sigmas, within ``limits``."""
     if timesteps is not None and sigmas is not None:
         raise ValueError("pass at most one of timesteps or sigmas, got both")
     if timesteps is None and sigmas is None:
@@ -120,8 +123,12 @@ def check_schedule(num_inference_steps, timesteps, sigmas, limits: Limits | None
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         name, steps = "num_inference_steps", num_inference_steps
     elif timesteps is not None:
-        if not (_is_list(timesteps) and all(_is_int(t) and t >= 0 for t in timesteps)):
-            raise ValueError(f"timesteps must be a non-empty list of int >= 0, got {_describe(timesteps)}")
+        top = num_train_timesteps or math.inf
+        if not (_is_list(timesteps) and all(_is_int(t) and 0 <= t < top for t in timesteps)):
+            most = f" and < {top} (the scheduler's num_train_timesteps)" if top < math.inf else ""
+            raise ValueError(
+                f"timesteps must be a non-empty list of int >= 0{most}, got {_describe(timesteps)}"
+            )
         name, steps = "timesteps", len(timesteps)
     else:
         if not (_is_list(sigmas) and all(_is_real(s, 0) for s in sigmas)):
@@ -196,8 +203,9 @@ def check_ip_adapter(image, image_embeds, num_adapters: int, has_image_encoder: 
         return
     if image is not None and image_embeds is not None:
         raise ValueError("pass at most one of ip_adapter_image or ip_adapter_image_embeds, got both")
+    name = "ip_adapter_image" if image is not None else "ip_adapter_image_embeds"
     if num_adapters == 0:
-        raise ValueError("ip_adapter_image(_embeds) needs an IP-Adapter: call pipe.load_ip_adapter first")
+        raise ValueError(f"{name} needs an IP-Adapter: call pipe.load_ip_adapter(...) first")
     if image is not None and not has_image_encoder:
         raise ValueError(
             "ip_adapter_image needs an image encoder, and this pipeline has none: load the IP-Adapter "

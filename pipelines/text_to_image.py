@@ -168,7 +168,10 @@ class TextToImagePipeline(
         height, width = args["height"], args["width"]
         per_prompt = args["num_images_per_prompt"]
         num_images = inputs.check_batch(num_prompts, per_prompt, height, width, f, self.limits)
-        inputs.check_schedule(args["num_inference_steps"], args["timesteps"], args["sigmas"], self.limits)
+        inputs.check_schedule(
+            args["num_inference_steps"], args["timesteps"], args["sigmas"], self.limits,
+            num_train_timesteps=self.scheduler.config.get("num_train_timesteps"),
+        )  # fmt: skip
         inputs.check_guidance(
             args["guidance_scale"], args["eta"], args["guidance_rescale"], args["clip_skip"],
             text_layers=self.text_encoder.config.num_hidden_layers,

@@ -241,8 +241,8 @@ def load_lora_into(
 ) -> None:
     """Load an adapter file into the models, as ``load_lora_weights`` would into a pipeline.
 
-    To evaluate an adapter outside a pipeline, or to start training from it: with ``trainable``
-    the bases are frozen and the loaded adapter's matrices require grad. (An interrupted run
+    To evaluate an adapter outside a pipeline (everything frozen), or to start training from it: with
+    ``trainable`` the loaded adapter's matrices require grad while the bases stay frozen. (An interrupted run
     resumes from its checkpoint folder, which holds the optimizer too, not from this file.)
     ``text_encoder`` may be None when the file has no text-encoder adapter.
     """
@@ -258,9 +258,8 @@ def load_lora_into(
         loader.load_lora_into_text_encoder(
             state, alphas, text_encoder, adapter_name=adapter_name, metadata=metadata
         )
-    if trainable:
-        for model in (unet, text_encoder):
-            if model is not None:
-                model.requires_grad_(False)
-                for p in adapter_parameters(model, adapter_name):
-                    p.requires_grad_(True)
+    for model in (unet, text_encoder):
+        if model is not None:
+            model.requires_grad_(False)
+            for p in adapter_parameters(model, adapter_name):
+                p.requires_grad_(trainable)
