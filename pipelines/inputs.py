@@ -18,10 +18,13 @@ from dataclasses import dataclass
 import torch
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-LIMITS_HELP = "raise it (pipe.limits.{name} = ...) or lift every limit with pipe.limits = None"
+LIMITS_HELP = (
+    "raise it with pipe.limits = Limits({name}=...) (from sdlite.pipelines), or lift every limit with "
+    "pipe.limits = None"
+)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Limits:
     """The most one call may ask for; ``pipe.limits`` holds them (None lifts them all).
 

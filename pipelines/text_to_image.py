@@ -172,10 +172,16 @@ class TextToImagePipeline(
             args["num_inference_steps"], args["timesteps"], args["sigmas"], self.limits,
             num_train_timesteps=self.scheduler.config.get("num_train_timesteps"),
         )  # fmt: skip
+        text = self.text_encoder
         inputs.check_guidance(
             args["guidance_scale"], args["eta"], args["guidance_rescale"], args["clip_skip"],
-            text_layers=self.text_encoder.config.num_hidden_layers,
+            text_layers=text.config.num_hidden_layers if text is not None else None,
         )  # fmt: skip
+        if text is None and (args["prompt"] is not None or args["negative_prompt"] is not None):
+            raise ValueError(
+                "prompt needs a text encoder and this pipeline has none: pass prompt_embeds "
+                "(and negative_prompt_embeds)"
+            )
         shape = (num_images, unet.in_channels, height // f, width // f)
         inputs.check_noise(args["generator"], args["latents"], num_images, shape)
         inputs.check_output(
@@ -223,14 +229,15 @@ class TextToImagePipeline(
                 negative_prompt_embeds = embeds
         encoder = self.text_encoder if self.text_encoder is not None else self.unet
         dtype = encoder.dtype if encoder is not None else prompt_embeds.dtype
-
-        def per_image(embeds):  # (N, T, D) -> (N * n, T, D), each prompt's copies side by side
-            return embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
-
-        prompt_embeds = per_image(prompt_embeds)
-        if not do_classifier_free_guidance:
-            return prompt_embeds, None
-        return prompt_embeds, per_image(negative_prompt_embeds)
+        # (N, T, D) -> (N * n, T, D), each prompt's copies side by side
+        n = num_images_per_prompt
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(n, dim=0)
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(n, dim=0)
+        else:
+            negative_prompt_embeds = None
+        return prompt_embeds, negative_prompt_embeds
 
     def _encode_text(self, texts: list[str], max_length: int, device, clip_skip: int | None) -> torch.Tensor:
         tokens = self.tokenizer(

@@ -106,6 +106,19 @@ def test_encode_prompt_needs_only_the_tokenizer_and_text_encoder(parts):
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and a[0].shape[0] == 2
 
 
+def test_a_pipeline_without_text_encoder_runs_from_embeddings(parts):
+    full, _ = ours_and_theirs(parts)
+    embeds, negative = full.encode_prompt("a red circle", "cpu", 1, True)
+    models = parts.as_dict() | {"text_encoder": None, "tokenizer": None}
+    bare = TextToImagePipeline(**models)
+    bare.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=STEPS, generator=gen(), output_type="np", guidance_scale=5.0)
+    out = bare(prompt_embeds=embeds, negative_prompt_embeds=negative, **kw).images
+    assert np.abs(out - run(full)).max() <= 1e-5
+    with pytest.raises(ValueError, match="prompt needs a text encoder"):
+        run(bare)
+
+
 # ---- the step-end callback -------------------------------------------------------------------
 
 

@@ -41,6 +41,7 @@ def test_resource_bombs_are_refused_at_once_naming_the_argument_and_the_override
     with pytest.raises(ValueError, match=next(iter(kwargs))) as error:
         call(pipe, **kwargs)
     assert named in str(error.value) and "pipe.limits = None" in str(error.value)
+    assert f"pipe.limits = Limits({named.split('.')[-1]}=" in str(error.value)
     assert time.perf_counter() - start < 1.0  # before any work
 
 
