@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from sdlite.models import build_components
 from sdlite.pipelines import TextToImagePipeline
@@ -82,6 +83,26 @@ def test_a_feature_extractor_is_saved_and_loaded_back(parts, tmp_path):
 def test_a_safety_checker_without_its_feature_extractor_is_refused(parts):
     with pytest.raises(ValueError, match="feature_extractor"):
         TextToImagePipeline(**parts.as_dict(), safety_checker=torch.nn.Identity())
+
+
+@pytest.mark.parametrize("flag_all", [False, True], ids=["passed", "flagged"])
+def test_a_safety_checker_runs_as_in_diffusers(parts, flag_all):
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8)  # fmt: skip
+    text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4)
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)
+    )
+    if flag_all:  # every concept's threshold far below any score
+        checker.concept_embeds_weights.data.fill_(-10.0)
+    extras = dict(safety_checker=checker.eval(), feature_extractor=CLIPImageProcessor(crop_size=32, size=32))
+    ours = TextToImagePipeline(**parts.as_dict(), **extras)
+    theirs = StableDiffusionPipeline(**parts.as_dict(), **extras, image_encoder=None)
+    a, b = (p(["a", "b"], num_inference_steps=2, generator=gen(), output_type="np") for p in (ours, theirs))
+    assert a.nsfw_content_detected == b.nsfw_content_detected == [flag_all, flag_all]
+    assert np.abs(a.images - b.images).max() <= 1e-5
+    assert (a.images.max() == 0) == flag_all  # flagged images come back black
 
 
 def test_save_pretrained_variant_writes_and_loads_variant_files(parts, tmp_path):
