@@ -16,8 +16,8 @@ Inference uses diffusers' ``StableDiffusionLoraLoaderMixin`` on the pipeline (``
 ``set_adapters``, ``fuse_lora``, ``cross_attention_kwargs={"scale": s}``); this module is the
 training side: ``add_lora``, ``lora_param_groups``, ``cast_adapters_to_fp32``, ``AdapterWeights``
 (what a training checkpoint holds), ``save_lora`` and ``load_lora_into`` (an adapter file into bare
-models: to evaluate it, or to train it further from a fresh run), plus ``adapter_scale``, the run-time strength that a pipeline's ``cross_attention_kwargs={"scale": s}``
-sets.
+models: to evaluate it, or to train it further from a fresh run), plus ``adapter_scale``, the
+run-time strength that a pipeline's ``cross_attention_kwargs={"scale": s}`` sets.
 """
 
 from __future__ import annotations
