@@ -1,38 +1,75 @@
-"""What every sdlite pipeline shares: loading, saving and the memory switches.
+"""What every sdlite pipeline shares: its parts, loading, saving and the memory switches.
 
+- The parts are diffusers' Stable Diffusion ones: vae, text_encoder, tokenizer, unet, scheduler, and
+  the optional safety_checker, feature_extractor (its image preprocessor) and image_encoder (for
+  IP-Adapter), each None when absent and saved as diffusers saves them.
 - ``from_pretrained`` reads a diffusers-layout folder from local files only (there is no hub), with
   sdlite's DDPM scheduler wherever the folder names diffusers' ``DDPMScheduler``.
-- ``save_pretrained`` writes the layout that both sdlite and diffusers' ``StableDiffusionPipeline`` load.
+- ``save_pretrained`` writes the layout that both sdlite and diffusers' ``StableDiffusionPipeline`` load
+  (``sdlite.models.save_components``, the one writer of that layout).
 - ``from_single_file`` / ``save_single_file``: original-layout SD 1.x ``.safetensors`` checkpoints.
-- Attention is PyTorch's scaled-dot-product attention (diffusers' ``AttnProcessor2_0``) unless one of
-  the switches here, or diffusers' ``enable_attention_slicing``, changes it.
+- diffusers' ``StableDiffusionMixin`` gives ``enable_freeu`` and ``fuse_qkv_projections``. Attention is
+  PyTorch's scaled-dot-product attention (diffusers' ``AttnProcessor2_0``) unless a switch changes it.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.configuration_utils import FrozenDict
 from diffusers.pipelines import pipeline_utils
-from diffusers.utils import is_xformers_available
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.utils import is_xformers_available, logging
+from diffusers.utils.pil_utils import numpy_to_pil
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from sdlite.ddpm import DDPMScheduler
-from sdlite.models import PARTS, Components, check_folder, save_components
+from sdlite.ddpm import DDPMScheduler, check_num_train_timesteps
+from sdlite.latents import vae_factor
+from sdlite.models import PARTS, check_folder, save_components
 from sdlite.pipelines.single_file import load_single_file, save_single_file
 from sdlite.tokenizer import load_tokenizer
 
+logger = logging.get_logger(__name__)
+
 # diffusers >= 0.42 calls from_pretrained's dtype argument dtype and warns on torch_dtype.
 _DTYPE_KWARG = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+OPTIONAL_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
 
 
-class BasePipeline(DiffusionPipeline):
-    """A diffusers pipeline over sdlite's parts: vae, text_encoder, tokenizer, unet, scheduler."""
+def stable_diffusion_scheduler(scheduler):
+    """Set steps_offset to 1 and clip_sample to False in ``scheduler``'s config, in place, with a warning.
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    diffusers' ``StableDiffusionPipeline`` makes the same two changes to every scheduler it is built
+    with, so doing them here keeps the timesteps, and so the images, equal to its own for the same
+    components. Latents exceed [-1, 1], so clipping x̂_0 there would be wrong for any latent model.
+    """
+    if scheduler is None:
+        return scheduler
+    config = scheduler.config
+    changes = {}
+    if "steps_offset" in config and config.steps_offset != 1:
+        changes["steps_offset"] = 1
+    if config.get("clip_sample") is True:
+        changes["clip_sample"] = False
+    if changes:
+        old = {k: config[k] for k in changes}
+        logger.warning(
+            f"{type(scheduler).__name__} config {old} changed to {changes}, as diffusers' "
+            "StableDiffusionPipeline does: fix scheduler/scheduler_config.json to silence this"
+        )
+        scheduler._internal_dict = FrozenDict({**config, **changes})
+    return scheduler
+
+
+class BasePipeline(DiffusionPipeline, StableDiffusionMixin):
+    """A diffusers pipeline over Stable Diffusion's parts (see the module docstring)."""
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    _optional_components = list(OPTIONAL_PARTS)
+    _exclude_from_cpu_offload = ["safety_checker"]
 
     def __init__(
         self,
@@ -41,16 +78,33 @@ class BasePipeline(DiffusionPipeline):
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
         scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker: bool = False,
     ):
         super().__init__()
+        if safety_checker is not None and feature_extractor is None:
+            raise ValueError(
+                "a safety_checker needs the feature_extractor (CLIPImageProcessor) that prepares its input: "
+                "pass both, or safety_checker=None"
+            )
         self.register_modules(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=stable_diffusion_scheduler(scheduler),
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
         )
+        self.register_to_config(requires_safety_checker=requires_safety_checker)
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent: each VAE block but the last halves the size."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Pixels per latent along each side (``sdlite.latents.vae_factor``); 8 without a VAE."""
+        return vae_factor(self.vae.config) if getattr(self, "vae", None) is not None else 8
 
     # ---- loading and saving ------------------------------------------------------------------
 
@@ -60,11 +114,13 @@ class BasePipeline(DiffusionPipeline):
 
         A scheduler saved as diffusers' ``DDPMScheduler`` loads as sdlite's (same config keys); other
         scheduler classes load as diffusers' own. A folder without a tokenizer gets CLIP's, built offline.
+        diffusers' keyword arguments work as there (``variant``, ``torch_dtype``, a part passed in).
         """
         path = check_folder(pretrained_model_name_or_path, tuple(p for p in PARTS if p not in kwargs))
         kwargs.setdefault("local_files_only", True)
         if "scheduler" not in kwargs:
             config = DDPMScheduler.load_config(path / "scheduler")
+            check_num_train_timesteps(config.get("num_train_timesteps", 1000))  # before any table is built
             if config.get("_class_name") == "DDPMScheduler":
                 kwargs["scheduler"] = DDPMScheduler.from_config(config)
         if "tokenizer" not in kwargs and not (path / "tokenizer").is_dir():
@@ -74,23 +130,48 @@ class BasePipeline(DiffusionPipeline):
             kwargs["dtype"] = kwargs.pop("torch_dtype")
         return super().from_pretrained(path, **kwargs)
 
-    def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True, **kwargs) -> Path:
-        """Write the diffusers layout; it loads here and in diffusers' ``StableDiffusionPipeline``."""
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        **kwargs,
+    ) -> Path:
+        """Write the diffusers layout; it loads here and in diffusers' ``StableDiffusionPipeline``.
+
+        ``variant`` ("fp16", ...) names the weight files ``<name>.<variant>.safetensors``, which
+        ``from_pretrained(path, variant=...)`` reads. Nothing is pushed anywhere (no hub).
+        """
+        if kwargs.get("push_to_hub"):
+            raise ValueError("save_pretrained(push_to_hub=True): sdlite never uploads; push the folder")
+        kwargs.pop("push_to_hub", None)
         if kwargs:
             raise ValueError(
-                f"save_pretrained takes save_directory and safe_serialization, not {sorted(kwargs)}"
+                "save_pretrained takes save_directory, safe_serialization, variant and max_shard_size, "
+                f"not {sorted(kwargs)}"
             )
-        parts = Components(**{name: getattr(self, name) for name in PARTS})
-        path = save_components(parts, save_directory, safe_serialization=safe_serialization)
-        if not isinstance(self.scheduler, DDPMScheduler):
-            # model_index.json must name the class diffusers builds from scheduler/ (sdlite's
-            # save_components always writes diffusers' DDPMScheduler, whose config ours shares).
-            index_file = path / "model_index.json"
-            index = json.loads(index_file.read_text())
-            cls = type(self.scheduler)
-            index["scheduler"] = [cls.__module__.split(".")[0], cls.__name__]
-            index_file.write_text(json.dumps(index, indent=2) + "\n")
-        return path
+        parts = {name: getattr(self, name, None) for name in (*PARTS, *OPTIONAL_PARTS)}
+        return save_components(
+            parts,
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            requires_safety_checker=self.config.get("requires_safety_checker", False),
+        )
+
+    def run_safety_checker(self, images: torch.Tensor):
+        """(images, flags): diffusers' safety checker over (N, 3, H, W) images in [0, 1]; flags is None
+        without one (sdlite's models ship none; a diffusers folder may hold one)."""
+        if getattr(self, "safety_checker", None) is None:
+            return images, None
+        pil = numpy_to_pil(images.cpu().permute(0, 2, 3, 1).float().numpy())
+        clip_input = self.feature_extractor(pil, return_tensors="pt").pixel_values
+        checked, flags = self.safety_checker(
+            images=images, clip_input=clip_input.to(images.device, self.safety_checker.dtype)
+        )
+        return torch.as_tensor(checked, device=images.device, dtype=images.dtype), flags
 
     @classmethod
     def from_single_file(

@@ -5,44 +5,53 @@ The reverse process is Ho et al. 2020's Algorithm 2 run by whichever scheduler t
 (Ho & Salimans 2022, eq. 6): ε̃ = ε(x_t, ∅) + w (ε(x_t, c) - ε(x_t, ∅)), off when w <= 1.
 
 Conventions follow diffusers' ``StableDiffusionPipeline`` so that the same weights, scheduler and
-generator give the same images: the unconditional half comes first in the batch, the empty prompt
-stands in for a missing negative prompt, x_T is drawn with ``randn_tensor`` and scaled by the
-scheduler's ``init_noise_sigma``, and latents are divided by the VAE's ``scaling_factor`` to decode.
+generator give the same images, and code written for it runs here: the unconditional half comes
+first in the batch, the empty prompt stands in for a missing negative prompt, x_T is drawn with
+``randn_tensor`` and scaled by the scheduler's ``init_noise_sigma``, latents go through
+``sdlite.latents.decode``; a step-end callback may read and replace ``_callback_tensor_inputs``,
+change ``pipe._guidance_scale`` (re-read every step) and set ``pipe._interrupt`` to stop early.
 
-LoRA adapters (``sdlite.lora``, or any file in diffusers' layout) load through diffusers'
-``StableDiffusionLoraLoaderMixin``: ``load_lora_weights``, ``set_adapters``, ``fuse_lora`` /
-``unfuse_lora``, ``unload_lora_weights``; ``cross_attention_kwargs={"scale": s}`` multiplies every
-active adapter's update, in the U-Net and the text encoder, by s for one call.
+LoRA adapters load through diffusers' ``StableDiffusionLoraLoaderMixin`` (``load_lora_weights``,
+``set_adapters``, ``fuse_lora``...); ``cross_attention_kwargs={"scale": s}`` multiplies every active
+adapter's update, in the U-Net and the text encoder, by s for one call. IP-Adapters load through
+``IPAdapterMixin`` (``load_ip_adapter``) and take ``ip_adapter_image`` or ``ip_adapter_image_embeds``.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from functools import cache
 
 import torch
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import IPAdapterMixin, StableDiffusionLoraLoaderMixin
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.utils import logging
 from diffusers.utils.pil_utils import numpy_to_pil
 from diffusers.utils.torch_utils import randn_tensor
-from peft.tuners.tuners_utils import BaseTunerLayer
 from tqdm.auto import tqdm
 
+from sdlite import latents as latent_codec
 from sdlite.lora import adapter_scale
+from sdlite.pipelines import inputs
+from sdlite.pipelines.adapters import ExactLoraFuse, ImagePrompts
 from sdlite.pipelines.base import BasePipeline
-from sdlite.pipelines.inputs import check_text_to_image_inputs
+from sdlite.pipelines.sampling import SamplingState, guidance_embedding, rescale_guidance
 
 logger = logging.get_logger(__name__)
 
 
-class TextToImagePipeline(BasePipeline, StableDiffusionLoraLoaderMixin):
-    """pipe(prompt) -> ImagePipelineOutput(images): latent text-to-image, stage by stage.
+class TextToImagePipeline(
+    ExactLoraFuse, ImagePrompts, SamplingState, BasePipeline, StableDiffusionLoraLoaderMixin, IPAdapterMixin
+):
+    """pipe(prompt) -> StableDiffusionPipelineOutput(images, nsfw_content_detected), stage by stage.
 
     ``__call__`` is the recipe; each stage is a method named for its job and usable on its own:
     ``check_inputs``, ``encode_prompt``, ``prepare_latents``, ``denoise``, ``decode_latents``.
+    ``limits`` (``inputs.Limits``) bounds the images, pixels and steps of one call; None lifts it.
     """
+
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    limits: inputs.Limits | None = inputs.Limits()
 
     # ---- the recipe --------------------------------------------------------------------------
 
@@ -53,6 +62,7 @@ class TextToImagePipeline(BasePipeline, StableDiffusionLoraLoaderMixin):
         width: int | None = None,
         num_inference_steps: int = 50,
         timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
@@ -61,6 +71,8 @@ class TextToImagePipeline(BasePipeline, StableDiffusionLoraLoaderMixin):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
@@ -72,103 +84,114 @@ class TextToImagePipeline(BasePipeline, StableDiffusionLoraLoaderMixin):
     ):
         """Generate images for ``prompt`` (or ``prompt_embeds``); arguments as diffusers' SD pipeline.
 
+        timesteps / sigmas: a custom schedule instead of num_inference_steps (sigmas for schedulers
+            whose set_timesteps takes them: Euler, DPM++, e.g. Align-Your-Steps).
         guidance_scale: w of classifier-free guidance; <= 1 turns it off (one U-Net pass per step).
         generator: a torch.Generator, or one per image, for exactly reproducible draws.
         output_type: "pil" (list of PIL images), "np" ((N, H, W, 3) in [0, 1]), "pt" ((N, 3, H, W)
             in [0, 1]) or "latent" (the denoised latents, before the VAE).
         cross_attention_kwargs: passed to the U-Net's attention processors, except "scale", the
             strength of the loaded LoRA adapters for this call (0: the base model, 1: as loaded).
-        clip_skip: use the text encoder's output this many layers before the last (for both prompts).
+        clip_skip: use the text encoder's output this many layers before the last.
         callback_on_step_end: f(pipe, step, t, {name: tensor}) called after each step with the tensors
-            named in callback_on_step_end_tensor_inputs ("latents", "prompt_embeds"); a dict it
+            named in callback_on_step_end_tensor_inputs (of ``_callback_tensor_inputs``); a dict it
             returns replaces them.
-        progress: False hides the progress bar for this call (set_progress_bar_config(disable=True)
-            hides it for every call).
-        Returns ImagePipelineOutput(images), or (images,) when return_dict is False.
+        progress: False hides the progress bar for this call.
+        Returns StableDiffusionPipelineOutput(images, nsfw_content_detected), or that pair as a tuple
+        when return_dict is False (nsfw_content_detected is None without a safety checker).
         """
-        default_size = self.unet.config.sample_size * self.vae_scale_factor
-        height = default_size if height is None else height
-        width = default_size if width is None else width
-        num_prompts = self.check_inputs(
-            prompt, height, width, num_inference_steps, timesteps, negative_prompt, num_images_per_prompt,
-            generator, latents, prompt_embeds, negative_prompt_embeds, output_type,
-            callback_on_step_end_tensor_inputs, guidance_scale=guidance_scale, eta=eta,
-            guidance_rescale=guidance_rescale, clip_skip=clip_skip,
-        )  # fmt: skip
-        num_images = num_prompts * num_images_per_prompt
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        height, width = self.resolve_size(height, width)
+        # Every argument, by name: the one place the call's signature is written (see check_inputs).
+        args = {name: value for name, value in locals().items() if name != "self"}
+        num_images = self.check_inputs(args) * num_images_per_prompt
         device = self._execution_device
-        # A guidance-distilled U-Net takes w as an input (timestep_cond) and needs no second pass.
-        guided = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+        self._guidance_scale, self._guidance_rescale = guidance_scale, guidance_rescale
+        self._clip_skip, self._cross_attention_kwargs = clip_skip, cross_attention_kwargs
+        guided = self.do_classifier_free_guidance
         cross_attention_kwargs = dict(cross_attention_kwargs or {})
         lora_scale = cross_attention_kwargs.pop("scale", None)  # for the text encoder too, not only the U-Net
 
         with torch.inference_mode(), adapter_scale(self.unet, self.text_encoder, scale=lora_scale):
             prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-                prompt, device, num_images_per_prompt, guided, negative_prompt,
-                prompt_embeds, negative_prompt_embeds, clip_skip,
+                prompt, device, num_images_per_prompt, guided, negative_prompt, prompt_embeds,
+                negative_prompt_embeds, clip_skip=clip_skip,
             )  # fmt: skip
             # One batch for both passes, built once: (2N, T, D) with the unconditional half first.
             context = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
-            if timesteps is not None:
-                self.scheduler.set_timesteps(timesteps=timesteps, device=device)
-            else:
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
-            latents = self.prepare_latents(
-                num_images, height, width, context.dtype, device, generator, latents
-            )
+            added_cond = None
+            if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+                image_embeds = self.prepare_ip_adapter_image_embeds(
+                    ip_adapter_image, ip_adapter_image_embeds, device, num_images, guided
+                )
+                added_cond = {"image_embeds": image_embeds}
+            self.set_schedule(num_inference_steps, timesteps, sigmas, device)
+            dtype = context.dtype
+            latents = self.prepare_latents(num_images, height, width, dtype, device, generator, latents)
             latents = self.denoise(
                 latents,
                 context,
                 self.scheduler.timesteps,
                 guidance_scale=guidance_scale if guided else None,
                 guidance_rescale=guidance_rescale,
-                timestep_cond=self.guidance_embedding(guidance_scale, num_images, latents),
+                timestep_cond=guidance_embedding(self.unet.config, guidance_scale, num_images, latents),
                 step_kwargs=self.step_kwargs(generator, eta),
                 cross_attention_kwargs=cross_attention_kwargs or None,
+                added_cond_kwargs=added_cond,
                 callback=callback_on_step_end,
                 callback_inputs=callback_on_step_end_tensor_inputs,
                 progress=progress,
             )
-            images = self.decode_latents(latents, output_type, generator)
+            images, nsfw = self.decode_latents(latents, output_type, generator, with_safety_flags=True)
         if isinstance(images, torch.Tensor):
             images = images.clone()  # a normal tensor: callers may change it in place
         self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        if not return_dict:
+            return images, nsfw
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
 
     # ---- stages ------------------------------------------------------------------------------
 
-    def check_inputs(
-        self,
-        prompt,
-        height,
-        width,
-        num_inference_steps=50,
-        timesteps=None,
-        negative_prompt=None,
-        num_images_per_prompt=1,
-        generator=None,
-        latents=None,
-        prompt_embeds=None,
-        negative_prompt_embeds=None,
-        output_type="pil",
-        callback_on_step_end_tensor_inputs=("latents",),
-        guidance_scale=7.5,
-        eta=0.0,
-        guidance_rescale=0.0,
-        clip_skip=None,
-    ) -> int:
+    def check_inputs(self, args: dict) -> int:
         """Fail before any work with a ValueError naming the argument and what it allows.
 
-        Returns the number of prompts. The checks themselves live in ``pipelines/inputs.py``.
+        ``args`` is the call's arguments by name (height and width resolved); returns the number of
+        prompts. The checks live in ``pipelines/inputs.py``, one group per subject: a pipeline with
+        more arguments calls this and adds its own groups.
         """
-        return check_text_to_image_inputs(
-            prompt, height, width, num_inference_steps, timesteps, negative_prompt, num_images_per_prompt,
-            generator, latents, prompt_embeds, negative_prompt_embeds, output_type,
-            callback_on_step_end_tensor_inputs, vae_factor=self.vae_scale_factor,
-            latent_channels=self.unet.config.in_channels, embed_width=self.unet.config.cross_attention_dim,
-            guidance_scale=guidance_scale, eta=eta, guidance_rescale=guidance_rescale, clip_skip=clip_skip,
-            text_layers=self.text_encoder.config.num_hidden_layers,
+        unet, f = self.unet.config, self.vae_scale_factor
+        num_prompts = inputs.check_prompts(
+            args["prompt"], args["prompt_embeds"], args["negative_prompt"], args["negative_prompt_embeds"],
+            embed_width=unet.cross_attention_dim,
         )  # fmt: skip
+        height, width = args["height"], args["width"]
+        per_prompt = args["num_images_per_prompt"]
+        num_images = inputs.check_batch(num_prompts, per_prompt, height, width, f, self.limits)
+        inputs.check_schedule(
+            args["num_inference_steps"], args["timesteps"], args["sigmas"], self.limits,
+            num_train_timesteps=self.scheduler.config.get("num_train_timesteps"),
+        )  # fmt: skip
+        text = self.text_encoder
+        inputs.check_guidance(
+            args["guidance_scale"], args["eta"], args["guidance_rescale"], args["clip_skip"],
+            text_layers=text.config.num_hidden_layers if text is not None else None,
+        )  # fmt: skip
+        if text is None and (args["prompt"] is not None or args["negative_prompt"] is not None):
+            raise ValueError(
+                "prompt needs a text encoder and this pipeline has none: pass prompt_embeds "
+                "(and negative_prompt_embeds)"
+            )
+        shape = (num_images, unet.in_channels, height // f, width // f)
+        inputs.check_noise(args["generator"], args["latents"], num_images, shape)
+        inputs.check_output(
+            args["output_type"], args["callback_on_step_end_tensor_inputs"], self._callback_tensor_inputs
+        )
+        inputs.check_ip_adapter(
+            args["ip_adapter_image"], args["ip_adapter_image_embeds"], self.num_ip_adapters,
+            has_image_encoder=getattr(self, "image_encoder", None) is not None,
+        )  # fmt: skip
+        return num_prompts
 
     @torch.no_grad()  # inference mode when called from __call__
     def encode_prompt(
@@ -180,12 +203,14 @@ class TextToImagePipeline(BasePipeline, StableDiffusionLoraLoaderMixin):
         negative_prompt=None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
         clip_skip: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prompt_embeds, negative_prompt_embeds), each (N * num_images_per_prompt, T, D).
 
-        Prompt and negative prompt go through the text encoder in one batch. The negative side is
-        None without guidance; with guidance and no negative prompt it is the empty prompt's.
+        Prompt and negative prompt go through the text encoder in one batch (its LoRA adapters at
+        ``lora_scale``). The negative side is None without guidance; with guidance and no negative
+        prompt it is the empty prompt's. Needs only the tokenizer and text encoder.
         """
         num_prompts = len(prompt_embeds) if prompt is None else 1 if isinstance(prompt, str) else len(prompt)
         texts = []
@@ -196,29 +221,32 @@ class TextToImagePipeline(BasePipeline, StableDiffusionLoraLoaderMixin):
             texts += [negative_prompt] * num_prompts if isinstance(negative_prompt, str) else negative_prompt
         if texts:
             max_length = self.tokenizer.model_max_length if prompt_embeds is None else prompt_embeds.shape[1]
-            embeds = self._encode_text(texts, max_length, device, clip_skip)
+            with adapter_scale(self.text_encoder, scale=lora_scale):
+                embeds = self._encode_text(texts, max_length, device, clip_skip)
             if prompt_embeds is None:
                 prompt_embeds, embeds = embeds[:num_prompts], embeds[num_prompts:]
             if len(embeds):
                 negative_prompt_embeds = embeds
-        dtype = self.unet.dtype
-
-        def per_image(embeds):  # (N, T, D) -> (N * n, T, D), each prompt's copies side by side
-            return embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
-
-        prompt_embeds = per_image(prompt_embeds)
-        if not do_classifier_free_guidance:
-            return prompt_embeds, None
-        return prompt_embeds, per_image(negative_prompt_embeds)
+        encoder = self.text_encoder if self.text_encoder is not None else self.unet
+        dtype = encoder.dtype if encoder is not None else prompt_embeds.dtype
+        # (N, T, D) -> (N * n, T, D), each prompt's copies side by side
+        n = num_images_per_prompt
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(n, dim=0)
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(n, dim=0)
+        else:
+            negative_prompt_embeds = None
+        return prompt_embeds, negative_prompt_embeds
 
     def _encode_text(self, texts: list[str], max_length: int, device, clip_skip: int | None) -> torch.Tensor:
         tokens = self.tokenizer(
             texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         )
-        if any(len(ids) > max_length for ids in self.tokenizer(texts).input_ids):
-            logger.warning(
-                f"a prompt is longer than the text encoder's {max_length} tokens and was truncated"
-            )
+        for ids in self.tokenizer(texts).input_ids:
+            if len(ids) > max_length:  # kept: BOS, the first max_length - 2 tokens, EOS
+                cut = self.tokenizer.decode(ids[max_length - 1 : -1])
+                logger.warning(f"the text encoder reads {max_length} tokens; cut off: {cut}")
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(device)
@@ -253,6 +281,7 @@ class TextToImagePipeline(BasePipeline, StableDiffusionLoraLoaderMixin):
         timestep_cond: torch.Tensor | None = None,
         step_kwargs: dict | None = None,
         cross_attention_kwargs: dict | None = None,
+        added_cond_kwargs: dict | None = None,
         callback: Callable | None = None,
         callback_inputs=("latents",),
         progress: bool = True,
@@ -260,113 +289,62 @@ class TextToImagePipeline(BasePipeline, StableDiffusionLoraLoaderMixin):
         """Algorithm 2, lines 2-5: x_t -> x_{t-1} for each t, guided when guidance_scale is given.
 
         context holds [unconditional; conditional] embeddings when guided, else the conditional ones.
+        w is re-read from ``self._guidance_scale`` every step, where a callback may change it; a
+        callback that sets ``self._interrupt`` ends the loop after its step. Raises NonFiniteSampleError
+        naming the cause when the latents stop being finite.
         """
         step_kwargs = step_kwargs or {}
         scheduler, unet = self.scheduler, self.unet
+        if guidance_scale is not None:
+            self._guidance_scale = guidance_scale
+        self._num_timesteps, self._interrupt = len(timesteps), False
         n = len(timesteps)
         with self.progress_bar(total=n) if progress else tqdm(total=n, disable=True) as bar:
             for i, t in enumerate(timesteps):
+                if self._interrupt:
+                    break
                 x = torch.cat([latents, latents]) if guidance_scale is not None else latents
                 x = scheduler.scale_model_input(x, t)
-                eps = unet(
+                out = unet(
                     x,
                     t,
                     encoder_hidden_states=context,
                     timestep_cond=timestep_cond,
                     cross_attention_kwargs=cross_attention_kwargs,
+                    added_cond_kwargs=added_cond_kwargs,
                     return_dict=False,
                 )[0]
+                eps = out
                 if guidance_scale is not None:
-                    eps_uncond, eps_cond = eps.chunk(2)
-                    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # CFG, eq. 6
+                    eps_uncond, eps_cond = out.chunk(2)
+                    eps = eps_uncond + self._guidance_scale * (eps_cond - eps_uncond)  # CFG, eq. 6
                     if guidance_rescale > 0:
                         eps = rescale_guidance(eps, eps_cond, guidance_rescale)
+                before = latents
                 latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+                self.check_finite(latents, i, t, before, out, eps)
                 if callback is not None:
-                    named = {"latents": latents, "prompt_embeds": context}
-                    out = callback(self, i, t, {k: named[k] for k in callback_inputs}) or {}
-                    latents = out.get("latents", latents)
-                    context = out.get("prompt_embeds", context)
+                    latents, context = self.run_callback(callback, callback_inputs, i, t, latents, context)
                 bar.update()
         return latents
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor, output_type: str = "pil", generator=None):
-        """Latents -> images in [0, 1] as output_type asks ("latent" returns them undecoded)."""
-        if output_type == "latent":
-            return latents
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        images = self.vae.decode(latents, return_dict=False, generator=generator)[0]
-        images = (images / 2 + 0.5).clamp(0, 1)  # the VAE's [-1, 1] -> [0, 1]
-        if output_type == "pt":
-            return images
-        images = images.cpu().permute(0, 2, 3, 1).float().numpy()  # (N, H, W, 3)
-        return images if output_type == "np" else numpy_to_pil(images)
+    def decode_latents(
+        self, latents: torch.Tensor, output_type: str = "pil", generator=None, with_safety_flags: bool = False
+    ):
+        """Latents -> images in [0, 1] as output_type asks ("latent" returns them undecoded).
 
-    # ---- LoRA: fusing that undoes exactly ----------------------------------------------------
-
-    def fuse_lora(self, components=("unet", "text_encoder"), lora_scale: float = 1.0, **kwargs):
-        """diffusers' ``fuse_lora`` (W += lora_scale * (alpha / r) B A in place: calls then skip the LoRA
-        branch), keeping a copy of each weight it changes so that ``unfuse_lora`` restores it bit for
-        bit. peft unfuses by subtracting the update, (W + ΔW) - ΔW, which rounds. The copies cost the
-        memory of the adapted layers' weights until unfused."""
-        originals = self.__dict__.setdefault("_weights_before_fuse", {})
-        for layer in self._lora_layers(components):
-            originals.setdefault(layer, layer.get_base_layer().weight.detach().clone())  # the first fuse's
-        super().fuse_lora(components=list(components), lora_scale=lora_scale, **kwargs)
-
-    def unfuse_lora(self, components=("unet", "text_encoder"), **kwargs):
-        super().unfuse_lora(components=list(components), **kwargs)
-        originals = self.__dict__.get("_weights_before_fuse", {})
-        for layer in self._lora_layers(components):
-            if layer in originals and not layer.merged:
-                layer.get_base_layer().weight.data.copy_(originals.pop(layer))
-
-    def unload_lora_weights(self, *args, **kwargs):
-        super().unload_lora_weights(*args, **kwargs)
-        self.__dict__.pop("_weights_before_fuse", None)  # a fused update stays in: nothing to undo
-
-    def _lora_layers(self, components) -> list[BaseTunerLayer]:
-        models = [model for model in (getattr(self, name, None) for name in components) if model is not None]
-        return [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
-
-    # ---- helpers -----------------------------------------------------------------------------
-
-    def step_kwargs(self, generator, eta: float) -> dict:
-        """The extra arguments this scheduler's step() takes: generator (DDPM, Euler...), eta (DDIM)."""
-        accepts = _step_parameters(type(self.scheduler))
-        kwargs = {}
-        if "generator" in accepts:
-            kwargs["generator"] = generator
-        if "eta" in accepts:
-            kwargs["eta"] = eta
-        return kwargs
-
-    def guidance_embedding(self, guidance_scale: float, num_images: int, like: torch.Tensor):
-        """timestep_cond for a guidance-distilled U-Net (time_cond_proj_dim set), else None.
-
-        Sinusoidal features of (w - 1) * 1000 (Meng et al. 2023, "On Distillation of Guided
-        Diffusion Models"), as diffusers computes them.
+        A safety checker, when the pipeline has one, blacks out the images it flags; with
+        ``with_safety_flags`` the result is (images, flags), flags None without a checker.
         """
-        dim = self.unet.config.time_cond_proj_dim
-        if dim is None:
-            return None
-        w = torch.full((num_images,), guidance_scale - 1.0) * 1000.0
-        half = dim // 2
-        freqs = torch.exp(torch.arange(half) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-        emb = w[:, None] * freqs[None, :]
-        emb = torch.nn.functional.pad(torch.cat([emb.sin(), emb.cos()], dim=1), (0, dim % 2))
-        return emb.to(device=like.device, dtype=like.dtype)
-
-
-def rescale_guidance(eps: torch.Tensor, eps_cond: torch.Tensor, phi: float) -> torch.Tensor:
-    """Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", eqs. 15-16:
-    rescale the guided prediction to the conditional one's standard deviation, mixed by phi."""
-    dims = list(range(1, eps.ndim))
-    rescaled = eps * (eps_cond.std(dim=dims, keepdim=True) / eps.std(dim=dims, keepdim=True))
-    return phi * rescaled + (1 - phi) * eps
-
-
-@cache
-def _step_parameters(scheduler_class) -> frozenset[str]:
-    return frozenset(inspect.signature(scheduler_class.step).parameters)
+        nsfw = None
+        if output_type == "latent":
+            images = latents
+        else:
+            images = latent_codec.decode(self.vae, latents, generator)
+            images = (images / 2 + 0.5).clamp(0, 1)  # the VAE's [-1, 1] -> [0, 1]
+            images, nsfw = self.run_safety_checker(images)
+            if output_type != "pt":
+                images = images.cpu().permute(0, 2, 3, 1).float().numpy()  # (N, H, W, 3)
+                images = images if output_type == "np" else numpy_to_pil(images)
+        return (images, nsfw) if with_safety_flags else images

@@ -167,6 +167,20 @@ def extract(table: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape + (1,) * (x.ndim - values.ndim))
 
 
+# The longest training chain a config may ask for: 100x Stable Diffusion's 1000. The scheduler keeps
+# about 20 float64 tables of this length (and set_timesteps more), so 10**8 steps would take ~16 GB.
+MAX_TRAIN_TIMESTEPS = 100_000
+
+
+def check_num_train_timesteps(T) -> None:
+    """Refuse a training-chain length that is not an int in [1, MAX_TRAIN_TIMESTEPS], before any table."""
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or not 1 <= T <= MAX_TRAIN_TIMESTEPS:
+        raise ValueError(
+            f"num_train_timesteps must be an int in [1, {MAX_TRAIN_TIMESTEPS}], got {T!r}: the scheduler "
+            "holds tables of that length (Stable Diffusion uses 1000); fix scheduler_config.json"
+        )
+
+
 class DDPMScheduler(SchedulerMixin, ConfigMixin):
     """Ho et al. 2020 DDPM, with diffusers' DDPMScheduler config keys and step/add_noise semantics."""
 
@@ -196,6 +210,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         # after construction (StableDiffusionPipeline forces steps_offset=1 and clip_sample=False).
         if variance_type not in VARIANCE_TYPES:
             raise NotImplementedError(f"variance_type={variance_type!r}; supported: {VARIANCE_TYPES}")
+        check_num_train_timesteps(num_train_timesteps)
         T = num_train_timesteps
         if trained_betas is not None:
             betas = torch.as_tensor(np.asarray(trained_betas), dtype=torch.float64)

@@ -15,9 +15,9 @@ add one key of our own, ``sdlite``, naming the base model; diffusers ignores it.
 Inference uses diffusers' ``StableDiffusionLoraLoaderMixin`` on the pipeline (``load_lora_weights``,
 ``set_adapters``, ``fuse_lora``, ``cross_attention_kwargs={"scale": s}``); this module is the
 training side: ``add_lora``, ``lora_param_groups``, ``cast_adapters_to_fp32``, ``AdapterWeights``
-(what a training checkpoint holds), ``save_lora`` and ``load_lora_into`` (to resume a fine-tune),
-plus ``adapter_scale``, the run-time strength that a pipeline's ``cross_attention_kwargs={"scale": s}``
-sets.
+(what a training checkpoint holds), ``save_lora`` and ``load_lora_into`` (an adapter file into bare
+models: to evaluate it, or to train it further from a fresh run), plus ``adapter_scale``, the
+run-time strength that a pipeline's ``cross_attention_kwargs={"scale": s}`` sets.
 """
 
 from __future__ import annotations
@@ -49,17 +49,14 @@ class LoraSettings:
     unet_targets: tuple[str, ...] = UNET_TARGETS
     text_encoder: bool = False  # also adapt the text encoder
     text_encoder_targets: tuple[str, ...] = TEXT_ENCODER_TARGETS
-    # peft's default (True) starts B at zero, so a new adapter leaves the model unchanged.
-    # "gaussian" draws A with std 1/r instead of Kaiming-uniform; B is still zero.
-    init: bool | str = True
 
     def config(self, targets: tuple[str, ...]) -> LoraConfig:
+        # peft's default initialisation: A Kaiming-uniform, B zero, so a new adapter changes nothing.
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha if self.alpha is not None else self.rank,
             lora_dropout=self.dropout,
             target_modules=list(targets),
-            init_lora_weights=self.init,
         )
 
 
@@ -249,12 +246,14 @@ def load_lora_into(
     text_encoder,
     path: str | Path,
     adapter_name: str = "default",
-    trainable: bool = True,
+    trainable: bool = False,
 ) -> None:
     """Load an adapter file into the models, as ``load_lora_weights`` would into a pipeline.
 
-    For resuming a fine-tune: with ``trainable`` the bases are frozen and the loaded adapter is
-    what trains. ``text_encoder`` may be None when the file has no text-encoder adapter.
+    To evaluate an adapter outside a pipeline (everything frozen), or to start training from it: with
+    ``trainable`` the loaded adapter's matrices require grad while the bases stay frozen. (An interrupted run
+    resumes from its checkpoint folder, which holds the optimizer too, not from this file.)
+    ``text_encoder`` may be None when the file has no text-encoder adapter.
     """
     loader = StableDiffusionLoraLoaderMixin
     state, alphas, metadata = loader.lora_state_dict(
@@ -268,9 +267,8 @@ def load_lora_into(
         loader.load_lora_into_text_encoder(
             state, alphas, text_encoder, adapter_name=adapter_name, metadata=metadata
         )
-    if trainable:
-        for model in (unet, text_encoder):
-            if model is not None:
-                model.requires_grad_(False)
-                for p in adapter_parameters(model, adapter_name):
-                    p.requires_grad_(True)
+    for model in (unet, text_encoder):
+        if model is not None:
+            model.requires_grad_(False)
+            for p in adapter_parameters(model, adapter_name):
+                p.requires_grad_(trainable)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import torch
@@ -59,8 +61,8 @@ class Components:
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in PARTS}
 
-    def save_pretrained(self, path: str | Path, safe_serialization: bool = True) -> Path:
-        return save_components(self, path, safe_serialization=safe_serialization)
+    def save_pretrained(self, path: str | Path, safe_serialization: bool = True, variant: str | None = None):
+        return save_components(self, path, safe_serialization=safe_serialization, variant=variant)
 
 
 def build_components(preset: str | Preset = "tiny", seed: int | None = 0) -> Components:
@@ -77,22 +79,41 @@ def build_components(preset: str | Preset = "tiny", seed: int | None = 0) -> Com
     )
 
 
-def save_components(parts: Components, path: str | Path, safe_serialization: bool = True) -> Path:
-    """Write a diffusers-layout folder: one subfolder per part and ``model_index.json``."""
+def save_components(
+    parts: Components | Mapping[str, Any],
+    path: str | Path,
+    safe_serialization: bool = True,
+    variant: str | None = None,
+    max_shard_size: int | str | None = None,
+    requires_safety_checker: bool = False,
+) -> Path:
+    """Write a diffusers-layout folder: one subfolder per part and ``model_index.json``.
+
+    ``parts`` is a Components or a name -> part mapping that may add diffusers' optional parts
+    (safety_checker, feature_extractor, image_encoder), None when absent (recorded as [null, null]).
+    ``variant`` ("fp16", ...) names the weight files ``<name>.<variant>.safetensors``.
+    """
+    parts = parts.as_dict() if isinstance(parts, Components) else dict(parts)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    for name in PARTS:
-        part = getattr(parts, name)
-        if name in ("vae", "unet", "text_encoder"):
-            part.save_pretrained(path / name, safe_serialization=safe_serialization)
-        else:
-            part.save_pretrained(path / name)
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__}
     index.update(LIBRARY_CLASS)
-    scheduler = type(parts.scheduler)
-    if scheduler.__module__.startswith("diffusers."):  # another diffusers scheduler: record it as itself
-        index["scheduler"] = ["diffusers", scheduler.__name__]
-    index["requires_safety_checker"] = False
+    for name, part in parts.items():
+        if part is None:
+            continue
+        if isinstance(part, torch.nn.Module):  # the models: weights (optionally a variant) and config
+            weights = dict(safe_serialization=safe_serialization, variant=variant)
+            if max_shard_size is not None:
+                weights["max_shard_size"] = max_shard_size
+            part.save_pretrained(path / name, **weights)
+        else:  # tokenizer, scheduler, image processor: configuration files only
+            part.save_pretrained(path / name)
+        cls = type(part)
+        if name == "scheduler" and cls.__module__.startswith("sdlite."):
+            continue  # sdlite's DDPM is recorded as diffusers' DDPMScheduler, whose config it shares
+        if name not in ("vae", "text_encoder", "tokenizer", "unet"):  # those keep their base class
+            index[name] = [cls.__module__.split(".")[0], cls.__name__]
+    index["requires_safety_checker"] = requires_safety_checker
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return path
 

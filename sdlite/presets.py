@@ -97,7 +97,9 @@ def _clip_text(width, layers, heads, max_length, act="quick_gelu", projection_di
 
 
 # Ho et al. 2020's linear schedule. Latent models never clip x0 to [-1, 1]: latents go past it and
-# clipping them draws the right shapes in the wrong colours.
+# clipping them draws the right shapes in the wrong colours. steps_offset=1 (sampling's "leading"
+# timesteps k*T//n + 1) is what diffusers' StableDiffusionPipeline sets on every scheduler it is built
+# with: a saved folder then loads there unchanged and samples the same timesteps as here.
 DDPM_LINEAR = dict(
     num_train_timesteps=1000,
     beta_schedule="linear",
@@ -106,6 +108,7 @@ DDPM_LINEAR = dict(
     prediction_type="epsilon",
     variance_type="fixed_small",
     clip_sample=False,
+    steps_offset=1,
 )
 # Stable Diffusion's own scheduler settings.
 SD_SCALED_LINEAR = dict(

@@ -6,7 +6,6 @@ weight ``W + w * (alpha / r) * B @ A`` computed by hand from the file, independe
 """
 
 import copy
-import dataclasses
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ import safetensors.torch
 import torch
 from diffusers import StableDiffusionPipeline
 
-from sdlite.ddpm import DDPMScheduler
 from sdlite.lora import (
     LoraSettings,
     adapter_parameters,
@@ -63,18 +61,12 @@ def _pipe(parts):
 
 
 def _diffusers_pipe(parts):
-    """diffusers' pipeline over the same parts, with steps_offset 1 in its scheduler, as it insists
-    (it rewrites any other value): pair it with ``_with_steps_offset_1(parts)`` for our pipeline."""
+    """diffusers' pipeline over the same parts (the presets' scheduler config is one it keeps as is)."""
     pipe = StableDiffusionPipeline(
         **parts.as_dict(), safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _with_steps_offset_1(parts):
-    config = {k: v for k, v in parts.scheduler.config.items() if not k.startswith("_")}
-    return dataclasses.replace(parts, scheduler=DDPMScheduler.from_config(config | {"steps_offset": 1}))
 
 
 def _images(pipe, **kwargs):
@@ -147,10 +139,10 @@ def test_our_pipeline_and_diffusers_give_the_same_images_with_the_same_adapter(b
     kw = {} if scale is None else {"cross_attention_kwargs": {"scale": scale}}
     images = []
     for make in (_pipe, _diffusers_pipe):
-        pipe = make(_with_steps_offset_1(copy.deepcopy(base)))
+        pipe = make(copy.deepcopy(base))
         pipe.load_lora_weights(tmp_path, adapter_name="a")
         images.append(_images(pipe, guidance_scale=3.0, **kw))
-    plain = _images(_pipe(_with_steps_offset_1(copy.deepcopy(base))), guidance_scale=3.0)
+    plain = _images(_pipe(copy.deepcopy(base)), guidance_scale=3.0)
     assert np.abs(images[0] - plain).max() > 1e-3, "the adapter changed nothing"
     assert np.abs(images[0] - images[1]).max() <= 1e-5
 
@@ -271,10 +263,18 @@ def test_cast_adapters_to_fp32_keeps_the_base_in_half_precision(parts):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapter_parameters(unet))
 
 
-def test_load_lora_into_resumes_a_fine_tune(base, parts, tmp_path):
+def test_load_lora_into_loads_frozen_by_default(base, parts, tmp_path):
     adapted = _adapted(base, LoraSettings(rank=4, alpha=8.0, text_encoder=True))
     save_lora(tmp_path, adapted.unet, adapted.text_encoder)
     load_lora_into(parts.unet, parts.text_encoder, tmp_path)
+    assert not any(p.requires_grad for m in (parts.unet, parts.text_encoder) for p in m.parameters())
+    assert (_unet_out(parts.unet) - _unet_out(adapted.unet)).abs().max() <= 1e-6
+
+
+def test_load_lora_into_trainable_continues_training_from_an_adapter_file(base, parts, tmp_path):
+    adapted = _adapted(base, LoraSettings(rank=4, alpha=8.0, text_encoder=True))
+    save_lora(tmp_path, adapted.unet, adapted.text_encoder)
+    load_lora_into(parts.unet, parts.text_encoder, tmp_path, trainable=True)
 
     for model, source in ((parts.unet, adapted.unet), (parts.text_encoder, adapted.text_encoder)):
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -306,3 +306,16 @@ def test_adapter_scale_zero_is_the_base_and_restores_the_mix(base):
             assert to_q.scaling["default"] == 2.0
     assert to_q.scaling["default"] == 1.0
     assert torch.equal(_unet_out(adapted.unet), mixed)
+
+
+def test_lora_load_into_a_pipeline_prints_no_load_report(base, tmp_path, caplog, capfd):
+    """Nothing is missing from an adapter file that holds every adapter tensor: the load stays quiet
+    (no "LOAD REPORT ... MISSING" table from transformers for the text encoder's base weights)."""
+    adapted = _adapted(base, LoraSettings(rank=4, alpha=8.0, text_encoder=True))
+    save_lora(tmp_path, adapted.unet, adapted.text_encoder)
+    pipe = _pipe(copy.deepcopy(base))
+    with caplog.at_level("WARNING"):
+        pipe.load_lora_weights(tmp_path)
+    out = caplog.text + "".join(capfd.readouterr())
+    assert "LOAD REPORT" not in out and "MISSING" not in out and "newly initialized" not in out
+    assert pipe.get_list_adapters() == {"unet": ["default_0"], "text_encoder": ["default_0"]}

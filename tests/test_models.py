@@ -8,7 +8,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdlite.ddpm import DDPMScheduler
-from sdlite.models import ModelFolderError, build_components, check_folder, load_components
+from sdlite.models import ModelFolderError, build_components, check_folder, load_components, save_components
 from sdlite.presets import PRESETS, get_preset
 
 
@@ -30,6 +30,23 @@ def test_sd15_preset_has_stable_diffusion_1_5_parameter_counts():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_scheduler_never_clips_latents(name):
     assert PRESETS[name].scheduler["clip_sample"] is False
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_scheduler_has_the_steps_offset_diffusers_keeps(name):
+    # diffusers' StableDiffusionPipeline rewrites any other value (and then samples other timesteps).
+    assert DDPMScheduler(**PRESETS[name].scheduler).config.steps_offset == 1
+
+
+def test_save_components_records_optional_parts_as_null_and_a_variant(tmp_path):
+    parts = build_components("tiny", seed=0).as_dict() | {"safety_checker": None, "image_encoder": None}
+    save_components(parts, tmp_path, variant="fp16")
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["safety_checker"] == index["image_encoder"] == [None, None]
+    assert index["scheduler"] == ["diffusers", "DDPMScheduler"]  # sdlite's DDPM, by the class it mirrors
+    assert (tmp_path / "vae" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path, variant="fp16", local_files_only=True)
+    assert loaded.safety_checker is None and loaded.scheduler.config.steps_offset == 1
 
 
 def test_unknown_preset_names_the_choices():

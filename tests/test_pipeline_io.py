@@ -2,11 +2,21 @@
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers import DDPMScheduler as DiffusersDDPM
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
@@ -61,13 +71,38 @@ def test_save_and_reload_gives_identical_images(pipe, reference, tmp_path):
 
 def test_folder_saved_by_diffusers_loads_with_our_scheduler(folder, reference, tmp_path):
     StableDiffusionPipeline.from_pretrained(folder, local_files_only=True).save_pretrained(tmp_path)
-    # diffusers' pipeline rewrites steps_offset to 1 (a deprecation shim); put back the original
-    # setting so the images can be compared with the reference.
-    config_file = tmp_path / "scheduler" / "scheduler_config.json"
-    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"steps_offset": 0}))
     loaded = TextToImagePipeline.from_pretrained(tmp_path)
     assert isinstance(loaded.scheduler, DDPMScheduler)
     assert np.array_equal(images(loaded), reference)
+
+
+def test_saved_folder_loads_in_diffusers_unchanged_with_the_same_images(pipe, folder, reference):
+    """The presets' scheduler config is one diffusers' StableDiffusionPipeline keeps as it is (no
+    steps_offset / clip_sample rewrite, no warning), so both pipelines draw the same images: with the
+    folder's DDPM scheduler, and with any diffusers scheduler made from_config on both sides."""
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert config["steps_offset"] == 1 and config["clip_sample"] is False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    assert not [w for w in caught if "steps_offset" in str(w.message) or "clip_sample" in str(w.message)]
+    assert dict(theirs.scheduler.config) == dict(DiffusersDDPM.from_config(config).config)
+    theirs.set_progress_bar_config(disable=True)
+    assert np.abs(images(theirs) - reference).max() <= 1e-4
+    ours = TextToImagePipeline.from_pretrained(folder)
+    for cls in (DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler):
+        ours.scheduler = cls.from_config(ours.scheduler.config)
+        theirs.scheduler = cls.from_config(theirs.scheduler.config)
+        a, b = (images(p, num_inference_steps=8) for p in (ours, theirs))  # PNDM needs more than 3
+        assert np.abs(a - b).max() <= 1e-4, cls.__name__
+
+
+def test_scheduler_config_with_absurd_train_timesteps_is_refused_before_any_table(folder, tmp_path):
+    shutil.copytree(folder, tmp_path / "m")
+    config_file = tmp_path / "m" / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"num_train_timesteps": 10**8}))
+    with pytest.raises(ValueError, match="num_train_timesteps must be an int in"):
+        TextToImagePipeline.from_pretrained(tmp_path / "m")
 
 
 def test_other_scheduler_classes_save_and_load_as_theirs(folder, tmp_path):

@@ -1,0 +1,107 @@
+"""What a pipeline adds on top of its base weights: LoRA adapters and IP-Adapter image prompts.
+
+- LoRA (``sdlite.lora``, or any file in diffusers' layout) loads through diffusers'
+  ``StableDiffusionLoraLoaderMixin``; ``ExactLoraFuse`` makes ``unfuse_lora`` restore each weight bit
+  for bit instead of subtracting the update again (which rounds).
+- IP-Adapter (Ye et al. 2023, "IP-Adapter: Text Compatible Image Prompt Adapter") loads through
+  diffusers' ``IPAdapterMixin`` (``load_ip_adapter``, ``set_ip_adapter_scale``); ``ImagePrompts``
+  turns ``ip_adapter_image`` (through the CLIP image encoder) or ``ip_adapter_image_embeds`` into the
+  per-image embeddings the U-Net's IP-Adapter attention reads, with the unconditional half first.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models import ImageProjection
+from diffusers.models.embeddings import MultiIPAdapterImageProjection
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+
+class ExactLoraFuse:
+    """``fuse_lora`` / ``unfuse_lora`` / ``unload_lora_weights`` over diffusers' LoRA loader mixin."""
+
+    def fuse_lora(self, components=("unet", "text_encoder"), lora_scale: float = 1.0, **kwargs):
+        """diffusers' ``fuse_lora`` (W += lora_scale * (alpha / r) B A in place: calls then skip the LoRA
+        branch), keeping a copy of each weight it changes so that ``unfuse_lora`` restores it bit for
+        bit. peft unfuses by subtracting the update, (W + ΔW) - ΔW, which rounds. The copies cost the
+        memory of the adapted layers' weights until unfused."""
+        originals = self.__dict__.setdefault("_weights_before_fuse", {})
+        for layer in self._lora_layers(components):
+            originals.setdefault(layer, layer.get_base_layer().weight.detach().clone())  # the first fuse's
+        super().fuse_lora(components=list(components), lora_scale=lora_scale, **kwargs)
+
+    def unfuse_lora(self, components=("unet", "text_encoder"), **kwargs):
+        super().unfuse_lora(components=list(components), **kwargs)
+        originals = self.__dict__.get("_weights_before_fuse", {})
+        for layer in self._lora_layers(components):
+            if layer in originals and not layer.merged:
+                layer.get_base_layer().weight.data.copy_(originals.pop(layer))
+
+    def unload_lora_weights(self, *args, **kwargs):
+        super().unload_lora_weights(*args, **kwargs)
+        self.__dict__.pop("_weights_before_fuse", None)  # a fused update stays in: nothing to undo
+
+    def _lora_layers(self, components) -> list[BaseTunerLayer]:
+        models = [model for model in (getattr(self, name, None) for name in components) if model is not None]
+        return [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class ImagePrompts:
+    """IP-Adapter inputs -> the U-Net's ``added_cond_kwargs["image_embeds"]``."""
+
+    @property
+    def num_ip_adapters(self) -> int:
+        """How many IP-Adapters ``load_ip_adapter`` has put into the U-Net (0 when none)."""
+        projection = getattr(self.unet, "encoder_hid_proj", None) if self.unet is not None else None
+        if isinstance(projection, MultiIPAdapterImageProjection):
+            return len(projection.image_projection_layers)
+        return 0
+
+    @torch.no_grad()
+    def encode_image(self, image, device, num_images_per_prompt: int = 1, output_hidden_states=None):
+        """(embeds, unconditional embeds) of an image prompt, each repeated per image.
+
+        The pooled, projected CLIP embedding (B, D) for a plain IP-Adapter; with ``output_hidden_states``
+        (IP-Adapter Plus) the penultimate layer's tokens (B, T, D), whose unconditional side is a black
+        image's, where the pooled one's is zeros.
+        """
+        dtype = next(self.image_encoder.parameters()).dtype
+        if not isinstance(image, torch.Tensor):
+            image = self.feature_extractor(image, return_tensors="pt").pixel_values
+        image = image.to(device=device, dtype=dtype)
+        if output_hidden_states:
+            cond = self.image_encoder(image, output_hidden_states=True).hidden_states[-2]
+            uncond = self.image_encoder(torch.zeros_like(image), output_hidden_states=True).hidden_states[-2]
+        else:
+            cond = self.image_encoder(image).image_embeds
+            uncond = torch.zeros_like(cond)
+        n = num_images_per_prompt
+        return cond.repeat_interleave(n, dim=0), uncond.repeat_interleave(n, dim=0)
+
+    def prepare_ip_adapter_image_embeds(
+        self,
+        ip_adapter_image,
+        ip_adapter_image_embeds,
+        device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+    ) -> list[torch.Tensor]:
+        """One tensor per IP-Adapter: (n, ...) image embeddings, or (2n, ...) [unconditional; conditional]
+        under guidance. Given embeddings hold [unconditional; conditional] under guidance, as diffusers'."""
+        pairs = []  # (unconditional or None, conditional), one per adapter
+        if ip_adapter_image_embeds is None:
+            images = ip_adapter_image if isinstance(ip_adapter_image, list) else [ip_adapter_image]
+            layers = self.unet.encoder_hid_proj.image_projection_layers
+            for image, layer in zip(images, layers):
+                cond, uncond = self.encode_image(image, device, 1, not isinstance(layer, ImageProjection))
+                pairs.append((uncond[None], cond[None]))  # a leading axis: one image prompt per adapter
+        else:
+            for embeds in ip_adapter_image_embeds:
+                pairs.append(embeds.chunk(2) if do_classifier_free_guidance else (None, embeds))
+        out = []
+        for uncond, cond in pairs:
+            cond = torch.cat([cond] * num_images_per_prompt)
+            if do_classifier_free_guidance:
+                cond = torch.cat([torch.cat([uncond] * num_images_per_prompt), cond])
+            out.append(cond.to(device))
+        return out
