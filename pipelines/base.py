@@ -28,8 +28,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdlite.ddpm import DDPMScheduler, check_num_train_timesteps
 from sdlite.latents import vae_factor
-from sdlite.models import PARTS, check_folder, save_components
+from sdlite.models import PARTS, check_folder, read_header, save_components
 from sdlite.pipelines.single_file import load_single_file, save_single_file
+from sdlite.pipelines.single_file_xl import detect_layout, load_single_file_sd2
 from sdlite.tokenizer import load_tokenizer
 
 logger = logging.get_logger(__name__)
@@ -177,12 +178,20 @@ class BasePipeline(DiffusionPipeline, StableDiffusionMixin):
     def from_single_file(
         cls, path: str | Path, config="sd15", torch_dtype: torch.dtype | None = None
     ) -> BasePipeline:
-        """Load an original-layout (CompVis) SD 1.x ``.safetensors`` checkpoint.
+        """Load an original-layout (CompVis) SD 1.x or SD 2.x ``.safetensors`` checkpoint.
 
         ``config`` gives the architecture, since a checkpoint holds only weights: a preset name
-        (default ``"sd15"``) or a diffusers-layout folder whose configs (and tokenizer) to use.
+        (default ``"sd15"``) or a diffusers-layout folder whose configs (and tokenizer) to use. An SD
+        2.x file needs the folder of an SD 2.x model (its OpenCLIP text encoder, and whether it
+        predicts noise or velocity, which the file does not say).
         """
-        return cls(**load_single_file(path, config, torch_dtype).as_dict())
+        load = load_single_file
+        if Path(path).suffix == ".safetensors" and Path(path).is_file():  # else load_single_file says why
+            layout = detect_layout(read_header(Path(path)), path)
+            if layout == "SDXL":
+                raise ValueError(f"{str(path)!r} is an SDXL checkpoint: load it with TextToImageXLPipeline")
+            load = load_single_file_sd2 if layout == "SD 2.x" else load_single_file
+        return cls(**load(path, config, torch_dtype).as_dict())
 
     def save_single_file(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write the U-Net, VAE and text encoder as one original-layout ``.safetensors`` checkpoint."""

@@ -47,7 +47,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdlite.ddpm import DDPMScheduler
 from sdlite.models import CONFIG_FILES, Components, ModelFolderError, check_compatible, check_folder
-from sdlite.presets import PRESETS, Preset
+from sdlite.presets import PRESETS, Preset, PresetXL
 from sdlite.tokenizer import load_tokenizer
 
 LDM_VAE_KEY = "first_stage_model."
@@ -137,9 +137,10 @@ def _clip_keys_for(model: CLIPTextModel, state: dict[str, torch.Tensor]) -> dict
 
 def _architecture(config) -> tuple[dict[str, dict], Path | None]:
     """The four part configs named by ``config``, and the folder they came from (None for a preset)."""
-    if isinstance(config, str) and config in PRESETS:
+    presets = sorted(name for name, preset in PRESETS.items() if not isinstance(preset, PresetXL))
+    if isinstance(config, str) and config in presets:
         config = PRESETS[config]
-    if isinstance(config, Preset):
+    if isinstance(config, Preset) and not isinstance(config, PresetXL):
         return {p: config.config(p) for p in ("unet", "vae", "text_encoder", "scheduler")}, None
     if isinstance(config, (str, Path)) and Path(config).is_dir():
         folder = check_folder(config, ("unet", "vae", "text_encoder", "scheduler"))
@@ -148,7 +149,8 @@ def _architecture(config) -> tuple[dict[str, dict], Path | None]:
             configs["text_encoder"].pop(drop, None)
         return configs, folder
     raise ValueError(
-        f"config must be a preset name {sorted(PRESETS)} or a diffusers-layout model folder, got {config!r}"
+        f"config must be a preset name {presets} or a diffusers-layout model folder, got {config!r}"
+        + (" (an SDXL preset: load SDXL files with TextToImageXLPipeline)" if config in PRESETS else "")
     )
 
 

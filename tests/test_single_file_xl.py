@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from sdlite.models import ModelFolderError, build_components
 from sdlite.models_xl import build_components_xl
+from sdlite.pipelines import TextToImagePipeline
 from sdlite.pipelines.single_file import save_single_file, to_original_layout
 from sdlite.pipelines.single_file_xl import (
     SD2_OPENCLIP_KEY,
@@ -234,3 +235,14 @@ def test_sd2_single_file_loads_as_in_diffusers_own_loader(tmp_path):
     ours = load_single_file_sd2(path, config=folder)
     assert_same_weights(theirs, ours, ("unet", "vae", "text_encoder"))
     assert_same_weights(parts, ours, ("unet", "vae", "text_encoder"))
+
+
+def test_the_sd_pipeline_reads_sd2_files_and_sends_sdxl_files_to_the_xl_pipeline(checkpoint, tmp_path):
+    parts = build_components(TINY_SD2, seed=0)
+    folder = parts.save_pretrained(tmp_path / "folder")
+    path = _sd2_file(parts, tmp_path / "sd2.safetensors", extra_layer=True)
+    pipe = TextToImagePipeline.from_single_file(path, config=folder)
+    assert_same_weights(parts, pipe, ("unet", "vae", "text_encoder"))
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="is an SDXL checkpoint: load it with TextToImageXLPipeline"):
+        TextToImagePipeline.from_single_file(checkpoint)
