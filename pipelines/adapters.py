@@ -11,14 +11,32 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers.models import ImageProjection
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from sdlite.kohya import kohya_lora_state
+
 
 class ExactLoraFuse:
-    """``fuse_lora`` / ``unfuse_lora`` / ``unload_lora_weights`` over diffusers' LoRA loader mixin."""
+    """``lora_state_dict`` / ``fuse_lora`` / ``unfuse_lora`` / ``unload_lora_weights`` over diffusers'
+    LoRA loader mixin."""
+
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):
+        """diffusers' reading of a LoRA, safetensors only (a pickled ``.bin`` could run code), except
+        a kohya-layout file (A1111, ComfyUI): ``sdlite.kohya`` keeps each module's alpha, where
+        diffusers' own conversion gives every module of a part the commonest one."""
+        kwargs.setdefault("use_safetensors", True)
+        _refuse_pickled_lora(pretrained_model_name_or_path_or_dict)
+        converted = kohya_lora_state(pretrained_model_name_or_path_or_dict)
+        if converted is None:
+            return super().lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
+        state, metadata = converted
+        return (state, None, metadata) if kwargs.get("return_lora_metadata") else (state, None)
 
     def fuse_lora(self, components=("unet", "text_encoder"), lora_scale: float = 1.0, **kwargs):
         """diffusers' ``fuse_lora`` (W += lora_scale * (alpha / r) B A in place: calls then skip the LoRA
@@ -44,6 +62,21 @@ class ExactLoraFuse:
     def _lora_layers(self, components) -> list[BaseTunerLayer]:
         models = [model for model in (getattr(self, name, None) for name in components) if model is not None]
         return [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _refuse_pickled_lora(source) -> None:
+    if not isinstance(source, (str, Path)) or not Path(source).exists():
+        return  # a state dict, or a name diffusers' reading resolves and names
+    path = Path(source)
+    files = [path] if path.is_file() else [*path.glob("*.safetensors"), *path.glob("*.bin")]
+    if files and all(f.suffix in PICKLE_SUFFIXES for f in files):
+        raise ValueError(
+            f"LoRA {str(source)!r} is a pickle ({', '.join(f.name for f in files)}): refused, because "
+            "loading one can run code; save or convert it as .safetensors"
+        )
 
 
 class ImagePrompts:

@@ -205,6 +205,23 @@ def test_per_module_alphas_load_right_through_sdlite_where_diffusers_loses_them(
     assert kohya_lora_state(str(files[0])) is None  # a diffusers-layout file is left to diffusers
 
 
+def test_our_pipeline_loads_a_kohya_file_with_each_modules_own_alpha(base, files, tmp_path):
+    mixed = _mixed(files[1], tmp_path)
+    pipe = _ours(base)
+    pipe.load_lora_weights(str(mixed), adapter_name="a")
+    assert _scaling(pipe, "unet", TO_K) == 2.0 and _scaling(pipe, "unet", TO_Q) == 1.5
+    assert _scaling(pipe, "text_encoder", TE_Q) == 0.125 and _scaling(pipe, "unet", TO_Q[:-1] + "v") == 0.5
+
+
+def test_our_pipeline_refuses_a_pickled_lora(base, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    torch.save({"unet.x.lora_A.weight": torch.zeros(1)}, folder / "pytorch_lora_weights.bin")
+    for source in (folder, folder / "pytorch_lora_weights.bin"):
+        with pytest.raises(ValueError, match="is a pickle .pytorch_lora_weights.bin.: refused"):
+            _ours(base).load_lora_weights(str(source))
+
+
 def test_rslora_adapter_gets_the_alpha_of_its_scale(files, tmp_path):
     tensors, header = kohya.load_lora_file(files[0])
     configs = json.loads(header["lora_adapter_metadata"]) | {"unet.use_rslora": True}
