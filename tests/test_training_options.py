@@ -14,7 +14,9 @@ from sdlite.data.shapes import write_dataset
 from sdlite.kohya import read_modules
 from sdlite.training.config import parse_config
 from sdlite.training.configs import TrainConfig
+from sdlite.training.run_folder import FINAL_MARKER
 from sdlite.training.train import UNetTrainer, main
+from sdlite.training.train_vae import main as train_vae
 
 
 @pytest.fixture(scope="module")
@@ -90,22 +92,27 @@ def test_a_table_naming_images_outside_its_folder_trains_only_when_allowed(shape
 # ---- LoRA files and learning rates ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def lora_run(shapes, tmp_path_factory, request):
-    """A LoRA run on the U-Net and the text encoder at two rates, alpha 2 != rank 4, kohya files, with
-    what it logs (every call of Accelerator.log)."""
-    out, logged = tmp_path_factory.mktemp("lora") / "run", []
-    original = Accelerator.log
+def recording_logs(monkeypatch) -> list[tuple[int, dict]]:
+    """Every (step, values) the run passes to Accelerator.log, which sends them to TensorBoard."""
+    logged, original = [], Accelerator.log
 
     def log(self, values, step=None, log_kwargs=None):
         logged.append((step, dict(values)))
         return original(self, values, step=step, log_kwargs=log_kwargs or {})
 
-    Accelerator.log = log
-    request.addfinalizer(lambda: setattr(Accelerator, "log", original))
-    main(flags(shapes, out, lora="true", lora_rank=4, lora_alpha=2, lora_text_encoder="true",
-               text_encoder_lr=3e-4, lora_save_format="kohya"))  # fmt: skip
-    Accelerator.log = original
+    monkeypatch.setattr(Accelerator, "log", log)
+    return logged
+
+
+@pytest.fixture(scope="module")
+def lora_run(shapes, tmp_path_factory):
+    """A LoRA run on the U-Net and the text encoder at two rates, alpha 2 != rank 4, kohya files, with
+    what it logs."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        logged = recording_logs(monkeypatch)
+        main(flags(shapes, out, lora="true", lora_rank=4, lora_alpha=2, lora_text_encoder="true",
+                   text_encoder_lr=3e-4, lora_save_format="kohya"))  # fmt: skip
     return out, logged
 
 
@@ -130,3 +137,13 @@ def test_an_unknown_lora_save_format_fails_before_training(shapes, tmp_path):
     with pytest.raises(ValueError, match="lora_save_format='a1111': use diffusers or kohya"):
         main(flags(shapes, tmp_path / "run", lora="true", lora_save_format="a1111"))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_vae_trainer_logs_its_learning_rate_and_publishes_output_dir_vae(shapes, tmp_path, monkeypatch):
+    logged, out = recording_logs(monkeypatch), tmp_path / "vae-run"
+    train_vae(["--train_data_dir", str(shapes), "--output_dir", str(out), "--eval_count", "2",
+               "--max_steps", "2", "--train_batch_size", "4", "--lr_warmup_steps", "0", "--lr_scheduler",
+               "constant", "--learning_rate", "1e-3", "--log_every", "1", "--report_to", "none"])  # fmt: skip
+    rates = [values["lr/vae"] for _, values in logged if "loss" in values]
+    assert rates == [pytest.approx(1e-3)] * 2
+    assert (out / "vae" / FINAL_MARKER).is_file() and (out / "vae" / "config.json").is_file()
