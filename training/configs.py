@@ -77,7 +77,7 @@ class RunConfig:
     nonfinite_loss: str = "skip"  # a NaN/inf loss or gradient: "skip" the step, or "stop" the run
     # Run-folder safety and data reliability (docs/reliability.md): what a resume may change, where
     # images may live, how large they may be.
-    allow_config_change: list[str] = field(default_factory=list)  # keys a --resume may change (resume.py)
+    allow_config_change: list[str] = field(default_factory=list)  # keys --resume may also change
     allow_outside_paths: bool = False  # image paths in a table may point outside the table's folder
     max_image_pixels: int | None = None  # most pixels an image may declare; None: 64 x resolution², >= 4096²
 

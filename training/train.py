@@ -12,14 +12,18 @@ With v-prediction the target is v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & H
 (Hang et al. 2023) sets w(t) = min(SNR(t), γ) / SNR(t) for ε and min(SNR(t), γ) / (SNR(t) + 1) for v.
 
 Outputs under output_dir: config.yaml, checkpoint-N/ (resumable with --resume latest), logs/
-(TensorBoard), validation/step-N.png; and final_dir (default output_dir/final), a diffusers-layout
-folder whose unet (and text_encoder, when trained) hold the EMA weights (the raw ones are in unet_raw/).
+(TensorBoard), validation/step-N.png, run.lock (one run at a time); and final_dir (default
+output_dir/final), a diffusers-layout folder whose unet (and text_encoder, when trained) hold the EMA
+weights (the raw ones are in unet_raw/). final_dir is replaced only if this run published it: a folder
+of other files is refused at start-up (docs/reliability.md).
 
 With --lora true the same loop trains LoRA adapters (Hu et al. 2021, sdlite/lora.py) on a frozen base
 instead: W' = W + (alpha / r) B A on the U-Net's attention projections (and the text encoder's when
 lora_text_encoder), the base in the mixed-precision dtype, the adapters in fp32, no EMA. Checkpoints
 then hold only the adapters, and final_dir holds pytorch_lora_weights.safetensors, which
-``pipe.load_lora_weights(final_dir)`` reads (sdlite's pipeline or diffusers').
+``pipe.load_lora_weights(final_dir)`` reads (sdlite's pipeline or diffusers'); with
+--lora_save_format kohya also lora_kohya.safetensors, kohya's layout with each module's alpha (A1111,
+ComfyUI).
 
 ``UNetTrainer`` is the run: its ``__init__`` builds everything (models and data from training/parts.py,
 the step's math from training/unet_step.py), ``train`` runs the loop it shares with the VAE trainer
