@@ -112,3 +112,16 @@ def test_a_second_run_on_one_output_dir_fails_naming_the_first_ones_pid(data, tm
     finally:
         first.kill()
         first.communicate()
+
+
+def test_sdlite_launch_hands_every_argument_after_it_to_the_launcher_unparsed(monkeypatch, capsys):
+    from sdlite.training import cli, launch
+
+    received = []
+    monkeypatch.setattr(launch, "main", lambda argv: received.append(argv) or 143)
+    argv = ["--num_processes", "1", "--mixed_precision", "no", "training/train.py", "--max_steps", "3"]
+    assert cli.main(["launch", *argv]) == 143  # the trainer's status is the command's
+    assert received == [argv]
+    with pytest.raises(SystemExit) as done:
+        cli.main(["launch", "--help"])
+    assert done.value.code == 0 and "on SIGTERM or Ctrl-C" in capsys.readouterr().out
