@@ -6,6 +6,7 @@
     sdlite generate "a magenta circle" --model runs/tiny-shapes/final --lora runs/tiny-lora/final:0.8
     sdlite evaluate --model runs/demo/model --n 8
     sdlite demo --out runs/demo [--fast]
+    sdlite launch --num_processes 1 training/train.py --config configs/tiny-shapes.yaml
 
 This module is only the parser: it imports no torch, so ``--help`` and argument errors answer at once.
 Each command lives in a module of its own (cmd_data, cmd_generate, cmd_evaluate, demo), imported only
@@ -234,10 +235,27 @@ def add_lora(commands) -> None:
     kohya.add_arguments(convert)
 
 
+def add_launch(commands) -> None:
+    launch = _parser(
+        commands, "launch",
+        "accelerate launch that, on SIGTERM or Ctrl-C, waits for the trainer's checkpoint "
+        "(sdlite launch [accelerate options] training/train.py --config ...)",
+        "sdlite.training.cli:run_launch",
+    )  # fmt: skip
+    launch.add_argument("argv", nargs=argparse.REMAINDER, help="accelerate options, the script, its flags")
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    """Only ``sdlite launch`` with nothing after it comes here (main passes the rest on unparsed)."""
+    from sdlite.training import launch
+
+    return launch.main(args.argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlite", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (add_data, add_generate, add_evaluate, add_demo, add_lora):
+    for add in (add_data, add_generate, add_evaluate, add_demo, add_lora, add_launch):
         add(commands)
     return parser
 
@@ -246,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"] and argv[1:2] not in ([], ["-h"], ["--help"]):
+        # Everything after "launch" is accelerate's and the script's: argparse would take their options.
+        from sdlite.training import launch
+
+        return launch.main(argv[1:])
     args = build_parser().parse_args(argv)
     module, _, function = args.run.partition(":")
     run = getattr(importlib.import_module(module), function)

@@ -75,6 +75,11 @@ class RunConfig:
     resume: str | None = None  # "latest" (output_dir's newest checkpoint, if any) or a checkpoint folder
     # Faults (docs/reliability.md)
     nonfinite_loss: str = "skip"  # a NaN/inf loss or gradient: "skip" the step, or "stop" the run
+    # Run-folder safety and data reliability (docs/reliability.md): what a resume may change, where
+    # images may live, how large they may be.
+    allow_config_change: list[str] = field(default_factory=list)  # keys --resume may also change
+    allow_outside_paths: bool = False  # image paths in a table may point outside the table's folder
+    max_image_pixels: int | None = None  # most pixels an image may declare; None: 64 x resolution², >= 4096²
 
     def problems(self) -> list[str]:
         """What is wrong with the settings, in words; empty when they are fine."""
@@ -85,6 +90,8 @@ class RunConfig:
             problems.append("max_steps, train_batch_size and log_every must be >= 1")
         if self.nonfinite_loss not in ("skip", "stop"):
             problems.append(f"nonfinite_loss={self.nonfinite_loss!r}: use skip or stop")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            problems.append(f"max_image_pixels={self.max_image_pixels} must be >= 1 (or none: the default)")
         return problems
 
     def check(self) -> None:
@@ -154,6 +161,8 @@ class TrainConfig(RunConfig):
     text_encoder_lr: float | None = None  # the text encoder adapter's learning rate; None: learning_rate
     # Faults
     bad_data: str = "skip"  # unreadable images: "skip" them (listed in output_dir/bad_files.txt) or "error"
+    # LoRA files (with --lora true): the diffusers layout is always written; kohya's too on request.
+    lora_save_format: str = "diffusers"  # "kohya": also final_dir/lora_kohya.safetensors (A1111, ComfyUI)
 
     @property
     def text_encoder_trains(self) -> bool:
@@ -176,6 +185,8 @@ class TrainConfig(RunConfig):
             )
         if self.bad_data not in ("skip", "error"):
             problems.append(f"bad_data={self.bad_data!r}: use skip or error")
+        if self.lora_save_format not in ("diffusers", "kohya"):
+            problems.append(f"lora_save_format={self.lora_save_format!r}: use diffusers or kohya")
         return problems
 
 

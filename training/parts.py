@@ -90,7 +90,7 @@ def build_examples(cfg: TrainConfig, acc, parts):
     if resolution % factor:
         raise ValueError(f"resolution {resolution} is not a multiple of the VAE's factor {factor}")
     latent_shape = (vae.latent_channels, resolution // factor, resolution // factor)
-    transform = ImageTransform(resolution, cfg.random_crop, cfg.seed)
+    transform = ImageTransform(resolution, cfg.random_crop, cfg.seed, max_pixels=cfg.max_image_pixels)
     cache = TensorCache(Path(cfg.cache_dir).expanduser())
     # A stream is encoded as it comes (no cache): its batches carry token ids, so the empty caption must too.
     embeds_cached = cfg.cache_text and not cfg.text_encoder_trains and not cfg.streaming
@@ -100,14 +100,16 @@ def build_examples(cfg: TrainConfig, acc, parts):
         return token_ids(tokenizer, captions)
 
     def examples_of(source: str, flips: tuple[bool, ...], limit: int | None = None) -> TrainingExamples:
-        rows = load_rows(source, cfg.image_column, cfg.caption_column)
+        rows = load_rows(source, cfg.image_column, cfg.caption_column, bad_data=cfg.bad_data,
+                         allow_outside=cfg.allow_outside_paths)  # fmt: skip
         rows = rows.select(range(min(limit, len(rows)))) if limit else rows
         # Every image checked now (decoded, unless an earlier run did): a bad one is skipped or stops the
         # run before step 0, never in the middle of an epoch.
         report = Path(cfg.output_dir) / ("bad_files_val.txt" if limit else "bad_files.txt")
         rows = clean_rows(rows, cfg.image_column, cfg.caption_column, resolution, tokenizer, cfg.bad_data,
                           report if acc.is_main_process else None, acc.print,
-                          DecodedImages(cache.root) if cfg.cache_latents else None)  # fmt: skip
+                          DecodedImages(cache.root) if cfg.cache_latents else None,
+                          max_pixels=cfg.max_image_pixels)  # fmt: skip
         input_ids = tokenize([caption_text(c) for c in rows[cfg.caption_column]])
         # Split misses among one machine's processes: a cache folder local to each machine fills too.
         rank, world_size = acc.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
@@ -123,12 +125,14 @@ def build_examples(cfg: TrainConfig, acc, parts):
             embed_files, missing = cache_text(cache, input_ids, parts.text_encoder, 64, rank, world_size)
             acc.print(f"{source}: {len(rows)} captions, {missing} text embeddings computed")
         acc.wait_for_everyone()  # every process's share of the cache is written
-        return TrainingExamples(rows, cfg.image_column, transform, input_ids, latent_files, embed_files)
+        return TrainingExamples(rows, cfg.image_column, transform, input_ids, latent_files, embed_files,
+                                report=report if acc.is_main_process else None, log=acc.print)  # fmt: skip
 
     if cfg.streaming:  # the DataLoader comes from examples.loader(start_step, ...) in setup()
         from sdlite.data.streaming import StreamingExamples, load_stream, parquet_rows
 
-        stream = load_stream(cfg.train_data_dir, cfg.image_column, cfg.caption_column)
+        stream = load_stream(cfg.train_data_dir, cfg.image_column, cfg.caption_column,
+                             allow_outside=cfg.allow_outside_paths)  # fmt: skip
         examples = StreamingExamples(stream, cfg.image_column, cfg.caption_column, transform, tokenizer,
                                      cfg.train_batch_size, cfg.seed, acc.num_processes, acc.process_index,
                                      cfg.gradient_accumulation_steps, cfg.random_flip, cfg.shuffle_buffer,

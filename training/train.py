@@ -12,14 +12,18 @@ With v-prediction the target is v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & H
 (Hang et al. 2023) sets w(t) = min(SNR(t), γ) / SNR(t) for ε and min(SNR(t), γ) / (SNR(t) + 1) for v.
 
 Outputs under output_dir: config.yaml, checkpoint-N/ (resumable with --resume latest), logs/
-(TensorBoard), validation/step-N.png; and final_dir (default output_dir/final), a diffusers-layout
-folder whose unet (and text_encoder, when trained) hold the EMA weights (the raw ones are in unet_raw/).
+(TensorBoard), validation/step-N.png, run.lock (one run at a time); and final_dir (default
+output_dir/final), a diffusers-layout folder whose unet (and text_encoder, when trained) hold the EMA
+weights (the raw ones are in unet_raw/). final_dir is replaced only if this run published it: a folder
+of other files is refused at start-up (docs/reliability.md).
 
 With --lora true the same loop trains LoRA adapters (Hu et al. 2021, sdlite/lora.py) on a frozen base
 instead: W' = W + (alpha / r) B A on the U-Net's attention projections (and the text encoder's when
 lora_text_encoder), the base in the mixed-precision dtype, the adapters in fp32, no EMA. Checkpoints
 then hold only the adapters, and final_dir holds pytorch_lora_weights.safetensors, which
-``pipe.load_lora_weights(final_dir)`` reads (sdlite's pipeline or diffusers').
+``pipe.load_lora_weights(final_dir)`` reads (sdlite's pipeline or diffusers'); with
+--lora_save_format kohya also lora_kohya.safetensors, kohya's layout with each module's alpha (A1111,
+ComfyUI).
 
 ``UNetTrainer`` is the run: its ``__init__`` builds everything (models and data from training/parts.py,
 the step's math from training/unet_step.py), ``train`` runs the loop it shares with the VAE trainer
@@ -31,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -46,6 +49,7 @@ from sdlite.lora import AdapterWeights, lora_param_groups, save_lora  # noqa: E4
 from sdlite.models import save_components  # noqa: E402
 from sdlite.training.config import parse_config, save_yaml  # noqa: E402
 from sdlite.training.configs import TrainConfig  # noqa: E402
+from sdlite.training.launch import follow_launcher  # noqa: E402
 from sdlite.training.loop import (  # noqa: E402
     EMA,
     StepSampler,
@@ -68,17 +72,20 @@ from sdlite.training.unet_step import (  # noqa: E402
 class UNetTrainer(Trainer):
     """A U-Net training run: ``UNetTrainer(cfg).train()`` builds, resumes, trains, saves final_dir."""
 
-    def __init__(self, cfg: TrainConfig):
-        """Build the models, cache the data, prepare with accelerate and resume: ready for ``start_step``."""
-        cfg.check()
-        self.cfg = cfg
-        self.accelerator = acc = setup_accelerator(
-            cfg.output_dir,
-            cfg.mixed_precision,
-            cfg.gradient_accumulation_steps,
-            cfg.report_to,
-            cfg.allow_tf32,
+    cfg: TrainConfig
+
+    def make_accelerator(self):
+        c = self.cfg
+        return setup_accelerator(
+            c.output_dir, c.mixed_precision, c.gradient_accumulation_steps, c.report_to, c.allow_tf32
         )
+
+    def final_path(self) -> str | None:
+        return self.cfg.final_dir
+
+    def setup(self) -> None:
+        """Build the models, cache the data, prepare with accelerate and resume: ready for ``start_step``."""
+        cfg, acc = self.cfg, self.accelerator
         self.parts = parts = load_parts(cfg, acc.device)  # sdlite.models.Components (unwrapped)
         examples, self.empty_text, self.latent_shape, self.val = build_examples(cfg, acc, parts)
         if cfg.lora:  # after build_examples: the cache is filled by the fp32 models, as without LoRA
@@ -97,8 +104,12 @@ class UNetTrainer(Trainer):
         self.params = [p for p in denoiser.parameters() if p.requires_grad]
         if cfg.lora:  # the text encoder's adapter at its own rate
             groups = lora_param_groups(parts.unet, text_encoder, cfg.learning_rate, cfg.text_encoder_lr)
-        else:
-            groups = self.params
+        else:  # one rate, but a group per model, so that each one's rate is logged as lr/<name>
+            groups = [{"params": [p for p in unet.parameters() if p.requires_grad]}]
+            if text_encoder is not None:
+                groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad]})
+        for group, name in zip(groups, ("unet", "text_encoder")):  # the U-Net's group first, as both make
+            group["name"] = name
         optimizer = make_optimizer(
             groups,
             cfg.learning_rate,
@@ -155,16 +166,19 @@ class UNetTrainer(Trainer):
     def train(self) -> Path:
         """Train from step start_step to max_steps, validate, save; returns the final model folder."""
         cfg, acc = self.cfg, self.accelerator
-        acc.print(
-            f"training {sum(p.numel() for p in self.params) / 1e6:.2f} M parameters on "
-            f"{self.sampler.num_items or 'streamed'} examples, global batch {self.global_batch}, "
-            f"steps {self.start_step} -> {cfg.max_steps}"
-        )
-        self.loop()
-        self.evaluate(cfg.max_steps)
-        final = self.save_final()
-        acc.end_training()
-        return final
+        try:
+            acc.print(
+                f"training {sum(p.numel() for p in self.params) / 1e6:.2f} M parameters on "
+                f"{self.sampler.num_items or 'streamed'} examples, global batch {self.global_batch}, "
+                f"steps {self.start_step} -> {cfg.max_steps}"
+            )
+            self.loop()
+            self.evaluate(cfg.max_steps)
+            final = self.save_final()
+            acc.end_training()
+            return final
+        finally:
+            self.release()
 
     # ---- one step -------------------------------------------------------------------------------------
 
@@ -277,29 +291,27 @@ class UNetTrainer(Trainer):
 
     def save_final(self) -> Path:
         """The diffusers-layout folder (EMA weights in unet/ and text_encoder/; raw ones in *_raw/), or with
-        LoRA pytorch_lora_weights.safetensors; written atomically, with the run's config as
-        train_config.yaml."""
+        LoRA pytorch_lora_weights.safetensors (and lora_kohya.safetensors with lora_save_format kohya);
+        published atomically in final_dir, with the run's config as train_config.yaml."""
         acc, cfg, parts = self.accelerator, self.cfg, self.parts
-        final = Path(cfg.final_dir or Path(cfg.output_dir) / "final")
         acc.wait_for_everyone()
         if acc.is_main_process:
-            tmp = final.with_name(final.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            if cfg.lora:  # only the adapters, in the file load_lora_weights reads, naming the base model
-                te = parts.text_encoder if cfg.lora_text_encoder else None
-                save_lora(tmp, parts.unet, te, base_model=cfg.pretrained or f"sdlite preset {cfg.preset}")
-            else:
-                if self.ema is not None:
-                    parts.unet.save_pretrained(tmp / "unet_raw")
-                    if cfg.train_text_encoder:
-                        parts.text_encoder.save_pretrained(tmp / "text_encoder_raw")
-                with self.ema_weights():
-                    save_components(parts, tmp)
-            save_yaml(cfg, tmp / "train_config.yaml")
-            self.publish(tmp, final)
-            acc.print(f"saved {final}")
+            with self.publishing() as tmp:
+                if cfg.lora:  # only the adapters, in the file load_lora_weights reads, naming the base model
+                    te = parts.text_encoder if cfg.lora_text_encoder else None
+                    base = cfg.pretrained or f"sdlite preset {cfg.preset}"
+                    save_lora(tmp, parts.unet, te, base_model=base, format=cfg.lora_save_format)
+                else:
+                    if self.ema is not None:
+                        parts.unet.save_pretrained(tmp / "unet_raw")
+                        if cfg.train_text_encoder:
+                            parts.text_encoder.save_pretrained(tmp / "text_encoder_raw")
+                    with self.ema_weights():
+                        save_components(parts, tmp)
+                save_yaml(cfg, tmp / "train_config.yaml")
+            acc.print(f"saved {self.final}")
         acc.wait_for_everyone()
-        return final
+        return self.final
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -312,5 +324,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
+    follow_launcher()  # one-process accelerate launch: if the launcher dies, checkpoint and stop
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -37,6 +37,7 @@ from sdlite.data.dataset import ImageTransform, image_bytes, load_rows  # noqa: 
 from sdlite.presets import get_preset  # noqa: E402
 from sdlite.training.config import parse_config  # noqa: E402
 from sdlite.training.configs import VAETrainConfig  # noqa: E402
+from sdlite.training.launch import follow_launcher  # noqa: E402
 from sdlite.training.loop import StepSampler, make_lr_schedule, make_optimizer, setup_accelerator  # noqa: E402
 from sdlite.training.trainer import Trainer  # noqa: E402
 
@@ -45,19 +46,27 @@ from sdlite.training.trainer import Trainer  # noqa: E402
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_images(source: str | Path, resolution: int, image_column: str = "image") -> torch.Tensor:
+def load_images(
+    source: str | Path,
+    resolution: int,
+    image_column: str = "image",
+    allow_outside: bool = False,
+    max_pixels: int | None = None,
+) -> torch.Tensor:
     """(N, 3, R, R) in [-1, 1]: every image of a data source, resized and centre-cropped. The
     images are small, so they are held in memory whole."""
-    rows = load_rows(source, image_column, caption_column=image_column)  # the VAE needs no captions
-    transform = ImageTransform(resolution)
+    # The VAE needs no captions. Image paths of a table must lie in its folder unless allow_outside.
+    rows = load_rows(source, image_column, caption_column=image_column, allow_outside=allow_outside)
+    transform = ImageTransform(resolution, max_pixels=max_pixels)
     return torch.stack([transform(image_bytes(row[image_column]), i) for i, row in enumerate(rows)])
 
 
 def load_splits(cfg: VAETrainConfig, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held-out) images."""
-    images = load_images(cfg.train_data_dir, resolution, cfg.image_column)
+    options = dict(allow_outside=cfg.allow_outside_paths, max_pixels=cfg.max_image_pixels)
+    images = load_images(cfg.train_data_dir, resolution, cfg.image_column, **options)
     if cfg.eval_data_dir:
-        return images, load_images(cfg.eval_data_dir, resolution, cfg.image_column)
+        return images, load_images(cfg.eval_data_dir, resolution, cfg.image_column, **options)
     if len(images) <= cfg.eval_count:
         raise ValueError(
             f"{cfg.train_data_dir} has {len(images)} images, too few to hold out eval_count="
@@ -129,13 +138,13 @@ def build_vae(cfg: VAETrainConfig) -> tuple[AutoencoderKL, int]:
     return AutoencoderKL(**config), resolution
 
 
-def save_vae(vae: AutoencoderKL, train_images: torch.Tensor, cfg: VAETrainConfig) -> tuple[Path, float]:
-    """Write output_dir/vae with scaling_factor = 1 / std of the training images' latents."""
+def save_vae(vae: AutoencoderKL, train_images: torch.Tensor, cfg: VAETrainConfig, path: Path) -> float:
+    """Write the VAE to ``path`` with scaling_factor = 1 / std of the training images' latents; returns
+    that std."""
     std = latent_std(vae, train_images[: cfg.scale_count], seed=cfg.seed)
     vae.register_to_config(scaling_factor=1.0 / std)
-    path = Path(cfg.output_dir) / "vae"
     vae.save_pretrained(path, safe_serialization=True)
-    return path, std
+    return std
 
 
 class VAETrainer(Trainer):
@@ -143,17 +152,24 @@ class VAETrainer(Trainer):
 
     project = "sdlite-train-vae"
 
-    def __init__(self, cfg: VAETrainConfig):
-        cfg.check()
-        self.cfg, self.started = cfg, time.perf_counter()
-        acc = setup_accelerator(cfg.output_dir, cfg.mixed_precision, report_to=cfg.report_to)
-        self.accelerator = acc
+    cfg: VAETrainConfig
+
+    def make_accelerator(self):
+        self.started = time.perf_counter()
+        return setup_accelerator(self.cfg.output_dir, self.cfg.mixed_precision, report_to=self.cfg.report_to)
+
+    def final_path(self) -> Path:
+        return Path(self.cfg.output_dir) / "vae"
+
+    def setup(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
         torch.manual_seed(cfg.seed)  # the initial weights; the steps' draws continue this stream
         self.vae, resolution = build_vae(cfg)
         self.train_images, self.eval_images = load_splits(cfg, resolution)
         objective = VAEObjective(self.vae, cfg.reconstruction_loss, cfg.kl_weight)
         self.params = list(objective.parameters())
-        optimizer = make_optimizer(self.params, cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+        groups = [{"params": self.params, "name": "vae"}]  # logged as lr/vae
+        optimizer = make_optimizer(groups, cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
         self.lr_schedule = make_lr_schedule(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_steps)
         self.objective, self.optimizer = acc.prepare(objective, optimizer)
 
@@ -173,12 +189,15 @@ class VAETrainer(Trainer):
 
     def train(self) -> dict:
         """Train to max_steps, save, then measure the saved weights; returns the final figures."""
-        self.objective.train()
-        self.loop()
-        self.accelerator.wait_for_everyone()
-        result = self.save_final() if self.accelerator.is_main_process else {}
-        self.accelerator.end_training()
-        return result
+        try:
+            self.objective.train()
+            self.loop()
+            self.accelerator.wait_for_everyone()
+            result = self.save_final() if self.accelerator.is_main_process else {}
+            self.accelerator.end_training()
+            return result
+        finally:
+            self.release()
 
     def train_step(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         acc = self.accelerator
@@ -203,10 +222,13 @@ class VAETrainer(Trainer):
             self.vae.train()
 
     def save_final(self) -> dict:
-        """Write output_dir/vae (main process), read it back and measure it: the final figures."""
+        """Write output_dir/vae (main process; published atomically, as the U-Net's final_dir), read it
+        back and measure it: the final figures."""
         acc, cfg = self.accelerator, self.cfg
         self.vae.eval()
-        path, std = save_vae(self.vae, self.train_images.to(acc.device), cfg)
+        with self.publishing() as staging:
+            std = save_vae(self.vae, self.train_images.to(acc.device), cfg, staging)
+        path = self.final
         saved = AutoencoderKL.from_pretrained(path).to(acc.device)  # what was written, not what is in memory
         result = {
             "path": str(path),
@@ -234,4 +256,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    follow_launcher()  # one-process accelerate launch: if the launcher dies, checkpoint and stop
     main()

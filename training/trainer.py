@@ -1,39 +1,42 @@
 """The loop both trainers share: the step cadence, the update with its non-finite guard, checkpoints.
 
 A trainer (``UNetTrainer`` in train.py, ``VAETrainer`` in train_vae.py) builds its model, optimizer and
-data, then runs ``loop``: its own ``train_step`` once per optimizer step, and at the loop's host-sync
-points (log and checkpoint steps) everything that needs the host: the count of skipped non-finite
-steps, the logged means, the checkpoint and the stop signal. Every call into training/checkpoint.py
-is in this file (``resume``, ``save_checkpoint``, ``check_nonfinite``, ``publish``), so that
-checkpoint policy changes in one place for both trainers.
+data in ``setup``, then runs ``loop``: its own ``train_step`` once per optimizer step, and at the loop's
+host-sync points (log and checkpoint steps) everything that needs the host: the count of skipped
+non-finite steps, the logged means, the checkpoint and the stop signal. Every call into
+training/checkpoint.py, run_folder.py and resume.py is in this file (the run folder's lock, ``resume``,
+``save_checkpoint``, ``check_nonfinite``, the final folder), so that checkpoint policy changes in one
+place for both trainers.
+
+The run folder (docs/reliability.md): ``__init__`` locks output_dir before anything is written there
+(a second run on it fails naming the first's pid) and checks the final folder before any training
+(a folder of the user's files, or output_dir itself, is refused); the lock is held until ``train``
+returns or raises (``release``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from sdlite.training.checkpoint import (
-    NonFiniteLossError,
-    StopSignals,
-    checkpoints,
-    find_resume,
-    load_checkpoint,
-    publish_dir,
-    save_checkpoint,
-)
+from sdlite.training.checkpoint import NonFiniteLossError, StopSignals, checkpoints, save_checkpoint
 from sdlite.training.config import save_yaml, to_dict
 from sdlite.training.configs import RunConfig
 from sdlite.training.loop import EMA, Metrics, progress_bar
+from sdlite.training.resume import resume
+from sdlite.training.run_folder import final_staging, open_run_folder, prepare_final_dir, publish_final
 
 
 class Trainer:
-    """A training run of ``cfg.max_steps`` optimizer steps. A subclass sets the attributes below in its
-    ``__init__`` (``start_step`` from ``resume``) and defines ``train_step`` and ``checkpoint_modules``;
-    ``evaluate`` and ``eval_every`` for periodic evaluation."""
+    """A training run of ``cfg.max_steps`` optimizer steps.
+
+    A subclass defines ``make_accelerator``, ``final_path`` and ``setup`` (which sets the attributes below,
+    ``start_step`` from ``resume``), ``train_step`` and ``checkpoint_modules``; ``evaluate`` and
+    ``eval_every`` for periodic evaluation. Its ``train`` calls ``release`` in a ``finally``."""
 
     project = "sdlite-train"  # the trackers' project name
     cfg: RunConfig
@@ -45,8 +48,42 @@ class Trainer:
     global_batch: int  # images per optimizer step, over all processes
     start_step: int = 0
     eval_every = 0  # steps between ``evaluate`` calls in the loop; 0: none
+    lock = None  # the run folder's RunLock (main process), held from __init__ until release
+    final: Path  # the folder the result is published to, checked at start-up
+
+    def __init__(self, cfg: RunConfig):
+        """Lock output_dir, check the final folder, then build everything (``setup``): ready for
+        ``start_step``. A failure on the way releases the lock."""
+        cfg.check()
+        self.cfg = cfg
+        self.accelerator = acc = self.make_accelerator()
+        self.lock = open_run_folder(cfg.output_dir, acc, log=acc.print)  # before anything is written there
+        try:
+            self.final = prepare_final_dir(self.final_path(), cfg.output_dir)  # fails before training
+            self.setup()
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let another run use output_dir (the end of ``train``, or a failed start)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ---- what a subclass defines ----------------------------------------------------------------------
+
+    def make_accelerator(self):
+        """The run's accelerate.Accelerator (training/loop.py's setup_accelerator)."""
+        raise NotImplementedError
+
+    def final_path(self) -> str | Path | None:
+        """Where the result is published (None: output_dir/final)."""
+        return None
+
+    def setup(self) -> None:
+        """Build the model, optimizer and data; resume; start the logs."""
+        raise NotImplementedError
 
     def train_step(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One optimizer step: (values to log, on the device; whether it was skipped as non-finite)."""
@@ -137,7 +174,7 @@ class Trainer:
                     nonfinite.zero_()
                     since = done
                 if logging:
-                    logs = metrics.report(done, lr=self.lr_schedule.get_last_lr()[0])
+                    logs = metrics.report(done, lr=self.lr_schedule.get_last_lr()[0], **self.learning_rates())
                     bar.set_postfix(self.progress(logs))
                 if saving:
                     self.save_checkpoint(done)
@@ -172,22 +209,29 @@ class Trainer:
 
     # ---- the run folder and its checkpoints -------------------------------------------------------------
 
+    def learning_rates(self) -> dict[str, float]:
+        """``lr/<name>`` of every optimizer param group (named by its "name" key, else its position)."""
+        groups = self.optimizer.param_groups
+        return {f"lr/{group.get('name', index)}": group["lr"] for index, group in enumerate(groups)}
+
     def resume(self) -> int:
-        """Load the checkpoint ``cfg.resume`` names, if any; returns the step to start from."""
+        """Load the checkpoint ``cfg.resume`` names, if any, after checking the config against the
+        checkpoint's (sdlite.training.resume: a change that would alter what that run trained is refused
+        unless named in allow_config_change); returns the step to start from."""
         cfg, acc = self.cfg, self.accelerator
-        checkpoint = find_resume(cfg.output_dir, cfg.resume)
-        if checkpoint is None:
+        base_lrs = list(self.lr_schedule.base_lrs)  # this config's rates, before the checkpoint's
+        found = resume(acc, cfg.output_dir, cfg.resume, self.checkpoint_modules(), self.optimizer,
+                       self.lr_schedule, self.ema, config=to_dict(cfg), allow=cfg.allow_config_change,
+                       base_lrs=base_lrs, log=acc.print)  # fmt: skip
+        if found is None:
             if checkpoints(cfg.output_dir):
                 acc.print(
                     f"warning: {cfg.output_dir} holds checkpoints of an earlier run; this run starts "
                     "at step 0 (--resume latest continues the earlier one)"
                 )
             return 0
-        state = load_checkpoint(
-            acc, checkpoint, self.checkpoint_modules(), self.optimizer, self.lr_schedule, self.ema
-        )
-        acc.print(f"resumed from {checkpoint} at step {state['step']}")
-        return state["step"]
+        acc.print(f"resumed from {found.checkpoint} at step {found.state['step']}")
+        return found.state["step"]
 
     def save_checkpoint(self, step: int) -> Path:
         return save_checkpoint(
@@ -199,6 +243,7 @@ class Trainer:
             self.lr_schedule,
             self.ema,
             self.cfg.checkpoints_total_limit,
+            config=to_dict(self.cfg),
         )
 
     def start_logs(self) -> None:
@@ -212,7 +257,11 @@ class Trainer:
             }
             self.accelerator.init_trackers(self.project, config=hparams)
 
-    @staticmethod
-    def publish(tmp: Path, final: Path) -> None:
-        """Make the folder written at ``tmp`` the run's result at ``final``, atomically."""
-        publish_dir(tmp, final)
+    @contextlib.contextmanager
+    def publishing(self) -> Iterator[Path]:
+        """On the main process: an empty staging folder to write the result into; when the block ends
+        without an error, it replaces ``self.final`` in one atomic step, marked as this run's (a folder
+        of someone else's files there is refused, before anything is written)."""
+        staging = final_staging(self.final, self.cfg.output_dir)
+        yield staging
+        publish_final(staging, self.final, self.cfg.output_dir, step=self.cfg.max_steps)

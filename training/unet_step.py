@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from sdlite.latents import to_latents
+from sdlite.data.cache import sample_latents
 from sdlite.training.loop import seeded_generator
 
 
@@ -47,16 +47,15 @@ def draw_step(cfg, step: int, G: int, T: int, latent_shape: tuple[int, int, int]
 
 
 def latents_of(batch: dict, vae, latent_noise: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1, line 2 in latent space: x_0 = to_latents(z) (sdlite/latents.py: scale and shift),
-    z ~ q(z|x) drawn as mean + std * noise (diffusers' latent_dist.sample()) with the step's own noise,
-    mean and std from the cache or the VAE."""
+    """Algorithm 1, line 2 in latent space: x_0 = to_latents(z), z ~ q(z|x) drawn as mean + std * noise
+    with the step's own noise (sdlite.data.cache.sample_latents), mean and std from the cache or the VAE."""
     if "pixels" in batch:
         with torch.no_grad():
             posterior = vae.encode(batch["pixels"]).latent_dist
-        mean, std = posterior.mean, posterior.std
+        moments = {"mean": posterior.mean, "std": posterior.std}
     else:
-        mean, std = batch["mean"], batch["std"]
-    return to_latents(mean + std * latent_noise, vae.config)
+        moments = batch
+    return sample_latents(moments, latent_noise, vae.config)
 
 
 def text_condition(batch: dict, text_encoder, empty: torch.Tensor, drop: torch.Tensor, trains: bool):
