@@ -39,7 +39,7 @@ RESUMABLE = frozenset({
     "val_data_dir", "val_count", "val_timesteps", "eval_every", "scale_count",
     "output_dir", "final_dir", "resume", "allow_config_change", "cache_dir", "cache_latents", "cache_text",
     "dataloader_num_workers", "compile", "allow_tf32", "gradient_checkpointing", "channels_last",
-    "bad_data", "nonfinite_loss",
+    "bad_data", "nonfinite_loss", "lora_save_format",
 })  # fmt: skip
 # Refused unless allowed; when allowed, set in the loaded optimizer and schedule (set_learning_rates).
 LEARNING_RATES = ("learning_rate", "text_encoder_lr")
