@@ -22,10 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
-from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.loaders import IPAdapterMixin, StableDiffusionXLLoraLoaderMixin
 from diffusers.pipelines import pipeline_utils
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput, StableDiffusionMixin
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -40,8 +40,14 @@ from sdlite.pipelines.text_to_image import TextToImagePipeline, rescale_guidance
 ENCODERS = ("text_encoder", "text_encoder_2")
 
 
-class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipeline):
-    """pipe(prompt) -> ImagePipelineOutput(images) for SDXL; arguments as diffusers' SDXL pipeline."""
+class TextToImageXLPipeline(
+    StableDiffusionXLLoraLoaderMixin, TextToImagePipeline, IPAdapterMixin, StableDiffusionMixin
+):
+    """pipe(prompt) -> ImagePipelineOutput(images) for SDXL; arguments as diffusers' SDXL pipeline.
+
+    diffusers' mixins bring FreeU and fused QKV (``StableDiffusionMixin``) and IP-Adapter loading
+    (``IPAdapterMixin``); the IP-Adapter's image embeddings go to the U-Net with the added conditioning.
+    """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
     _optional_components = ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
@@ -121,6 +127,8 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
         negative_crops_coords_top_left: tuple[int, int] = (0, 0),
         negative_target_size: tuple[int, int] | None = None,
         clip_skip: int | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         progress: bool = True,
@@ -131,6 +139,7 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
         original_size, crops_coords_top_left, target_size: SDXL's size/crop conditioning, (height,
             width), (top, left), (height, width) in pixels; sizes default to the requested one. The
             negative_* ones condition the unconditional half (the same as the prompt's when None).
+        ip_adapter_image / ip_adapter_image_embeds: an IP-Adapter's image prompt (after load_ip_adapter).
         denoising_end: stop after this fraction of the schedule (an ensemble-of-experts base model).
         sigmas: a custom noise schedule, for schedulers whose set_timesteps takes one.
         The rest is as in ``TextToImagePipeline.__call__``; callback_on_step_end may also read and
@@ -184,6 +193,10 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
                 uncond = self._added_cond_kwargs(negative_pooled, *sizes)
                 context = torch.cat([negative, embeds])
                 cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+            if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+                cond["image_embeds"] = self.prepare_ip_adapter_image_embeds(
+                    ip_adapter_image, ip_adapter_image_embeds, device, num_images, guided
+                )
             latents = self.denoise_xl(
                 latents, context, cond, self._truncated(timesteps),
                 timestep_cond=self.guidance_embedding(guidance_scale, num_images, latents),
@@ -343,10 +356,15 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
                              cond["text_embeds"], "add_time_ids": cond["time_ids"]}  # fmt: skip
                     out = callback(self, i, t, {k: named[k] for k in callback_inputs}) or {}
                     latents, context = out.get("latents", latents), out.get("prompt_embeds", context)
-                    cond = {"text_embeds": out.get("add_text_embeds", cond["text_embeds"]),
+                    cond = {**cond, "text_embeds": out.get("add_text_embeds", cond["text_embeds"]),
                             "time_ids": out.get("add_time_ids", cond["time_ids"])}  # fmt: skip
                 bar.update()
         return latents
+
+    # IP-Adapter image embeddings, [uncond; cond] per adapter as the U-Net's image projection takes them:
+    # diffusers' own, which read only image_encoder, feature_extractor and the U-Net's projection layers.
+    encode_image = StableDiffusionXLPipeline.encode_image
+    prepare_ip_adapter_image_embeds = StableDiffusionXLPipeline.prepare_ip_adapter_image_embeds
 
     # ---- helpers -----------------------------------------------------------------------------
 
