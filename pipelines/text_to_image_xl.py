@@ -17,6 +17,7 @@ same weights, scheduler and generator give the same images. Its invisible waterm
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,16 +155,10 @@ class TextToImageXLPipeline(
             negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type,
             callback_on_step_end_tensor_inputs, guidance_scale, eta, guidance_rescale, clip_skip,
         )  # fmt: skip
-        self._guidance_scale, self._guidance_rescale, self._clip_skip = (
-            guidance_scale,
-            guidance_rescale,
-            clip_skip,
-        )
-        self._cross_attention_kwargs, self._denoising_end, self._interrupt = (
-            cross_attention_kwargs,
-            denoising_end,
-            False,
-        )
+        # What the properties read, and a step-end callback may change (diffusers' contract).
+        self._guidance_scale, self._guidance_rescale = guidance_scale, guidance_rescale
+        self._clip_skip, self._cross_attention_kwargs = clip_skip, cross_attention_kwargs
+        self._denoising_end, self._interrupt = denoising_end, False
         num_images = num_prompts * num_images_per_prompt
         device = self._execution_device
         cross_attention_kwargs = dict(cross_attention_kwargs or {})
@@ -425,8 +420,11 @@ class TextToImageXLPipeline(
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> TextToImageXLPipeline:
         """Load a diffusers-layout SDXL folder (ours or diffusers' ``save_pretrained``), local files only,
         checked first (``check_folder_xl``): an SD 1.x folder or a mixed one fails naming its parts.
+        Pickled weights load only when they unpickle as tensors alone (``weights_only``), as for SD.
         A saved diffusers ``DDPMScheduler`` loads as sdlite's; missing tokenizers are built offline."""
-        path = check_folder_xl(pretrained_model_name_or_path, weights=kwargs.get("variant") is None)
+        path = check_folder_xl(
+            pretrained_model_name_or_path, weights=kwargs.get("variant") is None, pickled=True
+        )
         kwargs.setdefault("local_files_only", True)
         if "scheduler" not in kwargs:
             config = DDPMScheduler.load_config(path / "scheduler")
@@ -443,19 +441,19 @@ class TextToImageXLPipeline(
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True, **kwargs) -> Path:
         """Write diffusers' SDXL layout (``save_components_xl``), which loads here and in diffusers'
         ``StableDiffusionXLPipeline``. Variants, pickled weights or missing optional parts take
-        diffusers' own writer."""
+        diffusers' own writer; either way model_index.json names diffusers' classes only."""
+        path = Path(save_directory)
         parts = {name: getattr(self, name, None) for name in ComponentsXL.__dataclass_fields__}
         if kwargs or not safe_serialization or any(p is None for p in parts.values()):
-            DiffusionPipeline.save_pretrained(
-                self, save_directory, safe_serialization=safe_serialization, **kwargs
-            )
-            return Path(save_directory)
-        path = save_components_xl(ComponentsXL(**parts), save_directory)
-        index = path / "model_index.json"
-        index.write_text(index.read_text().replace(
-            '"force_zeros_for_empty_prompt": true',
-            f'"force_zeros_for_empty_prompt": {str(bool(self.config.force_zeros_for_empty_prompt)).lower()}',
-        ))  # fmt: skip
+            DiffusionPipeline.save_pretrained(self, path, safe_serialization=safe_serialization, **kwargs)
+        else:
+            save_components_xl(ComponentsXL(**parts), path)
+        index = json.loads((path / "model_index.json").read_text())
+        index["_class_name"] = "StableDiffusionXLPipeline"
+        if isinstance(self.scheduler, DDPMScheduler):  # same config keys as diffusers' DDPMScheduler
+            index["scheduler"] = ["diffusers", "DDPMScheduler"]
+        index["force_zeros_for_empty_prompt"] = bool(self.config.force_zeros_for_empty_prompt)
+        (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         return path
 
     @classmethod

@@ -1,5 +1,6 @@
 """TextToImageXLPipeline: the images of diffusers' StableDiffusionXLPipeline, and its folders and files."""
 
+import fractions
 import json
 
 import numpy as np
@@ -161,3 +162,28 @@ def test_from_single_file_refuses_an_sd1_checkpoint_naming_its_layout(tmp_path):
     file = save_single_file(sd1.unet, sd1.vae, sd1.text_encoder, tmp_path / "sd1.safetensors")
     with pytest.raises(ValueError, match="SD 1.x single-file checkpoint, not SDXL"):
         TextToImageXLPipeline.from_single_file(file, config="tiny-sdxl")
+
+
+def test_each_image_of_a_batch_gets_its_own_halves_size_conditioning(ours):
+    """Where diffusers' repeat of [neg, pos] time ids mispairs them, each image here is the one its
+    prompt gives alone."""
+    sizes = dict(
+        original_size=(64, 48), crops_coords_top_left=(8, 4), negative_original_size=(16, 16),
+        negative_target_size=(24, 24), guidance_scale=4.0, num_inference_steps=3, output_type="np",
+    )  # fmt: skip
+    batch = ours(PROMPTS, generator=[torch.Generator().manual_seed(i) for i in range(2)], **sizes).images
+    for i, prompt in enumerate(PROMPTS):
+        alone = ours(prompt, generator=torch.Generator().manual_seed(i), **sizes).images[0]
+        assert np.abs(batch[i] - alone).max() <= 1e-5
+
+
+def test_pickled_weights_that_hold_only_tensors_load_and_others_are_refused(ours, tmp_path):
+    ours.save_pretrained(tmp_path, safe_serialization=False)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["scheduler"][0] == "diffusers"
+    loaded = TextToImageXLPipeline.from_pretrained(tmp_path)
+    assert np.abs(images(loaded, guidance_scale=5.0) - images(ours, guidance_scale=5.0)).max() <= 1e-6
+    state = torch.load(tmp_path / "vae" / "diffusion_pytorch_model.bin", weights_only=True)
+    torch.save({**state, "note": fractions.Fraction(1, 3)}, tmp_path / "vae" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelFolderError, match="pickled objects other than tensors"):
+        TextToImageXLPipeline.from_pretrained(tmp_path)
