@@ -311,7 +311,7 @@ class TextToImageXLPipeline(
     def _added_cond_kwargs(self, pooled, original_size, crop_top_left, target_size) -> dict:
         """The U-Net's added conditioning: {"text_embeds": (B, p) pooled, "time_ids": (B, 6)}."""
         ids = add_time_ids(tuple(original_size), tuple(crop_top_left), tuple(target_size), dtype=pooled.dtype)
-        return {"text_embeds": pooled, "time_ids": ids.to(pooled.device).expand(len(pooled), -1)}
+        return {"text_embeds": pooled, "time_ids": ids.to(pooled.device).repeat(len(pooled), 1)}
 
     def _predict_noise(self, x, t, context, cond, timestep_cond, cross_attention_kwargs) -> torch.Tensor:
         """ε_θ(x_t, t, c) with SDXL's added conditioning beside the text states."""
@@ -388,12 +388,14 @@ class TextToImageXLPipeline(
         """Decode in float32 when a float16 VAE's config asks (SDXL's VAE overflows in half precision)."""
         upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
         if upcast:
-            self.vae.to(torch.float32)
+            with torch.inference_mode(False):  # weights stay normal tensors, trainable afterwards
+                self.vae.to(torch.float32)
         try:
             yield
         finally:
             if upcast:
-                self.vae.to(torch.float16)
+                with torch.inference_mode(False):
+                    self.vae.to(torch.float16)
 
     # ---- LoRA: checked against the model before any weight changes ----------------------------
 

@@ -127,6 +127,7 @@ def test_float16_vae_with_force_upcast_decodes_in_float32_and_stays_float16(part
     pipe = TextToImageXLPipeline(**{**parts.as_dict(), "vae": vae.half()})
     out = pipe(PROMPTS[0], num_inference_steps=2, output_type="pt", progress=False).images
     assert out.dtype == torch.float32 and pipe.vae.dtype == torch.float16
+    assert not any(p.is_inference() for p in pipe.vae.parameters())  # still trainable
 
 
 # ---- folders and single files -----------------------------------------------------------------
