@@ -12,7 +12,10 @@ What SDXL changes (Podell et al. 2023, sec. 2.1-2.2), each in one method of ``Te
 
 Everything else (latents, scheduler steps, guidance rescale, decoding, the LoRA fuse that undoes exactly)
 is ``TextToImagePipeline``'s. Conventions follow diffusers' ``StableDiffusionXLPipeline``, so the
-same weights, scheduler and generator give the same images. Its invisible watermark is not applied.
+same weights, scheduler and generator give the same images. Its invisible watermark is not applied,
+and one difference is deliberate: with several prompts and negative_original_size/negative_target_size,
+diffusers repeats the [negative; positive] time ids as [neg, pos, neg, pos] against embeddings ordered
+[neg, neg, pos, pos]; here each image's halves get their own.
 """
 
 from __future__ import annotations
