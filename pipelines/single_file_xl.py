@@ -243,9 +243,9 @@ def _expect_layout(path, layout: str) -> None:
     found = detect_layout(read_header(_checked_path(path)), path)
     if found != layout:
         loader = {
-            "SD 1.x": "load_single_file",
+            "SD 1.x": "load_single_file (or TextToImagePipeline.from_single_file)",
             "SD 2.x": "load_single_file_sd2",
-            "SDXL": "load_single_file_xl",
+            "SDXL": "load_single_file_xl (or TextToImageXLPipeline.from_single_file)",
         }
         raise ValueError(
             f"{str(path)!r} is an {found} single-file checkpoint, not {layout}: load it with {loader[found]}"

@@ -23,11 +23,18 @@ from sdlite.tokenizer import token_ids
 
 
 def encode_prompts_xl(
-    text_encoder, text_encoder_2, tokenizer, tokenizer_2, prompts: Sequence[str], prompts_2=None
+    text_encoder,
+    text_encoder_2,
+    tokenizer,
+    tokenizer_2,
+    prompts: Sequence[str],
+    prompts_2=None,
+    clip_skip: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L, d1 + d2) penultimate states of both encoders and (B, p) pooled embeddings of encoder 2.
 
     prompts_2: what encoder 2 reads (SDXL's ``prompt_2``); the same prompts when None.
+    clip_skip: take both encoders' states this many layers before the penultimate (diffusers' meaning).
     Gradients flow when enabled (training LoRA on the encoders); pipelines and the embedding cache call
     it under ``torch.no_grad()``.
     """
@@ -43,7 +50,7 @@ def encode_prompts_xl(
         (text_encoder_2, tokenizer_2, prompts_2),
     ):
         out = encoder(token_ids(tokenizer_, texts).to(encoder.device), output_hidden_states=True)
-        states.append(out.hidden_states[-2])
+        states.append(out.hidden_states[-(2 + (clip_skip or 0))])
     pooled = out.text_embeds  # encoder 2 (CLIPTextModelWithProjection): projected EOS state
     return torch.cat(states, dim=-1), pooled
 

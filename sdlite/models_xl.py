@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdlite.ddpm import DDPMScheduler
-from sdlite.models import LIBRARY_CLASS, ModelFolderError, check_folder, read_header
+from sdlite.models import LIBRARY_CLASS, ModelFolderError, check_folder, read_header, read_pickled_shapes
 from sdlite.presets import SIZE_CONDITIONS, PresetXL, get_preset
 from sdlite.tokenizer import clip_tokenizer
 
@@ -36,6 +36,8 @@ SAFETENSORS = (".safetensors", ".safetensors.index.json")  # one file, or shards
 SD_PARTS = ("vae", "unet", "text_encoder", "scheduler")  # what sdlite.models.check_folder checks
 WEIGHTS = {"vae": "diffusion_pytorch_model", "unet": "diffusion_pytorch_model", "text_encoder": "model",
            "text_encoder_2": "model"}  # fmt: skip
+PICKLED = {"vae": "diffusion_pytorch_model.bin", "unet": "diffusion_pytorch_model.bin",
+           "text_encoder": "pytorch_model.bin", "text_encoder_2": "pytorch_model.bin"}  # fmt: skip
 
 
 @dataclass
@@ -158,11 +160,13 @@ def _kinds(path: Path) -> tuple[list[str], list[str]]:
     return sd, xl
 
 
-def check_folder_xl(path: str | Path, weights: bool = True) -> Path:
+def check_folder_xl(path: str | Path, weights: bool = True, pickled: bool = False) -> Path:
     """Fail early, naming what was found and what was expected, when a folder is not a whole SDXL
     model: a half SD 1.x / half SDXL folder, widths that do not fit, a missing part or weight file,
     pickled-only weights, or weights that do not fit a config. Reads configs and headers only;
-    ``weights=False`` checks a folder of configs alone (the architecture of a single-file load)."""
+    ``weights=False`` checks a folder of configs alone (the architecture of a single-file load).
+    ``pickled=True`` also takes torch.save weight files (``save_pretrained(safe_serialization=False)``)
+    that unpickle with ``weights_only`` (tensors only), as the SD pipeline's folders do."""
     path = Path(path)
     if not path.is_dir():
         raise ModelFolderError(f"SDXL model folder {str(path)!r} does not exist")
@@ -195,6 +199,8 @@ def check_folder_xl(path: str | Path, weights: bool = True) -> Path:
     if weights:
         for name, stem in WEIGHTS.items():
             folder = path / name
+            if pickled and (folder / PICKLED[name]).is_file():
+                continue
             if not any((folder / f"{stem}{ext}").is_file() for ext in SAFETENSORS):
                 raise ModelFolderError(
                     f"{str(folder)!r} has no {stem}.safetensors; sdlite reads SDXL weights from safetensors "
@@ -231,7 +237,10 @@ def _check_text_encoder_2_weights(folder: Path) -> None:
         if index.is_file()
         else [folder / "model.safetensors"]
     )
-    found = {k: v for file in files for k, v in read_header(file).items()}
+    if not files[0].is_file() and (folder / PICKLED["text_encoder_2"]).is_file():  # pickled=True only
+        found = read_pickled_shapes(folder / PICKLED["text_encoder_2"]) or {}
+    else:
+        found = {k: v for file in files for k, v in read_header(file).items()}
     try:
         with torch.device("meta"):
             model = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder, local_files_only=True))

@@ -1,0 +1,473 @@
+"""Stable Diffusion XL text to image: the SD recipe with two text encoders and added conditioning.
+
+What SDXL changes (Podell et al. 2023, sec. 2.1-2.2), each in one method of ``TextToImageXLPipeline``:
+
+- ``encode_prompt``: both encoders' penultimate states, concatenated, and encoder 2's pooled
+  embedding, for the prompt and for the unconditional half of classifier-free guidance (zeros when
+  there is no negative prompt and the model's ``force_zeros_for_empty_prompt`` is set, as SDXL base's is);
+- ``_added_cond_kwargs``: the pooled embedding and the six size/crop numbers ``add_time_ids``,
+  ``{"text_embeds", "time_ids"}``, which ``_predict_noise`` hands the U-Net beside the text states;
+- loading and saving: diffusers' SDXL folder (``sdlite.models_xl``) and the SGM single file
+  (``single_file_xl``); a float16 VAE whose config sets ``force_upcast`` decodes in float32.
+
+Everything else (latents, scheduler steps, guidance rescale, decoding, the LoRA fuse that undoes exactly)
+is ``TextToImagePipeline``'s. Conventions follow diffusers' ``StableDiffusionXLPipeline``, so the
+same weights, scheduler and generator give the same images. Its invisible watermark is not applied,
+and one difference is deliberate: with several prompts and negative_original_size/negative_target_size,
+diffusers repeats the [negative; positive] time ids as [neg, pos, neg, pos] against embeddings ordered
+[neg, neg, pos, pos]; here each image's halves get their own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+from diffusers.pipelines import pipeline_utils
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from sdlite.conditioning_xl import add_time_ids, encode_prompts_xl
+from sdlite.ddpm import DDPMScheduler
+from sdlite.lora import adapter_scale
+from sdlite.models_xl import ComponentsXL, check_folder_xl, save_components_xl, tokenizers_xl
+from sdlite.pipelines.lora_check import check_lora_fits
+from sdlite.pipelines.single_file_xl import load_single_file_xl, save_single_file_xl
+from sdlite.pipelines.text_to_image import TextToImagePipeline, rescale_guidance
+
+ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipeline):
+    """pipe(prompt) -> ImagePipelineOutput(images) for SDXL; arguments as diffusers' SDXL pipeline.
+
+    From the SD pipeline's bases come FreeU and fused QKV (``StableDiffusionMixin``) and IP-Adapter
+    loading (``IPAdapterMixin``); the IP-Adapter's image embeddings go to the U-Net with the added
+    conditioning.
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
+                            "image_encoder", "feature_extractor"]  # fmt: skip
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+    ):
+        if add_watermarker:
+            raise ValueError("sdlite does not watermark images: pass add_watermarker=False or leave it out")
+        DiffusionPipeline.__init__(self)  # not the SD base's: it registers SD's five parts
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )  # fmt: skip
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+
+    # ---- what the step-end callback may read and change (diffusers' contract) ------------------
+
+    guidance_scale = property(lambda self: self._guidance_scale)
+    guidance_rescale = property(lambda self: self._guidance_rescale)
+    clip_skip = property(lambda self: self._clip_skip)
+    cross_attention_kwargs = property(lambda self: self._cross_attention_kwargs)
+    denoising_end = property(lambda self: self._denoising_end)
+    num_timesteps = property(lambda self: self._num_timesteps)
+    interrupt = property(lambda self: getattr(self, "_interrupt", False))
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        # A guidance-distilled U-Net takes w as an input (timestep_cond) and needs no second pass.
+        return self._guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
+    # ---- the recipe --------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        progress: bool = True,
+    ):
+        """Generate images; the arguments are those of diffusers' ``StableDiffusionXLPipeline``.
+
+        prompt_2 / negative_prompt_2: what text encoder 2 reads (the same as encoder 1 when None).
+        original_size, crops_coords_top_left, target_size: SDXL's size/crop conditioning, (height,
+            width), (top, left), (height, width) in pixels; sizes default to the requested one. The
+            negative_* ones condition the unconditional half (the same as the prompt's when None).
+        ip_adapter_image / ip_adapter_image_embeds: an IP-Adapter's image prompt (after load_ip_adapter).
+        denoising_end: stop after this fraction of the schedule (an ensemble-of-experts base model).
+        sigmas: a custom noise schedule, for schedulers whose set_timesteps takes one.
+        The rest is as in ``TextToImagePipeline.__call__``; callback_on_step_end may also read and
+        return "add_text_embeds" and "add_time_ids", and may change ``pipe._guidance_scale`` or set
+        ``pipe._interrupt`` (skip the remaining steps).
+        """
+        default_size = self.unet.config.sample_size * self.vae_scale_factor
+        height, width = height or default_size, width or default_size
+        num_prompts = self.check_inputs_xl(
+            prompt, prompt_2, height, width, num_inference_steps, timesteps, negative_prompt,
+            negative_prompt_2, num_images_per_prompt, generator, latents, prompt_embeds,
+            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type,
+            callback_on_step_end_tensor_inputs, guidance_scale, eta, guidance_rescale, clip_skip,
+        )  # fmt: skip
+        # What the properties read, and a step-end callback may change (diffusers' contract).
+        self._guidance_scale, self._guidance_rescale = guidance_scale, guidance_rescale
+        self._clip_skip, self._cross_attention_kwargs = clip_skip, cross_attention_kwargs
+        self._denoising_end, self._interrupt = denoising_end, False
+        num_images = num_prompts * num_images_per_prompt
+        device = self._execution_device
+        cross_attention_kwargs = dict(cross_attention_kwargs or {})
+        lora_scale = cross_attention_kwargs.pop("scale", None)  # for the text encoders too
+        guided = self.do_classifier_free_guidance
+
+        with torch.inference_mode(), adapter_scale(self.unet, *self._encoders(), scale=lora_scale):
+            embeds, negative, pooled, negative_pooled = self.encode_prompt(
+                prompt, prompt_2, device, num_images_per_prompt, guided, negative_prompt, negative_prompt_2,
+                prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+                clip_skip=clip_skip,
+            )  # fmt: skip
+            timesteps = self._set_timesteps(num_inference_steps, timesteps, sigmas, device)
+            latents = self.prepare_latents(
+                num_images, height, width, embeds.dtype, device, generator, latents
+            )
+            size = (height, width)
+            cond = self._added_cond_kwargs(
+                pooled, original_size or size, crops_coords_top_left, target_size or size
+            )
+            context = embeds
+            if guided:  # one batch for both passes: the unconditional half first
+                if negative_original_size is not None and negative_target_size is not None:
+                    sizes = (negative_original_size, negative_crops_coords_top_left, negative_target_size)
+                else:  # as diffusers: the prompt's size conditioning for both halves
+                    sizes = (original_size or size, crops_coords_top_left, target_size or size)
+                uncond = self._added_cond_kwargs(negative_pooled, *sizes)
+                context = torch.cat([negative, embeds])
+                cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+            if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+                cond["image_embeds"] = self.prepare_ip_adapter_image_embeds(
+                    ip_adapter_image, ip_adapter_image_embeds, device, num_images, guided
+                )
+            latents = self.denoise_xl(
+                latents, context, cond, self._truncated(timesteps),
+                timestep_cond=self.guidance_embedding(guidance_scale, num_images, latents),
+                step_kwargs=self.step_kwargs(generator, eta),
+                cross_attention_kwargs=cross_attention_kwargs or None,
+                callback=callback_on_step_end, callback_inputs=callback_on_step_end_tensor_inputs,
+                progress=progress,
+            )  # fmt: skip
+            with self._vae_upcast():
+                images = self.decode_latents(latents, output_type, generator)
+        if isinstance(images, torch.Tensor):
+            images = images.clone()  # a normal tensor: callers may change it in place
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    # ---- stages SDXL changes -----------------------------------------------------------------
+
+    def check_inputs_xl(
+        self, prompt, prompt_2, height, width, num_inference_steps, timesteps, negative_prompt,
+        negative_prompt_2, num_images_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds,
+        pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type, callback_inputs,
+        guidance_scale, eta, guidance_rescale, clip_skip,
+    ) -> int:  # fmt: skip
+        """The SD checks (``check_inputs``), then SDXL's own: prompt_2, pooled embeddings, callbacks."""
+        unknown = set(callback_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, "
+                f"got {sorted(unknown)}"
+            )
+        pairs = (("prompt_2", prompt_2, prompt_embeds),
+                 ("negative_prompt_2", negative_prompt_2, negative_prompt_embeds))  # fmt: skip
+        for name, value, other in pairs:
+            if value is not None and other is not None:
+                raise ValueError(f"pass {name} or the embeddings it would make, not both")
+            if value is not None and not (
+                isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+            ):
+                raise ValueError(f"{name} must be a str or a list of str, got {type(value).__name__}")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError(
+                "prompt_embeds needs pooled_prompt_embeds too (encoder 2's pooled output): pass both, as "
+                "encode_prompt returns them"
+            )
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too: pass both")
+        layers = min(getattr(self, n).config.num_hidden_layers for n in ENCODERS if getattr(self, n, None))
+        if clip_skip is not None and not (isinstance(clip_skip, int) and 0 <= clip_skip < layers - 1):
+            raise ValueError(f"clip_skip must be None or an int in [0, {layers - 1}), got {clip_skip!r}")
+        return self.check_inputs(
+            prompt, height, width, num_inference_steps, timesteps, negative_prompt, num_images_per_prompt,
+            generator, latents, prompt_embeds, negative_prompt_embeds, output_type, ("latents",),
+            guidance_scale=guidance_scale, eta=eta, guidance_rescale=guidance_rescale,
+        )  # fmt: skip
+
+    @torch.no_grad()  # inference mode when called from __call__
+    def encode_prompt(
+        self,
+        prompt,
+        prompt_2=None,
+        device=None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ):
+        """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled), each repeated per image:
+        (N n, T, d1 + d2) states and (N n, p) pooled. The negative side is None without guidance;
+        with guidance and no negative prompt it is zeros (force_zeros_for_empty_prompt) or the
+        empty prompt's. Prompt and negative prompt go through the encoders in one batch."""
+        device = device or self._execution_device
+        as_list = lambda p: [p] if isinstance(p, str) else list(p)  # noqa: E731
+        num_prompts = len(prompt_embeds) if prompt_embeds is not None else len(as_list(prompt))
+        texts, texts_2 = [], []
+        if prompt_embeds is None:
+            texts, texts_2 = as_list(prompt), as_list(prompt_2 or prompt)
+        zeros = negative_prompt is None and self.config.force_zeros_for_empty_prompt
+        encode_negative = do_classifier_free_guidance and negative_prompt_embeds is None and not zeros
+        if encode_negative:
+            negative_prompt = negative_prompt or ""
+            negative_prompt_2 = negative_prompt_2 or negative_prompt
+            texts += as_list(negative_prompt) * (num_prompts if isinstance(negative_prompt, str) else 1)
+            texts_2 += as_list(negative_prompt_2) * (num_prompts if isinstance(negative_prompt_2, str) else 1)
+        if texts:
+            with adapter_scale(*self._encoders(), scale=lora_scale):
+                embeds, pooled = encode_prompts_xl(
+                    self.text_encoder, self.text_encoder_2, self.tokenizer, self.tokenizer_2, texts, texts_2,
+                    clip_skip=clip_skip,
+                )  # fmt: skip
+            if prompt_embeds is None:
+                prompt_embeds, pooled_prompt_embeds = embeds[:num_prompts], pooled[:num_prompts]
+            if encode_negative:
+                negative_prompt_embeds, negative_pooled_prompt_embeds = (
+                    embeds[-num_prompts:],
+                    pooled[-num_prompts:],
+                )
+        if do_classifier_free_guidance and negative_prompt_embeds is None:  # zeros, as SDXL base was trained
+            negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+            negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
+        encoder = self.text_encoder_2 if self.text_encoder_2 is not None else self.unet
+        dtype = encoder.dtype
+
+        def per_image(x):  # (N, ...) -> (N n, ...), each prompt's copies side by side
+            return x.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+
+        out = [per_image(prompt_embeds), None, per_image(pooled_prompt_embeds), None]
+        if do_classifier_free_guidance:
+            out[1], out[3] = per_image(negative_prompt_embeds), per_image(negative_pooled_prompt_embeds)
+        return tuple(out)
+
+    def _added_cond_kwargs(self, pooled, original_size, crop_top_left, target_size) -> dict:
+        """The U-Net's added conditioning: {"text_embeds": (B, p) pooled, "time_ids": (B, 6)}."""
+        ids = add_time_ids(tuple(original_size), tuple(crop_top_left), tuple(target_size), dtype=pooled.dtype)
+        return {"text_embeds": pooled, "time_ids": ids.to(pooled.device).repeat(len(pooled), 1)}
+
+    def _predict_noise(self, x, t, context, cond, timestep_cond, cross_attention_kwargs) -> torch.Tensor:
+        """ε_θ(x_t, t, c) with SDXL's added conditioning beside the text states."""
+        return self.unet(
+            x, t, encoder_hidden_states=context, timestep_cond=timestep_cond,
+            cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=cond, return_dict=False,
+        )[0]  # fmt: skip
+
+    @torch.no_grad()
+    def denoise_xl(
+        self, latents, context, cond: dict, timesteps, timestep_cond=None, step_kwargs=None,
+        cross_attention_kwargs=None, callback=None, callback_inputs=("latents",), progress: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
+        """Algorithm 2, lines 2-5 (Ho et al. 2020) with guidance re-read each step, so a step-end
+        callback can change ``pipe._guidance_scale`` or set ``pipe._interrupt``."""
+        self._num_timesteps = len(timesteps)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+        bar = (
+            self.progress_bar(total=len(timesteps)) if progress else tqdm(total=len(timesteps), disable=True)
+        )
+        with bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                guided = self.do_classifier_free_guidance
+                x = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+                eps = self._predict_noise(x, t, context, cond, timestep_cond, cross_attention_kwargs)
+                if guided:
+                    eps_uncond, eps_cond = eps.chunk(2)
+                    eps = eps_uncond + self._guidance_scale * (eps_cond - eps_uncond)  # CFG, eq. 6
+                    if self._guidance_rescale > 0:
+                        eps = rescale_guidance(eps, eps_cond, self._guidance_rescale)
+                latents = self.scheduler.step(eps, t, latents, **(step_kwargs or {}), return_dict=False)[0]
+                if callback is not None:
+                    named = {"latents": latents, "prompt_embeds": context, "add_text_embeds":
+                             cond["text_embeds"], "add_time_ids": cond["time_ids"]}  # fmt: skip
+                    out = callback(self, i, t, {k: named[k] for k in callback_inputs}) or {}
+                    latents, context = out.get("latents", latents), out.get("prompt_embeds", context)
+                    cond = {**cond, "text_embeds": out.get("add_text_embeds", cond["text_embeds"]),
+                            "time_ids": out.get("add_time_ids", cond["time_ids"])}  # fmt: skip
+                bar.update()
+        return latents
+
+    # IP-Adapter image embeddings, [uncond; cond] per adapter as the U-Net's image projection takes them:
+    # diffusers' own, which read only image_encoder, feature_extractor and the U-Net's projection layers.
+    encode_image = StableDiffusionXLPipeline.encode_image
+    prepare_ip_adapter_image_embeds = StableDiffusionXLPipeline.prepare_ip_adapter_image_embeds
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _encoders(self) -> list:
+        return [m for m in (getattr(self, n, None) for n in ENCODERS) if m is not None]
+
+    def _set_timesteps(self, num_inference_steps, timesteps, sigmas, device) -> torch.Tensor:
+        if sigmas is not None:
+            self.scheduler.set_timesteps(sigmas=sigmas, device=device)
+        elif timesteps is not None:
+            self.scheduler.set_timesteps(timesteps=timesteps, device=device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return self.scheduler.timesteps
+
+    def _truncated(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The timesteps t >= (1 - denoising_end) T: the base model's share of an ensemble of experts."""
+        end = self._denoising_end
+        if not (isinstance(end, float) and 0 < end < 1):
+            return timesteps
+        steps = self.scheduler.config.num_train_timesteps
+        return timesteps[timesteps >= int(round(steps - end * steps))]
+
+    @contextmanager
+    def _vae_upcast(self):
+        """Decode in float32 when a float16 VAE's config asks (SDXL's VAE overflows in half precision)."""
+        upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
+        if upcast:
+            with torch.inference_mode(False):  # weights stay normal tensors, trainable afterwards
+                self.vae.to(torch.float32)
+        try:
+            yield
+        finally:
+            if upcast:
+                with torch.inference_mode(False):
+                    self.vae.to(torch.float16)
+
+    # ---- LoRA: checked against the model before any weight changes ----------------------------
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
+        """diffusers' SDXL ``load_lora_weights`` (keys ``unet.``, ``text_encoder.``, ``text_encoder_2.``,
+        or kohya's), after checking that every adapted layer exists here with the LoRA's widths: an SD
+        1.x LoRA fails naming what it was made for, with nothing loaded."""
+        kwargs.setdefault("local_files_only", True)
+        state = pretrained_model_name_or_path_or_dict
+        if not isinstance(state, dict):
+            state, _ = self.lora_state_dict(state, **kwargs)
+        check_lora_fits(state, {"unet": self.unet, **{n: getattr(self, n) for n in ENCODERS}}, "SDXL")
+        super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+
+    def fuse_lora(self, components=("unet", *ENCODERS), lora_scale: float = 1.0, **kwargs):
+        super().fuse_lora(components=components, lora_scale=lora_scale, **kwargs)
+
+    def unfuse_lora(self, components=("unet", *ENCODERS), **kwargs):
+        super().unfuse_lora(components=components, **kwargs)
+
+    # ---- loading and saving ------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> TextToImageXLPipeline:
+        """Load a diffusers-layout SDXL folder (ours or diffusers' ``save_pretrained``), local files only,
+        checked first (``check_folder_xl``): an SD 1.x folder or a mixed one fails naming its parts.
+        Pickled weights load only when they unpickle as tensors alone (``weights_only``), as for SD.
+        A saved diffusers ``DDPMScheduler`` loads as sdlite's; missing tokenizers are built offline."""
+        path = check_folder_xl(
+            pretrained_model_name_or_path, weights=kwargs.get("variant") is None, pickled=True
+        )
+        kwargs.setdefault("local_files_only", True)
+        if "scheduler" not in kwargs:
+            config = DDPMScheduler.load_config(path / "scheduler")
+            if config.get("_class_name") == "DDPMScheduler":
+                kwargs["scheduler"] = DDPMScheduler.from_config(config)
+        if not {"tokenizer", "tokenizer_2"} <= kwargs.keys():
+            length = CLIPTextModel.config_class.from_pretrained(path / "text_encoder").max_position_embeddings
+            built = dict(zip(("tokenizer", "tokenizer_2"), tokenizers_xl(path, length)))
+            kwargs = {**built, **kwargs}
+        if "torch_dtype" in kwargs and hasattr(pipeline_utils, "_resolve_dtype"):
+            kwargs["dtype"] = kwargs.pop("torch_dtype")  # diffusers >= 0.42's name
+        return DiffusionPipeline.from_pretrained.__func__(cls, path, **kwargs)
+
+    def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True, **kwargs) -> Path:
+        """Write diffusers' SDXL layout (``save_components_xl``), which loads here and in diffusers'
+        ``StableDiffusionXLPipeline``. Variants, pickled weights or missing optional parts take
+        diffusers' own writer; either way model_index.json names diffusers' classes only."""
+        path = Path(save_directory)
+        parts = {name: getattr(self, name, None) for name in ComponentsXL.__dataclass_fields__}
+        if kwargs or not safe_serialization or any(p is None for p in parts.values()):
+            DiffusionPipeline.save_pretrained(self, path, safe_serialization=safe_serialization, **kwargs)
+        else:
+            save_components_xl(ComponentsXL(**parts), path)
+        index = json.loads((path / "model_index.json").read_text())
+        index["_class_name"] = "StableDiffusionXLPipeline"
+        if isinstance(self.scheduler, DDPMScheduler):  # same config keys as diffusers' DDPMScheduler
+            index["scheduler"] = ["diffusers", "DDPMScheduler"]
+        index["force_zeros_for_empty_prompt"] = bool(self.config.force_zeros_for_empty_prompt)
+        (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_single_file(
+        cls, path, config="sdxl", torch_dtype: torch.dtype | None = None
+    ) -> TextToImageXLPipeline:
+        """Load an SDXL single-file ``.safetensors`` checkpoint (Stability's SGM layout, as A1111 and
+        ComfyUI use); ``config`` (an SDXL preset name or an SDXL folder) gives the architecture."""
+        return cls(**load_single_file_xl(path, config, torch_dtype).as_dict())
+
+    def save_single_file(self, path, dtype: torch.dtype | None = None) -> Path:
+        """Write the U-Net, VAE and both text encoders as one SGM-layout ``.safetensors`` checkpoint."""
+        return save_single_file_xl(self.unet, self.vae, self.text_encoder, self.text_encoder_2, path, dtype)
