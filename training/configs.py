@@ -154,6 +154,15 @@ class TrainConfig(RunConfig):
     text_encoder_lr: float | None = None  # the text encoder adapter's learning rate; None: learning_rate
     # Faults
     bad_data: str = "skip"  # unreadable images: "skip" them (listed in output_dir/bad_files.txt) or "error"
+    # Photo sets: kohya's sd-scripts layouts. A train_data_dir of images with a .txt or
+    # .caption file beside each (no metadata file) is read as captions, its N_name folders repeating
+    # their images N times per epoch (sdlite/data/captions.py, buckets.py).
+    aspect_buckets: bool = False  # group images by aspect ratio into buckets of about resolution² pixels
+    bucket_min_side: int | None = None  # the shortest bucket side in pixels; None: resolution / 2
+    bucket_max_side: int | None = None  # the longest bucket side in pixels; None: resolution * 2
+    shuffle_caption: bool = False  # shuffle a caption's comma-separated tags at every draw (no text cache)
+    keep_tokens: int = 0  # with shuffle_caption: the caption's first N tags stay in place
+    caption_prefix: str = ""  # a trigger word put first in every caption (and validation batch caption)
 
     @property
     def text_encoder_trains(self) -> bool:
@@ -176,6 +185,20 @@ class TrainConfig(RunConfig):
             )
         if self.bad_data not in ("skip", "error"):
             problems.append(f"bad_data={self.bad_data!r}: use skip or error")
+        return problems + self.photo_set_problems()
+
+    def photo_set_problems(self) -> list[str]:
+        """What is wrong with the wireB section's settings (captions, buckets)."""
+        problems = []
+        if self.streaming and (self.aspect_buckets or self.shuffle_caption or self.caption_prefix):
+            problems.append(
+                "aspect_buckets, shuffle_caption and caption_prefix read every row first: not with streaming"
+            )
+        if self.keep_tokens < 0:
+            problems.append(f"keep_tokens={self.keep_tokens} must be >= 0")
+        for name in ("bucket_min_side", "bucket_max_side"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (or none)")
         return problems
 
 

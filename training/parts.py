@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +14,26 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
+from sdlite.data.buckets import (
+    BucketSampler,
+    BucketTransform,
+    bucket_counts,
+    bucket_multiple,
+    bucket_summary,
+    cache_bucket_latents,
+    image_buckets,
+    make_buckets,
+    write_buckets_json,
+)
 from sdlite.data.cache import DecodedImages, TensorCache, cache_latents, cache_text, text_embeddings
+from sdlite.data.captions import (
+    CaptionOptions,
+    DrawnCaptions,
+    append_problems,
+    caption_rows,
+    draw_caption,
+    is_caption_folder,
+)
 from sdlite.data.cleaning import clean_rows
 from sdlite.data.dataset import ImageTransform, TrainingExamples, caption_text, load_rows
 from sdlite.ddpm import DDPMScheduler
@@ -20,7 +41,7 @@ from sdlite.latents import vae_factor
 from sdlite.lora import LoraSettings, add_lora, cast_adapters_to_fp32
 from sdlite.models import build_components, check_compatible, load_components
 from sdlite.tokenizer import token_ids
-from sdlite.training.loop import seeded_generator
+from sdlite.training.loop import StepSampler, seeded_generator
 
 if TYPE_CHECKING:
     from sdlite.training.configs import TrainConfig
@@ -93,14 +114,19 @@ def build_examples(cfg: TrainConfig, acc, parts):
     transform = ImageTransform(resolution, cfg.random_crop, cfg.seed)
     cache = TensorCache(Path(cfg.cache_dir).expanduser())
     # A stream is encoded as it comes (no cache): its batches carry token ids, so the empty caption must too.
-    embeds_cached = cfg.cache_text and not cfg.text_encoder_trains and not cfg.streaming
+    options = caption_options(cfg)  # a caption drawn anew at every draw is never cached
+    embeds_cached = (
+        cfg.cache_text and not cfg.text_encoder_trains and not cfg.streaming and not options.per_draw
+    )
     tokenizer = parts.tokenizer
-
-    def tokenize(captions: list[str]) -> torch.Tensor:
-        return token_ids(tokenizer, captions)
+    tokenize = functools.partial(token_ids, tokenizer)  # captions -> (B, L) ids; picklable for workers
+    layout = DataLayout(transform, vae.latent_channels, factor, options)
+    if cfg.aspect_buckets:  # the training rows only: the held-out batch stays square (one tensor)
+        sides = make_buckets(resolution, bucket_multiple(vae), cfg.bucket_min_side, cfg.bucket_max_side)
+        layout.transform = BucketTransform(resolution, tuple(sides), cfg.random_crop, cfg.seed)
 
     def examples_of(source: str, flips: tuple[bool, ...], limit: int | None = None) -> TrainingExamples:
-        rows = load_rows(source, cfg.image_column, cfg.caption_column)
+        rows, listed = rows_for(cfg, source)
         rows = rows.select(range(min(limit, len(rows)))) if limit else rows
         # Every image checked now (decoded, unless an earlier run did): a bad one is skipped or stops the
         # run before step 0, never in the middle of an epoch.
@@ -108,22 +134,38 @@ def build_examples(cfg: TrainConfig, acc, parts):
         rows = clean_rows(rows, cfg.image_column, cfg.caption_column, resolution, tokenizer, cfg.bad_data,
                           report if acc.is_main_process else None, acc.print,
                           DecodedImages(cache.root) if cfg.cache_latents else None)  # fmt: skip
-        input_ids = tokenize([caption_text(c) for c in rows[cfg.caption_column]])
+        if acc.is_main_process:  # what caption_rows found odd joins clean_rows' report
+            append_problems(report, listed)
+        captions = [caption_text(c) for c in rows[cfg.caption_column]]
+        trained = not limit
+        input_ids = tokenize(
+            fixed_captions(captions, options if trained else held_out_options(options), cfg.seed)
+        )
+        buckets = trained and isinstance(layout.transform, BucketTransform)
+        if trained:
+            layout.read(rows, captions, cfg.image_column)
+        transform_here = layout.transform if trained else transform
         # Split misses among one machine's processes: a cache folder local to each machine fills too.
         rank, world_size = acc.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
         latent_files = embed_files = None
         if cfg.cache_latents:
             with tqdm(desc="encoding latents", unit="image", disable=not acc.is_local_main_process) as bar:
-                latent_files, missing = cache_latents(
-                    cache, rows, cfg.image_column, transform, parts.vae, flips, cfg.train_batch_size,
-                    rank, world_size, bar.update,
-                )  # fmt: skip
+                if buckets:  # one bucket at a time: a VAE batch holds images of one size
+                    latent_files, missing = cache_bucket_latents(
+                        cache, rows, cfg.image_column, layout.transform, layout.bucket_of_rows, parts.vae,
+                        flips, cfg.train_batch_size, rank, world_size, bar.update,
+                    )  # fmt: skip
+                else:
+                    latent_files, missing = cache_latents(
+                        cache, rows, cfg.image_column, transform, parts.vae, flips, cfg.train_batch_size,
+                        rank, world_size, bar.update,
+                    )  # fmt: skip
             acc.print(f"{source}: {len(rows)} images x {len(flips)} flips, {missing} latents computed")
         if embeds_cached:
             embed_files, missing = cache_text(cache, input_ids, parts.text_encoder, 64, rank, world_size)
             acc.print(f"{source}: {len(rows)} captions, {missing} text embeddings computed")
         acc.wait_for_everyone()  # every process's share of the cache is written
-        return TrainingExamples(rows, cfg.image_column, transform, input_ids, latent_files, embed_files)
+        return TrainingExamples(rows, cfg.image_column, transform_here, input_ids, latent_files, embed_files)
 
     if cfg.streaming:  # the DataLoader comes from examples.loader(start_step, ...) in setup()
         from sdlite.data.streaming import StreamingExamples, load_stream, parquet_rows
@@ -150,4 +192,91 @@ def build_examples(cfg: TrainConfig, acc, parts):
             "noise": torch.randn((len(timesteps), n, *latent_shape), generator=generator, device=acc.device),
             "latent_noise": torch.randn((n, *latent_shape), generator=generator, device=acc.device),
         }
-    return examples, empty.to(acc.device), latent_shape, val
+    return examples, empty.to(acc.device), latent_shape, val, layout
+
+
+# ---- photo sets: caption folders, repeats, caption handling, aspect buckets -----------------------------
+
+
+def caption_options(cfg: TrainConfig) -> CaptionOptions:
+    return CaptionOptions(cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_prefix)
+
+
+def held_out_options(options: CaptionOptions) -> CaptionOptions:
+    """The held-out captions: the trigger word, never a shuffle (the validation loss must stay fixed)."""
+    return CaptionOptions(caption_prefix=options.caption_prefix, separator=options.separator)
+
+
+def fixed_captions(captions: list[str], options: CaptionOptions, seed: int) -> list[str]:
+    """The captions to tokenize (and cache) once: as drawn when no draw changes them, else as written
+    (``DrawnCaptions`` then draws each at every step)."""
+    if options.per_draw or options == CaptionOptions(separator=options.separator):
+        return captions
+    return [draw_caption(c, options, seed, 0, 0) for c in captions]
+
+
+def rows_for(cfg: TrainConfig, source: str):
+    """The rows of a data source and what was found odd while listing them: a caption folder (images
+    with .txt/.caption files beside them, N_name repeat folders) through ``caption_rows``, anything
+    else through ``load_rows`` (nothing listed)."""
+    if is_caption_folder(source):
+        return caption_rows(source, cfg.image_column, cfg.caption_column)
+    return load_rows(source, cfg.image_column, cfg.caption_column), []
+
+
+@dataclass
+class DataLayout:
+    """How the training rows are drawn, beyond StepSampler's plain epochs of square images: their
+    transform (``BucketTransform`` with aspect buckets), each row's bucket and repeat count, and the
+    captions as written (for per-draw caption handling)."""
+
+    transform: ImageTransform | BucketTransform
+    latent_channels: int
+    factor: int  # the VAE's spatial factor
+    options: CaptionOptions
+    bucket_of_rows: list[int] | None = None
+    repeats: list[int] | None = None
+    captions: list[str] | None = None
+
+    def read(self, rows, captions: list[str], image_column: str) -> None:
+        """Take what the sampler needs from the cleaned training rows."""
+        self.captions = captions
+        if "repeats" in rows.column_names:
+            self.repeats = [int(n) for n in rows["repeats"]]
+        if isinstance(self.transform, BucketTransform):
+            self.bucket_of_rows = image_buckets(rows, image_column, self.transform)
+
+    @property
+    def plain(self) -> bool:
+        """Whether StepSampler's epochs do: one square size, each row once, captions fixed."""
+        repeated = self.repeats is not None and any(n != 1 for n in self.repeats)
+        return self.bucket_of_rows is None and not repeated and not self.options.per_draw
+
+    def latent_shape(self, bucket: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of a bucket's images."""
+        w, h = self.transform.buckets[bucket]
+        return self.latent_channels, h // self.factor, w // self.factor
+
+
+def sampler_for(
+    cfg: TrainConfig, acc, examples: TrainingExamples, layout: DataLayout, start_step: int, tokenizer
+):
+    """The batch sampler of the training rows and the dataset it indexes: StepSampler over the
+    examples, or (buckets, repeats or per-draw captions) a BucketSampler, its captions drawn per item
+    by ``DrawnCaptions``. With buckets the main process writes output_dir/buckets.json and logs the counts."""
+    split = (cfg.train_batch_size, cfg.seed, cfg.max_steps, start_step, acc.num_processes, acc.process_index,
+             cfg.gradient_accumulation_steps)  # fmt: skip
+    if layout.plain:
+        return StepSampler(len(examples), *split, random_flip=cfg.random_flip), examples
+    sampler = BucketSampler(layout.bucket_of_rows, *split, random_flip=cfg.random_flip,
+                            repeats=layout.repeats, num_rows=len(examples),
+                            draw_keys=layout.options.per_draw)  # fmt: skip
+    if layout.bucket_of_rows is not None:
+        counts = bucket_counts(layout.bucket_of_rows, layout.transform.buckets)
+        if acc.is_main_process:
+            write_buckets_json(Path(cfg.output_dir) / "buckets.json", counts)
+        acc.print(bucket_summary(counts, sampler.global_batch))
+    if layout.options.per_draw:
+        tokenize = functools.partial(token_ids, tokenizer)
+        examples = DrawnCaptions(examples, layout.captions, tokenize, layout.options, cfg.seed)
+    return sampler, examples

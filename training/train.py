@@ -48,13 +48,12 @@ from sdlite.training.config import parse_config, save_yaml  # noqa: E402
 from sdlite.training.configs import TrainConfig  # noqa: E402
 from sdlite.training.loop import (  # noqa: E402
     EMA,
-    StepSampler,
     log_image,
     make_lr_schedule,
     make_optimizer,
     setup_accelerator,
 )
-from sdlite.training.parts import attach_lora, build_examples, load_parts  # noqa: E402
+from sdlite.training.parts import attach_lora, build_examples, load_parts, sampler_for  # noqa: E402
 from sdlite.training.trainer import Trainer  # noqa: E402
 from sdlite.training.unet_step import (  # noqa: E402
     Denoiser,
@@ -80,7 +79,7 @@ class UNetTrainer(Trainer):
             cfg.allow_tf32,
         )
         self.parts = parts = load_parts(cfg, acc.device)  # sdlite.models.Components (unwrapped)
-        examples, self.empty_text, self.latent_shape, self.val = build_examples(cfg, acc, parts)
+        examples, self.empty_text, self.latent_shape, self.val, self.layout = build_examples(cfg, acc, parts)
         if cfg.lora:  # after build_examples: the cache is filled by the fp32 models, as without LoRA
             attach_lora(cfg, parts, acc)
 
@@ -120,16 +119,8 @@ class UNetTrainer(Trainer):
             self.sampler = examples
             loader = examples.loader(self.start_step, workers, acc.device.type == "cuda")
         else:
-            self.sampler = StepSampler(
-                len(examples),
-                cfg.train_batch_size,
-                cfg.seed,
-                cfg.max_steps,
-                self.start_step,
-                acc.num_processes,
-                acc.process_index,
-                cfg.gradient_accumulation_steps,
-                random_flip=cfg.random_flip,
+            self.sampler, examples = sampler_for(
+                cfg, acc, examples, self.layout, self.start_step, parts.tokenizer
             )
             loader = torch.utils.data.DataLoader(
                 examples,
@@ -177,7 +168,7 @@ class UNetTrainer(Trainer):
         flag), both on the device. A step whose loss or gradients are NaN or inf changes nothing."""
         cfg, acc, parts = self.cfg, self.accelerator, self.parts
         T = parts.scheduler.config.num_train_timesteps
-        draws = draw_step(cfg, step, self.global_batch, T, self.latent_shape, acc.device)
+        draws = draw_step(cfg, step, self.global_batch, T, self.step_latent_shape(step), acc.device)
         total = torch.zeros((), device=acc.device)
         nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
         for micro in range(cfg.gradient_accumulation_steps):
@@ -199,6 +190,13 @@ class UNetTrainer(Trainer):
         if self.ema is not None:
             self.ema.update(self.params)
         return total / cfg.gradient_accumulation_steps, nonfinite
+
+    def step_latent_shape(self, step: int) -> tuple[int, int, int]:
+        """(C, h, w) of the step's latents: its bucket's with aspect buckets (every process draws the same
+        bucket at a step), else the square one."""
+        if self.layout.bucket_of_rows is None:
+            return self.latent_shape
+        return self.layout.latent_shape(self.sampler.step_bucket(step))
 
     # ---- validation -----------------------------------------------------------------------------------
 
