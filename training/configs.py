@@ -163,6 +163,15 @@ class TrainConfig(RunConfig):
     shuffle_caption: bool = False  # shuffle a caption's comma-separated tags at every draw (no text cache)
     keep_tokens: int = 0  # with shuffle_caption: the caption's first N tags stay in place
     caption_prefix: str = ""  # a trigger word put first in every caption (and validation batch caption)
+    # DreamBooth (Ruiz et al. 2023): teach a subject from a few photos, train_data_dir unused; with
+    # class_data_dir each batch adds as many class images, kept by the prior-preservation loss.
+    instance_data_dir: str | None = None  # the subject's photos (any image folder); None: no DreamBooth
+    instance_prompt: str = ""  # the caption of every subject photo, with a rare token: "a photo of sks dog"
+    class_data_dir: str | None = None  # class images; topped up to num_class_images by the base model
+    class_prompt: str = ""  # the class images' caption and generating prompt: "a photo of a dog"
+    num_class_images: int = 100  # class images wanted; those missing are generated before training
+    prior_loss_weight: float = 1.0  # the class images' loss weight (Ruiz et al. eq. 2's λ)
+    sample_batch_size: int = 4  # images per batch when generating class images (validation_inference_steps)
 
     @property
     def text_encoder_trains(self) -> bool:
@@ -194,6 +203,16 @@ class TrainConfig(RunConfig):
             problems.append(
                 "aspect_buckets, shuffle_caption and caption_prefix read every row first: not with streaming"
             )
+        if self.streaming and self.instance_data_dir:
+            problems.append("instance_data_dir (DreamBooth) reads a folder of photos: not with streaming")
+        if self.class_data_dir and not self.instance_data_dir:
+            problems.append("class_data_dir without instance_data_dir: give the subject's photos too")
+        if self.instance_data_dir and not self.instance_prompt.strip():
+            problems.append("instance_data_dir without instance_prompt: e.g. 'a photo of sks dog'")
+        if self.class_data_dir and not self.class_prompt.strip():
+            problems.append("class_data_dir without class_prompt: e.g. --class_prompt 'a photo of a dog'")
+        if self.num_class_images < 0 or self.sample_batch_size < 1 or self.prior_loss_weight < 0:
+            problems.append("num_class_images and prior_loss_weight must be >= 0, sample_batch_size >= 1")
         if self.keep_tokens < 0:
             problems.append(f"keep_tokens={self.keep_tokens} must be >= 0")
         for name in ("bucket_min_side", "bucket_max_side"):

@@ -36,6 +36,12 @@ from sdlite.data.captions import (
 )
 from sdlite.data.cleaning import clean_rows
 from sdlite.data.dataset import ImageTransform, TrainingExamples, caption_text, load_rows
+from sdlite.data.dreambooth import (
+    PriorPairSampler,
+    class_images_needed,
+    dreambooth_rows,
+    generate_class_images,
+)
 from sdlite.ddpm import DDPMScheduler
 from sdlite.latents import vae_factor
 from sdlite.lora import LoraSettings, add_lora, cast_adapters_to_fp32
@@ -176,7 +182,7 @@ def build_examples(cfg: TrainConfig, acc, parts):
                                      cfg.gradient_accumulation_steps, cfg.random_flip, cfg.shuffle_buffer,
                                      num_items=parquet_rows(cfg.train_data_dir))  # fmt: skip
     else:
-        examples = examples_of(cfg.train_data_dir, (False, True) if cfg.random_flip else (False,))
+        examples = examples_of(training_source(cfg), (False, True) if cfg.random_flip else (False,))
     empty_ids = tokenize([""])
     empty = text_embeddings(parts.text_encoder, empty_ids)["embeds"] if embeds_cached else empty_ids
     val = None
@@ -219,6 +225,10 @@ def rows_for(cfg: TrainConfig, source: str):
     """The rows of a data source and what was found odd while listing them: a caption folder (images
     with .txt/.caption files beside them, N_name repeat folders) through ``caption_rows``, anything
     else through ``load_rows`` (nothing listed)."""
+    if cfg.instance_data_dir and source == cfg.instance_data_dir:  # DreamBooth's subject and class images
+        rows = dreambooth_rows(cfg.instance_data_dir, cfg.instance_prompt, cfg.class_data_dir,
+                               cfg.class_prompt, cfg.image_column, cfg.caption_column)  # fmt: skip
+        return rows, []
     if is_caption_folder(source):
         return caption_rows(source, cfg.image_column, cfg.caption_column)
     return load_rows(source, cfg.image_column, cfg.caption_column), []
@@ -237,12 +247,16 @@ class DataLayout:
     bucket_of_rows: list[int] | None = None
     repeats: list[int] | None = None
     captions: list[str] | None = None
+    class_rows: list[int] | None = None  # DreamBooth's class images (prior preservation), if any
 
     def read(self, rows, captions: list[str], image_column: str) -> None:
         """Take what the sampler needs from the cleaned training rows."""
         self.captions = captions
         if "repeats" in rows.column_names:
             self.repeats = [int(n) for n in rows["repeats"]]
+        if "is_prior" in rows.column_names and any(rows["is_prior"]):
+            self.class_rows = [r for r, prior in enumerate(rows["is_prior"]) if prior]
+            self.repeats = [0 if prior else 1 for prior in rows["is_prior"]]  # a step's own items: instances
         if isinstance(self.transform, BucketTransform):
             self.bucket_of_rows = image_buckets(rows, image_column, self.transform)
 
@@ -250,7 +264,9 @@ class DataLayout:
     def plain(self) -> bool:
         """Whether StepSampler's epochs do: one square size, each row once, captions fixed."""
         repeated = self.repeats is not None and any(n != 1 for n in self.repeats)
-        return self.bucket_of_rows is None and not repeated and not self.options.per_draw
+        return (
+            self.bucket_of_rows is None and not repeated and not self.options.per_draw and not self.class_rows
+        )
 
     def latent_shape(self, bucket: int) -> tuple[int, int, int]:
         """(C, h, w) of the latents of a bucket's images."""
@@ -276,7 +292,55 @@ def sampler_for(
         if acc.is_main_process:
             write_buckets_json(Path(cfg.output_dir) / "buckets.json", counts)
         acc.print(bucket_summary(counts, sampler.global_batch))
+    if layout.class_rows:  # each micro-batch: B instance items, then B class items
+        buckets = layout.bucket_of_rows
+        class_buckets = None if buckets is None else [buckets[r] for r in layout.class_rows]
+        sampler = PriorPairSampler(sampler, layout.class_rows, cfg.seed, class_buckets=class_buckets)
     if layout.options.per_draw:
         tokenize = functools.partial(token_ids, tokenizer)
         examples = DrawnCaptions(examples, layout.captions, tokenize, layout.options, cfg.seed)
     return sampler, examples
+
+
+# ---- DreamBooth ---------------------------------------------------------------------------------------
+
+
+def training_source(cfg: TrainConfig) -> str:
+    """Where the training rows come from: DreamBooth's instance folder (``rows_for`` adds the class
+    folder), else train_data_dir."""
+    return cfg.instance_data_dir or cfg.train_data_dir
+
+
+@torch.no_grad()
+def top_up_class_images(cfg: TrainConfig, acc, parts) -> None:
+    """Generate the class images class_data_dir lacks (of num_class_images) with the base model, before
+    any adapter is attached, on the main process while the others wait. Image i comes from its own seed
+    (sdlite.data.dreambooth.generate_class_images), so a run stopped half-way makes the same images."""
+    if not cfg.class_data_dir:
+        return
+    missing = class_images_needed(cfg.class_data_dir, cfg.num_class_images)
+    if acc.is_main_process and missing:
+        from sdlite.pipelines import TextToImagePipeline  # training may use pipelines; sdlite never does
+
+        acc.print(f"generating {missing} class images ({cfg.class_prompt!r}) into {cfg.class_data_dir}")
+        scheduler = DDPMScheduler.from_config(parts.scheduler.config)
+        pipe = TextToImagePipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=parts.unet, scheduler=scheduler)  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        modes = [(m, m.training) for m in (parts.unet, parts.text_encoder)]
+        for module, _ in modes:
+            module.eval()
+
+        def make_images(prompts: list[str], seeds: list[int]) -> list:
+            generators = [torch.Generator(acc.device).manual_seed(s) for s in seeds]
+            steps, guidance = cfg.validation_inference_steps, cfg.validation_guidance
+            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                        output_type="pil").images  # fmt: skip
+
+        try:
+            generate_class_images(cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images, make_images,
+                                  cfg.sample_batch_size, cfg.seed)  # fmt: skip
+        finally:
+            for module, training in modes:
+                module.train(training)
+    acc.wait_for_everyone()  # every process reads the finished folder

@@ -40,6 +40,7 @@ import torch
 if __package__ in (None, ""):  # run as a script (accelerate launch training/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
 from sdlite.ddpm import DDPMScheduler  # noqa: E402
 from sdlite.images import grid  # noqa: E402
 from sdlite.lora import AdapterWeights, lora_param_groups, save_lora  # noqa: E402
@@ -53,7 +54,13 @@ from sdlite.training.loop import (  # noqa: E402
     make_optimizer,
     setup_accelerator,
 )
-from sdlite.training.parts import attach_lora, build_examples, load_parts, sampler_for  # noqa: E402
+from sdlite.training.parts import (  # noqa: E402
+    attach_lora,
+    build_examples,
+    load_parts,
+    sampler_for,
+    top_up_class_images,
+)
 from sdlite.training.trainer import Trainer  # noqa: E402
 from sdlite.training.unet_step import (  # noqa: E402
     Denoiser,
@@ -79,6 +86,7 @@ class UNetTrainer(Trainer):
             cfg.allow_tf32,
         )
         self.parts = parts = load_parts(cfg, acc.device)  # sdlite.models.Components (unwrapped)
+        top_up_class_images(cfg, acc, parts)  # DreamBooth: with the base model, before any adapter
         examples, self.empty_text, self.latent_shape, self.val, self.layout = build_examples(cfg, acc, parts)
         if cfg.lora:  # after build_examples: the cache is filled by the fp32 models, as without LoRA
             attach_lora(cfg, parts, acc)
@@ -160,16 +168,18 @@ class UNetTrainer(Trainer):
     # ---- one step -------------------------------------------------------------------------------------
 
     def train_step(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        loss, nonfinite = self.optimizer_step(step)
-        return {"loss": loss}, nonfinite
+        return self.optimizer_step(step)
 
-    def optimizer_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over gradient_accumulation_steps micro-batches: (mean loss, non-finite
-        flag), both on the device. A step whose loss or gradients are NaN or inf changes nothing."""
+    def optimizer_step(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimizer step over gradient_accumulation_steps micro-batches: ({"loss": mean loss, with
+        DreamBooth's prior preservation also "instance_loss", "prior_loss"}, non-finite flag), all on the
+        device. A step whose loss or gradients are NaN or inf changes nothing."""
         cfg, acc, parts = self.cfg, self.accelerator, self.parts
         T = parts.scheduler.config.num_train_timesteps
         draws = draw_step(cfg, step, self.global_batch, T, self.step_latent_shape(step), acc.device)
         total = torch.zeros((), device=acc.device)
+        halves = torch.zeros(2, device=acc.device)  # DreamBooth: the instance and prior losses' sums
+        flags = getattr(self.sampler, "flags", None)  # PriorPairSampler: True at a micro-batch's class items
         nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
         for micro in range(cfg.gradient_accumulation_steps):
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(self.batches).items()}
@@ -181,15 +191,28 @@ class UNetTrainer(Trainer):
                         batch, parts.text_encoder, self.empty_text, mine["drop"], cfg.text_encoder_trains
                     )
                 loss = diffusion_loss(
-                    self.model, parts.scheduler, x0, text, mine["t"], mine["noise"], cfg.snr_gamma
+                    self.model,
+                    parts.scheduler,
+                    x0,
+                    text,
+                    mine["t"],
+                    mine["noise"],
+                    cfg.snr_gamma,
+                    per_example=flags is not None,  # DreamBooth's two halves are weighed apart
                 )
+                if flags is not None:  # Ruiz et al. eq. 2: instance mean + λ class mean
+                    loss, instance, prior = prior_preservation_loss(loss, flags, cfg.prior_loss_weight)
+                    halves += torch.stack([instance, prior]).detach()
                 acc.backward(loss)
                 total += loss.detach()
                 if acc.sync_gradients:
                     nonfinite = self.update(~torch.isfinite(total))
         if self.ema is not None:
             self.ema.update(self.params)
-        return total / cfg.gradient_accumulation_steps, nonfinite
+        logs = {"loss": total / cfg.gradient_accumulation_steps}
+        if flags is not None:
+            logs["instance_loss"], logs["prior_loss"] = halves / cfg.gradient_accumulation_steps
+        return logs, nonfinite
 
     def step_latent_shape(self, step: int) -> tuple[int, int, int]:
         """(C, h, w) of the step's latents: its bucket's with aspect buckets (every process draws the same
