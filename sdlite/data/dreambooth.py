@@ -86,10 +86,13 @@ def prior_preservation_loss(
     """(loss, instance loss, prior loss) from per-example losses (B,) and flags (B,): the mean over the
     instance examples + prior_loss_weight * the mean over the class examples (a half with no example
     adds nothing)."""
-    is_prior = is_prior.to(losses.device, torch.bool)
+    is_prior = is_prior.to(torch.bool)
+    # Which halves exist, asked of the flags where they are (on the CPU: no wait for the device).
+    has_instance, has_prior = bool((~is_prior).any()), bool(is_prior.any())
+    is_prior = is_prior.to(losses.device)
     zero = losses.new_zeros(())
-    instance = losses[~is_prior].mean() if bool((~is_prior).any()) else zero
-    prior = losses[is_prior].mean() if bool(is_prior.any()) else zero
+    instance = losses[~is_prior].mean() if has_instance else zero
+    prior = losses[is_prior].mean() if has_prior else zero
     return instance + prior_loss_weight * prior, instance, prior
 
 
