@@ -146,6 +146,15 @@ def test_aspect_buckets_write_their_counts_cache_latents_and_resume_exactly(
     resumes_exactly(argv, tmp_path, monkeypatch)
 
 
+def test_buckets_trained_without_the_latent_cache_are_the_same_training(photos, cache, tmp_path):
+    options = dict(resolution=64, aspect_buckets="true", max_steps=2, checkpoint_every=0)
+    main(flags(photos, cache, tmp_path / "cached", **options))
+    main(flags(photos, tmp_path / "unused", tmp_path / "uncached", cache_latents="false", **options))
+    a, b = weights(tmp_path / "cached", "unet_raw"), weights(tmp_path / "uncached", "unet_raw")
+    difference = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert difference.mean() < 1e-6 and (difference > 1e-5).float().mean() < 1e-3
+
+
 def test_every_step_draws_one_bucket_with_latents_of_its_size(photos, cache, tmp_path):
     options = dict(resolution=64, aspect_buckets="true", max_steps=10)
     cfg = parse_config(TrainConfig, flags(photos, cache, tmp_path, **options))
