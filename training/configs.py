@@ -162,7 +162,7 @@ class TrainConfig(RunConfig):
     bucket_max_side: int | None = None  # the longest bucket side in pixels; None: resolution * 2
     shuffle_caption: bool = False  # shuffle a caption's comma-separated tags at every draw (no text cache)
     keep_tokens: int = 0  # with shuffle_caption: the caption's first N tags stay in place
-    caption_prefix: str = ""  # a trigger word put first in every caption (and validation batch caption)
+    caption_prefix: str = ""  # a trigger word put first in every caption (the validation loss captions too)
     # DreamBooth (Ruiz et al. 2023): teach a subject from a few photos, train_data_dir unused; with
     # class_data_dir each batch adds as many class images, kept by the prior-preservation loss.
     instance_data_dir: str | None = None  # the subject's photos (any image folder); None: no DreamBooth

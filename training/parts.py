@@ -1,5 +1,10 @@
 """The model and the data of a training run: load the parts, put LoRA adapters on them, and build the
 (cached) training examples and the held-out batch. ``UNetTrainer`` (train.py) calls these.
+
+Photo sets as sd-scripts users keep them go through the same ``build_examples``: ``rows_for`` reads a
+caption folder (sdlite/data/captions.py) or DreamBooth's instance and class folders
+(sdlite/data/dreambooth.py), and the ``DataLayout`` it returns tells ``sampler_for`` how to draw them:
+aspect buckets (sdlite/data/buckets.py), repeats, captions drawn per step, subject and class halves.
 """
 
 from __future__ import annotations
@@ -109,8 +114,8 @@ def load_parts(cfg: TrainConfig, device: torch.device):
 
 
 def build_examples(cfg: TrainConfig, acc, parts):
-    """The training examples, cached as configured, the empty caption, the latent shape and the
-    held-out batch with its fixed draws (None without val_data_dir)."""
+    """The training examples, cached as configured, the empty caption, the latent shape, the
+    held-out batch with its fixed draws (None without val_data_dir) and the rows' ``DataLayout``."""
     vae = parts.vae.config
     resolution = cfg.resolution or vae.sample_size
     factor = vae_factor(vae)
@@ -119,8 +124,9 @@ def build_examples(cfg: TrainConfig, acc, parts):
     latent_shape = (vae.latent_channels, resolution // factor, resolution // factor)
     transform = ImageTransform(resolution, cfg.random_crop, cfg.seed)
     cache = TensorCache(Path(cfg.cache_dir).expanduser())
-    # A stream is encoded as it comes (no cache): its batches carry token ids, so the empty caption must too.
-    options = caption_options(cfg)  # a caption drawn anew at every draw is never cached
+    options = caption_options(cfg)
+    # A stream is encoded as it comes (no cache): its batches carry token ids, so the empty caption must too;
+    # a caption drawn anew at every draw (shuffle_caption) has no one embedding to cache either.
     embeds_cached = (
         cfg.cache_text and not cfg.text_encoder_trains and not cfg.streaming and not options.per_draw
     )
@@ -222,9 +228,9 @@ def fixed_captions(captions: list[str], options: CaptionOptions, seed: int) -> l
 
 
 def rows_for(cfg: TrainConfig, source: str):
-    """The rows of a data source and what was found odd while listing them: a caption folder (images
-    with .txt/.caption files beside them, N_name repeat folders) through ``caption_rows``, anything
-    else through ``load_rows`` (nothing listed)."""
+    """The rows of a data source and what was found odd while listing them: DreamBooth's instance
+    (and class) images, a caption folder (images with .txt/.caption files beside them, N_name repeat
+    folders) through ``caption_rows``, anything else through ``load_rows`` (nothing listed)."""
     if cfg.instance_data_dir and source == cfg.instance_data_dir:  # DreamBooth's subject and class images
         rows = dreambooth_rows(cfg.instance_data_dir, cfg.instance_prompt, cfg.class_data_dir,
                                cfg.class_prompt, cfg.image_column, cfg.caption_column)  # fmt: skip

@@ -12,8 +12,14 @@ With v-prediction the target is v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & H
 (Hang et al. 2023) sets w(t) = min(SNR(t), γ) / SNR(t) for ε and min(SNR(t), γ) / (SNR(t) + 1) for v.
 
 Outputs under output_dir: config.yaml, checkpoint-N/ (resumable with --resume latest), logs/
-(TensorBoard), validation/step-N.png; and final_dir (default output_dir/final), a diffusers-layout
-folder whose unet (and text_encoder, when trained) hold the EMA weights (the raw ones are in unet_raw/).
+(TensorBoard), validation/step-N.png, buckets.json (with aspect_buckets: "WxH" -> images); and final_dir
+(default output_dir/final), a diffusers-layout folder whose unet (and text_encoder, when trained) hold
+the EMA weights (the raw ones are in unet_raw/).
+
+Photo sets (training/parts.py): a caption folder (a .txt beside each image, N_name repeat folders),
+aspect-ratio buckets (each step one bucket, its noise of the bucket's latent shape), captions drawn per
+step (shuffle_caption), and DreamBooth (Ruiz et al. 2023): every micro-batch B subject images then B
+class images, loss = mean_subject + λ mean_class (eq. 2), the class images generated first if missing.
 
 With --lora true the same loop trains LoRA adapters (Hu et al. 2021, sdlite/lora.py) on a frozen base
 instead: W' = W + (alpha / r) B A on the U-Net's attention projections (and the text encoder's when
