@@ -85,6 +85,17 @@ def test_a_dreambooth_run_resumes_exactly(subject, tmp_path, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a), part
 
 
+def test_a_bucket_of_subject_photos_without_class_images_is_named_before_training(subject, tmp_path):
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    for photo in subject.iterdir():
+        (wide / photo.name).write_bytes(photo.read_bytes())
+    Image.new("RGB", (120, 36), (200, 0, 200)).save(wide / "panorama.png")  # 96x32 at resolution 64
+    argv = flags(wide, tmp_path / "blobs", tmp_path / "run", resolution=64, aspect_buckets="true")
+    with pytest.raises(ValueError, match=r"aspect buckets 96x32 hold subject photos but no class image"):
+        UNetTrainer(parse_config(TrainConfig, argv))
+
+
 @pytest.mark.parametrize(
     "setting, words",
     [

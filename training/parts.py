@@ -40,7 +40,7 @@ from sdlite.data.captions import (
     is_caption_folder,
 )
 from sdlite.data.cleaning import clean_rows
-from sdlite.data.dataset import ImageTransform, TrainingExamples, caption_text, load_rows
+from sdlite.data.dataset import DataError, ImageTransform, TrainingExamples, caption_text, load_rows
 from sdlite.data.dreambooth import (
     PriorPairSampler,
     class_images_needed,
@@ -301,6 +301,15 @@ def sampler_for(
     if layout.class_rows:  # each micro-batch: B instance items, then B class items
         buckets = layout.bucket_of_rows
         class_buckets = None if buckets is None else [buckets[r] for r in layout.class_rows]
+        if buckets is not None:  # each step's class half comes from the step's bucket: name what is missing
+            bare = sorted({buckets[r] for r in range(len(buckets)) if layout.repeats[r]} - set(class_buckets))
+            if bare:
+                sizes = ", ".join("{}x{}".format(*layout.transform.buckets[b]) for b in bare)
+                raise DataError(
+                    f"aspect buckets {sizes} hold subject photos but no class image: add class images of "
+                    f"those shapes to {cfg.class_data_dir} (generated ones are square), or turn "
+                    "aspect_buckets off"
+                )
         sampler = PriorPairSampler(sampler, layout.class_rows, cfg.seed, class_buckets=class_buckets)
     if layout.options.per_draw:
         tokenize = functools.partial(token_ids, tokenizer)
