@@ -1,6 +1,9 @@
 """DreamBooth in training/train.py: a subject's photos with a rare-token prompt, class images generated
 by the base model when missing, each batch half subject and half class, the prior-preservation loss."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ from safetensors.torch import load_file
 from sdlite.training.config import parse_config
 from sdlite.training.configs import TrainConfig
 from sdlite.training.train import UNetTrainer, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +99,30 @@ def test_a_bucket_of_subject_photos_without_class_images_is_named_before_trainin
     argv = flags(wide, tmp_path / "blobs", tmp_path / "run", resolution=64, aspect_buckets="true")
     with pytest.raises(ValueError, match=r"aspect buckets 96x32 hold subject photos but no class image"):
         UNetTrainer(parse_config(TrainConfig, argv))
+
+
+def test_two_processes_train_dreambooth_like_one(subject, tmp_path):
+    """Each process takes its share of the step's subject photos and as many class images; the step's
+    random draws follow the items, so 2 x 1 is the training of 1 x 2 (up to float32 summation order)."""
+    options = dict(max_steps=2, checkpoint_every=0, train_batch_size=2)
+    main(flags(subject, tmp_path / "blobs", tmp_path / "one", **options))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    argv = flags(subject, tmp_path / "blobs", tmp_path / "two", **dict(options, train_batch_size=1))
+    command = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        str(ROOT / "training" / "train.py"),
+    ]
+    result = subprocess.run(command + argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "global batch 4" in result.stdout + result.stderr  # 2 subject photos + 2 class images a step
+    a, b = weights(tmp_path / "one", "unet_raw"), weights(tmp_path / "two", "unet_raw")
+    difference = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert difference.mean() < 1e-6 and (difference > 1e-5).float().mean() < 1e-3
 
 
 @pytest.mark.parametrize(

@@ -189,7 +189,9 @@ class UNetTrainer(Trainer):
         nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
         for micro in range(cfg.gradient_accumulation_steps):
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(self.batches).items()}
-            mine = {k: v[self.sampler.positions(micro)] for k, v in draws.items()}
+            # DreamBooth's sampler interleaves its halves by micro-batch: its draws have their own places
+            where = getattr(self.sampler, "draw_positions", self.sampler.positions)(micro)
+            mine = {k: v[where] for k, v in draws.items()}
             with acc.accumulate(self.model):
                 with acc.autocast():
                     x0 = latents_of(batch, parts.vae, mine["latent_noise"])
