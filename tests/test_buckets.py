@@ -212,3 +212,10 @@ def test_training_examples_through_a_data_loader_come_in_one_size_per_batch():
     for step, batch in enumerate(loader):
         w, h = transform.buckets[s.step_bucket(step)]
         assert batch["pixels"].shape == (2, 3, h, w) and batch["input_ids"].shape == (2, 4)
+
+
+def test_a_photo_that_clean_rows_accepts_at_the_resolution_fits_its_bucket():
+    # 4100 x 4100 is over the 4096 x 4096 floor of decode_image, under pixel_limit(1024), the limit that
+    # clean_rows checked: the transform must read it too, not fail at the first step that draws it.
+    transform = BucketTransform(1024, tuple(make_buckets(1024, 64)))
+    assert transform(png((4100, 4100)), 0).shape == (3, 1024, 1024)

@@ -70,6 +70,23 @@ def test_class_draws_resume_exactly_and_split_disjointly_over_processes():
         assert not {r for r, _ in x[2:]} & {r for r, _ in y[2:]}  # class halves: different images
 
 
+def test_an_item_takes_the_same_random_draws_however_its_step_is_split():
+    def draws_of_items(**split) -> dict:
+        """(step, item, class?) -> the places of its random draws in the step, over all processes."""
+        out = {}
+        for rank in range(split.get("processes", 1)):
+            s = pairs(rank=rank, steps=3, **split)
+            for step in range(3):
+                items = s.step_items(step)
+                for a in range(s.accumulation_steps):
+                    for item, place in zip(items[s.positions(a)], s.draw_positions(a).tolist()):
+                        out.setdefault((step, item, place >= s.global_batch // 2), []).append(place)
+        return out
+
+    one = draws_of_items(batch=4)
+    assert draws_of_items(batch=2, processes=2) == one == draws_of_items(batch=1, processes=2, accumulation=2)
+
+
 def test_class_images_follow_the_steps_bucket_or_the_missing_bucket_is_named():
     inner = BucketSampler([0, 0, 1, 1], 1, seed=0, max_steps=8)
     s = PriorPairSampler(inner, [4, 5, 6], seed=0, class_buckets=[0, 1, 1])

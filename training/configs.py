@@ -163,6 +163,24 @@ class TrainConfig(RunConfig):
     bad_data: str = "skip"  # unreadable images: "skip" them (listed in output_dir/bad_files.txt) or "error"
     # LoRA files (with --lora true): the diffusers layout is always written; kohya's too on request.
     lora_save_format: str = "diffusers"  # "kohya": also final_dir/lora_kohya.safetensors (A1111, ComfyUI)
+    # Photo sets: kohya's sd-scripts layouts. A train_data_dir of images with a .txt or
+    # .caption file beside each (no metadata file) is read as captions, its N_name folders repeating
+    # their images N times per epoch (sdlite/data/captions.py, buckets.py).
+    aspect_buckets: bool = False  # group images by aspect ratio into buckets of about resolution² pixels
+    bucket_min_side: int | None = None  # the shortest bucket side in pixels; None: resolution / 2
+    bucket_max_side: int | None = None  # the longest bucket side in pixels; None: resolution * 2
+    shuffle_caption: bool = False  # shuffle a caption's comma-separated tags at every draw (no text cache)
+    keep_tokens: int = 0  # with shuffle_caption: the caption's first N tags stay in place
+    caption_prefix: str = ""  # a trigger word put first in every caption (the validation loss captions too)
+    # DreamBooth (Ruiz et al. 2023): teach a subject from a few photos, train_data_dir unused; with
+    # class_data_dir each batch adds as many class images, kept by the prior-preservation loss.
+    instance_data_dir: str | None = None  # the subject's photos (any image folder); None: no DreamBooth
+    instance_prompt: str = ""  # the caption of every subject photo, with a rare token: "a photo of sks dog"
+    class_data_dir: str | None = None  # class images; topped up to num_class_images by the base model
+    class_prompt: str = ""  # the class images' caption and generating prompt: "a photo of a dog"
+    num_class_images: int = 100  # class images wanted; those missing are generated before training
+    prior_loss_weight: float = 1.0  # the class images' loss weight (Ruiz et al. eq. 2's λ)
+    sample_batch_size: int = 4  # images per batch when generating class images (validation_inference_steps)
 
     @property
     def text_encoder_trains(self) -> bool:
@@ -187,6 +205,30 @@ class TrainConfig(RunConfig):
             problems.append(f"bad_data={self.bad_data!r}: use skip or error")
         if self.lora_save_format not in ("diffusers", "kohya"):
             problems.append(f"lora_save_format={self.lora_save_format!r}: use diffusers or kohya")
+        return problems + self.photo_set_problems()
+
+    def photo_set_problems(self) -> list[str]:
+        """What is wrong with the photo-set and DreamBooth settings (captions, buckets, class images)."""
+        problems = []
+        if self.streaming and (self.aspect_buckets or self.shuffle_caption or self.caption_prefix):
+            problems.append(
+                "aspect_buckets, shuffle_caption and caption_prefix read every row first: not with streaming"
+            )
+        if self.streaming and self.instance_data_dir:
+            problems.append("instance_data_dir (DreamBooth) reads a folder of photos: not with streaming")
+        if self.class_data_dir and not self.instance_data_dir:
+            problems.append("class_data_dir without instance_data_dir: give the subject's photos too")
+        if self.instance_data_dir and not self.instance_prompt.strip():
+            problems.append("instance_data_dir without instance_prompt: e.g. 'a photo of sks dog'")
+        if self.class_data_dir and not self.class_prompt.strip():
+            problems.append("class_data_dir without class_prompt: e.g. --class_prompt 'a photo of a dog'")
+        if self.num_class_images < 0 or self.sample_batch_size < 1 or self.prior_loss_weight < 0:
+            problems.append("num_class_images and prior_loss_weight must be >= 0, sample_batch_size >= 1")
+        if self.keep_tokens < 0:
+            problems.append(f"keep_tokens={self.keep_tokens} must be >= 0")
+        for name in ("bucket_min_side", "bucket_max_side"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (or none)")
         return problems
 
 

@@ -1,10 +1,17 @@
 """The model and the data of a training run: load the parts, put LoRA adapters on them, and build the
 (cached) training examples and the held-out batch. ``UNetTrainer`` (train.py) calls these.
+
+Photo sets as sd-scripts users keep them go through the same ``build_examples``: ``rows_for`` reads a
+caption folder (sdlite/data/captions.py) or DreamBooth's instance and class folders
+(sdlite/data/dreambooth.py), and the ``DataLayout`` it returns tells ``sampler_for`` how to draw them:
+aspect buckets (sdlite/data/buckets.py), repeats, captions drawn per step, subject and class halves.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,15 +19,40 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
+from sdlite.data.buckets import (
+    BucketSampler,
+    BucketTransform,
+    bucket_counts,
+    bucket_multiple,
+    bucket_summary,
+    cache_bucket_latents,
+    image_buckets,
+    make_buckets,
+    write_buckets_json,
+)
 from sdlite.data.cache import DecodedImages, TensorCache, cache_latents, cache_text, text_embeddings
+from sdlite.data.captions import (
+    CaptionOptions,
+    DrawnCaptions,
+    append_problems,
+    caption_rows,
+    draw_caption,
+    is_caption_folder,
+)
 from sdlite.data.cleaning import clean_rows
-from sdlite.data.dataset import ImageTransform, TrainingExamples, caption_text, load_rows
+from sdlite.data.dataset import DataError, ImageTransform, TrainingExamples, caption_text, load_rows
+from sdlite.data.dreambooth import (
+    PriorPairSampler,
+    class_images_needed,
+    dreambooth_rows,
+    generate_class_images,
+)
 from sdlite.ddpm import DDPMScheduler
 from sdlite.latents import vae_factor
 from sdlite.lora import LoraSettings, add_lora, cast_adapters_to_fp32
 from sdlite.models import build_components, check_compatible, load_components
 from sdlite.tokenizer import token_ids
-from sdlite.training.loop import seeded_generator
+from sdlite.training.loop import StepSampler, seeded_generator
 
 if TYPE_CHECKING:
     from sdlite.training.configs import TrainConfig
@@ -82,8 +114,8 @@ def load_parts(cfg: TrainConfig, device: torch.device):
 
 
 def build_examples(cfg: TrainConfig, acc, parts):
-    """The training examples, cached as configured, the empty caption, the latent shape and the
-    held-out batch with its fixed draws (None without val_data_dir)."""
+    """The training examples, cached as configured, the empty caption, the latent shape, the
+    held-out batch with its fixed draws (None without val_data_dir) and the rows' ``DataLayout``."""
     vae = parts.vae.config
     resolution = cfg.resolution or vae.sample_size
     factor = vae_factor(vae)
@@ -92,16 +124,21 @@ def build_examples(cfg: TrainConfig, acc, parts):
     latent_shape = (vae.latent_channels, resolution // factor, resolution // factor)
     transform = ImageTransform(resolution, cfg.random_crop, cfg.seed, max_pixels=cfg.max_image_pixels)
     cache = TensorCache(Path(cfg.cache_dir).expanduser())
-    # A stream is encoded as it comes (no cache): its batches carry token ids, so the empty caption must too.
-    embeds_cached = cfg.cache_text and not cfg.text_encoder_trains and not cfg.streaming
+    options = caption_options(cfg)
+    # A stream is encoded as it comes (no cache): its batches carry token ids, so the empty caption must too;
+    # a caption drawn anew at every draw (shuffle_caption) has no one embedding to cache either.
+    embeds_cached = (
+        cfg.cache_text and not cfg.text_encoder_trains and not cfg.streaming and not options.per_draw
+    )
     tokenizer = parts.tokenizer
-
-    def tokenize(captions: list[str]) -> torch.Tensor:
-        return token_ids(tokenizer, captions)
+    tokenize = functools.partial(token_ids, tokenizer)  # captions -> (B, L) ids; picklable for workers
+    layout = DataLayout(transform, vae.latent_channels, factor, options)
+    if cfg.aspect_buckets:  # the training rows only: the held-out batch stays square (one tensor)
+        sides = make_buckets(resolution, bucket_multiple(vae), cfg.bucket_min_side, cfg.bucket_max_side)
+        layout.transform = BucketTransform(resolution, tuple(sides), cfg.random_crop, cfg.seed)
 
     def examples_of(source: str, flips: tuple[bool, ...], limit: int | None = None) -> TrainingExamples:
-        rows = load_rows(source, cfg.image_column, cfg.caption_column, bad_data=cfg.bad_data,
-                         allow_outside=cfg.allow_outside_paths)  # fmt: skip
+        rows, listed = rows_for(cfg, source)
         rows = rows.select(range(min(limit, len(rows)))) if limit else rows
         # Every image checked now (decoded, unless an earlier run did): a bad one is skipped or stops the
         # run before step 0, never in the middle of an epoch.
@@ -110,22 +147,38 @@ def build_examples(cfg: TrainConfig, acc, parts):
                           report if acc.is_main_process else None, acc.print,
                           DecodedImages(cache.root) if cfg.cache_latents else None,
                           max_pixels=cfg.max_image_pixels)  # fmt: skip
-        input_ids = tokenize([caption_text(c) for c in rows[cfg.caption_column]])
+        if acc.is_main_process:  # what caption_rows found odd joins clean_rows' report
+            append_problems(report, listed)
+        captions = [caption_text(c) for c in rows[cfg.caption_column]]
+        trained = not limit
+        input_ids = tokenize(
+            fixed_captions(captions, options if trained else held_out_options(options), cfg.seed)
+        )
+        buckets = trained and isinstance(layout.transform, BucketTransform)
+        if trained:
+            layout.read(rows, captions, cfg.image_column)
+        transform_here = layout.transform if trained else transform
         # Split misses among one machine's processes: a cache folder local to each machine fills too.
         rank, world_size = acc.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
         latent_files = embed_files = None
         if cfg.cache_latents:
             with tqdm(desc="encoding latents", unit="image", disable=not acc.is_local_main_process) as bar:
-                latent_files, missing = cache_latents(
-                    cache, rows, cfg.image_column, transform, parts.vae, flips, cfg.train_batch_size,
-                    rank, world_size, bar.update,
-                )  # fmt: skip
+                if buckets:  # one bucket at a time: a VAE batch holds images of one size
+                    latent_files, missing = cache_bucket_latents(
+                        cache, rows, cfg.image_column, layout.transform, layout.bucket_of_rows, parts.vae,
+                        flips, cfg.train_batch_size, rank, world_size, bar.update,
+                    )  # fmt: skip
+                else:
+                    latent_files, missing = cache_latents(
+                        cache, rows, cfg.image_column, transform, parts.vae, flips, cfg.train_batch_size,
+                        rank, world_size, bar.update,
+                    )  # fmt: skip
             acc.print(f"{source}: {len(rows)} images x {len(flips)} flips, {missing} latents computed")
         if embeds_cached:
             embed_files, missing = cache_text(cache, input_ids, parts.text_encoder, 64, rank, world_size)
             acc.print(f"{source}: {len(rows)} captions, {missing} text embeddings computed")
         acc.wait_for_everyone()  # every process's share of the cache is written
-        return TrainingExamples(rows, cfg.image_column, transform, input_ids, latent_files, embed_files,
+        return TrainingExamples(rows, cfg.image_column, transform_here, input_ids, latent_files, embed_files,
                                 report=report if acc.is_main_process else None, log=acc.print)  # fmt: skip
 
     if cfg.streaming:  # the DataLoader comes from examples.loader(start_step, ...) in setup()
@@ -138,7 +191,7 @@ def build_examples(cfg: TrainConfig, acc, parts):
                                      cfg.gradient_accumulation_steps, cfg.random_flip, cfg.shuffle_buffer,
                                      num_items=parquet_rows(cfg.train_data_dir))  # fmt: skip
     else:
-        examples = examples_of(cfg.train_data_dir, (False, True) if cfg.random_flip else (False,))
+        examples = examples_of(training_source(cfg), (False, True) if cfg.random_flip else (False,))
     empty_ids = tokenize([""])
     empty = text_embeddings(parts.text_encoder, empty_ids)["embeds"] if embeds_cached else empty_ids
     val = None
@@ -154,4 +207,160 @@ def build_examples(cfg: TrainConfig, acc, parts):
             "noise": torch.randn((len(timesteps), n, *latent_shape), generator=generator, device=acc.device),
             "latent_noise": torch.randn((n, *latent_shape), generator=generator, device=acc.device),
         }
-    return examples, empty.to(acc.device), latent_shape, val
+    return examples, empty.to(acc.device), latent_shape, val, layout
+
+
+# ---- photo sets: caption folders, repeats, caption handling, aspect buckets -----------------------------
+
+
+def caption_options(cfg: TrainConfig) -> CaptionOptions:
+    return CaptionOptions(cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_prefix)
+
+
+def held_out_options(options: CaptionOptions) -> CaptionOptions:
+    """The held-out captions: the trigger word, never a shuffle (the validation loss must stay fixed)."""
+    return CaptionOptions(caption_prefix=options.caption_prefix, separator=options.separator)
+
+
+def fixed_captions(captions: list[str], options: CaptionOptions, seed: int) -> list[str]:
+    """The captions to tokenize (and cache) once: as drawn when no draw changes them, else as written
+    (``DrawnCaptions`` then draws each at every step)."""
+    if options.per_draw or options == CaptionOptions(separator=options.separator):
+        return captions
+    return [draw_caption(c, options, seed, 0, 0) for c in captions]
+
+
+def rows_for(cfg: TrainConfig, source: str):
+    """The rows of a data source and what was found odd while listing them: DreamBooth's instance
+    (and class) images, a caption folder (images with .txt/.caption files beside them, N_name repeat
+    folders) through ``caption_rows``, anything else through ``load_rows`` (nothing listed)."""
+    if cfg.instance_data_dir and source == cfg.instance_data_dir:  # DreamBooth's subject and class images
+        rows = dreambooth_rows(cfg.instance_data_dir, cfg.instance_prompt, cfg.class_data_dir,
+                               cfg.class_prompt, cfg.image_column, cfg.caption_column)  # fmt: skip
+        return rows, []
+    if is_caption_folder(source):
+        return caption_rows(source, cfg.image_column, cfg.caption_column)
+    rows = load_rows(source, cfg.image_column, cfg.caption_column, bad_data=cfg.bad_data,
+                     allow_outside=cfg.allow_outside_paths)  # fmt: skip
+    return rows, []
+
+
+@dataclass
+class DataLayout:
+    """How the training rows are drawn, beyond StepSampler's plain epochs of square images: their
+    transform (``BucketTransform`` with aspect buckets), each row's bucket and repeat count, and the
+    captions as written (for per-draw caption handling)."""
+
+    transform: ImageTransform | BucketTransform
+    latent_channels: int
+    factor: int  # the VAE's spatial factor
+    options: CaptionOptions
+    bucket_of_rows: list[int] | None = None
+    repeats: list[int] | None = None
+    captions: list[str] | None = None
+    class_rows: list[int] | None = None  # DreamBooth's class images (prior preservation), if any
+
+    def read(self, rows, captions: list[str], image_column: str) -> None:
+        """Take what the sampler needs from the cleaned training rows."""
+        self.captions = captions
+        if "repeats" in rows.column_names:
+            self.repeats = [int(n) for n in rows["repeats"]]
+        if "is_prior" in rows.column_names and any(rows["is_prior"]):
+            self.class_rows = [r for r, prior in enumerate(rows["is_prior"]) if prior]
+            self.repeats = [0 if prior else 1 for prior in rows["is_prior"]]  # a step's own items: instances
+        if isinstance(self.transform, BucketTransform):
+            self.bucket_of_rows = image_buckets(rows, image_column, self.transform)
+
+    @property
+    def plain(self) -> bool:
+        """Whether StepSampler's epochs do: one square size, each row once, captions fixed."""
+        repeated = self.repeats is not None and any(n != 1 for n in self.repeats)
+        return (
+            self.bucket_of_rows is None and not repeated and not self.options.per_draw and not self.class_rows
+        )
+
+    def latent_shape(self, bucket: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of a bucket's images."""
+        w, h = self.transform.buckets[bucket]
+        return self.latent_channels, h // self.factor, w // self.factor
+
+
+def sampler_for(
+    cfg: TrainConfig, acc, examples: TrainingExamples, layout: DataLayout, start_step: int, tokenizer
+):
+    """The batch sampler of the training rows and the dataset it indexes: StepSampler over the
+    examples, or (buckets, repeats or per-draw captions) a BucketSampler, its captions drawn per item
+    by ``DrawnCaptions``. With buckets the main process writes output_dir/buckets.json and logs the counts."""
+    split = (cfg.train_batch_size, cfg.seed, cfg.max_steps, start_step, acc.num_processes, acc.process_index,
+             cfg.gradient_accumulation_steps)  # fmt: skip
+    if layout.plain:
+        return StepSampler(len(examples), *split, random_flip=cfg.random_flip), examples
+    sampler = BucketSampler(layout.bucket_of_rows, *split, random_flip=cfg.random_flip,
+                            repeats=layout.repeats, num_rows=len(examples),
+                            draw_keys=layout.options.per_draw)  # fmt: skip
+    if layout.bucket_of_rows is not None:
+        counts = bucket_counts(layout.bucket_of_rows, layout.transform.buckets)
+        if acc.is_main_process:
+            write_buckets_json(Path(cfg.output_dir) / "buckets.json", counts)
+        acc.print(bucket_summary(counts, sampler.global_batch))
+    if layout.class_rows:  # each micro-batch: B instance items, then B class items
+        buckets = layout.bucket_of_rows
+        class_buckets = None if buckets is None else [buckets[r] for r in layout.class_rows]
+        if buckets is not None:  # each step's class half comes from the step's bucket: name what is missing
+            bare = sorted({buckets[r] for r in range(len(buckets)) if layout.repeats[r]} - set(class_buckets))
+            if bare:
+                sizes = ", ".join("{}x{}".format(*layout.transform.buckets[b]) for b in bare)
+                raise DataError(
+                    f"aspect buckets {sizes} hold subject photos but no class image: add class images of "
+                    f"those shapes to {cfg.class_data_dir} (generated ones are square), or turn "
+                    "aspect_buckets off"
+                )
+        sampler = PriorPairSampler(sampler, layout.class_rows, cfg.seed, class_buckets=class_buckets)
+    if layout.options.per_draw:
+        tokenize = functools.partial(token_ids, tokenizer)
+        examples = DrawnCaptions(examples, layout.captions, tokenize, layout.options, cfg.seed)
+    return sampler, examples
+
+
+# ---- DreamBooth ---------------------------------------------------------------------------------------
+
+
+def training_source(cfg: TrainConfig) -> str:
+    """Where the training rows come from: DreamBooth's instance folder (``rows_for`` adds the class
+    folder), else train_data_dir."""
+    return cfg.instance_data_dir or cfg.train_data_dir
+
+
+@torch.no_grad()
+def top_up_class_images(cfg: TrainConfig, acc, parts) -> None:
+    """Generate the class images class_data_dir lacks (of num_class_images) with the base model, before
+    any adapter is attached, on the main process while the others wait. Image i comes from its own seed
+    (sdlite.data.dreambooth.generate_class_images), so a run stopped half-way makes the same images."""
+    if not cfg.class_data_dir:
+        return
+    missing = class_images_needed(cfg.class_data_dir, cfg.num_class_images)
+    if acc.is_main_process and missing:
+        from sdlite.pipelines import TextToImagePipeline  # training may use pipelines; sdlite never does
+
+        acc.print(f"generating {missing} class images ({cfg.class_prompt!r}) into {cfg.class_data_dir}")
+        scheduler = DDPMScheduler.from_config(parts.scheduler.config)
+        pipe = TextToImagePipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=parts.unet, scheduler=scheduler)  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        modes = [(m, m.training) for m in (parts.unet, parts.text_encoder)]
+        for module, _ in modes:
+            module.eval()
+
+        def make_images(prompts: list[str], seeds: list[int]) -> list:
+            generators = [torch.Generator(acc.device).manual_seed(s) for s in seeds]
+            steps, guidance = cfg.validation_inference_steps, cfg.validation_guidance
+            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                        output_type="pil").images  # fmt: skip
+
+        try:
+            generate_class_images(cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images, make_images,
+                                  cfg.sample_batch_size, cfg.seed)  # fmt: skip
+        finally:
+            for module, training in modes:
+                module.train(training)
+    acc.wait_for_everyone()  # every process reads the finished folder

@@ -12,10 +12,15 @@ With v-prediction the target is v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & H
 (Hang et al. 2023) sets w(t) = min(SNR(t), γ) / SNR(t) for ε and min(SNR(t), γ) / (SNR(t) + 1) for v.
 
 Outputs under output_dir: config.yaml, checkpoint-N/ (resumable with --resume latest), logs/
-(TensorBoard), validation/step-N.png, run.lock (one run at a time); and final_dir (default
-output_dir/final), a diffusers-layout folder whose unet (and text_encoder, when trained) hold the EMA
-weights (the raw ones are in unet_raw/). final_dir is replaced only if this run published it: a folder
-of other files is refused at start-up (docs/reliability.md).
+(TensorBoard), validation/step-N.png, run.lock (one run at a time), buckets.json (with aspect_buckets:
+"WxH" -> images); and final_dir (default output_dir/final), a diffusers-layout folder whose unet (and
+text_encoder, when trained) hold the EMA weights (the raw ones are in unet_raw/). final_dir is replaced
+only if this run published it: a folder of other files is refused at start-up.
+
+Photo sets (training/parts.py): a caption folder (a .txt beside each image, N_name repeat folders),
+aspect-ratio buckets (each step one bucket, its noise of the bucket's latent shape), captions drawn per
+step (shuffle_caption), and DreamBooth (Ruiz et al. 2023): every micro-batch B subject images then B
+class images, loss = mean_subject + λ mean_class (eq. 2), the class images generated first if missing.
 
 With --lora true the same loop trains LoRA adapters (Hu et al. 2021, sdlite/lora.py) on a frozen base
 instead: W' = W + (alpha / r) B A on the U-Net's attention projections (and the text encoder's when
@@ -43,6 +48,7 @@ import torch
 if __package__ in (None, ""):  # run as a script (accelerate launch training/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
 from sdlite.ddpm import DDPMScheduler  # noqa: E402
 from sdlite.images import grid  # noqa: E402
 from sdlite.lora import AdapterWeights, lora_param_groups, save_lora  # noqa: E402
@@ -52,13 +58,18 @@ from sdlite.training.configs import TrainConfig  # noqa: E402
 from sdlite.training.launch import follow_launcher  # noqa: E402
 from sdlite.training.loop import (  # noqa: E402
     EMA,
-    StepSampler,
     log_image,
     make_lr_schedule,
     make_optimizer,
     setup_accelerator,
 )
-from sdlite.training.parts import attach_lora, build_examples, load_parts  # noqa: E402
+from sdlite.training.parts import (  # noqa: E402
+    attach_lora,
+    build_examples,
+    load_parts,
+    sampler_for,
+    top_up_class_images,
+)
 from sdlite.training.trainer import Trainer  # noqa: E402
 from sdlite.training.unet_step import (  # noqa: E402
     Denoiser,
@@ -87,7 +98,8 @@ class UNetTrainer(Trainer):
         """Build the models, cache the data, prepare with accelerate and resume: ready for ``start_step``."""
         cfg, acc = self.cfg, self.accelerator
         self.parts = parts = load_parts(cfg, acc.device)  # sdlite.models.Components (unwrapped)
-        examples, self.empty_text, self.latent_shape, self.val = build_examples(cfg, acc, parts)
+        top_up_class_images(cfg, acc, parts)  # DreamBooth: with the base model, before any adapter
+        examples, self.empty_text, self.latent_shape, self.val, self.layout = build_examples(cfg, acc, parts)
         if cfg.lora:  # after build_examples: the cache is filled by the fp32 models, as without LoRA
             attach_lora(cfg, parts, acc)
 
@@ -131,16 +143,8 @@ class UNetTrainer(Trainer):
             self.sampler = examples
             loader = examples.loader(self.start_step, workers, acc.device.type == "cuda")
         else:
-            self.sampler = StepSampler(
-                len(examples),
-                cfg.train_batch_size,
-                cfg.seed,
-                cfg.max_steps,
-                self.start_step,
-                acc.num_processes,
-                acc.process_index,
-                cfg.gradient_accumulation_steps,
-                random_flip=cfg.random_flip,
+            self.sampler, examples = sampler_for(
+                cfg, acc, examples, self.layout, self.start_step, parts.tokenizer
             )
             loader = torch.utils.data.DataLoader(
                 examples,
@@ -183,20 +187,24 @@ class UNetTrainer(Trainer):
     # ---- one step -------------------------------------------------------------------------------------
 
     def train_step(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        loss, nonfinite = self.optimizer_step(step)
-        return {"loss": loss}, nonfinite
+        return self.optimizer_step(step)
 
-    def optimizer_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over gradient_accumulation_steps micro-batches: (mean loss, non-finite
-        flag), both on the device. A step whose loss or gradients are NaN or inf changes nothing."""
+    def optimizer_step(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimizer step over gradient_accumulation_steps micro-batches: ({"loss": mean loss, with
+        DreamBooth's prior preservation also "instance_loss", "prior_loss"}, non-finite flag), all on the
+        device. A step whose loss or gradients are NaN or inf changes nothing."""
         cfg, acc, parts = self.cfg, self.accelerator, self.parts
         T = parts.scheduler.config.num_train_timesteps
-        draws = draw_step(cfg, step, self.global_batch, T, self.latent_shape, acc.device)
+        draws = draw_step(cfg, step, self.global_batch, T, self.step_latent_shape(step), acc.device)
         total = torch.zeros((), device=acc.device)
+        halves = torch.zeros(2, device=acc.device)  # DreamBooth: the instance and prior losses' sums
+        flags = getattr(self.sampler, "flags", None)  # PriorPairSampler: True at a micro-batch's class items
         nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
         for micro in range(cfg.gradient_accumulation_steps):
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(self.batches).items()}
-            mine = {k: v[self.sampler.positions(micro)] for k, v in draws.items()}
+            # DreamBooth's sampler interleaves its halves by micro-batch: its draws have their own places
+            where = getattr(self.sampler, "draw_positions", self.sampler.positions)(micro)
+            mine = {k: v[where] for k, v in draws.items()}
             with acc.accumulate(self.model):
                 with acc.autocast():
                     x0 = latents_of(batch, parts.vae, mine["latent_noise"])
@@ -204,15 +212,35 @@ class UNetTrainer(Trainer):
                         batch, parts.text_encoder, self.empty_text, mine["drop"], cfg.text_encoder_trains
                     )
                 loss = diffusion_loss(
-                    self.model, parts.scheduler, x0, text, mine["t"], mine["noise"], cfg.snr_gamma
+                    self.model,
+                    parts.scheduler,
+                    x0,
+                    text,
+                    mine["t"],
+                    mine["noise"],
+                    cfg.snr_gamma,
+                    per_example=flags is not None,  # DreamBooth's two halves are weighed apart
                 )
+                if flags is not None:  # Ruiz et al. eq. 2: instance mean + λ class mean
+                    loss, instance, prior = prior_preservation_loss(loss, flags, cfg.prior_loss_weight)
+                    halves += torch.stack([instance, prior]).detach()
                 acc.backward(loss)
                 total += loss.detach()
                 if acc.sync_gradients:
                     nonfinite = self.update(~torch.isfinite(total))
         if self.ema is not None:
             self.ema.update(self.params)
-        return total / cfg.gradient_accumulation_steps, nonfinite
+        logs = {"loss": total / cfg.gradient_accumulation_steps}
+        if flags is not None:
+            logs["instance_loss"], logs["prior_loss"] = halves / cfg.gradient_accumulation_steps
+        return logs, nonfinite
+
+    def step_latent_shape(self, step: int) -> tuple[int, int, int]:
+        """(C, h, w) of the step's latents: its bucket's with aspect buckets (every process draws the same
+        bucket at a step), else the square one."""
+        if self.layout.bucket_of_rows is None:
+            return self.latent_shape
+        return self.layout.latent_shape(self.sampler.step_bucket(step))
 
     # ---- validation -----------------------------------------------------------------------------------
 

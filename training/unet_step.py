@@ -78,8 +78,11 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> tor
     return torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr))
 
 
-def diffusion_loss(model, scheduler, x0, text, t, noise, snr_gamma: float | None = None) -> torch.Tensor:
-    """Algorithm 1, line 5: mean over the batch of w(t) ‖target - model(x_t, t, c)‖² (per element)."""
+def diffusion_loss(
+    model, scheduler, x0, text, t, noise, snr_gamma: float | None = None, per_example: bool = False
+) -> torch.Tensor:
+    """Algorithm 1, line 5: mean over the batch of w(t) ‖target - model(x_t, t, c)‖² (per element);
+    with ``per_example`` each example's (B,), for a loss that weighs examples apart (DreamBooth's)."""
     # t stays on the CPU, where the scheduler's float64 tables are: gathering there costs no device sync.
     x_t = scheduler.add_noise(x0, noise, t)  # eq. 4: x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε
     kind = scheduler.config.prediction_type
@@ -88,4 +91,4 @@ def diffusion_loss(model, scheduler, x0, text, t, noise, snr_gamma: float | None
     loss = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # eq. 14, per sample
     if snr_gamma:
         loss = loss * min_snr_weight(scheduler.snr(t), snr_gamma, kind).to(loss.device)
-    return loss.mean()
+    return loss if per_example else loss.mean()

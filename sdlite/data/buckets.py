@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdlite.data.decoding import decode_image
+from sdlite.data.decoding import decode_image, pixel_limit
 from sdlite.latents import vae_factor
 
 Size = tuple[int, int]  # (width, height) in pixels, as PIL
@@ -137,7 +137,7 @@ class BucketTransform:
         return image, size, (box[1], box[0])
 
     def __call__(self, data: bytes, index: int, flip: bool = False) -> torch.Tensor:
-        image, _, _ = self.fit(decode_image(data), index)
+        image, _, _ = self.fit(decode_image(data, pixel_limit(self.resolution)), index)  # clean_rows' limit
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
         return pixels.flip(-1) if flip else pixels  # (3, h, w)
 

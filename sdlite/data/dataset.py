@@ -5,7 +5,8 @@ Three sources, each with an image column and a caption column (``image`` and ``t
 - an image folder with ``metadata.jsonl`` lines ``{"file_name": "0001.png", "text": "a red circle"}``
   (datasets' ``imagefolder``; a folder with ``train/`` inside reads that split);
 - a folder written by ``datasets.Dataset.save_to_disk``;
-- a CSV, parquet or JSON-lines file whose image column holds paths relative to the file's folder.
+- a CSV, parquet or JSON-lines file whose image column holds paths relative to the file's folder;
+- a folder of parquet shards (``part-00000.parquet`` ..., as ``write_shards`` writes them), read whole.
 
 Images stay encoded in the rows (``datasets.Image(decode=False)``): the cache keys on their bytes and
 a cached run never decodes them again.
@@ -100,6 +101,9 @@ def load_rows(
         rows = datasets.load_from_disk(str(path))
         if isinstance(rows, datasets.DatasetDict):
             rows = rows["train"]
+    elif path.is_dir() and _parquet_shards(path) and not _metadata_files(path):
+        rows = datasets.load_dataset("parquet", data_files=_parquet_shards(path), split="train")
+        rows = _absolute_paths(rows, path.resolve(), image_column, allow_outside)
     elif path.is_dir():
         rows, problems = _rows_of_lines(_metadata_files(path), path, image_column, caption_column, bad_data,
                                         allow_outside, "file_name")  # fmt: skip
@@ -118,13 +122,7 @@ def load_rows(
         if rows is None:
             builder = TABLE_FORMATS[path.suffix.lower()]
             rows = datasets.load_dataset(builder, data_files=str(path), split="train")
-            feature = rows.features.get(image_column)
-            if isinstance(feature, datasets.Value) and "string" in feature.dtype:
-                # Parquet or a JSON array (lines were checked above): outside paths stop the run.
-                outside = [w for p in rows[image_column] if (w := resolve_in(folder, p, allow_outside)[1])]
-                _raise_for(outside, "error", "or allow_outside_paths if you trust the table")
-                absolute = [str(resolve_in(folder, p, True)[0]) for p in rows[image_column]]
-                rows = rows.remove_columns(image_column).add_column(image_column, absolute)
+            rows = _absolute_paths(rows, folder, image_column, allow_outside)
     else:
         raise DataError(
             f"data source {str(path)!r} is neither a folder (images with metadata.jsonl, or a dataset "
@@ -139,6 +137,23 @@ def load_rows(
     if len(rows) == 0:
         raise DataError(f"{str(path)!r} holds no rows")
     return rows.cast_column(image_column, datasets.Image(decode=False))
+
+
+def _parquet_shards(folder: Path) -> list[str]:
+    """The parquet files directly in a folder, in name order (the order of a stream of them)."""
+    return sorted(str(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".parquet")
+
+
+def _absolute_paths(rows: datasets.Dataset, folder: Path, image_column: str, allow_outside: bool):
+    """A table's image paths (parquet, a JSON array: lines are checked before) made absolute, relative
+    ones read from ``folder``; a path outside it stops the run unless ``allow_outside``."""
+    feature = rows.features.get(image_column)
+    if isinstance(feature, datasets.Value) and "string" in feature.dtype:
+        outside = [w for p in rows[image_column] if (w := resolve_in(folder, p, allow_outside)[1])]
+        _raise_for(outside, "error", "or allow_outside_paths if you trust the table")
+        absolute = [str(resolve_in(folder, p, True)[0]) for p in rows[image_column]]
+        rows = rows.remove_columns(image_column).add_column(image_column, absolute)
+    return rows
 
 
 def _raise_for(problems: list[str], bad_data: str, fix: str = "or set bad_data to skip to train without "

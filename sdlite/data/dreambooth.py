@@ -86,10 +86,13 @@ def prior_preservation_loss(
     """(loss, instance loss, prior loss) from per-example losses (B,) and flags (B,): the mean over the
     instance examples + prior_loss_weight * the mean over the class examples (a half with no example
     adds nothing)."""
-    is_prior = is_prior.to(losses.device, torch.bool)
+    is_prior = is_prior.to(torch.bool)
+    # Which halves exist, asked of the flags where they are (on the CPU: no wait for the device).
+    has_instance, has_prior = bool((~is_prior).any()), bool(is_prior.any())
+    is_prior = is_prior.to(losses.device)
     zero = losses.new_zeros(())
-    instance = losses[~is_prior].mean() if bool((~is_prior).any()) else zero
-    prior = losses[is_prior].mean() if bool(is_prior.any()) else zero
+    instance = losses[~is_prior].mean() if has_instance else zero
+    prior = losses[is_prior].mean() if has_prior else zero
     return instance + prior_loss_weight * prior, instance, prior
 
 
@@ -100,7 +103,8 @@ class PriorPairSampler:
     rows (of the step's bucket, with buckets) in an order drawn from (seed, cycle), a cycle being the
     n // G steps that take disjoint runs of n class rows (n < G: each step takes them all, repeated).
     So they are deterministic in (seed, step): resume and DDP slicing stay exact. The flip of a class
-    item is drawn from (seed, step) too. ``global_batch`` and ``positions`` count both halves (2G, 2B).
+    item is drawn from (seed, step) too. ``global_batch`` and ``positions`` count both halves (2G, 2B);
+    ``draw_positions`` places a micro-batch's random draws so that every split of a step draws alike.
     """
 
     def __init__(
@@ -176,6 +180,14 @@ class PriorPairSampler:
     def positions(self, micro_step: int) -> slice:
         start = (micro_step * self.num_processes + self.process_index) * self.batch_size
         return slice(start, start + self.batch_size)
+
+    def draw_positions(self, micro_step: int) -> torch.Tensor:
+        """Where this process's micro-batch takes its random draws in the step's 2G: instance item k of
+        the step at k, class item k at G + k. So an item's noise and timestep do not depend on how the
+        step is split into processes and micro-steps (``positions`` interleaves the halves by B)."""
+        inner = self.inner.positions(micro_step)
+        mine = torch.arange(inner.start, inner.stop)
+        return torch.cat([mine, self.inner.global_batch + mine])
 
     def __iter__(self) -> Iterator[list[tuple]]:
         for step in range(self.start_step, self.max_steps):

@@ -1,0 +1,202 @@
+"""training/train.py on photo sets as sd-scripts users keep them: caption files beside the images,
+N_name repeat folders, caption_prefix / shuffle_caption / keep_tokens, and aspect-ratio buckets.
+
+Each run is the tiny preset for a few steps on a handful of images; resolution 64 gives the tiny
+VAE (factor 4, bucket sides multiples of 32) the buckets 32x128, 32x96, 64x64, 96x32, 128x32.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from sdlite.training.config import parse_config
+from sdlite.training.configs import TrainConfig
+from sdlite.training.train import UNetTrainer, main
+
+ROOT = Path(__file__).resolve().parents[1]
+COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+
+
+def picture(path: Path, size: tuple[int, int], color: str, shape: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", size, (240, 240, 240))
+    w, h = size
+    draw = ImageDraw.Draw(image)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(
+        [w // 4, h // 4, 3 * w // 4, 3 * h // 4], COLORS[color]
+    )
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """2_subject: 3 images repeated twice; 1_other: 3 once (one without a caption file); an orphan .txt.
+    Sizes in 3 aspect buckets at resolution 64: 64x64 (3 images), 96x32 (2), 32x96 (1)."""
+    root = tmp_path_factory.mktemp("photos")
+    for name, size, color, shape in [
+        ("2_subject/a.png", (64, 64), "red", "circle"),
+        ("2_subject/b.png", (150, 50), "blue", "square"),
+        ("2_subject/c.jpg", (40, 120), "green", "circle"),
+        ("1_other/d.png", (70, 60), "red", "square"),
+        ("1_other/e.png", (99, 30), "green", "square"),
+        ("1_other/f.png", (64, 70), "blue", "circle"),
+    ]:
+        path = picture(root / name, size, color, shape)
+        if path.stem != "f":
+            path.with_suffix(".txt").write_text(
+                f"{color}, {shape}, {'wide' if size[0] > size[1] else 'tall'}\n"
+            )
+    (root / "1_other" / "orphan.txt").write_text("a caption whose image was deleted")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def flags(data: Path, cache: Path, out: Path, **overrides) -> list[str]:
+    values = dict(train_data_dir=data, output_dir=out, cache_dir=cache, max_steps=4, train_batch_size=2,
+                  learning_rate=1e-3, log_every=1, checkpoint_every=2, ema_decay=0.9, report_to="none",
+                  seed=0, random_flip="true")  # fmt: skip
+    values.update(overrides)
+    return [text for key, value in values.items() for text in (f"--{key}", str(value))]
+
+
+def weights(run: Path, part: str) -> dict[str, torch.Tensor]:
+    return load_file(next((run / "final" / part).glob("*.safetensors")))
+
+
+def resumes_exactly(argv, out: Path, monkeypatch, crash_at: int = 3) -> None:
+    """A run stopped at step ``crash_at`` and resumed from its last checkpoint ends with the weights of
+    the uninterrupted run already in ``out / "whole"``."""
+    step = UNetTrainer.optimizer_step
+
+    def crash(trainer, i):
+        if i == crash_at:
+            raise KeyboardInterrupt("the machine went away")
+        return step(trainer, i)
+
+    monkeypatch.setattr(UNetTrainer, "optimizer_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv(out / "broken"))
+    monkeypatch.undo()
+    main(argv(out / "broken") + ["--resume", "latest"])
+    for part in ("unet_raw", "unet"):
+        a, b = weights(out / "whole", part), weights(out / "broken", part)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+CAPTIONS = dict(shuffle_caption="true", keep_tokens=1, caption_prefix="sks")
+
+
+def test_a_caption_folder_trains_with_repeats_prefix_and_shuffled_tags_and_resumes_exactly(
+    photos, cache, tmp_path, monkeypatch
+):
+    def argv(out):
+        return flags(photos, cache, out, **CAPTIONS)
+
+    main(argv(tmp_path / "whole"))
+    report = (tmp_path / "whole" / "bad_files.txt").read_text()
+    assert "orphan.txt\tcaption file without an image of the same name\tignored" in report
+    assert "f.png\tno caption file (.txt or .caption)\tkept, trained with the empty caption" in report
+    resumes_exactly(argv, tmp_path, monkeypatch)
+
+
+def test_repeats_and_drawn_captions_reach_the_batches(photos, cache, tmp_path):
+    trainer = UNetTrainer(parse_config(TrainConfig, flags(photos, cache, tmp_path, max_steps=15, **CAPTIONS)))
+    sampler, tokenizer = trainer.sampler, trainer.parts.tokenizer
+    assert sampler.num_items == 3 * 2 + 3  # 2_subject twice, 1_other once
+    seen = {}
+    for step in range(3 * sampler.steps_per_epoch):  # three epochs
+        batch = next(trainer.batches)
+        assert "embeds" not in batch  # a caption drawn anew at each draw cannot come from the text cache
+        for (row, *_), ids in zip(sampler.step_items(step), batch["input_ids"]):
+            text = tokenizer.decode(ids, skip_special_tokens=True).replace(
+                " ,", ","
+            )  # the tiny tokenizer spaces "," out
+            seen.setdefault(row, []).append(text)
+    # each row at least its repeats per epoch; an epoch's last short step is filled by repeating items
+    drawn = sorted(len(texts) for texts in seen.values())
+    assert drawn[:3] >= [3] * 3 and drawn[3:] >= [6] * 3 and sum(drawn) == 3 * 5 * 2
+    captions = {text for texts in seen.values() for text in texts}
+    assert all(text == "sks" or text.startswith("sks, ") for text in captions)  # the trigger word first
+    # keep_tokens=1: the colour (the caption's own first tag) stays right after the trigger word
+    assert all(text == "sks" or text.split(", ")[1] in COLORS for text in captions)
+    assert all(len(set(texts)) == 2 for texts in seen.values() if texts[0] != "sks")  # both tag orders
+
+
+def test_aspect_buckets_write_their_counts_cache_latents_and_resume_exactly(
+    photos, cache, tmp_path, monkeypatch
+):
+    def argv(out):
+        return flags(photos, cache, out, resolution=64, aspect_buckets="true", random_crop="true")
+
+    main(argv(tmp_path / "whole"))
+    counts = json.loads((tmp_path / "whole" / "buckets.json").read_text())
+    assert counts == {"32x96": 1, "64x64": 3, "96x32": 2}
+    resumes_exactly(argv, tmp_path, monkeypatch)
+
+
+def test_buckets_trained_without_the_latent_cache_are_the_same_training(photos, cache, tmp_path):
+    options = dict(resolution=64, aspect_buckets="true", max_steps=2, checkpoint_every=0)
+    main(flags(photos, cache, tmp_path / "cached", **options))
+    main(flags(photos, tmp_path / "unused", tmp_path / "uncached", cache_latents="false", **options))
+    a, b = weights(tmp_path / "cached", "unet_raw"), weights(tmp_path / "uncached", "unet_raw")
+    difference = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert difference.mean() < 1e-6 and (difference > 1e-5).float().mean() < 1e-3
+
+
+def test_every_step_draws_one_bucket_with_latents_of_its_size(photos, cache, tmp_path):
+    options = dict(resolution=64, aspect_buckets="true", max_steps=10)
+    cfg = parse_config(TrainConfig, flags(photos, cache, tmp_path, **options))
+    trainer = UNetTrainer(cfg)
+    shapes = set()
+    for step in range(trainer.sampler.steps_per_epoch):
+        batch = next(trainer.batches)
+        shape = trainer.step_latent_shape(step)
+        assert batch["mean"].shape[1:] == shape  # the cache's latents, the step's noise: one size
+        shapes.add(shape)
+    assert shapes == {(4, 16, 16), (4, 8, 24), (4, 24, 8)}
+
+
+def launch(args: list[str]) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    script = str(ROOT / "training" / "train.py")
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", script, *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout + result.stderr
+
+
+def test_two_processes_train_buckets_and_captions_like_one(photos, cache, tmp_path):
+    """Each process takes its half of every step's bucket: 2 x 1 is the training of 1 x 2."""
+    options = dict(resolution=64, aspect_buckets="true", max_steps=3, checkpoint_every=0, **CAPTIONS)
+    main(flags(photos, cache, tmp_path / "one", **options))
+    log = launch(flags(photos, cache, tmp_path / "two", train_batch_size=1, **options))
+    assert "global batch 2" in log and "aspect buckets: 6 images in 3 buckets" in log
+    a, b = weights(tmp_path / "one", "unet_raw"), weights(tmp_path / "two", "unet_raw")
+    difference = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    # the same training up to float32 summation order (tests/test_train.py says how close that is)
+    assert difference.mean() < 1e-6 and (difference > 1e-5).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        (dict(streaming="true", aspect_buckets="true"), "not with streaming"),
+        (dict(keep_tokens=-1), "keep_tokens"),
+    ],
+)
+def test_photo_set_settings_that_cannot_work_fail_before_training(photos, tmp_path, setting, words):
+    with pytest.raises(ValueError, match=words):
+        main(flags(photos, tmp_path / "cache", tmp_path / "run", **setting))
