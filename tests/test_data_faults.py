@@ -72,6 +72,21 @@ def test_an_image_that_breaks_after_the_check_is_listed_and_the_next_row_trains_
         examples[(0, False)]
 
 
+def test_a_broken_image_is_replaced_only_by_one_of_its_group(tmp_path):
+    """With aspect buckets a stand-in of another bucket would not stack into the step's batch."""
+    folder = write_folder(tmp_path / "data", [line(f"{i:04d}.png", f"caption {i}") for i in range(4)])
+    rows = clean_rows(load_rows(folder), "image", "text", 8, None, "skip", None, print)
+    groups = ["a", "b", "b", "a"]  # row 1's group holds row 2; row 0's holds row 3
+    examples = TrainingExamples(rows, "image", ImageTransform(8), torch.zeros(4, 3), log=print, groups=groups)
+    expected = examples[(3, False)]["pixels"]
+    (folder / "0000.png").write_bytes(b"broken")
+    assert torch.equal(examples[(0, False)]["pixels"], expected)  # row 3, not row 1 (the next one)
+    (folder / "0003.png").unlink()
+    with pytest.raises(DataError, match="none of the 2 images reads"):
+        examples[(0, False)]
+    assert examples[(1, False)]["pixels"].shape == (3, 8, 8)  # the other group still trains
+
+
 # ---- 8: metadata ----------------------------------------------------------------------------------
 
 

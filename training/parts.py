@@ -179,7 +179,8 @@ def build_examples(cfg: TrainConfig, acc, parts):
             acc.print(f"{source}: {len(rows)} captions, {missing} text embeddings computed")
         acc.wait_for_everyone()  # every process's share of the cache is written
         return TrainingExamples(rows, cfg.image_column, transform_here, input_ids, latent_files, embed_files,
-                                report=report if acc.is_main_process else None, log=acc.print)  # fmt: skip
+                                report=report if acc.is_main_process else None, log=acc.print,
+                                groups=layout.groups(len(rows)) if trained else None)  # fmt: skip
 
     if cfg.streaming:  # the DataLoader comes from examples.loader(start_step, ...) in setup()
         from sdlite.data.streaming import StreamingExamples, load_stream, parquet_rows
@@ -270,6 +271,15 @@ class DataLayout:
             self.repeats = [0 if prior else 1 for prior in rows["is_prior"]]  # a step's own items: instances
         if isinstance(self.transform, BucketTransform):
             self.bucket_of_rows = image_buckets(rows, image_column, self.transform)
+
+    def groups(self, count: int) -> list[tuple] | None:
+        """Which rows may stand in for each other when an image breaks mid-run: those of one bucket
+        (a batch stacks one size) and one side of DreamBooth (subject or class)."""
+        if self.bucket_of_rows is None and not self.class_rows:
+            return None
+        prior = set(self.class_rows or ())
+        buckets = self.bucket_of_rows or [0] * count
+        return [(buckets[r], r in prior) for r in range(count)]
 
     @property
     def plain(self) -> bool:

@@ -25,7 +25,7 @@ listed (``TrainingExamples``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,9 +230,11 @@ class TrainingExamples(torch.utils.data.Dataset):
 
     Uncached, an image is read again at every step, and the file may have changed or broken since
     clean_rows checked it (a sync, an editor, a disk). Such an item is replaced by the next row that
-    still reads (the step keeps its batch size; the replacement is a function of the index alone, so
-    every run and every worker picks the same one), and listed in ``report`` (appended to, as
-    clean_rows' rows are: "file, problem, what was done") and through ``log`` once per file.
+    still reads of the same ``groups`` value (with aspect buckets the same bucket, so the batch still
+    stacks; with DreamBooth the same side). The step keeps its batch size; the replacement is a
+    function of the index alone, so every run and every worker picks the same one. The file is listed
+    in ``report`` (appended to, as clean_rows' rows are: "file, problem, what was done") and through
+    ``log``, once per file.
     """
 
     def __init__(
@@ -245,11 +247,12 @@ class TrainingExamples(torch.utils.data.Dataset):
         embed_files: list[str] | None = None,
         report: str | Path | None = None,
         log: Callable[[str], None] = print,
+        groups: Sequence | None = None,
     ):
         self.images = rows.select_columns([image_column])
         self.image_column, self.transform, self.input_ids = image_column, transform, input_ids
         self.latent_files, self.embed_files = latent_files, embed_files
-        self.report, self.log = report, log
+        self.report, self.log, self.groups = report, log, groups
         self.broken: set[int] = set()  # rows found broken in this process
 
     def __len__(self) -> int:
@@ -259,7 +262,7 @@ class TrainingExamples(torch.utils.data.Dataset):
         """(3, R, R) pixels of row ``index``, or of the next row that still reads."""
         for k in range(len(self)):
             row = (index + k) % len(self)
-            if row in self.broken:
+            if row in self.broken or (self.groups is not None and self.groups[row] != self.groups[index]):
                 continue
             entry = self.images[row][self.image_column]
             try:
@@ -267,7 +270,8 @@ class TrainingExamples(torch.utils.data.Dataset):
             except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
                 self.broken.add(row)
                 self._list(row_name(entry, row), why_unusable(error))
-        raise DataError(f"none of the {len(self)} images reads any more: the data changed after the start")
+        alike = len(self) if self.groups is None else self.groups.count(self.groups[index])
+        raise DataError(f"none of the {alike} images reads any more: the data changed after the start")
 
     def _list(self, name: str, problem: str) -> None:
         action = "skipped (broke after the start-up check), another row trained in its place"
