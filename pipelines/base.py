@@ -28,7 +28,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdlite.ddpm import DDPMScheduler, check_num_train_timesteps
 from sdlite.latents import vae_factor
-from sdlite.models import PARTS, check_folder, read_header, save_components
+from sdlite.models import PARTS, ModelFolderError, check_folder, read_header, save_components
+from sdlite.models_xl import is_xl_folder
 from sdlite.pipelines.single_file import load_single_file, save_single_file
 from sdlite.pipelines.single_file_xl import detect_layout, load_single_file_sd2
 from sdlite.tokenizer import load_tokenizer
@@ -117,19 +118,34 @@ class BasePipeline(DiffusionPipeline, StableDiffusionMixin):
         scheduler classes load as diffusers' own. A folder without a tokenizer gets CLIP's, built offline.
         diffusers' keyword arguments work as there (``variant``, ``torch_dtype``, a part passed in).
         """
-        path = check_folder(pretrained_model_name_or_path, tuple(p for p in PARTS if p not in kwargs))
+        path = cls._check_folder(pretrained_model_name_or_path, kwargs)
         kwargs.setdefault("local_files_only", True)
         if "scheduler" not in kwargs:
             config = DDPMScheduler.load_config(path / "scheduler")
             check_num_train_timesteps(config.get("num_train_timesteps", 1000))  # before any table is built
             if config.get("_class_name") == "DDPMScheduler":
                 kwargs["scheduler"] = DDPMScheduler.from_config(config)
-        if "tokenizer" not in kwargs and not (path / "tokenizer").is_dir():
-            text_config = CLIPTextModel.config_class.from_pretrained(path / "text_encoder")
-            kwargs["tokenizer"] = load_tokenizer(None, text_config.max_position_embeddings)
+        kwargs = {**cls._default_tokenizers(path, kwargs), **kwargs}
         if "torch_dtype" in kwargs and _DTYPE_KWARG == "dtype":
             kwargs["dtype"] = kwargs.pop("torch_dtype")
         return super().from_pretrained(path, **kwargs)
+
+    @classmethod
+    def _check_folder(cls, path: str | Path, kwargs: dict) -> Path:
+        """The folder, checked to hold this pipeline's parts (those not passed in ``kwargs``)."""
+        if is_xl_folder(path):
+            raise ModelFolderError(
+                f"{str(path)!r} is an SDXL model folder: load it with TextToImageXLPipeline.from_pretrained"
+            )
+        return check_folder(path, tuple(p for p in PARTS if p not in kwargs))
+
+    @classmethod
+    def _default_tokenizers(cls, path: Path, kwargs: dict) -> dict:
+        """CLIP's tokenizer, built offline, for a folder without one (and none passed)."""
+        if "tokenizer" in kwargs or (path / "tokenizer").is_dir():
+            return {}
+        text_config = CLIPTextModel.config_class.from_pretrained(path / "text_encoder")
+        return {"tokenizer": load_tokenizer(None, text_config.max_position_embeddings)}
 
     def save_pretrained(
         self,

@@ -229,6 +229,64 @@ def check_ip_adapter(image, image_embeds, num_adapters: int, has_image_encoder: 
         )
 
 
+# ---- SDXL's own arguments (Podell et al. 2023): a second prompt, pooled embeddings, size conditioning ----
+
+
+def check_prompts_xl(args: dict, num_prompts: int) -> None:
+    """prompt_2 / negative_prompt_2 as text, not beside the embeddings they would make, and pooled
+    embeddings (encoder 2's, (batch, width)) with every given prompt_embeds / negative_prompt_embeds."""
+    for name, embeds in (("prompt_2", "prompt_embeds"), ("negative_prompt_2", "negative_prompt_embeds")):
+        value = args[name]
+        if value is None:
+            continue
+        if args[embeds] is not None:
+            raise ValueError(f"pass {name} or {embeds} (the embeddings it would make), not both")
+        if not _is_text(value):
+            raise ValueError(f"{name} must be a str or a non-empty list of str, got {_describe(value)}")
+        if isinstance(value, list) and len(value) != num_prompts:
+            raise ValueError(
+                f"{name} has {len(value)} entries but there are {num_prompts} prompts: pass one str for "
+                f"all or a list of {num_prompts}"
+            )
+    for side in ("", "negative_"):
+        embeds, pooled = args[f"{side}prompt_embeds"], args[f"{side}pooled_prompt_embeds"]
+        if embeds is not None and pooled is None:
+            raise ValueError(
+                f"{side}prompt_embeds needs {side}pooled_prompt_embeds too (text encoder 2's pooled "
+                "output): pass both, as encode_prompt returns them"
+            )
+        if pooled is not None and not (
+            isinstance(pooled, torch.Tensor) and pooled.ndim == 2 and len(pooled) == num_prompts
+        ):
+            raise ValueError(
+                f"{side}pooled_prompt_embeds must be a tensor of shape ({num_prompts}, width), "
+                f"got {_describe(pooled)}"
+            )
+
+
+SIZE_CONDITIONS = (
+    "original_size", "crops_coords_top_left", "target_size",
+    "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",
+)  # fmt: skip
+
+
+def check_size_conditioning(args: dict) -> None:
+    """SDXL's micro-conditioning: sizes (height, width) > 0 and crops (top, left) >= 0, in pixels, or
+    None for the sizes; denoising_end None or a fraction of the schedule in (0, 1]."""
+    for name in SIZE_CONDITIONS:
+        value, crop = args[name], name.endswith("crops_coords_top_left")
+        if value is None and not crop:
+            continue
+        low = 0 if crop else 1
+        if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) and v >= low
+                                                                                for v in value)):  # fmt: skip
+            what = "(top, left) ints >= 0" if crop else "None or (height, width) ints >= 1"
+            raise ValueError(f"{name} must be {what}, got {_describe(value)}")
+    end = args["denoising_end"]
+    if end is not None and not (_is_real(end) and 0 < end <= 1):
+        raise ValueError(f"denoising_end must be None or a number in (0, 1], got {_describe(end)}")
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

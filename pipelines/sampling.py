@@ -27,6 +27,7 @@ class SamplingState:
     _cross_attention_kwargs = None
     _num_timesteps = 0
     _interrupt = False
+    _callback_added_cond: dict[str, str] = {}  # callback tensor name -> added_cond_kwargs key
 
     @property
     def guidance_scale(self) -> float:
@@ -64,21 +65,26 @@ class SamplingState:
         f = self.vae_scale_factor
         return (rows * f if height is None else height), (cols * f if width is None else width)
 
-    def run_callback(self, callback, names, i, t, latents, context):
-        """Hand the named tensors to ``callback``; return (latents, context) with its replacements.
+    def run_callback(self, callback, names, i, t, latents, context, added_cond=None):
+        """Hand the named tensors to ``callback``; return (latents, context, added_cond) with its
+        replacements.
 
         "prompt_embeds" is the U-Net's whole context ([negative; positive] when guided, as in
-        diffusers), "negative_prompt_embeds" its unconditional half (None unguided).
+        diffusers), "negative_prompt_embeds" its unconditional half (None unguided). A pipeline whose
+        U-Net takes added conditioning names its tensors in ``_callback_added_cond`` (callback name ->
+        ``added_cond`` key; SDXL's "add_text_embeds" is ``added_cond["text_embeds"]``).
         """
         guided = len(context) == 2 * len(latents)
         negative = context[: len(context) // 2] if guided else None
         named = {"latents": latents, "prompt_embeds": context, "negative_prompt_embeds": negative}
+        named.update({name: added_cond[key] for name, key in self._callback_added_cond.items()})
         out = callback(self, i, t, {name: named[name] for name in names}) or {}
         latents, context = out.get("latents", latents), out.get("prompt_embeds", context)
         new_negative = out.get("negative_prompt_embeds", negative)
         if guided and new_negative is not negative and new_negative is not None:
             context = torch.cat([new_negative, context[len(context) // 2 :]])
-        return latents, context
+        replaced = {key: out[name] for name, key in self._callback_added_cond.items() if name in out}
+        return latents, context, ({**added_cond, **replaced} if replaced else added_cond)
 
     def check_finite(self, latents, i, t, before, unet_out, eps) -> None:
         """Raise NonFiniteSampleError naming the cause when a step's latents hold NaN or inf."""

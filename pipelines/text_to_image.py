@@ -35,6 +35,7 @@ from sdlite.lora import adapter_scale
 from sdlite.pipelines import inputs
 from sdlite.pipelines.adapters import ExactLoraFuse, ImagePrompts
 from sdlite.pipelines.base import BasePipeline
+from sdlite.pipelines.lora_check import check_lora_fits
 from sdlite.pipelines.sampling import SamplingState, guidance_embedding, rescale_guidance
 
 logger = logging.get_logger(__name__)
@@ -151,6 +152,27 @@ class TextToImagePipeline(
             return images, nsfw
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
 
+    # ---- LoRA: checked against the model before any weight changes ----------------------------
+
+    _lora_parts = ("unet", "text_encoder")  # the models a LoRA of this pipeline's family adapts
+    _lora_family = "SD 1.x/2.x"
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
+        """diffusers' ``load_lora_weights`` after ``check_lora``: a LoRA of another family (SDXL's)
+        fails naming what it was made for, with nothing loaded."""
+        kwargs.setdefault("local_files_only", True)
+        self.check_lora(pretrained_model_name_or_path_or_dict, **kwargs)
+        super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+
+    def check_lora(self, pretrained_model_name_or_path_or_dict, **kwargs) -> None:
+        """Raise ValueError unless every layer the LoRA adapts exists here with the LoRA's widths
+        (``lora_check.check_lora_fits``); the file is read as ``lora_state_dict`` reads it."""
+        state = pretrained_model_name_or_path_or_dict
+        if not isinstance(state, dict):
+            state = self.lora_state_dict(state, **kwargs)[0]
+        models = {name: getattr(self, name, None) for name in self._lora_parts}
+        check_lora_fits(state, models, self._lora_family)
+
     # ---- stages ------------------------------------------------------------------------------
 
     def check_inputs(self, args: dict) -> int:
@@ -175,7 +197,7 @@ class TextToImagePipeline(
         text = self.text_encoder
         inputs.check_guidance(
             args["guidance_scale"], args["eta"], args["guidance_rescale"], args["clip_skip"],
-            text_layers=text.config.num_hidden_layers if text is not None else None,
+            text_layers=self.clip_skip_limit(),
         )  # fmt: skip
         if text is None and (args["prompt"] is not None or args["negative_prompt"] is not None):
             raise ValueError(
@@ -192,6 +214,10 @@ class TextToImagePipeline(
             has_image_encoder=getattr(self, "image_encoder", None) is not None,
         )  # fmt: skip
         return num_prompts
+
+    def clip_skip_limit(self) -> int | None:
+        """clip_skip must be below this: the text encoder's layers (None without one)."""
+        return self.text_encoder.config.num_hidden_layers if self.text_encoder is not None else None
 
     @torch.no_grad()  # inference mode when called from __call__
     def encode_prompt(
@@ -324,7 +350,9 @@ class TextToImagePipeline(
                 latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
                 self.check_finite(latents, i, t, before, out, eps)
                 if callback is not None:
-                    latents, context = self.run_callback(callback, callback_inputs, i, t, latents, context)
+                    latents, context, added_cond_kwargs = self.run_callback(
+                        callback, callback_inputs, i, t, latents, context, added_cond_kwargs
+                    )
                 bar.update()
         return latents
 

@@ -6,16 +6,21 @@ What SDXL changes (Podell et al. 2023, sec. 2.1-2.2), each in one method of ``Te
   embedding, for the prompt and for the unconditional half of classifier-free guidance (zeros when
   there is no negative prompt and the model's ``force_zeros_for_empty_prompt`` is set, as SDXL base's is);
 - ``_added_cond_kwargs``: the pooled embedding and the six size/crop numbers ``add_time_ids``,
-  ``{"text_embeds", "time_ids"}``, which ``_predict_noise`` hands the U-Net beside the text states;
+  ``{"text_embeds", "time_ids"}``, which the SD pipeline's ``denoise`` hands the U-Net beside the text
+  states (and a step-end callback sees as "add_text_embeds" and "add_time_ids");
+- ``check_inputs``: the SD groups of ``inputs.py``, then SDXL's (second prompt, pooled embeddings,
+  size conditioning); ``clip_skip`` counts from the penultimate layer;
 - loading and saving: diffusers' SDXL folder (``sdlite.models_xl``) and the SGM single file
   (``single_file_xl``); a float16 VAE whose config sets ``force_upcast`` decodes in float32.
 
-Everything else (latents, scheduler steps, guidance rescale, decoding, the LoRA fuse that undoes exactly)
-is ``TextToImagePipeline``'s. Conventions follow diffusers' ``StableDiffusionXLPipeline``, so the
-same weights, scheduler and generator give the same images. Its invisible watermark is not applied,
-and one difference is deliberate: with several prompts and negative_original_size/negative_target_size,
-diffusers repeats the [negative; positive] time ids as [neg, pos, neg, pos] against embeddings ordered
-[neg, neg, pos, pos]; here each image's halves get their own.
+Everything else (the call state and step-end callback contract, latents, scheduler steps, guidance
+and its rescale, non-finite checks, IP-Adapter embeddings, decoding, the LoRA check and the fuse that
+undoes exactly) is ``TextToImagePipeline``'s. Conventions follow diffusers'
+``StableDiffusionXLPipeline``, so the same weights, scheduler and generator give the same images.
+Its invisible watermark is not applied, and one difference is deliberate: with several prompts and
+negative_original_size/negative_target_size, diffusers repeats the [negative; positive] time ids as
+[neg, pos, neg, pos] against embeddings ordered [neg, neg, pos, pos]; here each image's halves get
+their own.
 """
 
 from __future__ import annotations
@@ -26,20 +31,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
-from diffusers.pipelines import pipeline_utils
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdlite.conditioning_xl import add_time_ids, encode_prompts_xl
 from sdlite.ddpm import DDPMScheduler
 from sdlite.lora import adapter_scale
 from sdlite.models_xl import ComponentsXL, check_folder_xl, save_components_xl, tokenizers_xl
-from sdlite.pipelines.lora_check import check_lora_fits
+from sdlite.pipelines import inputs
+from sdlite.pipelines.adapters import ExactLoraFuse
+from sdlite.pipelines.sampling import guidance_embedding
 from sdlite.pipelines.single_file_xl import load_single_file_xl, save_single_file_xl
-from sdlite.pipelines.text_to_image import TextToImagePipeline, rescale_guidance
+from sdlite.pipelines.text_to_image import TextToImagePipeline
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -47,15 +53,23 @@ ENCODERS = ("text_encoder", "text_encoder_2")
 class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipeline):
     """pipe(prompt) -> ImagePipelineOutput(images) for SDXL; arguments as diffusers' SDXL pipeline.
 
-    From the SD pipeline's bases come FreeU and fused QKV (``StableDiffusionMixin``) and IP-Adapter
-    loading (``IPAdapterMixin``); the IP-Adapter's image embeddings go to the U-Net with the added
-    conditioning.
+    The SD pipeline's stages run here unchanged: its checks (``check_inputs`` runs the SD groups, then
+    SDXL's), ``set_schedule``, ``prepare_latents``, ``denoise`` (given the added conditioning; a
+    step-end callback may also read and replace "add_text_embeds" and "add_time_ids"), IP-Adapter
+    embeddings, ``decode_latents``, FreeU and fused QKV, the LoRA check and the exact unfuse.
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
     _optional_components = ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
                             "image_encoder", "feature_extractor"]  # fmt: skip
     _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
+    _callback_added_cond = {"add_text_embeds": "text_embeds", "add_time_ids": "time_ids"}
+    _lora_parts = ("unet", *ENCODERS)
+    _lora_family = "SDXL"
+    _denoising_end = None
+    # diffusers' SDXL LoRA mixin comes first in the MRO: this keeps sdlite's reading of LoRA files
+    # (kohya's per-module alphas, pickles refused), which goes on to diffusers' for other files.
+    lora_state_dict = ExactLoraFuse.__dict__["lora_state_dict"]
 
     def __init__(
         self,
@@ -81,20 +95,7 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
         )  # fmt: skip
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
 
-    # ---- what the step-end callback may read and change (diffusers' contract) ------------------
-
-    guidance_scale = property(lambda self: self._guidance_scale)
-    guidance_rescale = property(lambda self: self._guidance_rescale)
-    clip_skip = property(lambda self: self._clip_skip)
-    cross_attention_kwargs = property(lambda self: self._cross_attention_kwargs)
     denoising_end = property(lambda self: self._denoising_end)
-    num_timesteps = property(lambda self: self._num_timesteps)
-    interrupt = property(lambda self: getattr(self, "_interrupt", False))
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        # A guidance-distilled U-Net takes w as an input (timestep_cond) and needs no second pass.
-        return self._guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
 
     # ---- the recipe --------------------------------------------------------------------------
 
@@ -142,30 +143,21 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
         original_size, crops_coords_top_left, target_size: SDXL's size/crop conditioning, (height,
             width), (top, left), (height, width) in pixels; sizes default to the requested one. The
             negative_* ones condition the unconditional half (the same as the prompt's when None).
-        ip_adapter_image / ip_adapter_image_embeds: an IP-Adapter's image prompt (after load_ip_adapter).
         denoising_end: stop after this fraction of the schedule (an ensemble-of-experts base model).
-        sigmas: a custom noise schedule, for schedulers whose set_timesteps takes one.
-        The rest is as in ``TextToImagePipeline.__call__``; callback_on_step_end may also read and
-        return "add_text_embeds" and "add_time_ids", and may change ``pipe._guidance_scale`` or set
-        ``pipe._interrupt`` (skip the remaining steps).
+        The rest is as in ``TextToImagePipeline.__call__``.
         """
-        default_size = self.unet.config.sample_size * self.vae_scale_factor
-        height, width = height or default_size, width or default_size
-        num_prompts = self.check_inputs_xl(
-            prompt, prompt_2, height, width, num_inference_steps, timesteps, negative_prompt,
-            negative_prompt_2, num_images_per_prompt, generator, latents, prompt_embeds,
-            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type,
-            callback_on_step_end_tensor_inputs, guidance_scale, eta, guidance_rescale, clip_skip,
-        )  # fmt: skip
-        # What the properties read, and a step-end callback may change (diffusers' contract).
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        height, width = self.resolve_size(height, width)
+        args = {name: value for name, value in locals().items() if name != "self"}
+        num_images = self.check_inputs(args) * num_images_per_prompt
+        device = self._execution_device
         self._guidance_scale, self._guidance_rescale = guidance_scale, guidance_rescale
         self._clip_skip, self._cross_attention_kwargs = clip_skip, cross_attention_kwargs
-        self._denoising_end, self._interrupt = denoising_end, False
-        num_images = num_prompts * num_images_per_prompt
-        device = self._execution_device
+        self._denoising_end = denoising_end
+        guided = self.do_classifier_free_guidance
         cross_attention_kwargs = dict(cross_attention_kwargs or {})
         lora_scale = cross_attention_kwargs.pop("scale", None)  # for the text encoders too
-        guided = self.do_classifier_free_guidance
 
         with torch.inference_mode(), adapter_scale(self.unet, *self._encoders(), scale=lora_scale):
             embeds, negative, pooled, negative_pooled = self.encode_prompt(
@@ -173,32 +165,29 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
                 prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
                 clip_skip=clip_skip,
             )  # fmt: skip
-            timesteps = self._set_timesteps(num_inference_steps, timesteps, sigmas, device)
-            latents = self.prepare_latents(
-                num_images, height, width, embeds.dtype, device, generator, latents
-            )
-            size = (height, width)
-            cond = self._added_cond_kwargs(
-                pooled, original_size or size, crops_coords_top_left, target_size or size
-            )
-            context = embeds
+            sizes = (original_size or (height, width), crops_coords_top_left, target_size or (height, width))
+            cond, context = self._added_cond_kwargs(pooled, *sizes), embeds
             if guided:  # one batch for both passes: the unconditional half first
                 if negative_original_size is not None and negative_target_size is not None:
                     sizes = (negative_original_size, negative_crops_coords_top_left, negative_target_size)
-                else:  # as diffusers: the prompt's size conditioning for both halves
-                    sizes = (original_size or size, crops_coords_top_left, target_size or size)
-                uncond = self._added_cond_kwargs(negative_pooled, *sizes)
+                uncond = self._added_cond_kwargs(negative_pooled, *sizes)  # else the prompt's, as diffusers
                 context = torch.cat([negative, embeds])
                 cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
             if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
                 cond["image_embeds"] = self.prepare_ip_adapter_image_embeds(
                     ip_adapter_image, ip_adapter_image_embeds, device, num_images, guided
                 )
-            latents = self.denoise_xl(
-                latents, context, cond, self._truncated(timesteps),
-                timestep_cond=self.guidance_embedding(guidance_scale, num_images, latents),
+            self.set_schedule(num_inference_steps, timesteps, sigmas, device)
+            if hasattr(self.scheduler, "set_begin_index"):  # as diffusers' SDXL: start at the first step
+                self.scheduler.set_begin_index(0)
+            dtype = embeds.dtype
+            latents = self.prepare_latents(num_images, height, width, dtype, device, generator, latents)
+            latents = self.denoise(
+                latents, context, self._truncated(self.scheduler.timesteps),
+                guidance_scale=guidance_scale if guided else None, guidance_rescale=guidance_rescale,
+                timestep_cond=guidance_embedding(self.unet.config, guidance_scale, num_images, latents),
                 step_kwargs=self.step_kwargs(generator, eta),
-                cross_attention_kwargs=cross_attention_kwargs or None,
+                cross_attention_kwargs=cross_attention_kwargs or None, added_cond_kwargs=cond,
                 callback=callback_on_step_end, callback_inputs=callback_on_step_end_tensor_inputs,
                 progress=progress,
             )  # fmt: skip
@@ -211,43 +200,18 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
 
     # ---- stages SDXL changes -----------------------------------------------------------------
 
-    def check_inputs_xl(
-        self, prompt, prompt_2, height, width, num_inference_steps, timesteps, negative_prompt,
-        negative_prompt_2, num_images_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds,
-        pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type, callback_inputs,
-        guidance_scale, eta, guidance_rescale, clip_skip,
-    ) -> int:  # fmt: skip
-        """The SD checks (``check_inputs``), then SDXL's own: prompt_2, pooled embeddings, callbacks."""
-        unknown = set(callback_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, "
-                f"got {sorted(unknown)}"
-            )
-        pairs = (("prompt_2", prompt_2, prompt_embeds),
-                 ("negative_prompt_2", negative_prompt_2, negative_prompt_embeds))  # fmt: skip
-        for name, value, other in pairs:
-            if value is not None and other is not None:
-                raise ValueError(f"pass {name} or the embeddings it would make, not both")
-            if value is not None and not (
-                isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-            ):
-                raise ValueError(f"{name} must be a str or a list of str, got {type(value).__name__}")
-        if prompt_embeds is not None and pooled_prompt_embeds is None:
-            raise ValueError(
-                "prompt_embeds needs pooled_prompt_embeds too (encoder 2's pooled output): pass both, as "
-                "encode_prompt returns them"
-            )
-        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
-            raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too: pass both")
-        layers = min(getattr(self, n).config.num_hidden_layers for n in ENCODERS if getattr(self, n, None))
-        if clip_skip is not None and not (isinstance(clip_skip, int) and 0 <= clip_skip < layers - 1):
-            raise ValueError(f"clip_skip must be None or an int in [0, {layers - 1}), got {clip_skip!r}")
-        return self.check_inputs(
-            prompt, height, width, num_inference_steps, timesteps, negative_prompt, num_images_per_prompt,
-            generator, latents, prompt_embeds, negative_prompt_embeds, output_type, ("latents",),
-            guidance_scale=guidance_scale, eta=eta, guidance_rescale=guidance_rescale,
-        )  # fmt: skip
+    def check_inputs(self, args: dict) -> int:
+        """The SD pipeline's groups, then SDXL's (``inputs.check_prompts_xl``,
+        ``inputs.check_size_conditioning``); returns the number of prompts."""
+        num_prompts = super().check_inputs(args)
+        inputs.check_prompts_xl(args, num_prompts)
+        inputs.check_size_conditioning(args)
+        return num_prompts
+
+    def clip_skip_limit(self) -> int | None:
+        """SDXL reads the penultimate layer already, so clip_skip counts from there."""
+        layers = [m.config.num_hidden_layers - 1 for m in self._encoders()]
+        return min(layers) if layers else None
 
     @torch.no_grad()  # inference mode when called from __call__
     def encode_prompt(
@@ -315,67 +279,10 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
         ids = add_time_ids(tuple(original_size), tuple(crop_top_left), tuple(target_size), dtype=pooled.dtype)
         return {"text_embeds": pooled, "time_ids": ids.to(pooled.device).repeat(len(pooled), 1)}
 
-    def _predict_noise(self, x, t, context, cond, timestep_cond, cross_attention_kwargs) -> torch.Tensor:
-        """ε_θ(x_t, t, c) with SDXL's added conditioning beside the text states."""
-        return self.unet(
-            x, t, encoder_hidden_states=context, timestep_cond=timestep_cond,
-            cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=cond, return_dict=False,
-        )[0]  # fmt: skip
-
-    @torch.no_grad()
-    def denoise_xl(
-        self, latents, context, cond: dict, timesteps, timestep_cond=None, step_kwargs=None,
-        cross_attention_kwargs=None, callback=None, callback_inputs=("latents",), progress: bool = True,
-    ) -> torch.Tensor:  # fmt: skip
-        """Algorithm 2, lines 2-5 (Ho et al. 2020) with guidance re-read each step, so a step-end
-        callback can change ``pipe._guidance_scale`` or set ``pipe._interrupt``."""
-        self._num_timesteps = len(timesteps)
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(0)
-        bar = (
-            self.progress_bar(total=len(timesteps)) if progress else tqdm(total=len(timesteps), disable=True)
-        )
-        with bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                guided = self.do_classifier_free_guidance
-                x = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-                eps = self._predict_noise(x, t, context, cond, timestep_cond, cross_attention_kwargs)
-                if guided:
-                    eps_uncond, eps_cond = eps.chunk(2)
-                    eps = eps_uncond + self._guidance_scale * (eps_cond - eps_uncond)  # CFG, eq. 6
-                    if self._guidance_rescale > 0:
-                        eps = rescale_guidance(eps, eps_cond, self._guidance_rescale)
-                latents = self.scheduler.step(eps, t, latents, **(step_kwargs or {}), return_dict=False)[0]
-                if callback is not None:
-                    named = {"latents": latents, "prompt_embeds": context, "add_text_embeds":
-                             cond["text_embeds"], "add_time_ids": cond["time_ids"]}  # fmt: skip
-                    out = callback(self, i, t, {k: named[k] for k in callback_inputs}) or {}
-                    latents, context = out.get("latents", latents), out.get("prompt_embeds", context)
-                    cond = {**cond, "text_embeds": out.get("add_text_embeds", cond["text_embeds"]),
-                            "time_ids": out.get("add_time_ids", cond["time_ids"])}  # fmt: skip
-                bar.update()
-        return latents
-
-    # IP-Adapter image embeddings, [uncond; cond] per adapter as the U-Net's image projection takes them:
-    # diffusers' own, which read only image_encoder, feature_extractor and the U-Net's projection layers.
-    encode_image = StableDiffusionXLPipeline.encode_image
-    prepare_ip_adapter_image_embeds = StableDiffusionXLPipeline.prepare_ip_adapter_image_embeds
-
     # ---- helpers -----------------------------------------------------------------------------
 
     def _encoders(self) -> list:
         return [m for m in (getattr(self, n, None) for n in ENCODERS) if m is not None]
-
-    def _set_timesteps(self, num_inference_steps, timesteps, sigmas, device) -> torch.Tensor:
-        if sigmas is not None:
-            self.scheduler.set_timesteps(sigmas=sigmas, device=device)
-        elif timesteps is not None:
-            self.scheduler.set_timesteps(timesteps=timesteps, device=device)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-        return self.scheduler.timesteps
 
     def _truncated(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The timesteps t >= (1 - denoising_end) T: the base model's share of an ensemble of experts."""
@@ -399,48 +306,32 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
                 with torch.inference_mode(False):
                     self.vae.to(torch.float16)
 
-    # ---- LoRA: checked against the model before any weight changes ----------------------------
+    # ---- LoRA ----------------------------------------------------------------------------------
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
         """diffusers' SDXL ``load_lora_weights`` (keys ``unet.``, ``text_encoder.``, ``text_encoder_2.``,
-        or kohya's), after checking that every adapted layer exists here with the LoRA's widths: an SD
-        1.x LoRA fails naming what it was made for, with nothing loaded."""
+        or kohya's) after ``check_lora``: an SD 1.x LoRA fails naming what it was made for, with
+        nothing loaded. ``fuse_lora`` / ``unfuse_lora`` cover all three models and undo exactly."""
         kwargs.setdefault("local_files_only", True)
-        state = pretrained_model_name_or_path_or_dict
-        if not isinstance(state, dict):
-            state, _ = self.lora_state_dict(state, **kwargs)
-        check_lora_fits(state, {"unet": self.unet, **{n: getattr(self, n) for n in ENCODERS}}, "SDXL")
+        self.check_lora(pretrained_model_name_or_path_or_dict, **kwargs)
         super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
-
-    def fuse_lora(self, components=("unet", *ENCODERS), lora_scale: float = 1.0, **kwargs):
-        super().fuse_lora(components=components, lora_scale=lora_scale, **kwargs)
-
-    def unfuse_lora(self, components=("unet", *ENCODERS), **kwargs):
-        super().unfuse_lora(components=components, **kwargs)
 
     # ---- loading and saving ------------------------------------------------------------------
 
+    # from_pretrained is the SD pipeline's (local files only, a saved diffusers DDPMScheduler loads as
+    # sdlite's, pickles only when they hold tensors alone) over these two:
+
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> TextToImageXLPipeline:
-        """Load a diffusers-layout SDXL folder (ours or diffusers' ``save_pretrained``), local files only,
-        checked first (``check_folder_xl``): an SD 1.x folder or a mixed one fails naming its parts.
-        Pickled weights load only when they unpickle as tensors alone (``weights_only``), as for SD.
-        A saved diffusers ``DDPMScheduler`` loads as sdlite's; missing tokenizers are built offline."""
-        path = check_folder_xl(
-            pretrained_model_name_or_path, weights=kwargs.get("variant") is None, pickled=True
-        )
-        kwargs.setdefault("local_files_only", True)
-        if "scheduler" not in kwargs:
-            config = DDPMScheduler.load_config(path / "scheduler")
-            if config.get("_class_name") == "DDPMScheduler":
-                kwargs["scheduler"] = DDPMScheduler.from_config(config)
-        if not {"tokenizer", "tokenizer_2"} <= kwargs.keys():
-            length = CLIPTextModel.config_class.from_pretrained(path / "text_encoder").max_position_embeddings
-            built = dict(zip(("tokenizer", "tokenizer_2"), tokenizers_xl(path, length)))
-            kwargs = {**built, **kwargs}
-        if "torch_dtype" in kwargs and hasattr(pipeline_utils, "_resolve_dtype"):
-            kwargs["dtype"] = kwargs.pop("torch_dtype")  # diffusers >= 0.42's name
-        return DiffusionPipeline.from_pretrained.__func__(cls, path, **kwargs)
+    def _check_folder(cls, path, kwargs: dict) -> Path:
+        """An SDXL folder (``check_folder_xl``): an SD 1.x or a mixed one fails naming its parts."""
+        return check_folder_xl(path, weights=kwargs.get("variant") is None, pickled=True)
+
+    @classmethod
+    def _default_tokenizers(cls, path: Path, kwargs: dict) -> dict:
+        if {"tokenizer", "tokenizer_2"} <= kwargs.keys():
+            return {}
+        length = CLIPTextModel.config_class.from_pretrained(path / "text_encoder").max_position_embeddings
+        return dict(zip(("tokenizer", "tokenizer_2"), tokenizers_xl(path, length)))
 
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True, **kwargs) -> Path:
         """Write diffusers' SDXL layout (``save_components_xl``), which loads here and in diffusers'

@@ -20,7 +20,7 @@ PROMPTS = ["a red circle", "a blue square"]
 def sdxl_lora(tmp_path_factory):
     """A random (non-zero) adapter on the U-Net and both encoders, written as diffusers writes SDXL's."""
     parts = build_components_xl("tiny-sdxl", seed=1)
-    settings = LoraSettings(rank=2, alpha=4, init="gaussian")
+    settings = LoraSettings(rank=2, alpha=4)  # peft's init: A random, B zero (set below)
     add_lora(parts.unet, None, settings)
     layers = {}
     for name in ("text_encoder", "text_encoder_2"):
@@ -112,3 +112,26 @@ def test_sdxl_lora_checked_against_an_sd1_model_names_text_encoder_2(sdxl_lora):
     models = {"unet": sd1.unet, "text_encoder": sd1.text_encoder}
     with pytest.raises(ValueError, match=r"weights for \['text_encoder_2'\].*made for SDXL"):
         check_lora_fits(state, models, "SD 1.x")
+
+
+def test_sd1_pipeline_refuses_an_sdxl_lora_naming_it_and_changes_nothing(sdxl_lora):
+    from sdlite.pipelines import TextToImagePipeline
+
+    pipe = TextToImagePipeline(**build_components("tiny", seed=0).as_dict())
+    weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(ValueError, match=r"does not fit the SD 1.x/2.x model.*text_encoder_2.*made for SDXL"):
+        pipe.load_lora_weights(sdxl_lora)
+    assert pipe.unet.state_dict().keys() == weights.keys()  # no adapter layers were injected
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in weights.items())
+    assert not getattr(pipe.unet, "peft_config", None) and not getattr(pipe.text_encoder, "peft_config", None)
+
+
+def test_sdxl_pipeline_refuses_a_pickled_lora_naming_the_file(sdxl_lora, tmp_path):
+    from safetensors.torch import load_file
+
+    state = load_file(next(sdxl_lora.glob("*.safetensors")))
+    torch.save(state, tmp_path / "lora.bin")
+    ours, _ = pipelines()
+    with pytest.raises(ValueError, match=r"lora.bin.*is a pickle"):
+        ours.load_lora_weights(tmp_path / "lora.bin")
+    assert not getattr(ours.unet, "peft_config", None)

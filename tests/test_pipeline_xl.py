@@ -190,3 +190,34 @@ def test_pickled_weights_that_hold_only_tensors_load_and_others_are_refused(ours
     torch.save({**state, "note": fractions.Fraction(1, 3)}, tmp_path / "vae" / "diffusion_pytorch_model.bin")
     with pytest.raises(ModelFolderError, match="pickled objects other than tensors"):
         TextToImageXLPipeline.from_pretrained(tmp_path)
+
+
+def test_sd_pipeline_from_pretrained_refuses_an_sdxl_folder_naming_the_xl_pipeline(ours, tmp_path):
+    from sdlite.pipelines import TextToImagePipeline
+
+    ours.save_pretrained(tmp_path)
+    with pytest.raises(ModelFolderError, match="SDXL model folder.*TextToImageXLPipeline.from_pretrained"):
+        TextToImagePipeline.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "bad, named",
+    [
+        (dict(original_size=(64,)), "original_size"),
+        (dict(negative_crops_coords_top_left=(-1, 0)), "negative_crops_coords_top_left"),
+        (dict(prompt_2=["one"]), "prompt_2 has 1 entries but there are 2 prompts"),
+        (dict(denoising_end=1.5), "denoising_end"),
+        (dict(clip_skip=1), "clip_skip"),  # tiny-sdxl's encoders have 2 layers: SDXL reads the penultimate
+        (dict(callback_on_step_end_tensor_inputs=["negative_prompt_embeds"]), "callback_on_step_end"),
+    ],
+    ids=["size", "crop", "prompt_2", "denoising_end", "clip_skip", "callback_name"],
+)
+def test_sdxl_arguments_are_checked_before_any_work_naming_them(ours, bad, named):
+    calls = []
+    hook = ours.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=named):
+            ours(PROMPTS, num_inference_steps=2, **bad)
+    finally:
+        hook.remove()
+    assert not calls  # refused before the U-Net ran
