@@ -1,4 +1,4 @@
-"""SIGTERM through ``accelerate launch`` with one process (docs/reliability.md).
+"""SIGTERM through ``accelerate launch`` with one process (README: Reliability).
 
 accelerate 1.15's one-process launcher neither forwards SIGTERM nor waits: ``python -m
 sdlite.training.launch`` (accelerate's launch command, forwarding and waiting) keeps the README's

@@ -73,9 +73,9 @@ class RunConfig:
     checkpoint_every: int = 500  # steps between checkpoints (one at the end too); 0: none
     checkpoints_total_limit: int | None = 3  # keep the newest this many checkpoints; None: all
     resume: str | None = None  # "latest" (output_dir's newest checkpoint, if any) or a checkpoint folder
-    # Faults (docs/reliability.md)
+    # Faults (README: Reliability)
     nonfinite_loss: str = "skip"  # a NaN/inf loss or gradient: "skip" the step, or "stop" the run
-    # Run-folder safety and data reliability (docs/reliability.md): what a resume may change, where
+    # Run-folder safety and data reliability (README: Reliability): what a resume may change, where
     # images may live, how large they may be.
     allow_config_change: list[str] = field(default_factory=list)  # keys --resume may also change
     allow_outside_paths: bool = False  # image paths in a table may point outside the table's folder

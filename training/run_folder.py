@@ -12,7 +12,7 @@ The lock is an ``fcntl.flock`` on ``output_dir/run.lock``, which the kernel drop
 ends however it ends (SIGKILL included): so a lock is never left behind by a dead process, and the
 file's JSON only says who held it last. Only the main process of a run takes it (with several
 processes, ``accelerate launch`` starts them all for one run, and only the main one writes the folder).
-flock works on local file systems; on NFS it needs the lock daemon (docs/reliability.md).
+flock works on local file systems; on NFS it needs the lock daemon (README: Reliability).
 """
 
 from __future__ import annotations

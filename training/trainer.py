@@ -8,7 +8,7 @@ training/checkpoint.py, run_folder.py and resume.py is in this file (the run fol
 ``save_checkpoint``, ``check_nonfinite``, the final folder), so that checkpoint policy changes in one
 place for both trainers.
 
-The run folder (docs/reliability.md): ``__init__`` locks output_dir before anything is written there
+The run folder (README: Reliability): ``__init__`` locks output_dir before anything is written there
 (a second run on it fails naming the first's pid) and checks the final folder before any training
 (a folder of the user's files, or output_dir itself, is refused); the lock is held until ``train``
 returns or raises (``release``).
@@ -148,7 +148,7 @@ class Trainer:
     def loop(self) -> None:
         """Steps start_step .. max_steps - 1, then return (the caller evaluates and saves the result).
 
-        Faults (docs/reliability.md): a step whose loss or gradients are NaN or inf changes nothing
+        Faults (README: Reliability): a step whose loss or gradients are NaN or inf changes nothing
         (``update``); such steps are counted at the host-sync points and reported, or with
         nonfinite_loss=stop raised there, before any checkpoint of that window is written. SIGTERM or
         SIGINT: a checkpoint after the current step, then exit 128 + the signal.
