@@ -30,7 +30,7 @@ from sdlite.ddpm import DDPMScheduler, check_num_train_timesteps
 from sdlite.latents import vae_factor
 from sdlite.models import PARTS, ModelFolderError, check_folder, read_header, save_components
 from sdlite.models_xl import is_xl_folder
-from sdlite.pipelines.single_file import load_single_file, save_single_file
+from sdlite.pipelines.single_file import checked_path, load_single_file, save_single_file
 from sdlite.pipelines.single_file_xl import detect_layout, load_single_file_sd2
 from sdlite.tokenizer import load_tokenizer
 
@@ -201,12 +201,10 @@ class BasePipeline(DiffusionPipeline, StableDiffusionMixin):
         2.x file needs the folder of an SD 2.x model (its OpenCLIP text encoder, and whether it
         predicts noise or velocity, which the file does not say).
         """
-        load = load_single_file
-        if Path(path).suffix == ".safetensors" and Path(path).is_file():  # else load_single_file says why
-            layout = detect_layout(read_header(Path(path)), path)
-            if layout == "SDXL":
-                raise ValueError(f"{str(path)!r} is an SDXL checkpoint: load it with TextToImageXLPipeline")
-            load = load_single_file_sd2 if layout == "SD 2.x" else load_single_file
+        layout = detect_layout(read_header(checked_path(path)), path)
+        if layout == "SDXL":
+            raise ValueError(f"{str(path)!r} is an SDXL checkpoint: load it with TextToImageXLPipeline")
+        load = load_single_file_sd2 if layout == "SD 2.x" else load_single_file
         return cls(**load(path, config, torch_dtype).as_dict())
 
     def save_single_file(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:

@@ -106,7 +106,8 @@ def load_single_file(path, config="sd15", torch_dtype: torch.dtype | None = None
     return parts
 
 
-def read_safetensors(path) -> dict[str, torch.Tensor]:
+def checked_path(path) -> Path:
+    """The checkpoint's path once it is known to name an existing .safetensors file."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(
@@ -115,6 +116,11 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
         )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    return path
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    path = checked_path(path)
     try:
         return load_file(path)
     except SafetensorError as e:  # safetensors parses a bounded JSON header and raw bytes: never code

@@ -53,6 +53,7 @@ from sdlite.pipelines.single_file import (
     _architecture,
     _clip_keys_for,
     _load_weights,
+    checked_path,
     read_safetensors,
     to_original_layout,
 )
@@ -240,7 +241,7 @@ def load_single_file_sd2(path, config, torch_dtype: torch.dtype | None = None) -
 
 def _expect_layout(path, layout: str) -> None:
     """Refuse, from the header alone, a file of another layout or none we know."""
-    found = detect_layout(read_header(_checked_path(path)), path)
+    found = detect_layout(read_header(checked_path(path)), path)
     if found != layout:
         loader = {
             "SD 1.x": "load_single_file (or TextToImagePipeline.from_single_file)",
@@ -250,19 +251,6 @@ def _expect_layout(path, layout: str) -> None:
         raise ValueError(
             f"{str(path)!r} is an {found} single-file checkpoint, not {layout}: load it with {loader[found]}"
         )
-
-
-def _checked_path(path) -> Path:
-    """The checkpoint's path once it is known to name an existing .safetensors file."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(
-            f"checkpoint {str(path)!r} must be a .safetensors file; pickled checkpoints (.ckpt, .pt, .bin) "
-            "are refused because loading them can run code"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return path
 
 
 def _convert(converter, checkpoint, config, path, name) -> dict:
