@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -23,6 +23,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
+
+from sdlite.data.steps import StepBatches
 
 
 def setup_accelerator(
@@ -69,7 +71,7 @@ def seeded_generator(*keys, device: str | torch.device = "cpu") -> torch.Generat
     return torch.Generator(device=device).manual_seed(int.from_bytes(h, "little") >> 1)
 
 
-class StepSampler:
+class StepSampler(StepBatches):
     """A batch sampler for the optimizer steps ``start_step`` .. ``max_steps - 1``: ordered by (seed, epoch).
 
     Epoch e visits a permutation of the items drawn from (seed, e). Step s takes the next
@@ -122,20 +124,6 @@ class StepSampler:
         else:
             flips = torch.zeros(self.global_batch, dtype=torch.bool)
         return list(zip(indices, flips.tolist()))
-
-    def positions(self, micro_step: int) -> slice:
-        """This process's positions in the global batch at micro-step ``micro_step``."""
-        start = (micro_step * self.num_processes + self.process_index) * self.batch_size
-        return slice(start, start + self.batch_size)
-
-    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
-        for step in range(self.start_step, self.max_steps):
-            items = self.step_items(step)
-            for a in range(self.accumulation_steps):
-                yield items[self.positions(a)]
-
-    def __len__(self) -> int:
-        return (self.max_steps - self.start_step) * self.accumulation_steps
 
 
 def make_optimizer(

@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from sdlite.data.decoding import decode_image, pixel_limit
+from sdlite.data.steps import StepBatches
 from sdlite.latents import vae_factor
 
 Size = tuple[int, int]  # (width, height) in pixels, as PIL
@@ -163,7 +164,7 @@ def bucket_summary(counts: dict[str, int], global_batch: int) -> str:
     return f"aspect buckets: {sum(counts.values())} images in {len(counts)} buckets: {listed}{note}"
 
 
-class BucketSampler:
+class BucketSampler(StepBatches):
     """A batch sampler for the optimizer steps ``start_step`` .. ``max_steps - 1``, each from one bucket.
 
     Items: row r appears ``repeats[r]`` times per epoch (1 each without ``repeats``). Epoch e: each
@@ -245,20 +246,6 @@ class BucketSampler:
         if self.draw_keys:
             return [(r, f, epoch, i) for r, f, i in zip(rows, flips.tolist(), items)]
         return list(zip(rows, flips.tolist()))
-
-    def positions(self, micro_step: int) -> slice:
-        """This process's positions in the global batch at micro-step ``micro_step``."""
-        start = (micro_step * self.num_processes + self.process_index) * self.batch_size
-        return slice(start, start + self.batch_size)
-
-    def __iter__(self) -> Iterator[list[tuple]]:
-        for step in range(self.start_step, self.max_steps):
-            items = self.step_items(step)
-            for a in range(self.accumulation_steps):
-                yield items[self.positions(a)]
-
-    def __len__(self) -> int:
-        return (self.max_steps - self.start_step) * self.accumulation_steps
 
 
 class _RowsOf:

@@ -18,7 +18,7 @@ for the prior-preservation loss.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import datasets
@@ -27,6 +27,7 @@ import torch
 from sdlite.data.buckets import _generator  # a stream that is a function of its keys
 from sdlite.data.captions import IMAGE_EXTENSIONS
 from sdlite.data.dataset import DataError
+from sdlite.data.steps import StepBatches
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -96,7 +97,7 @@ def prior_preservation_loss(
     return instance + prior_loss_weight * prior, instance, prior
 
 
-class PriorPairSampler:
+class PriorPairSampler(StepBatches):
     """The instance sampler's micro-batches, each followed by as many class items (see module docstring).
 
     Class items: a step's G class items (G: the instance sampler's global batch) are a run of the class
@@ -188,15 +189,6 @@ class PriorPairSampler:
         inner = self.inner.positions(micro_step)
         mine = torch.arange(inner.start, inner.stop)
         return torch.cat([mine, self.inner.global_batch + mine])
-
-    def __iter__(self) -> Iterator[list[tuple]]:
-        for step in range(self.start_step, self.max_steps):
-            items = self.step_items(step)
-            for a in range(self.accumulation_steps):
-                yield items[self.positions(a)]
-
-    def __len__(self) -> int:
-        return (self.max_steps - self.start_step) * self.accumulation_steps
 
 
 def class_images_needed(class_data_dir: str | Path, num_class_images: int) -> int:
