@@ -144,8 +144,21 @@ def check_schedule(
         )
 
 
-def check_guidance(guidance_scale, eta, guidance_rescale, clip_skip, text_layers: int | None) -> None:
-    """Classifier-free guidance's w and φ, DDIM's eta, and clip_skip below the text encoder's depth."""
+def check_guidance(
+    guidance_scale, eta, guidance_rescale, clip_skip, text_layers: int | None, interval=None
+) -> None:
+    """Classifier-free guidance's w, φ and interval, DDIM's eta, and clip_skip below the text
+    encoder's depth."""
+    if interval is not None and not (
+        isinstance(interval, (tuple, list))
+        and len(interval) == 2
+        and all(_is_real(v, 0, None) for v in interval)
+        and interval[0] <= interval[1]
+    ):
+        raise ValueError(
+            "guidance_interval must be None or (lo, hi) timesteps with 0 <= lo <= hi, "
+            f"got {_describe(interval)}"
+        )
     for name, value, low, high, allowed in (
         ("guidance_scale", guidance_scale, None, None, "a finite number"),
         ("eta", eta, 0, None, "a finite number >= 0"),

@@ -160,6 +160,21 @@ def guidance_embedding(unet_config, guidance_scale: float, num_images: int, like
     return emb.to(device=like.device, dtype=like.dtype)
 
 
+def in_interval(t, interval: tuple[float, float] | None) -> bool:
+    """Whether timestep t lies in the guidance interval (lo, hi), ends included; None: always."""
+    return interval is None or interval[0] <= float(t) <= interval[1]
+
+
+def conditional_half(batch):
+    """The conditional half of a guided batch (the unconditional half is first): of a tensor, or of
+    each tensor of a dict (the added conditioning); None stays None."""
+    if isinstance(batch, dict):
+        return {k: conditional_half(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):  # IP-Adapter image embeddings: one tensor per adapter
+        return type(batch)(conditional_half(v) for v in batch)
+    return batch.chunk(2)[1] if isinstance(batch, torch.Tensor) else batch
+
+
 @cache
 def _parameters(function) -> frozenset[str]:
     return frozenset(inspect.signature(function).parameters)

@@ -36,7 +36,13 @@ from sdlite.pipelines import inputs
 from sdlite.pipelines.adapters import ExactLoraFuse, ImagePrompts
 from sdlite.pipelines.base import BasePipeline
 from sdlite.pipelines.lora_check import check_lora_fits
-from sdlite.pipelines.sampling import SamplingState, guidance_embedding, rescale_guidance
+from sdlite.pipelines.sampling import (
+    SamplingState,
+    conditional_half,
+    guidance_embedding,
+    in_interval,
+    rescale_guidance,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -78,6 +84,7 @@ class TextToImagePipeline(
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
         guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
@@ -88,6 +95,9 @@ class TextToImagePipeline(
         timesteps / sigmas: a custom schedule instead of num_inference_steps (sigmas for schedulers
             whose set_timesteps takes them: Euler, DPM++, e.g. Align-Your-Steps).
         guidance_scale: w of classifier-free guidance; <= 1 turns it off (one U-Net pass per step).
+        guidance_interval: (lo, hi): guide only the steps whose timestep t has lo <= t <= hi, the
+            others take one conditional pass (Kynkäänniemi et al. 2024: guidance at high noise costs
+            the samples' variety); None: every step.
         generator: a torch.Generator, or one per image, for exactly reproducible draws.
         output_type: "pil" (list of PIL images), "np" ((N, H, W, 3) in [0, 1]), "pt" ((N, 3, H, W)
             in [0, 1]) or "latent" (the denoised latents, before the VAE).
@@ -136,6 +146,7 @@ class TextToImagePipeline(
                 self.scheduler.timesteps,
                 guidance_scale=guidance_scale if guided else None,
                 guidance_rescale=guidance_rescale,
+                guidance_interval=guidance_interval,
                 timestep_cond=guidance_embedding(self.unet.config, guidance_scale, num_images, latents),
                 step_kwargs=self.step_kwargs(generator, eta),
                 cross_attention_kwargs=cross_attention_kwargs or None,
@@ -197,7 +208,7 @@ class TextToImagePipeline(
         text = self.text_encoder
         inputs.check_guidance(
             args["guidance_scale"], args["eta"], args["guidance_rescale"], args["clip_skip"],
-            text_layers=self.clip_skip_limit(),
+            text_layers=self.clip_skip_limit(), interval=args["guidance_interval"],
         )  # fmt: skip
         if text is None and (args["prompt"] is not None or args["negative_prompt"] is not None):
             raise ValueError(
@@ -304,6 +315,7 @@ class TextToImagePipeline(
         timesteps: torch.Tensor,
         guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
         timestep_cond: torch.Tensor | None = None,
         step_kwargs: dict | None = None,
         cross_attention_kwargs: dict | None = None,
@@ -314,7 +326,8 @@ class TextToImagePipeline(
     ) -> torch.Tensor:
         """Algorithm 2, lines 2-5: x_t -> x_{t-1} for each t, guided when guidance_scale is given.
 
-        context holds [unconditional; conditional] embeddings when guided, else the conditional ones.
+        context holds [unconditional; conditional] embeddings when guided, else the conditional ones;
+        a step outside ``guidance_interval`` takes the conditional halves alone.
         w is re-read from ``self._guidance_scale`` every step, where a callback may change it; a
         callback that sets ``self._interrupt`` ends the loop after its step. Raises NonFiniteSampleError
         naming the cause when the latents stop being finite.
@@ -329,19 +342,21 @@ class TextToImagePipeline(
             for i, t in enumerate(timesteps):
                 if self._interrupt:
                     break
-                x = torch.cat([latents, latents]) if guidance_scale is not None else latents
+                guide = guidance_scale is not None and in_interval(t, guidance_interval)
+                x = torch.cat([latents, latents]) if guide else latents
                 x = scheduler.scale_model_input(x, t)
+                skip = guidance_scale is not None and not guide
                 out = unet(
                     x,
                     t,
-                    encoder_hidden_states=context,
+                    encoder_hidden_states=conditional_half(context) if skip else context,
                     timestep_cond=timestep_cond,
                     cross_attention_kwargs=cross_attention_kwargs,
-                    added_cond_kwargs=added_cond_kwargs,
+                    added_cond_kwargs=conditional_half(added_cond_kwargs) if skip else added_cond_kwargs,
                     return_dict=False,
                 )[0]
                 eps = out
-                if guidance_scale is not None:
+                if guide:
                     eps_uncond, eps_cond = out.chunk(2)
                     eps = eps_uncond + self._guidance_scale * (eps_cond - eps_uncond)  # CFG, eq. 6
                     if guidance_rescale > 0:

@@ -124,6 +124,7 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
         guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
         original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
@@ -185,6 +186,7 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
             latents = self.denoise(
                 latents, context, self._truncated(self.scheduler.timesteps),
                 guidance_scale=guidance_scale if guided else None, guidance_rescale=guidance_rescale,
+                guidance_interval=guidance_interval,
                 timestep_cond=guidance_embedding(self.unet.config, guidance_scale, num_images, latents),
                 step_kwargs=self.step_kwargs(generator, eta),
                 cross_attention_kwargs=cross_attention_kwargs or None, added_cond_kwargs=cond,

@@ -4,8 +4,9 @@ Generate ``n`` images per prompt ("a red circle") and read the colour and shape 
 segment the shape from the background, name its colour by the palette colour nearest the foreground's
 median, name its shape by which template (circle, square, triangle drawn in the shape's bounding box)
 overlaps it most. Beside it a **diversity** figure: the spread (standard deviation) of the shape's
-position and size over a prompt's images, over the same spread in the data, so 1.0 means "as varied as
-the data" and a model that draws one picture per prompt scores near 0. Deterministic for a seed.
+position and size over a prompt's images, over the same spread in the data that the prompt describes
+(the images whose caption names the same size, or none), so 1.0 means "as varied as the data" and a
+model that draws one picture per prompt scores near 0. Deterministic for a seed.
 
 This module imports no pipeline: ``prompt_fidelity`` takes a ``generate(prompts, seed)`` callable,
 and ``pipeline_generate`` wraps any object called like ``TextToImagePipeline``. The likelihood of
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sdlite.data.shapes import PALETTE, SHAPES, half_range, parse_pair, shape_mask
+from sdlite.data.shapes import PALETTE, SHAPES, SIZE_WORDS, half_range, parse_pair, shape_mask
 from sdlite.images import to_uint8
 
 # A pixel belongs to the shape when its colour is this far (RGB Euclidean, 0..441) from the
@@ -148,8 +149,9 @@ class PromptScore:
     correct: float  # fraction of images whose colour and shape (and size word) match the prompt
     colour: float  # fraction with the right colour
     shape: float  # fraction with the right shape
-    diversity: float  # mean over (x, y, size) of their spread over the data's spread
+    diversity: float  # mean over (x, y, size) of their spread over that of the data the prompt describes
     seen: bool = True  # False for a pair left out of the training data
+    diversity_all_data: float = 0.0  # the same over the spread of all the data, whatever the caption
 
 
 @dataclass
@@ -164,6 +166,10 @@ class FidelityReport:
     @property
     def diversity(self) -> float:
         return float(np.mean([s.diversity for s in self.scores]))
+
+    @property
+    def diversity_all_data(self) -> float:
+        return float(np.mean([s.diversity_all_data for s in self.scores]))
 
     def fidelity_of(self, seen: bool) -> float | None:
         picked = [s.correct for s in self.scores if s.seen == seen]
@@ -184,12 +190,29 @@ class FidelityReport:
         return "\n".join(lines)
 
 
-def data_spread(image_size: int = 32, count: int = 512, seed: int = 0) -> np.ndarray:
-    """Spread of (cx, cy, half) over shapes data, measured by the same analysis as the model's."""
+def data_spread(image_size: int = 32, count: int = 512, seed: int = 0, size: str | None = None) -> np.ndarray:
+    """Spread of (cx, cy, half) over the shapes data whose caption names ``size`` ("small", "large",
+    or None: no size, as "a red circle"), measured by the same analysis as the model's. That is what
+    a prompt stands for: the data's "a red circle" images are the mid-sized ones and half of the
+    small and large ones, so a model that draws every size for it is not the data's."""
     from sdlite.data.shapes import draw, sample_specs
 
-    analyses = [analyse_image(draw(s, image_size)) for s in sample_specs(count, seed, image_size)]
-    return spread(analyses)
+    specs = [s for s in sample_specs(count * 6, seed, image_size) if s.size_word == size][:count]
+    return spread([analyse_image(draw(s, image_size)) for s in specs])
+
+
+def data_spread_all(image_size: int = 32, count: int = 512, seed: int = 0) -> np.ndarray:
+    """Spread of (cx, cy, half) over all the shapes data, whatever the caption: the reference of the
+    diversity figure before it compared a prompt with its own captions (kept to compare with it)."""
+    from sdlite.data.shapes import draw, sample_specs
+
+    return spread([analyse_image(draw(s, image_size)) for s in sample_specs(count, seed, image_size)])
+
+
+def prompt_size(prompt: str) -> str | None:
+    """The size word a prompt names ("a small red circle" -> "small"), or None."""
+    words = [w for w in prompt.lower().split() if w in SIZE_WORDS]
+    return words[0] if words else None
 
 
 def prompt_fidelity(
@@ -209,12 +232,14 @@ def prompt_fidelity(
     images = list(generate(asked, seed))
     if len(images) != len(asked):
         raise ValueError(f"generate returned {len(images)} images for {len(asked)} prompts")
-    reference = data_spread(image_size)
+    references = {size: data_spread(image_size, size=size) for size in {prompt_size(p) for p in prompts}}
+    all_data = data_spread_all(image_size)
     unseen_pairs = {parse_pair(p) for p in unseen}
     scores, kept = [], []
     for i, prompt in enumerate(prompts):
         batch = images[i * n : (i + 1) * n]
         analyses = [analyse_image(im) for im in batch]
+        reference = references[prompt_size(prompt)]
         colour, shape = parse_pair(prompt)
         scores.append(
             PromptScore(
@@ -223,6 +248,7 @@ def prompt_fidelity(
                 colour=float(np.mean([a.colour == colour for a in analyses])) if colour else 1.0,
                 shape=float(np.mean([a.shape == shape for a in analyses])) if shape else 1.0,
                 diversity=float(np.mean(spread(analyses) / np.maximum(reference, 1e-6))),
+                diversity_all_data=float(np.mean(spread(analyses) / np.maximum(all_data, 1e-6))),
                 seen=(colour, shape) not in unseen_pairs,
             )
         )
@@ -232,7 +258,11 @@ def prompt_fidelity(
 
 
 def pipeline_generate(
-    pipe, num_inference_steps: int = 50, guidance_scale: float = 7.5, batch_size: int = 64
+    pipe,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    batch_size: int = 64,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> GenerateFn:
     """A ``generate(prompts, seed)`` over any pipeline called like ``TextToImagePipeline``."""
 
@@ -244,6 +274,7 @@ def pipeline_generate(
                 list(prompts[start : start + batch_size]),
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
+                guidance_interval=guidance_interval,
                 generator=generator,
                 output_type="np",
             )

@@ -31,6 +31,7 @@ DEFAULT_GUIDANCE = 7.5  # generate: Stable Diffusion's usual scale
 # evaluate: the tiny shapes model's best trade-off. Its fidelity and diversity at 1 / 1.5 / 2 / 3 / 7.5:
 # 96.5% 0.90 / 99.3% 0.87 / 100% 0.81 / 100% 0.73 / 100% 0.59: guidance buys fidelity with diversity.
 EVAL_GUIDANCE = 2.0
+EVAL_GUIDANCE_INTERVAL = None
 
 
 # ---- the machine ---------------------------------------------------------------------------------
@@ -78,6 +79,29 @@ def _positive(text: str) -> int:
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _interval(text: str) -> tuple[float, float] | None:
+    """argparse type of --guidance_interval: ``LO,HI`` timesteps, or ``none`` (guide every step)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give two timesteps LO,HI (e.g. 0,600) or none") from None
+    if not 0 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= LO <= HI")
+    return lo, hi
+
+
+def _guidance_interval(parser, default) -> None:
+    shown = "none" if default is None else f"{default[0]:g},{default[1]:g}"
+    parser.add_argument(
+        "--guidance_interval",
+        type=_interval,
+        default=default,
+        help=f"guide only the steps with LO <= t <= HI, as LO,HI; none: every step (default: {shown})",
+    )
 
 
 def lora_spec(text: str) -> tuple[str, float]:
@@ -169,6 +193,7 @@ def add_generate(commands) -> None:
     gen.add_argument("--steps", type=_positive, default=DEFAULT_STEPS)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    _guidance_interval(gen, None)
     gen.add_argument("--height", type=_positive, default=None, help="pixels (default: the model's size)")
     gen.add_argument("--width", type=_positive, default=None, help="pixels (default: the model's size)")
     gen.add_argument(
@@ -203,6 +228,7 @@ def add_evaluate(commands) -> None:
     ev.add_argument("--n", type=_positive, default=8, help="images per prompt")
     ev.add_argument("--steps", type=_positive, default=DEFAULT_STEPS)
     ev.add_argument("--guidance", type=float, default=EVAL_GUIDANCE)
+    _guidance_interval(ev, EVAL_GUIDANCE_INTERVAL)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--colours", type=_csv, default=None, help="prompts' colours; default: all")
     ev.add_argument("--shapes", type=_csv, default=None, help="prompts' shapes; default: all")

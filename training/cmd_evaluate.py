@@ -16,7 +16,7 @@ from sdlite import fidelity, likelihood
 from sdlite.data.dataset import ImageTransform, caption_text, image_bytes, load_rows
 from sdlite.data.shapes import allowed_pairs, draw, sample_specs
 from sdlite.images import grid
-from sdlite.training.cli import DEFAULT_STEPS, EVAL_GUIDANCE
+from sdlite.training.cli import DEFAULT_STEPS, EVAL_GUIDANCE, EVAL_GUIDANCE_INTERVAL
 from sdlite.training.cmd_generate import load_pipeline
 
 
@@ -29,6 +29,7 @@ def run_evaluation(
     n: int = 8,
     steps: int = DEFAULT_STEPS,
     guidance: float = EVAL_GUIDANCE,
+    guidance_interval: tuple[float, float] | None = EVAL_GUIDANCE_INTERVAL,
     seed: int = 0,
     colours: list[str] | None = None,
     shapes: list[str] | None = None,
@@ -45,13 +46,16 @@ def run_evaluation(
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     prompts = evaluation_prompts(colours, shapes)
     start = time.perf_counter()
-    generate = fidelity.pipeline_generate(pipe, steps, guidance)
+    generate = fidelity.pipeline_generate(pipe, steps, guidance, guidance_interval=guidance_interval)
     report = fidelity.prompt_fidelity(
         generate, prompts, n=n, seed=seed, image_size=size, unseen=unseen, keep_images=grid_path is not None
     )
     fidelity_s = time.perf_counter() - start
     print(report.table())
-    print(f"({len(prompts)} prompts x {n} images, {steps} steps, guidance {guidance}: {fidelity_s:.0f} s)")
+    where = f" at t in {list(guidance_interval)}" if guidance_interval is not None else ""
+    setting = f"{steps} steps, guidance {guidance}{where}"
+    print(f"({len(prompts)} prompts x {n} images, {setting}: {fidelity_s:.0f} s)")
+    print(f"(diversity over all the data's spread, whatever the caption: {report.diversity_all_data:.2f})")
     if grid_path is not None:
         images = [im for _, batch in report.images for im in batch]
         # Prompts run colour-major, so with one row per colour a row holds its shapes side by side.
@@ -69,11 +73,13 @@ def run_evaluation(
         "fidelity_seen": report.fidelity_of(seen=True),
         "fidelity_unseen": report.fidelity_of(seen=False),
         "diversity": report.diversity,
+        "diversity_all_data": report.diversity_all_data,
         "per_prompt": {s.prompt: s.correct for s in report.scores},
         "bpd": bound.bpd,
         "bound": vars(bound),
         "steps": steps,
         "guidance": guidance,
+        "guidance_interval": list(guidance_interval) if guidance_interval is not None else None,
         "n": n,
         "seconds": {"fidelity": fidelity_s, "bpd": bpd_s},
     }
@@ -99,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         n=args.n,
         steps=args.steps,
         guidance=args.guidance,
+        guidance_interval=args.guidance_interval,
         seed=args.seed,
         colours=args.colours,
         shapes=args.shapes,

@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         width=args.width,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
+        guidance_interval=args.guidance_interval,
         num_images_per_prompt=args.num_images,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="np",
