@@ -114,8 +114,13 @@ def load_model(cfg: TrainConfig):
     preset sdlite.models_xl's ComponentsXL (two tokenizers and text encoders)."""
     if cfg.pretrained:
         return (load_components_xl if is_xl_folder(cfg.pretrained) else load_components)(cfg.pretrained)
-    xl = isinstance(get_preset(cfg.preset), PresetXL)
-    return (build_components_xl if xl else build_components)(cfg.preset, seed=cfg.seed)
+    if not isinstance(get_preset(cfg.preset), PresetXL):
+        return build_components(cfg.preset, seed=cfg.seed)
+    parts = build_components_xl(cfg.preset, seed=cfg.seed)
+    # Trained from nothing with dropped captions as the empty prompt's embeddings (sdxl_step.py), its
+    # pipeline's unconditional half must be those too, not SDXL base's zeros.
+    parts.force_zeros_for_empty_prompt = False
+    return parts
 
 
 def load_parts(cfg: TrainConfig, device: torch.device):

@@ -15,7 +15,9 @@ Caption dropout gives the dropped examples the embeddings and pooled embedding o
 encoded by both encoders, and keeps their time ids. That is what diffusers' train_text_to_image_sdxl.py
 does with --proportion_empty_prompts (it replaces the caption by "" before encoding) and what our
 SD 1.x path does (unet_step.text_condition); SDXL base's own training zeroed them instead, which is
-why its pipeline's ``force_zeros_for_empty_prompt`` samples the unconditional half with zeros.
+why its pipeline's ``force_zeros_for_empty_prompt`` samples the unconditional half with zeros. A
+fine-tuned folder keeps its own setting; a model trained from a preset is saved with it false, so that
+its pipeline's unconditional half is the empty prompt it was trained with.
 """
 
 from __future__ import annotations
@@ -204,7 +206,12 @@ def sampling_pipeline(parts):
     """sdlite's text-to-image pipeline of the parts (SDXL's or SD's), with a fresh DDPM scheduler."""
     from sdlite.pipelines import TextToImagePipeline, TextToImageXLPipeline
 
-    kind = TextToImageXLPipeline if is_xl(parts) else TextToImagePipeline
-    pipe = kind(**{**parts.as_dict(), "scheduler": DDPMScheduler.from_config(parts.scheduler.config)})
+    scheduler = DDPMScheduler.from_config(parts.scheduler.config)
+    if is_xl(parts):
+        zeros = parts.force_zeros_for_empty_prompt  # the model's own unconditional input
+        pipe = TextToImageXLPipeline(**{**parts.as_dict(), "scheduler": scheduler},
+                                     force_zeros_for_empty_prompt=zeros)  # fmt: skip
+    else:
+        pipe = TextToImagePipeline(**{**parts.as_dict(), "scheduler": scheduler})
     pipe.set_progress_bar_config(disable=True)
     return pipe
