@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from accelerate.state import AcceleratorState
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
-from test_train import flags, weights
+from test_train import ROOT, assert_same_training, flags, launch, weights
 
 from sdlite.data.dataset import ImageTransform
 from sdlite.data.shapes import write_dataset
@@ -20,6 +21,8 @@ from sdlite.models_xl import build_components_xl
 from sdlite.pipelines import TextToImageXLPipeline
 from sdlite.training import sdxl_step
 from sdlite.training import train as train_module
+from sdlite.training.config import parse_config
+from sdlite.training.configs import TrainConfig
 from sdlite.training.sdxl_step import DenoiserXL, crop_time_ids
 from sdlite.training.train import UNetTrainer, main
 
@@ -224,3 +227,23 @@ def test_settings_sdxl_cannot_take_yet_fail_before_training(data, tmp_path, sett
     with pytest.raises(ValueError, match=words):
         run(data, tmp_path / "cache", tmp_path, **setting)
     assert not (tmp_path / "cache").exists()  # nothing was encoded
+
+
+def test_two_launched_processes_train_like_one_with_the_same_global_batch(data, cache, tmp_path):
+    run(data, cache, tmp_path / "one", train_text_encoder="true")
+    args = flags(
+        data, cache, tmp_path / "two", preset="tiny-sdxl", train_text_encoder="true", train_batch_size=2
+    )
+    log = launch(["--multi_gpu", "--num_processes", "2", "--main_process_port", "29631"], args)
+    assert "global batch 4" in log  # 2 processes x 2
+    for part in ("unet_raw", "text_encoder_2_raw", "unet"):
+        assert_same_training(tmp_path / "one", tmp_path / "two", part)
+
+
+def test_the_tiny_sdxl_recipe_sets_valid_settings_of_an_sdxl_run():
+    path = ROOT / "configs" / "tiny-sdxl-shapes.yaml"
+    cfg = parse_config(TrainConfig, ["--config", str(path)])
+    written = yaml.safe_load(path.read_text())
+    assert {key: getattr(cfg, key) for key in written} == written  # every key read, with its value
+    cfg.check()
+    assert sdxl_step.wants_xl(cfg) and not sdxl_step.xl_problems(cfg)

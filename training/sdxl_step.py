@@ -170,6 +170,15 @@ class DenoiserXL(torch.nn.Module):
         return self.unet(x_t, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
 
 
+def freeze_unread(parts) -> None:
+    """Freeze what never reaches the loss: SDXL reads encoder 1's penultimate states, so its last layer
+    and final norm (and their adapters) get no gradient, which DDP refuses in a trained parameter.
+    Encoder 2's last layer stays: it makes the pooled embedding."""
+    text_model = getattr(parts.text_encoder, "text_model", parts.text_encoder)  # transformers 4 nests it
+    for module in (text_model.encoder.layers[-1], text_model.final_layer_norm):
+        module.requires_grad_(False)
+
+
 def add_lora_text_encoder_2(parts, settings, dtype: torch.dtype) -> None:
     """sdlite.lora.add_lora's part for encoder 2: frozen in ``dtype``, with an adapter when asked."""
     encoder = parts.text_encoder_2.requires_grad_(False)

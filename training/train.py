@@ -76,6 +76,7 @@ from sdlite.training.parts import (  # noqa: E402
 from sdlite.training.sdxl_step import (  # noqa: E402
     DenoiserXL,
     encoders_of,
+    freeze_unread,
     is_xl,
     lora_group_text_encoder_2,
     sampling_pipeline,
@@ -120,6 +121,8 @@ class UNetTrainer(Trainer):
         examples, self.empty_text, self.latent_shape, self.val, self.layout = build_examples(cfg, acc, parts)
         if cfg.lora:  # after build_examples: the cache is filled by the fp32 models, as without LoRA
             attach_lora(cfg, parts, acc)
+        if self.xl:
+            freeze_unread(parts)
 
         unet = parts.unet
         encoders = list(encoders_of(parts).values()) if cfg.text_encoder_trains else []  # SDXL: two
