@@ -21,6 +21,7 @@ from sdlite.models_xl import build_components_xl
 from sdlite.pipelines import TextToImageXLPipeline
 from sdlite.training import sdxl_step
 from sdlite.training import train as train_module
+from sdlite.training.cmd_evaluate import run_evaluation
 from sdlite.training.config import parse_config
 from sdlite.training.configs import TrainConfig
 from sdlite.training.sdxl_step import DenoiserXL, crop_time_ids
@@ -121,6 +122,9 @@ def test_a_few_steps_train_unet_and_both_encoders_and_save_a_folder_diffusers_lo
     assert [pipe.config.force_zeros_for_empty_prompt for pipe in pipes] == [False, False]
     ours, theirs = (images(pipe) for pipe in pipes)
     assert ours.shape == (2, 32, 32, 3) and np.abs(ours - theirs).max() <= 1e-4
+    # sdlite evaluate reads the folder: prompt fidelity (bits/dim is not measured for SDXL)
+    results = run_evaluation(str(final), n=2, steps=2, colours=["red"], shapes=["circle", "square"])
+    assert set(results["per_prompt"]) == {"a red circle", "a red square"} and results["bpd"] is None
 
 
 def bucket_photos(folder: Path) -> Path:
