@@ -218,11 +218,12 @@ def build_examples(cfg: TrainConfig, acc, parts):
             acc.print(f"{source}: {len(rows)} captions, {missing} text embeddings computed")
         acc.wait_for_everyone()  # every process's share of the cache is written
         examples = TrainingExamples(rows, cfg.image_column, transform_here, input_ids, latent_files,
-                                    embed_files, report=report if acc.is_main_process else None,
-                                    log=acc.print,
+                                    None if xl else embed_files,
+                                    report=report if acc.is_main_process else None, log=acc.print,
                                     groups=layout.groups(len(rows)) if trained else None)  # fmt: skip
-        if xl:  # each example's size/crop numbers, from its image's real size and crop, and pooled text
-            return ExamplesXL(examples, time_ids_of(rows, cfg.image_column, transform_here), input_ids_2)
+        if xl:  # each example's size/crop numbers, from its image's real size and crop; SDXL's text
+            time_ids = time_ids_of(rows, cfg.image_column, transform_here)
+            return ExamplesXL(examples, time_ids, input_ids_2, embed_files)
         return examples
 
     if cfg.streaming:  # the DataLoader comes from examples.loader(start_step, ...) in setup()

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from peft import inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 from sdlite.conditioning_xl import encode_ids_xl
 from sdlite.data.buckets import BucketTransform, image_sizes
@@ -104,11 +104,13 @@ def time_ids_of(rows, image_column: str, transform: ImageTransform | BucketTrans
 
 
 class ExamplesXL(torch.utils.data.Dataset):
-    """TrainingExamples with SDXL's condition: item (index, flip) -> its example plus ``time_ids`` (6,),
-    and ``pooled`` (p,) beside cached ``embeds``, or ``input_ids_2`` (L,) beside ``input_ids``."""
+    """TrainingExamples (built without embed_files) with SDXL's condition: item (index, flip) -> its
+    example plus ``time_ids`` (6,), and the cached ``embeds`` (L, d1 + d2) and ``pooled`` (p,) of its
+    caption in place of ``input_ids`` when ``embed_files`` is given, else ``input_ids_2`` (L,) too."""
 
-    def __init__(self, examples, time_ids: torch.Tensor, input_ids_2: torch.Tensor):
+    def __init__(self, examples, time_ids: torch.Tensor, input_ids_2: torch.Tensor, embed_files=None):
         self.examples, self.time_ids, self.input_ids_2 = examples, time_ids, input_ids_2
+        self.embed_files = embed_files  # sdlite.data.cache.cache_text_xl's: one file holds both
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -117,9 +119,9 @@ class ExamplesXL(torch.utils.data.Dataset):
         index, flip = item[0], item[1]
         example = dict(self.examples[item])
         example["time_ids"] = self.time_ids[index, int(flip)]
-        if "embeds" in example:  # the same cache entry holds both (sdlite.data.cache.cache_text_xl)
-            with safe_open(self.examples.embed_files[index], framework="pt") as f:
-                example["pooled"] = f.get_tensor("pooled")
+        if self.embed_files is not None:
+            del example["input_ids"]
+            example.update(load_file(self.embed_files[index]))  # embeds, pooled
         else:
             example["input_ids_2"] = self.input_ids_2[index]
         return example
