@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_train import ROOT, assert_same_training, flags, launch, weights
 
+from sdlite.conditioning_xl import encode_prompts_xl
 from sdlite.data.dataset import ImageTransform
 from sdlite.data.shapes import write_dataset
 from sdlite.models_xl import build_components_xl
@@ -251,3 +252,34 @@ def test_the_tiny_sdxl_recipe_sets_valid_settings_of_an_sdxl_run():
     assert {key: getattr(cfg, key) for key in written} == written  # every key read, with its value
     cfg.check()
     assert sdxl_step.wants_xl(cfg) and not sdxl_step.xl_problems(cfg)
+
+
+def test_a_dropped_caption_is_the_empty_prompt_encoded_by_both_encoders():
+    parts = build_components_xl("tiny-sdxl", seed=0)
+    empty = sdxl_step.empty_condition_xl(parts, cached=True)
+    with torch.no_grad():
+        expected = encode_prompts_xl(parts.text_encoder, parts.text_encoder_2, parts.tokenizer,
+                                     parts.tokenizer_2, [""])  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(empty, expected))
+    batch = {"embeds": torch.randn(2, *empty[0].shape[1:]), "pooled": torch.randn(2, empty[1].shape[1]),
+             "time_ids": torch.tensor([[40.0, 200, 0, 11, 32, 128]] * 2)}  # fmt: skip
+    drop = torch.tensor([True, False])
+    embeds, pooled, time_ids = sdxl_step.text_condition_xl(batch, parts, empty, drop, trains=False)
+    assert torch.equal(embeds[0], empty[0][0]) and torch.equal(pooled[0], empty[1][0])  # dropped
+    assert torch.equal(embeds[1], batch["embeds"][1]) and torch.equal(pooled[1], batch["pooled"][1])  # kept
+    assert torch.equal(time_ids, batch["time_ids"])  # a dropped caption keeps its image's size and crop
+
+
+def test_fine_tuning_an_sdxl_folder_with_a_separately_trained_vae_keeps_its_scale_and_settings(
+    data, cache, tmp_path
+):
+    folder = build_components_xl("tiny-sdxl", seed=2).save_pretrained(tmp_path / "base")  # zeros: SDXL base's
+    vae = build_components_xl("tiny-sdxl", seed=3).vae
+    vae.register_to_config(scaling_factor=0.5)
+    vae.save_pretrained(tmp_path / "my-vae" / "vae")
+    final = run(data, cache, tmp_path / "run", pretrained=folder, vae_path=tmp_path / "my-vae", max_steps=1,
+                checkpoint_every=0, ema_decay="none")  # fmt: skip
+    pipe = StableDiffusionXLPipeline.from_pretrained(final, local_files_only=True, add_watermarker=False)
+    assert pipe.vae.config.scaling_factor == 0.5 and pipe.config.force_zeros_for_empty_prompt is True
+    before, after = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"), weights(final, "unet")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # one step from the folder's weights
