@@ -44,12 +44,21 @@ def encode_prompts_xl(
         raise ValueError(
             f"prompts_2 has {len(prompts_2)} prompts but prompts has {len(prompts)}: pass one each"
         )
+    ids, ids_2 = token_ids(tokenizer, prompts), token_ids(tokenizer_2, prompts_2)
+    return encode_ids_xl(text_encoder, text_encoder_2, ids, ids_2, clip_skip)
+
+
+def encode_ids_xl(
+    text_encoder,
+    text_encoder_2,
+    input_ids: torch.Tensor,
+    input_ids_2: torch.Tensor,
+    clip_skip: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode_prompts_xl`` from token ids: (B, L) of each tokenizer -> (B, L, d1 + d2) and (B, p)."""
     states = []
-    for encoder, tokenizer_, texts in (
-        (text_encoder, tokenizer, prompts),
-        (text_encoder_2, tokenizer_2, prompts_2),
-    ):
-        out = encoder(token_ids(tokenizer_, texts).to(encoder.device), output_hidden_states=True)
+    for encoder, ids in ((text_encoder, input_ids), (text_encoder_2, input_ids_2)):
+        out = encoder(ids.to(encoder.device), output_hidden_states=True)
         states.append(out.hidden_states[-(2 + (clip_skip or 0))])
     pooled = out.text_embeds  # encoder 2 (CLIPTextModelWithProjection): projected EOS state
     return torch.cat(states, dim=-1), pooled

@@ -49,6 +49,9 @@ class ComponentsXL:
     tokenizer_2: CLIPTokenizer  # the same BPE, padded with "!" (id 0) as OpenCLIP pads
     unet: UNet2DConditionModel
     scheduler: DDPMScheduler
+    # The pipeline's unconditional half with no negative prompt: zeros (SDXL base was trained to take
+    # them), or the empty prompt's embeddings (what sdlite's trainer and diffusers' drop captions to).
+    force_zeros_for_empty_prompt: bool = True
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in PARTS_XL}
@@ -117,7 +120,7 @@ def save_components_xl(parts: ComponentsXL, path: str | Path) -> Path:
     scheduler = type(parts.scheduler)
     if scheduler.__module__.startswith("diffusers."):  # another diffusers scheduler: record it as itself
         index["scheduler"] = ["diffusers", scheduler.__name__]
-    index["force_zeros_for_empty_prompt"] = True  # SDXL base's: no negative prompt = zero embeddings
+    index["force_zeros_for_empty_prompt"] = bool(parts.force_zeros_for_empty_prompt)
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return path
 
@@ -284,6 +287,10 @@ def load_components_xl(path: str | Path, torch_dtype: torch.dtype | None = None)
         tokenizer_2=tokenizers[1],
         unet=UNet2DConditionModel.from_pretrained(path / "unet", **kw, **dtype),
         scheduler=DDPMScheduler.from_pretrained(path / "scheduler"),
+        force_zeros_for_empty_prompt=(_read_json(path / "model_index.json") or {}).get(
+            "force_zeros_for_empty_prompt",
+            True,  # diffusers' default
+        ),
     )
     check_compatible_xl(parts)
     return parts

@@ -14,6 +14,7 @@ more than 1e-5 apart.
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +63,18 @@ def flags(data, cache, out, **overrides) -> list[str]:
     return [text for key, value in values.items() for text in (f"--{key}", str(value))]
 
 
+def free_port() -> str:
+    """A TCP port free now: each multi-process run gets its own, so two test runs at once (or another
+    job on accelerate's default 29500) cannot join each other's process group and hang."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def launch(accelerate_flags: list[str], args: list[str]) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    if "--multi_gpu" in accelerate_flags and "--main_process_port" not in accelerate_flags:
+        accelerate_flags = [*accelerate_flags, "--main_process_port", free_port()]
     command = [
         str(Path(sys.executable).parent / "accelerate"),
         "launch",
@@ -241,7 +252,8 @@ def test_min_snr_weights_for_epsilon_and_v():
 
 
 RECIPES = {"sd15-finetune.yaml": TrainConfig, "sd15-lora.yaml": TrainConfig, "tiny-shapes.yaml": TrainConfig,
-           "tiny-lora.yaml": TrainConfig, "tiny-vae.yaml": VAETrainConfig}  # fmt: skip
+           "tiny-lora.yaml": TrainConfig, "tiny-vae.yaml": VAETrainConfig,
+           "tiny-sdxl-shapes.yaml": TrainConfig}  # fmt: skip
 
 
 def test_every_recipe_in_configs_is_covered():

@@ -6,15 +6,13 @@ VAE (factor 4, bucket sides multiples of 32) the buckets 32x128, 32x96, 64x64, 9
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
+from test_train import launch as launch_with
 
 from sdlite.training.config import parse_config
 from sdlite.training.configs import TrainConfig
@@ -169,13 +167,7 @@ def test_every_step_draws_one_bucket_with_latents_of_its_size(photos, cache, tmp
 
 
 def launch(args: list[str]) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
-    accelerate = str(Path(sys.executable).parent / "accelerate")
-    script = str(ROOT / "training" / "train.py")
-    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", script, *args]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout + result.stderr
+    return launch_with(["--multi_gpu", "--num_processes", "2"], args)
 
 
 def test_two_processes_train_buckets_and_captions_like_one(photos, cache, tmp_path):

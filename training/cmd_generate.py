@@ -13,19 +13,24 @@ from safetensors import SafetensorError
 from transformers.utils import logging as transformers_logging
 
 from sdlite.images import grid
+from sdlite.models_xl import is_xl_folder
 from sdlite.pipelines.text_to_image import TextToImagePipeline
+from sdlite.pipelines.text_to_image_xl import TextToImageXLPipeline
 from sdlite.training.schedulers import make_scheduler
 
 
 def load_pipeline(model: str, model_config: str = "sd15") -> TextToImagePipeline:
-    """The text-to-image pipeline of a model folder, or of a single-file ``.safetensors`` checkpoint on
-    the architecture ``model_config`` names (a preset or a model folder); quiet (no progress bars)."""
+    """The text-to-image pipeline (SD or SDXL) of a model folder, or of a single-file ``.safetensors``
+    checkpoint on the architecture ``model_config`` names (a preset or a model folder); quiet (no
+    progress bars)."""
     diffusers_logging.disable_progress_bar()  # loading bars: the command prints what it wrote
     transformers_logging.disable_progress_bar()
     path = Path(model)
     if path.is_file() or path.suffix == ".safetensors":  # the loader refuses pickles and says why
         config = model_config if Path(model_config).is_dir() else model_config.lower()
         pipe = TextToImagePipeline.from_single_file(path, config=config)
+    elif is_xl_folder(path):
+        pipe = TextToImageXLPipeline.from_pretrained(path)
     else:
         pipe = TextToImagePipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)

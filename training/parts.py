@@ -30,7 +30,14 @@ from sdlite.data.buckets import (
     make_buckets,
     write_buckets_json,
 )
-from sdlite.data.cache import DecodedImages, TensorCache, cache_latents, cache_text, text_embeddings
+from sdlite.data.cache import (
+    DecodedImages,
+    TensorCache,
+    cache_latents,
+    cache_text,
+    cache_text_xl,
+    text_embeddings,
+)
 from sdlite.data.captions import (
     CaptionOptions,
     DrawnCaptions,
@@ -51,8 +58,18 @@ from sdlite.ddpm import DDPMScheduler
 from sdlite.latents import vae_factor
 from sdlite.lora import LoraSettings, add_lora, cast_adapters_to_fp32
 from sdlite.models import build_components, check_compatible, load_components
+from sdlite.models_xl import build_components_xl, check_compatible_xl, is_xl_folder, load_components_xl
+from sdlite.presets import PresetXL, get_preset
 from sdlite.tokenizer import token_ids
 from sdlite.training.loop import StepSampler, seeded_generator
+from sdlite.training.sdxl_step import (
+    ExamplesXL,
+    add_lora_text_encoder_2,
+    empty_condition_xl,
+    encoders_of,
+    is_xl,
+    time_ids_of,
+)
 
 if TYPE_CHECKING:
     from sdlite.training.configs import TrainConfig
@@ -86,27 +103,45 @@ def attach_lora(cfg: TrainConfig, parts, acc) -> None:
     with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         add_lora(parts.unet, parts.text_encoder, settings)
-    for model in (parts.unet, parts.text_encoder):
+        if is_xl(parts):  # SDXL's second encoder: frozen alike, its adapter after the first's
+            add_lora_text_encoder_2(parts, settings, dtype)
+    for model in (parts.unet, *encoders_of(parts).values()):
         cast_adapters_to_fp32(model)
 
 
+def load_model(cfg: TrainConfig):
+    """A pretrained folder or a preset's random init: sdlite.models' Components, or for an SDXL folder or
+    preset sdlite.models_xl's ComponentsXL (two tokenizers and text encoders)."""
+    if cfg.pretrained:
+        return (load_components_xl if is_xl_folder(cfg.pretrained) else load_components)(cfg.pretrained)
+    if not isinstance(get_preset(cfg.preset), PresetXL):
+        return build_components(cfg.preset, seed=cfg.seed)
+    parts = build_components_xl(cfg.preset, seed=cfg.seed)
+    # Trained from nothing with dropped captions as the empty prompt's embeddings (sdxl_step.py), its
+    # pipeline's unconditional half must be those too, not SDXL base's zeros.
+    parts.force_zeros_for_empty_prompt = False
+    return parts
+
+
 def load_parts(cfg: TrainConfig, device: torch.device):
-    """The model: a preset's random init or a pretrained folder, a separately trained VAE, the scheduler
-    options; the VAE (and the text encoder, unless trained) frozen. All on ``device``."""
-    parts = load_components(cfg.pretrained) if cfg.pretrained else build_components(cfg.preset, seed=cfg.seed)
+    """The model: a preset's random init or a pretrained folder (SD or SDXL), a separately trained VAE
+    (with its own scaling factor), the scheduler options; the VAE (and the text encoders, unless
+    trained) frozen. All on ``device``."""
+    parts = load_model(cfg)
     if cfg.vae_path:
         path = Path(cfg.vae_path)
         path = path / "vae" if (path / "vae" / "config.json").is_file() else path
         parts.vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
-        check_compatible(parts)
+        (check_compatible_xl if is_xl(parts) else check_compatible)(parts)
     overrides = {"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}
     if cfg.rescale_betas_zero_snr:  # sampling must then start at t = T-1: trailing spacing (Lin et al.)
         overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     if overrides:
         parts.scheduler = DDPMScheduler.from_config(parts.scheduler.config, **overrides)
     parts.vae.requires_grad_(False).eval()
-    parts.text_encoder.requires_grad_(cfg.train_text_encoder).train(cfg.train_text_encoder)
-    for module in (parts.vae, parts.text_encoder, parts.unet):
+    for encoder in encoders_of(parts).values():
+        encoder.requires_grad_(cfg.train_text_encoder).train(cfg.train_text_encoder)
+    for module in (parts.vae, *encoders_of(parts).values(), parts.unet):
         module.to(
             device
         )  # frozen parts stay float32: autocast runs them in low precision, and they save intact
@@ -130,7 +165,7 @@ def build_examples(cfg: TrainConfig, acc, parts):
     embeds_cached = (
         cfg.cache_text and not cfg.text_encoder_trains and not cfg.streaming and not options.per_draw
     )
-    tokenizer = parts.tokenizer
+    tokenizer, xl = parts.tokenizer, is_xl(parts)
     tokenize = functools.partial(token_ids, tokenizer)  # captions -> (B, L) ids; picklable for workers
     layout = DataLayout(transform, vae.latent_channels, factor, options)
     if cfg.aspect_buckets:  # the training rows only: the held-out batch stays square (one tensor)
@@ -151,9 +186,9 @@ def build_examples(cfg: TrainConfig, acc, parts):
             append_problems(report, listed)
         captions = [caption_text(c) for c in rows[cfg.caption_column]]
         trained = not limit
-        input_ids = tokenize(
-            fixed_captions(captions, options if trained else held_out_options(options), cfg.seed)
-        )
+        texts = fixed_captions(captions, options if trained else held_out_options(options), cfg.seed)
+        input_ids = tokenize(texts)
+        input_ids_2 = token_ids(parts.tokenizer_2, texts) if xl else None  # SDXL's second tokenizer
         buckets = trained and isinstance(layout.transform, BucketTransform)
         if trained:
             layout.read(rows, captions, cfg.image_column)
@@ -174,13 +209,22 @@ def build_examples(cfg: TrainConfig, acc, parts):
                         rank, world_size, bar.update,
                     )  # fmt: skip
             acc.print(f"{source}: {len(rows)} images x {len(flips)} flips, {missing} latents computed")
-        if embeds_cached:
+        if embeds_cached and xl:  # one entry per caption: both encoders' states and the pooled embedding
+            embed_files, missing = cache_text_xl(cache, input_ids, input_ids_2, parts.text_encoder,
+                                                 parts.text_encoder_2, 64, rank, world_size)  # fmt: skip
+            acc.print(f"{source}: {len(rows)} captions, {missing} text embeddings computed")
+        elif embeds_cached:
             embed_files, missing = cache_text(cache, input_ids, parts.text_encoder, 64, rank, world_size)
             acc.print(f"{source}: {len(rows)} captions, {missing} text embeddings computed")
         acc.wait_for_everyone()  # every process's share of the cache is written
-        return TrainingExamples(rows, cfg.image_column, transform_here, input_ids, latent_files, embed_files,
-                                report=report if acc.is_main_process else None, log=acc.print,
-                                groups=layout.groups(len(rows)) if trained else None)  # fmt: skip
+        examples = TrainingExamples(rows, cfg.image_column, transform_here, input_ids, latent_files,
+                                    None if xl else embed_files,
+                                    report=report if acc.is_main_process else None, log=acc.print,
+                                    groups=layout.groups(len(rows)) if trained else None)  # fmt: skip
+        if xl:  # each example's size/crop numbers, from its image's real size and crop; SDXL's text
+            time_ids = time_ids_of(rows, cfg.image_column, transform_here)
+            return ExamplesXL(examples, time_ids, input_ids_2, embed_files)
+        return examples
 
     if cfg.streaming:  # the DataLoader comes from examples.loader(start_step, ...) in setup()
         from sdlite.data.streaming import StreamingExamples, load_stream, parquet_rows
@@ -193,8 +237,12 @@ def build_examples(cfg: TrainConfig, acc, parts):
                                      num_items=parquet_rows(cfg.train_data_dir))  # fmt: skip
     else:
         examples = examples_of(training_source(cfg), (False, True) if cfg.random_flip else (False,))
-    empty_ids = tokenize([""])
-    empty = text_embeddings(parts.text_encoder, empty_ids)["embeds"] if embeds_cached else empty_ids
+    if xl:  # (embeds, pooled) of the empty caption, or both tokenizers' ids of it
+        empty = tuple(x.to(acc.device) for x in empty_condition_xl(parts, embeds_cached))
+    else:
+        empty_ids = tokenize([""])
+        empty = text_embeddings(parts.text_encoder, empty_ids)["embeds"] if embeds_cached else empty_ids
+        empty = empty.to(acc.device)
     val = None
     if cfg.val_data_dir and cfg.val_count > 0:
         held_out = examples_of(cfg.val_data_dir, (False,), cfg.val_count)
@@ -208,7 +256,7 @@ def build_examples(cfg: TrainConfig, acc, parts):
             "noise": torch.randn((len(timesteps), n, *latent_shape), generator=generator, device=acc.device),
             "latent_noise": torch.randn((n, *latent_shape), generator=generator, device=acc.device),
         }
-    return examples, empty.to(acc.device), latent_shape, val, layout
+    return examples, empty, latent_shape, val, layout
 
 
 # ---- photo sets: caption folders, repeats, caption handling, aspect buckets -----------------------------

@@ -30,6 +30,11 @@ then hold only the adapters, and final_dir holds pytorch_lora_weights.safetensor
 --lora_save_format kohya also lora_kohya.safetensors, kohya's layout with each module's alpha (A1111,
 ComfyUI).
 
+SDXL (Podell et al. 2023): an SDXL folder or preset (tiny-sdxl) trains in the same loop, its step given
+both encoders' states, encoder 2's pooled embedding and each image's six size/crop numbers taken from
+its real size and crop (training/sdxl_step.py); LoRA covers both text encoders, final_dir is an SDXL
+folder (or its LoRA file) that sdlite's TextToImageXLPipeline and diffusers' StableDiffusionXLPipeline load.
+
 ``UNetTrainer`` is the run: its ``__init__`` builds everything (models and data from training/parts.py,
 the step's math from training/unet_step.py), ``train`` runs the loop it shares with the VAE trainer
 (training/trainer.py), then validates and saves.
@@ -49,10 +54,8 @@ if __package__ in (None, ""):  # run as a script (accelerate launch training/tra
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
-from sdlite.ddpm import DDPMScheduler  # noqa: E402
 from sdlite.images import grid  # noqa: E402
 from sdlite.lora import AdapterWeights, lora_param_groups, save_lora  # noqa: E402
-from sdlite.models import save_components  # noqa: E402
 from sdlite.training.config import parse_config, save_yaml  # noqa: E402
 from sdlite.training.configs import TrainConfig  # noqa: E402
 from sdlite.training.launch import follow_launcher  # noqa: E402
@@ -69,6 +72,18 @@ from sdlite.training.parts import (  # noqa: E402
     load_parts,
     sampler_for,
     top_up_class_images,
+)
+from sdlite.training.sdxl_step import (  # noqa: E402
+    DenoiserXL,
+    encoders_of,
+    freeze_unread,
+    is_xl,
+    lora_group_text_encoder_2,
+    sampling_pipeline,
+    save_lora_xl,
+    text_condition_xl,
+    wants_xl,
+    xl_problems,
 )
 from sdlite.training.trainer import Trainer  # noqa: E402
 from sdlite.training.unet_step import (  # noqa: E402
@@ -97,30 +112,39 @@ class UNetTrainer(Trainer):
     def setup(self) -> None:
         """Build the models, cache the data, prepare with accelerate and resume: ready for ``start_step``."""
         cfg, acc = self.cfg, self.accelerator
-        self.parts = parts = load_parts(cfg, acc.device)  # sdlite.models.Components (unwrapped)
+        if wants_xl(cfg) and xl_problems(cfg):  # before any weight is read
+            raise ValueError("bad training config for SDXL: " + "; ".join(xl_problems(cfg)))
+        # sdlite.models.Components, or ComponentsXL (training/sdxl_step.py: SDXL's condition), unwrapped
+        self.parts = parts = load_parts(cfg, acc.device)
+        self.xl = is_xl(parts)
         top_up_class_images(cfg, acc, parts)  # DreamBooth: with the base model, before any adapter
         examples, self.empty_text, self.latent_shape, self.val, self.layout = build_examples(cfg, acc, parts)
         if cfg.lora:  # after build_examples: the cache is filled by the fp32 models, as without LoRA
             attach_lora(cfg, parts, acc)
+        if self.xl:
+            freeze_unread(parts)
 
-        unet, text_encoder = parts.unet, parts.text_encoder if cfg.text_encoder_trains else None
+        unet = parts.unet
+        encoders = list(encoders_of(parts).values()) if cfg.text_encoder_trains else []  # SDXL: two
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-            if text_encoder is not None:
+            for text_encoder in encoders:
                 text_encoder.gradient_checkpointing_enable()
         if cfg.channels_last:
             unet.to(memory_format=torch.channels_last)
         if cfg.compile:
             unet.compile()
-        denoiser = Denoiser(unet, text_encoder, channels_last=cfg.channels_last).train()
+        denoiser = (DenoiserXL if self.xl else Denoiser)(unet, *encoders, channels_last=cfg.channels_last)
+        denoiser.train()
         self.params = [p for p in denoiser.parameters() if p.requires_grad]
-        if cfg.lora:  # the text encoder's adapter at its own rate
+        if cfg.lora:  # the text encoders' adapters at their own rate
+            text_encoder = encoders[0] if encoders else None
             groups = lora_param_groups(parts.unet, text_encoder, cfg.learning_rate, cfg.text_encoder_lr)
+            if len(encoders) == 2:
+                groups.append(lora_group_text_encoder_2(parts, cfg))
         else:  # one rate, but a group per model, so that each one's rate is logged as lr/<name>
-            groups = [{"params": [p for p in unet.parameters() if p.requires_grad]}]
-            if text_encoder is not None:
-                groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad]})
-        for group, name in zip(groups, ("unet", "text_encoder")):  # the U-Net's group first, as both make
+            groups = [{"params": [p for p in m.parameters() if p.requires_grad]} for m in (unet, *encoders)]
+        for group, name in zip(groups, ("unet", "text_encoder", "text_encoder_2")):  # as both make them
             group["name"] = name
         optimizer = make_optimizer(
             groups,
@@ -161,10 +185,11 @@ class UNetTrainer(Trainer):
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
         """What a checkpoint holds of the model: the trained models, or with LoRA only their adapters."""
         parts, cfg = self.parts, self.cfg
+        encoders = encoders_of(parts).items()  # text_encoder, and SDXL's text_encoder_2
         if cfg.lora:
-            te = {"text_encoder_lora": AdapterWeights(parts.text_encoder)} if cfg.lora_text_encoder else {}
+            te = {f"{n}_lora": AdapterWeights(m) for n, m in encoders} if cfg.lora_text_encoder else {}
             return {"unet_lora": AdapterWeights(parts.unet), **te}
-        te = {"text_encoder": parts.text_encoder} if cfg.train_text_encoder else {}
+        te = dict(encoders) if cfg.train_text_encoder else {}
         return {"unet": parts.unet, **te}
 
     def train(self) -> Path:
@@ -208,9 +233,7 @@ class UNetTrainer(Trainer):
             with acc.accumulate(self.model):
                 with acc.autocast():
                     x0 = latents_of(batch, parts.vae, mine["latent_noise"])
-                    text = text_condition(
-                        batch, parts.text_encoder, self.empty_text, mine["drop"], cfg.text_encoder_trains
-                    )
+                    text = self.text_condition(batch, mine["drop"])
                 loss = diffusion_loss(
                     self.model,
                     parts.scheduler,
@@ -234,6 +257,14 @@ class UNetTrainer(Trainer):
         if flags is not None:
             logs["instance_loss"], logs["prior_loss"] = halves / cfg.gradient_accumulation_steps
         return logs, nonfinite
+
+    def text_condition(self, batch: dict, drop: torch.Tensor):
+        """c of a batch, the empty caption where ``drop``: SD's embeddings (unet_step.py), or SDXL's
+        (embeds, pooled, time ids) (sdxl_step.py); token ids when the text encoders train."""
+        cfg, parts = self.cfg, self.parts
+        if self.xl:
+            return text_condition_xl(batch, parts, self.empty_text, drop, cfg.text_encoder_trains)
+        return text_condition(batch, parts.text_encoder, self.empty_text, drop, cfg.text_encoder_trains)
 
     def step_latent_shape(self, step: int) -> tuple[int, int, int]:
         """(C, h, w) of the step's latents: its bucket's with aspect buckets (every process draws the same
@@ -282,9 +313,7 @@ class UNetTrainer(Trainer):
                 batch = {name: value[rows] for name, value in val["batch"].items()}
                 x0 = latents_of(batch, parts.vae, val["latent_noise"][rows])
                 keep = torch.zeros(len(rows), dtype=torch.bool, device=self.accelerator.device)  # no dropout
-                text = text_condition(
-                    batch, parts.text_encoder, self.empty_text, keep, cfg.text_encoder_trains
-                )
+                text = self.text_condition(batch, keep)
                 ts = torch.full((len(rows),), t)
                 loss = diffusion_loss(denoiser, parts.scheduler, x0, text, ts, val["noise"][k][rows])
                 total += loss.item() * len(rows)
@@ -293,18 +322,10 @@ class UNetTrainer(Trainer):
         return logs
 
     def sample_images(self) -> list:
-        """One image per validation prompt, each from its own fixed seed, with sdlite's pipeline."""
-        from sdlite.pipelines import TextToImagePipeline  # training may use pipelines; sdlite never does
-
-        parts, cfg, device = self.parts, self.cfg, self.accelerator.device
-        pipe = TextToImagePipeline(
-            vae=parts.vae,
-            text_encoder=parts.text_encoder,
-            tokenizer=parts.tokenizer,
-            unet=parts.unet,
-            scheduler=DDPMScheduler.from_config(parts.scheduler.config),
-        )
-        pipe.set_progress_bar_config(disable=True)
+        """One image per validation prompt, each from its own fixed seed, with sdlite's pipeline (SDXL's
+        for an SDXL model)."""
+        cfg, device = self.cfg, self.accelerator.device
+        pipe = sampling_pipeline(self.parts)
         prompts = list(cfg.validation_prompts)
         generators = [torch.Generator(device).manual_seed(cfg.seed + i) for i in range(len(prompts))]
         return pipe(
@@ -325,7 +346,11 @@ class UNetTrainer(Trainer):
         acc.wait_for_everyone()
         if acc.is_main_process:
             with self.publishing() as tmp:
-                if cfg.lora:  # only the adapters, in the file load_lora_weights reads, naming the base model
+                if cfg.lora and self.xl:  # the three parts' adapters, as diffusers' SDXL scripts write them
+                    save_lora_xl(tmp, parts, cfg.lora_text_encoder)
+                elif (
+                    cfg.lora
+                ):  # only the adapters, in the file load_lora_weights reads, naming the base model
                     te = parts.text_encoder if cfg.lora_text_encoder else None
                     base = cfg.pretrained or f"sdlite preset {cfg.preset}"
                     save_lora(tmp, parts.unet, te, base_model=base, format=cfg.lora_save_format)
@@ -333,9 +358,10 @@ class UNetTrainer(Trainer):
                     if self.ema is not None:
                         parts.unet.save_pretrained(tmp / "unet_raw")
                         if cfg.train_text_encoder:
-                            parts.text_encoder.save_pretrained(tmp / "text_encoder_raw")
+                            for name, text_encoder in encoders_of(parts).items():
+                                text_encoder.save_pretrained(tmp / f"{name}_raw")
                     with self.ema_weights():
-                        save_components(parts, tmp)
+                        parts.save_pretrained(tmp)  # a diffusers SD or SDXL folder (sdlite.models, models_xl)
                 save_yaml(cfg, tmp / "train_config.yaml")
             acc.print(f"saved {self.final}")
         acc.wait_for_everyone()

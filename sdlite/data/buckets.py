@@ -119,14 +119,6 @@ class BucketTransform:
             left, top = (w - bw) // 2, (h - bh) // 2
         return left, top, left + bw, top + bh
 
-    def conditioning(self, size: Size, index: int, flip: bool = False) -> tuple[int, ...]:
-        """SDXL's added time ids (Podell et al. 2023, sec. 2.2): original (h, w), crop top-left (top,
-        left), target (h, w). A flipped image's crop is measured from its (new) left edge."""
-        left, top, right, bottom = self.crop_box(size, index)
-        if flip:
-            left = self.resized_size(size)[0] - right
-        return size[1], size[0], top, left, bottom - top, right - left
-
     def fit(self, image: Image.Image, index: int) -> tuple[Image.Image, Size, tuple[int, int]]:
         """(image in its bucket, its original (w, h), the crop's top-left (top, left))."""
         size, box = image.size, self.crop_box(image.size, index)
@@ -282,7 +274,7 @@ def cache_bucket_latents(cache, rows, image_column: str, transform: BucketTransf
 
 def image_sizes(rows, image_column: str) -> list[Size]:
     """Every row's image (width, height), from its header (nothing decoded): for ``image_buckets`` and
-    SDXL's ``BucketTransform.conditioning(sizes[index], index, flip)``."""
+    SDXL's size/crop time ids."""
     from sdlite.data.dataset import image_bytes
     from sdlite.data.decoding import image_size
 

@@ -8,7 +8,10 @@ Each entry is one safetensors file named by its key, the SHA-256 of everything t
   factors (which the fingerprint leaves out, so a VAE whose factors alone changed keeps its cache);
   ``sample_latents`` turns them into the U-Net's x_0 through ``sdlite.latents.to_latents``;
 - text embeddings of one caption: its token ids and the text encoder's fingerprint. Stored:
-  ``embeds`` (L, D), the encoder's last hidden state;
+  ``embeds`` (L, D), the encoder's last hidden state. For SDXL (``cache_text_xl``) one entry of both
+  captions' token ids and both encoders' fingerprints: ``embeds`` (L, d1 + d2), both encoders'
+  penultimate states concatenated, and ``pooled`` (p,), encoder 2's projected embedding
+  (``sdlite.conditioning_xl``, what the SDXL pipeline computes for a prompt);
 - ``decoded/``: an empty file per image (by its bytes and the decoder's version) that decoded whole,
   so that the check of every image before training (``sdlite.data.cleaning.clean_rows``) decodes
   each only once.
@@ -35,6 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdlite.conditioning_xl import encode_ids_xl
 from sdlite.data.dataset import ImageTransform, image_bytes
 from sdlite.data.decoding import DECODER, image_size
 from sdlite.latents import to_latents
@@ -225,6 +229,42 @@ def cache_text(
     missing = cache.fill(
         keys,
         lambda positions: text_embeddings(text_encoder, input_ids[positions]),
+        batch_size,
+        rank,
+        world_size,
+    )
+    return [str(cache.path(key)) for key in keys], missing
+
+
+@torch.no_grad()
+def text_embeddings_xl(
+    text_encoder, text_encoder_2, input_ids: torch.Tensor, input_ids_2: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """SDXL's condition of (B, L) token ids of each tokenizer, as float32: ``embeds`` (B, L, d1 + d2)
+    and ``pooled`` (B, p) (``sdlite.conditioning_xl.encode_ids_xl``)."""
+    embeds, pooled = encode_ids_xl(text_encoder, text_encoder_2, input_ids, input_ids_2)
+    return {"embeds": embeds.float(), "pooled": pooled.float()}
+
+
+def cache_text_xl(
+    cache: TensorCache,
+    input_ids: torch.Tensor,
+    input_ids_2: torch.Tensor,
+    text_encoder,
+    text_encoder_2,
+    batch_size: int = 64,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[list[str], int]:
+    """``cache_text`` for SDXL: each row's (N, L) ids of both tokenizers -> one file of ``embeds`` and
+    ``pooled``; returns (files, computed)."""
+    prints = f"xl|{fingerprint(text_encoder)}|{fingerprint(text_encoder_2)}"
+    keys = [text_key(torch.cat([a, b]), prints) for a, b in zip(input_ids, input_ids_2)]
+    missing = cache.fill(
+        keys,
+        lambda positions: text_embeddings_xl(
+            text_encoder, text_encoder_2, input_ids[positions], input_ids_2[positions]
+        ),
         batch_size,
         rank,
         world_size,

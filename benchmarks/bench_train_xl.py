@@ -1,0 +1,227 @@
+"""SDXL training throughput: our train.py's steady-state step on an SDXL model against a reference step
+that does what diffusers' ``examples/text_to_image/train_text_to_image_sdxl.py`` does.
+
+The reference (written here from the script's description, not copied) precomputes, before training,
+both text encoders' penultimate states and encoder 2's pooled embedding for every caption and one VAE
+sample per image (``datasets.map``, as the script does); then per step: the DataLoader reads the
+precomputed rows (lists in Arrow, made tensors in the collate) while the dataset transform still decodes,
+resizes, flips and crops each image (it gives the original size and crop top-left), noise, timesteps,
+diffusers' DDPMScheduler.add_noise, the six time ids built per example from Python lists, U-Net with
+added conditioning, MSE, a ``.item()`` of the gathered loss, backward, grad clipping, torch's AdamW, the
+LR schedule. Ours runs ``UNetTrainer.optimizer_step`` on a warm cache (benchmarks/bench_train.py's
+``run_ours``): cached latent moments and text embeddings, the time ids read with them, fused AdamW.
+
+Both: the tiny-sdxl preset (random weights, seed 0), the same data, batch, resolution and steps, fp32,
+no EMA, one process. Each variant runs in a fresh subprocess; rounds alternate the variants. The helpers
+(timing, peak memory, our config, our run, the cache fill) are bench_train.py's.
+
+    python benchmarks/bench_train_xl.py                  # tiny-sdxl, batch 32, 20 steps, 3 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import peak_memory_mb, run_ours, timed_steps, warm_cache  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_reference(args) -> dict:
+    import datasets
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from PIL import Image
+
+    from sdlite.data.dataset import load_rows
+    from sdlite.models_xl import build_components_xl
+    from sdlite.presets import get_preset
+
+    accelerator = Accelerator()
+    preset = get_preset(args.preset)
+    parts = build_components_xl(preset, seed=0)
+    noise_scheduler = DDPMScheduler(**preset.config("scheduler"))
+    vae, unet = parts.vae, parts.unet
+    encoders = [(parts.tokenizer, parts.text_encoder), (parts.tokenizer_2, parts.text_encoder_2)]
+    for model in (vae, parts.text_encoder, parts.text_encoder_2):
+        model.requires_grad_(False)
+    unet.train()
+    size, rng = preset.resolution, np.random.default_rng(0)
+
+    def preprocess(batch):  # per example: decode, resize, random flip, centre crop, normalise; size and crop
+        pixels, sizes, crops = [], [], []
+        for image in batch["image"]:
+            image = image.convert("RGB")
+            sizes.append((image.height, image.width))
+            scale = size / min(image.size)
+            image = image.resize([round(s * scale) for s in image.size], Image.BILINEAR)
+            if rng.random() < 0.5:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            top, left = max(0, round((image.height - size) / 2)), max(0, round((image.width - size) / 2))
+            image = image.crop((left, top, left + size, top + size))
+            crops.append((top, left))
+            array = np.asarray(image, dtype=np.float32) / 255.0
+            pixels.append((torch.from_numpy(array).permute(2, 0, 1) - 0.5) / 0.5)
+        batch.update(pixel_values=pixels, original_sizes=sizes, crop_top_lefts=crops)
+        return batch
+
+    @torch.no_grad()
+    def embed(batch):  # both encoders' penultimate states, concatenated; encoder 2's pooled embedding
+        states = []
+        for tokenizer, encoder in encoders:
+            ids = tokenizer(batch["text"], max_length=tokenizer.model_max_length, padding="max_length",
+                            truncation=True, return_tensors="pt").input_ids  # fmt: skip
+            out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+        return {"prompt_embeds": torch.cat(states, dim=-1), "pooled_prompt_embeds": out.text_embeds}
+
+    @torch.no_grad()
+    def encode(batch):  # one VAE sample per image, scaled, stored
+        pixels = torch.stack(preprocess(dict(batch))["pixel_values"])
+        return {"model_input": vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor}
+
+    rows = load_rows(args.data).cast_column("image", datasets.Image())
+    with_text = rows.map(embed, batched=True)
+    with_latents = rows.map(encode, batched=True, batch_size=args.batch, remove_columns=["image", "text"])
+    rows = datasets.concatenate_datasets([with_text, with_latents], axis=1)
+    rows.set_transform(preprocess)
+
+    def collate(examples):
+        return {
+            "model_input": torch.stack([torch.tensor(e["model_input"]) for e in examples]),
+            "prompt_embeds": torch.stack([torch.tensor(e["prompt_embeds"]) for e in examples]),
+            "pooled_prompt_embeds": torch.stack([torch.tensor(e["pooled_prompt_embeds"]) for e in examples]),
+            "original_sizes": [e["original_sizes"] for e in examples],
+            "crop_top_lefts": [e["crop_top_lefts"] for e in examples],
+        }
+
+    loader = torch.utils.data.DataLoader(
+        rows, shuffle=True, batch_size=args.batch, collate_fn=collate, drop_last=True
+    )
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    lr_scheduler = get_scheduler("constant", optimizer, num_warmup_steps=0, num_training_steps=10_000)
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    batches = iter(loader)
+
+    def step(_):
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        with accelerator.accumulate(unet):
+            latents = batch["model_input"]
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+            )
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            time_ids = torch.cat([
+                torch.tensor([list(s + c + (size, size))], device=latents.device, dtype=torch.float32)
+                for s, c in zip(batch["original_sizes"], batch["crop_top_lefts"])
+            ])  # fmt: skip
+            added = {"time_ids": time_ids, "text_embeds": batch["pooled_prompt_embeds"]}
+            pred = unet(noisy, timesteps, batch["prompt_embeds"], added_cond_kwargs=added).sample
+            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+            accelerator.gather(loss.repeat(args.batch)).mean().item()  # the script logs it every step
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+
+    return {"seconds": timed_steps(step, args, accelerator.device), "device": accelerator.device}
+
+
+def child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    result = {"reference": run_reference, "ours": run_ours, "warm": warm_cache}[args.child](args)
+    result["peak_mb"] = peak_memory_mb(result.pop("device"))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def spawn(args, variant: str) -> dict:
+    command = [sys.executable, __file__, "--child", variant, *sys.argv[1:]]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{variant} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny-sdxl")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    import diffusers
+    import torch
+
+    from sdlite.data.shapes import write_dataset
+    from sdlite.presets import get_preset
+
+    work = Path(tempfile.mkdtemp(prefix="bench_train_xl_"))
+    write_dataset(work / "data", count=args.images, seed=0, image_size=get_preset(args.preset).resolution)
+    sys.argv += ["--data", str(work / "data"), "--cache", str(work / "cache"), "--out", str(work / "run")]
+    print(
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, {args.threads} thread(s); preset {args.preset}, batch {args.batch}, "
+        f"{args.steps} steps after {args.warmup} warm-up, {args.rounds} rounds"
+    )
+    results = {"reference": [], "ours": []}
+    try:
+        warm = spawn(args, "warm")
+        print(f"cache fill (once, {args.images} images + captions): {warm['seconds']:.1f} s")
+        for r in range(args.rounds):
+            for variant in ["reference", "ours"] if r % 2 == 0 else ["ours", "reference"]:
+                result = spawn(args, variant)
+                result["images_per_s"] = args.batch * args.steps / result["seconds"]
+                results[variant].append(result)
+                print(f"round {r}: {variant:<9} {result['images_per_s']:8.1f} images/s, "
+                      f"peak {result['peak_mb']:.0f} MB", flush=True)  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    median = {v: statistics.median(x["images_per_s"] for x in rs) for v, rs in results.items()}
+    peak = {v: max(x["peak_mb"] for x in rs) for v, rs in results.items()}
+    print("\n| variant | images/s (median) | peak memory MB |\n|---|---|---|")
+    for v in results:
+        print(f"| {v} | {median[v]:.1f} | {peak[v]:.0f} |")
+    print(
+        f"\nthroughput ratio ours / reference: {median['ours'] / median['reference']:.2f}x; "
+        f"peak memory ratio: {peak['ours'] / peak['reference']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
