@@ -90,13 +90,35 @@ def test_a_dreambooth_run_resumes_exactly(subject, tmp_path, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a), part
 
 
-def test_a_bucket_of_subject_photos_without_class_images_is_named_before_training(subject, tmp_path):
-    wide = tmp_path / "wide"
-    wide.mkdir()
+def wide_subject(subject: Path, folder: Path) -> Path:
+    """The subject's photos and a panorama: at resolution 64, buckets 64x64 (3 photos) and 96x32 (1)."""
+    folder.mkdir()
     for photo in subject.iterdir():
-        (wide / photo.name).write_bytes(photo.read_bytes())
-    Image.new("RGB", (120, 36), (200, 0, 200)).save(wide / "panorama.png")  # 96x32 at resolution 64
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    Image.new("RGB", (120, 36), (200, 0, 200)).save(folder / "panorama.png")
+    return folder
+
+
+def test_class_images_are_generated_in_the_subject_photos_bucket_shapes(subject, tmp_path):
+    wide = wide_subject(subject, tmp_path / "wide")
     argv = flags(wide, tmp_path / "blobs", tmp_path / "run", resolution=64, aspect_buckets="true")
+    trainer = UNetTrainer(parse_config(TrainConfig, argv))
+    sizes = sorted(Image.open(p).size for p in (tmp_path / "blobs").glob("*.png"))
+    assert sizes == [(64, 64)] * 3 + [(96, 32)]  # num_class_images 4 in the subject's 3:1
+    buckets = trainer.layout.transform.buckets
+    class_shapes = {buckets[trainer.layout.bucket_of_rows[r]] for r in trainer.layout.class_rows}
+    assert class_shapes == {(64, 64), (96, 32)}  # each step's class half from its own bucket
+    logs, _ = trainer.train_step(0)
+    assert logs["prior_loss"] > 0
+
+
+def test_a_bucket_of_subject_photos_without_class_images_is_named_before_training(subject, tmp_path):
+    blobs = tmp_path / "blobs"  # a full class folder of squares (from a run without buckets): none made
+    blobs.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (0, 0, 200)).save(blobs / f"{i}.png")
+    argv = flags(wide_subject(subject, tmp_path / "wide"), blobs, tmp_path / "run", resolution=64,
+                 aspect_buckets="true")  # fmt: skip
     with pytest.raises(ValueError, match=r"aspect buckets 96x32 hold subject photos but no class image"):
         UNetTrainer(parse_config(TrainConfig, argv))
 
