@@ -27,6 +27,7 @@ def test_a_line_reads_the_prompt_and_sd_scripts_options():
     )  # fmt: skip
     assert parse_line("  a blue square  ") == SamplePrompt("a blue square")
     assert parse_line("a blue--green square --L 2") == SamplePrompt("a blue--green square", guidance=2.0)
+    assert parse_line("--n\tblurry\t--s 4") == SamplePrompt("", negative_prompt="blurry", steps=4)
 
 
 def test_blank_lines_and_comments_are_skipped_and_the_order_kept(tmp_path):

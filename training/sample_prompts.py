@@ -84,7 +84,7 @@ def parse_line(line: str, where: str = "prompt") -> SamplePrompt:
     prompt, *options = re.split(r"\s+--(?=\S)", " " + line.strip())
     values: dict[str, str | int | float] = {}
     for option in options:
-        letter, _, text = option.partition(" ")
+        letter, text = (option.split(None, 1) + [""])[:2]  # "n blurry, dark" -> "n", "blurry, dark"
         letter, text = letter.lower(), text.strip()
         if letter in FOREIGN:
             raise PromptFileError(
