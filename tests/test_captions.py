@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from sdlite.data.captions import (
+    CAPTION_PROBLEM,
     CaptionOptions,
     DrawnCaptions,
     append_problems,
@@ -69,9 +70,11 @@ def test_bad_caption_files_and_folders_are_listed_with_what_was_done(tmp_path):
     rows, problems = caption_rows(tmp_path)
     kept = {Path(r["image"]["path"]).name: (r["text"], r["repeats"]) for r in rows}
     assert kept == {"empty.png": ("", 1), "uncaptioned.png": ("", 1), "odd.png": ("odd", 1)}
+    why = {Path(r["image"]["path"]).name: r[CAPTION_PROBLEM] for r in rows}  # listed by clean_rows
+    assert why == {"empty.png": "empty caption file", "uncaptioned.png": "no caption file (.txt or .caption)",
+                   "odd.png": None}  # fmt: skip
     listed = {Path(name).name: (problem, done) for name, problem, done in problems}
-    assert listed["empty.png"] == ("empty caption file", "kept, trained with the empty caption")
-    assert listed["uncaptioned.png"][1] == "kept, trained with the empty caption"
+    assert "empty.png" not in listed and "uncaptioned.png" not in listed
     assert listed["orphan.txt"] == ("caption file without an image of the same name", "ignored")
     assert "0 times" in listed["zero.png"][0] and listed["zero.png"][1].startswith("skipped")
     assert "not a whole repeat count" in listed["odd.png"][0]
@@ -79,6 +82,36 @@ def test_bad_caption_files_and_folders_are_listed_with_what_was_done(tmp_path):
     append_problems(report, problems)
     lines = report.read_text().splitlines()
     assert len(lines) == len(problems) and all(len(line.split("\t")) == 3 for line in lines)
+
+
+def test_a_row_without_a_caption_is_listed_once_saying_why_and_what_was_done(tmp_path):
+    """bad_files.txt as training writes it (clean_rows' report, then caption_rows' problems appended):
+    one line per row, with the caption file's own problem, not a second generic "no caption"."""
+    image(tmp_path / "uncaptioned.png")
+    image(tmp_path / "empty.png")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    image(tmp_path / "latin1.png")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    image(tmp_path / "long.png")
+    (tmp_path / "long.txt").write_text("a red square\nsecond thoughts\n")
+    image(tmp_path / "fine.png")
+    (tmp_path / "fine.txt").write_text("a fine caption")
+    (tmp_path / "orphan.txt").write_text("no image")
+    rows, problems = caption_rows(tmp_path)
+    report, logs = tmp_path / "out" / "bad_files.txt", []
+    kept = clean_rows(rows, "image", "text", 8, None, "skip", report, logs.append)
+    append_problems(report, problems)
+    lines = [line.split("\t") for line in report.read_text().splitlines()]
+    listed = [(Path(name).name, problem, done) for name, problem, done in lines]
+    assert sorted(listed) == [
+        ("empty.png", "empty caption file", "kept, trained with the empty caption"),
+        ("latin1.png", "caption file is not UTF-8 text", "kept, trained with the empty caption"),
+        ("long.png", "caption file has 2 lines (the first is read)", "kept"),
+        ("orphan.txt", "caption file without an image of the same name", "ignored"),
+        ("uncaptioned.png", "no caption file (.txt or .caption)", "kept, trained with the empty caption"),
+    ]
+    assert "3 rows without a caption" in logs[0]
+    assert kept.column_names == ["image", "text", "repeats"]  # the problem column goes no further
 
 
 def test_folder_names_give_repeat_counts_or_problems():

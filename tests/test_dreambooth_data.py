@@ -11,6 +11,8 @@ from sdlite.data.buckets import BucketSampler
 from sdlite.data.dataset import DataError
 from sdlite.data.dreambooth import (
     PriorPairSampler,
+    apportion,
+    class_image_sizes,
     class_images_needed,
     dreambooth_rows,
     generate_class_images,
@@ -114,7 +116,8 @@ def test_class_images_are_topped_up_with_captions_and_a_rerun_makes_none(tmp_pat
     assert class_images_needed(folder, 5) == 3 and class_images_needed(tmp_path / "none", 4) == 4
     calls = []
 
-    def make(prompts, seeds):
+    def make(prompts, seeds, size):
+        assert size is None  # no sizes given: the model's
         calls.append(list(seeds))
         return [Image.new("RGB", (16, 16), (s % 256, 0, 0)) for s in seeds]
 
@@ -125,3 +128,58 @@ def test_class_images_are_topped_up_with_captions_and_a_rerun_makes_none(tmp_pat
     assert class_images_needed(folder, 5) == 0
     assert generate_class_images(folder, "a photo of a dog", 5, make) == [] and len(calls) == 2
     assert not list(folder.glob(".*"))  # no temporary file left
+
+
+def test_apportion_splits_in_proportion_with_one_each_first():
+    assert apportion(8, [3, 1]) == [6, 2]
+    assert apportion(7, [2, 0, 1]) == [4, 0, 3]  # remainders: 5*2/3 -> 3 r 1, 5*1/3 -> 1 r 2
+    assert apportion(2, [1, 5, 1]) == [1, 1, 0]  # too few for one each: the largest first, then in order
+    assert apportion(0, [3, 1]) == [0, 0] and apportion(3, [0, 0]) == [0, 0]
+
+
+SQUARE, WIDE, TALL = (16, 16), (32, 8), (8, 32)
+
+
+def test_class_image_sizes_follow_the_instance_buckets_less_what_the_folder_holds(tmp_path):
+    images(tmp_path / "dog", 3, SQUARE)
+    Image.new("RGB", (60, 14), (0, 0, 0)).save(tmp_path / "dog" / "wide.png")  # nearest 32x8
+    buckets = [TALL, SQUARE, WIDE]
+    # 8 wanted: the instances' 3:1 is 6 square and 2 wide (one each first, then 4:1 of the other 6)
+    assert class_image_sizes(tmp_path / "dog", tmp_path / "none", buckets, 8) == [SQUARE] * 6 + [WIDE] * 2
+    images(tmp_path / "dogs", 1, SQUARE)
+    assert class_image_sizes(tmp_path / "dog", tmp_path / "dogs", buckets, 8) == [SQUARE] * 5 + [WIDE] * 2
+    images(tmp_path / "tall", 4, TALL)  # 4 of a shape the subject lacks: the 4 to make go where they lack
+    assert class_image_sizes(tmp_path / "dog", tmp_path / "tall", buckets, 8) == [SQUARE] * 3 + [WIDE]
+
+
+def test_generated_class_images_take_their_sizes_one_size_a_batch_and_resume_alike(tmp_path):
+    images(tmp_path / "dog", 2, SQUARE)
+    images(tmp_path / "dog" / "wide", 1, WIDE)
+    buckets = [TALL, SQUARE, WIDE]
+
+    def make(prompts, seeds, size):
+        calls.append((size, len(seeds)))
+        if len(calls) > crash_after:
+            raise KeyboardInterrupt("the machine went away")
+        return [Image.new("RGB", size, (s % 256, 0, 0)) for s in seeds]
+
+    def top_up(folder):
+        sizes = class_image_sizes(tmp_path / "dog", folder, buckets, 6)
+        return generate_class_images(folder, "a dog", 6, make, batch_size=3, seed=1, sizes=sizes)
+
+    calls, crash_after = [], 99
+    written = top_up(tmp_path / "whole")
+    assert calls == [(SQUARE, 3), (SQUARE, 1), (WIDE, 2)]  # 4 square, 2 wide; a batch holds one size
+    assert [Image.open(p).size for p in written] == [SQUARE] * 4 + [WIDE] * 2
+    calls, crash_after = [], 1
+    with pytest.raises(KeyboardInterrupt):
+        top_up(tmp_path / "broken")
+    assert len(list((tmp_path / "broken").glob("*.png"))) == 3
+    calls, crash_after = [], 99
+    top_up(tmp_path / "broken")
+    assert calls == [(SQUARE, 1), (WIDE, 2)]  # what was left of the same plan
+    for p in written:  # the same names, sizes and seeds (the red channel) as the uninterrupted run
+        again = Image.open(tmp_path / "broken" / p.name)
+        assert again.size == Image.open(p).size and again.getpixel((0, 0)) == Image.open(p).getpixel((0, 0))
+    with pytest.raises(ValueError, match="2 sizes for the 3 class images"):
+        generate_class_images(tmp_path / "more", "a dog", 3, make, sizes=[SQUARE, WIDE])

@@ -313,6 +313,13 @@ def test_a_diffusers_key_in_a_yaml_file_fails_naming_ours(tmp_path):
         parse_config(TrainConfig, ["--config", str(path)])
 
 
+@pytest.mark.parametrize(("flag", "ours"), [("sample_prompts", "--validation_prompts_file"),
+                                            ("sample_every_n_steps", "--validation_every")])  # fmt: skip
+def test_an_sd_scripts_flag_fails_naming_ours(flag, ours):
+    with pytest.raises(ConfigError, match=f"--{flag} is sd-scripts' name; sdlite's is {ours}"):
+        parse_config(TrainConfig, [f"--{flag}", "1"])
+
+
 @pytest.mark.parametrize("config", [TrainConfig, VAETrainConfig])
 def test_each_flag_named_as_the_equivalent_of_a_diffusers_flag_exists(config):
     names = {f.name for f in dataclasses.fields(config)}

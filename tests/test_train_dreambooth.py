@@ -1,15 +1,13 @@
 """DreamBooth in training/train.py: a subject's photos with a rare-token prompt, class images generated
 by the base model when missing, each batch half subject and half class, the prior-preservation loss."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_train import launch
 
 from sdlite.training.config import parse_config
 from sdlite.training.configs import TrainConfig
@@ -90,13 +88,35 @@ def test_a_dreambooth_run_resumes_exactly(subject, tmp_path, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a), part
 
 
-def test_a_bucket_of_subject_photos_without_class_images_is_named_before_training(subject, tmp_path):
-    wide = tmp_path / "wide"
-    wide.mkdir()
+def wide_subject(subject: Path, folder: Path) -> Path:
+    """The subject's photos and a panorama: at resolution 64, buckets 64x64 (3 photos) and 96x32 (1)."""
+    folder.mkdir()
     for photo in subject.iterdir():
-        (wide / photo.name).write_bytes(photo.read_bytes())
-    Image.new("RGB", (120, 36), (200, 0, 200)).save(wide / "panorama.png")  # 96x32 at resolution 64
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    Image.new("RGB", (120, 36), (200, 0, 200)).save(folder / "panorama.png")
+    return folder
+
+
+def test_class_images_are_generated_in_the_subject_photos_bucket_shapes(subject, tmp_path):
+    wide = wide_subject(subject, tmp_path / "wide")
     argv = flags(wide, tmp_path / "blobs", tmp_path / "run", resolution=64, aspect_buckets="true")
+    trainer = UNetTrainer(parse_config(TrainConfig, argv))
+    sizes = sorted(Image.open(p).size for p in (tmp_path / "blobs").glob("*.png"))
+    assert sizes == [(64, 64)] * 3 + [(96, 32)]  # num_class_images 4 in the subject's 3:1
+    buckets = trainer.layout.transform.buckets
+    class_shapes = {buckets[trainer.layout.bucket_of_rows[r]] for r in trainer.layout.class_rows}
+    assert class_shapes == {(64, 64), (96, 32)}  # each step's class half from its own bucket
+    logs, _ = trainer.train_step(0)
+    assert logs["prior_loss"] > 0
+
+
+def test_a_bucket_of_subject_photos_without_class_images_is_named_before_training(subject, tmp_path):
+    blobs = tmp_path / "blobs"  # a full class folder of squares (from a run without buckets): none made
+    blobs.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (0, 0, 200)).save(blobs / f"{i}.png")
+    argv = flags(wide_subject(subject, tmp_path / "wide"), blobs, tmp_path / "run", resolution=64,
+                 aspect_buckets="true")  # fmt: skip
     with pytest.raises(ValueError, match=r"aspect buckets 96x32 hold subject photos but no class image"):
         UNetTrainer(parse_config(TrainConfig, argv))
 
@@ -106,20 +126,9 @@ def test_two_processes_train_dreambooth_like_one(subject, tmp_path):
     random draws follow the items, so 2 x 1 is the training of 1 x 2 (up to float32 summation order)."""
     options = dict(max_steps=2, checkpoint_every=0, train_batch_size=2)
     main(flags(subject, tmp_path / "blobs", tmp_path / "one", **options))
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
-    accelerate = str(Path(sys.executable).parent / "accelerate")
     argv = flags(subject, tmp_path / "blobs", tmp_path / "two", **dict(options, train_batch_size=1))
-    command = [
-        accelerate,
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        str(ROOT / "training" / "train.py"),
-    ]
-    result = subprocess.run(command + argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert "global batch 4" in result.stdout + result.stderr  # 2 subject photos + 2 class images a step
+    log = launch(["--multi_gpu", "--num_processes", "2"], argv)
+    assert "global batch 4" in log  # 2 subject photos + 2 class images a step
     a, b = weights(tmp_path / "one", "unet_raw"), weights(tmp_path / "two", "unet_raw")
     difference = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert difference.mean() < 1e-6 and (difference > 1e-5).float().mean() < 1e-3

@@ -109,8 +109,11 @@ def foreign_flag(cls: type, name: str) -> str | None:
     hint = getattr(cls, "FOREIGN_FLAGS", {}).get(name)
     if hint is None or name in {f.name for f in dataclasses.fields(cls)}:
         return None
-    if hint.startswith("--"):
-        return f"--{name} is diffusers' name; sdlite's is {hint}"
+    tool, ours = "diffusers'", hint
+    if hint.startswith("sd-scripts: "):  # one of kohya's sd-scripts' flags
+        tool, ours = "sd-scripts'", hint.removeprefix("sd-scripts: ")
+    if ours.startswith("--"):
+        return f"--{name} is {tool} name; sdlite's is {ours}"
     return f"--{name} is a flag of diffusers' training scripts that sdlite has no equivalent of: {hint}"
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from sdlite.training.sample_prompts import prompts_file_problems
+
 # sdlite.lora's UNET_TARGETS and TEXT_ENCODER_TARGETS, written out so as not to import torch and peft
 # here (tests/test_train.py keeps them equal): the attention projections LoRA adapts by default.
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -33,6 +35,11 @@ DIFFUSERS_FLAGS = {
     "scale_lr": "set --learning_rate to the rate you want",
     "push_to_hub": "sdlite uploads nothing; upload final_dir with huggingface_hub if you wish",
     "enable_xformers_memory_efficient_attention": "attention already runs torch's fused SDPA kernels",
+}
+# kohya's sd-scripts' names for what sdlite has (reported as sd-scripts' names).
+SD_SCRIPTS_FLAGS = {
+    "sample_prompts": "sd-scripts: --validation_prompts_file",
+    "sample_every_n_steps": "sd-scripts: --validation_every",
 }
 UNET_FLAGS = {
     "pretrained_model_name_or_path": "--pretrained (a local diffusers-layout folder)",
@@ -104,7 +111,7 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """Train the latent U-Net (and optionally the text encoder) of a text-to-image model."""
 
-    FOREIGN_FLAGS: ClassVar[dict[str, str]] = DIFFUSERS_FLAGS | UNET_FLAGS
+    FOREIGN_FLAGS: ClassVar[dict[str, str]] = DIFFUSERS_FLAGS | UNET_FLAGS | SD_SCRIPTS_FLAGS
 
     # The model: a preset from scratch, or a pretrained diffusers-layout folder.
     preset: str = "tiny"  # the sdlite.presets model to build with random weights (when pretrained is None)
@@ -141,6 +148,9 @@ class TrainConfig(RunConfig):
     # Validation, output
     final_dir: str | None = None  # the trained model's folder; None: output_dir/final
     validation_prompts: list[str] = field(default_factory=list)  # prompts sampled into validation/step-N.png
+    validation_prompts_file: str | None = (  # a text file of prompts sampled after validation_prompts, one a
+        None  # line, sd-scripts' format: "a red circle --n blurry --s 30 --l 4.5 --d 7 --w 64 --h 32"
+    )
     validation_every: int = 0  # steps between validations; 0: only at the end
     validation_inference_steps: int = 50  # sampling steps of the validation images
     validation_guidance: float = 7.5  # classifier-free guidance scale of the validation images
@@ -205,6 +215,7 @@ class TrainConfig(RunConfig):
             problems.append(f"bad_data={self.bad_data!r}: use skip or error")
         if self.lora_save_format not in ("diffusers", "kohya"):
             problems.append(f"lora_save_format={self.lora_save_format!r}: use diffusers or kohya")
+        problems += prompts_file_problems(self.validation_prompts_file)
         return problems + self.photo_set_problems()
 
     def photo_set_problems(self) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +51,7 @@ from sdlite.data.cleaning import clean_rows
 from sdlite.data.dataset import DataError, ImageTransform, TrainingExamples, caption_text, load_rows
 from sdlite.data.dreambooth import (
     PriorPairSampler,
+    class_image_sizes,
     class_images_needed,
     dreambooth_rows,
     generate_class_images,
@@ -370,7 +372,8 @@ def sampler_for(
                 sizes = ", ".join("{}x{}".format(*layout.transform.buckets[b]) for b in bare)
                 raise DataError(
                     f"aspect buckets {sizes} hold subject photos but no class image: add class images of "
-                    f"those shapes to {cfg.class_data_dir} (generated ones are square), or turn "
+                    f"those shapes to {cfg.class_data_dir} (class images are generated in the subject's "
+                    "shapes only while the folder holds fewer than num_class_images), or turn "
                     "aspect_buckets off"
                 )
         sampler = PriorPairSampler(sampler, layout.class_rows, cfg.seed, class_buckets=class_buckets)
@@ -393,14 +396,29 @@ def training_source(cfg: TrainConfig) -> str:
 def top_up_class_images(cfg: TrainConfig, acc, parts) -> None:
     """Generate the class images class_data_dir lacks (of num_class_images) with the base model, before
     any adapter is attached, on the main process while the others wait. Image i comes from its own seed
-    (sdlite.data.dreambooth.generate_class_images), so a run stopped half-way makes the same images."""
+    (sdlite.data.dreambooth.generate_class_images), so a run stopped half-way makes the same images.
+    With aspect_buckets they are made in the subject photos' bucket sizes, in proportion to them
+    (class_image_sizes): each step's class half is drawn from its own bucket."""
     if not cfg.class_data_dir:
         return
     missing = class_images_needed(cfg.class_data_dir, cfg.num_class_images)
     if acc.is_main_process and missing:
         from sdlite.pipelines import TextToImagePipeline  # training may use pipelines; sdlite never does
 
-        acc.print(f"generating {missing} class images ({cfg.class_prompt!r}) into {cfg.class_data_dir}")
+        sizes, shapes = None, ""
+        if cfg.aspect_buckets:  # the bucket set build_examples makes
+            vae = parts.vae.config
+            resolution, sides = cfg.resolution or vae.sample_size, (cfg.bucket_min_side, cfg.bucket_max_side)
+            buckets = make_buckets(resolution, bucket_multiple(vae), *sides)
+            sizes = class_image_sizes(
+                cfg.instance_data_dir, cfg.class_data_dir, buckets, cfg.num_class_images
+            )
+            shapes = " in the subject's shapes " + ", ".join(
+                f"{w}x{h}: {n}" for (w, h), n in Counter(sizes).items()
+            )
+        acc.print(
+            f"generating {missing} class images ({cfg.class_prompt!r}) into {cfg.class_data_dir}{shapes}"
+        )
         scheduler = DDPMScheduler.from_config(parts.scheduler.config)
         pipe = TextToImagePipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                    unet=parts.unet, scheduler=scheduler)  # fmt: skip
@@ -409,15 +427,16 @@ def top_up_class_images(cfg: TrainConfig, acc, parts) -> None:
         for module, _ in modes:
             module.eval()
 
-        def make_images(prompts: list[str], seeds: list[int]) -> list:
+        def make_images(prompts: list[str], seeds: list[int], size) -> list:
             generators = [torch.Generator(acc.device).manual_seed(s) for s in seeds]
             steps, guidance = cfg.validation_inference_steps, cfg.validation_guidance
-            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                        output_type="pil").images  # fmt: skip
+            width, height = size or (None, None)  # None: the model's size
+            return pipe(prompts, width=width, height=height, num_inference_steps=steps,
+                        guidance_scale=guidance, generator=generators, output_type="pil").images  # fmt: skip
 
         try:
             generate_class_images(cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images, make_images,
-                                  cfg.sample_batch_size, cfg.seed)  # fmt: skip
+                                  cfg.sample_batch_size, cfg.seed, sizes)  # fmt: skip
         finally:
             for module, training in modes:
                 module.train(training)

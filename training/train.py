@@ -11,11 +11,11 @@ One optimizer step (Ho et al. 2020, Algorithm 1, in the latent space of Rombach 
 With v-prediction the target is v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & Ho 2022); min-SNR-γ
 (Hang et al. 2023) sets w(t) = min(SNR(t), γ) / SNR(t) for ε and min(SNR(t), γ) / (SNR(t) + 1) for v.
 
-Outputs under output_dir: config.yaml, checkpoint-N/ (resumable with --resume latest), logs/
-(TensorBoard), validation/step-N.png, run.lock (one run at a time), buckets.json (with aspect_buckets:
-"WxH" -> images); and final_dir (default output_dir/final), a diffusers-layout folder whose unet (and
-text_encoder, when trained) hold the EMA weights (the raw ones are in unet_raw/). final_dir is replaced
-only if this run published it: a folder of other files is refused at start-up.
+Outputs under output_dir: config.yaml, checkpoint-N/ (resumable with --resume latest), logs/ (TensorBoard),
+validation/step-N.png (and step-N/NN.png, one per sample prompt), run.lock (one run at a time), buckets.json
+(with aspect_buckets: "WxH" -> images); and final_dir (default output_dir/final), a diffusers-layout folder
+whose unet (and text_encoder, when trained) hold the EMA weights (the raw ones are in unet_raw/). final_dir is
+replaced only if this run published it: a folder of other files is refused at start-up.
 
 Photo sets (training/parts.py): a caption folder (a .txt beside each image, N_name repeat folders),
 aspect-ratio buckets (each step one bucket, its noise of the bucket's latent shape), captions drawn per
@@ -43,7 +43,7 @@ the step's math from training/unet_step.py), ``train`` runs the loop it shares w
 from __future__ import annotations
 
 import contextlib
-import math
+import functools
 import os
 import sys
 from pathlib import Path
@@ -54,7 +54,6 @@ if __package__ in (None, ""):  # run as a script (accelerate launch training/tra
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
-from sdlite.images import grid  # noqa: E402
 from sdlite.lora import AdapterWeights, lora_param_groups, save_lora  # noqa: E402
 from sdlite.training.config import parse_config, save_yaml  # noqa: E402
 from sdlite.training.configs import TrainConfig  # noqa: E402
@@ -72,6 +71,12 @@ from sdlite.training.parts import (  # noqa: E402
     load_parts,
     sampler_for,
     top_up_class_images,
+)
+from sdlite.training.sample_prompts import (  # noqa: E402
+    SamplePrompt,
+    run_prompts,
+    sample_batches,
+    save_samples,
 )
 from sdlite.training.sdxl_step import (  # noqa: E402
     DenoiserXL,
@@ -281,22 +286,23 @@ class UNetTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
-        """Held-out loss and a grid of the validation prompts, with the EMA weights when there are any."""
+        """Held-out loss and the sample prompts' images (validation/step-N/NN.png and their grid
+        validation/step-N.png, in TensorBoard too), with the EMA weights when there are any."""
         acc, cfg = self.accelerator, self.cfg
-        if not acc.is_main_process or (self.val is None and not cfg.validation_prompts):
+        if not acc.is_main_process or (self.val is None and not self.sample_prompts):
             return {}
         denoiser = acc.unwrap_model(self.model).eval()  # unwrapped: no DDP collectives on one process
         logs = {}
         with self.ema_weights(), acc.autocast():
             if self.val is not None:
                 logs = self.held_out_loss(denoiser)
-            if cfg.validation_prompts:
-                rows = math.ceil(len(cfg.validation_prompts) / 8)  # at most 8 a row
-                image = grid(self.sample_images(), rows=rows)
-                path = Path(cfg.output_dir) / "validation" / f"step-{step}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                image.save(path)
-                log_image(acc, "validation", image, step)
+            if self.sample_prompts:
+                images = self.sample_images()
+                log_image(
+                    acc, "validation", save_samples(images, Path(cfg.output_dir) / "validation", step), step
+                )
+                for i, image in enumerate(images):
+                    log_image(acc, f"validation/{i:02d}", image, step)
         denoiser.train()
         if logs:
             acc.log(logs, step=step)
@@ -321,20 +327,24 @@ class UNetTrainer(Trainer):
         logs["val/loss"] = sum(logs.values()) / len(logs)
         return logs
 
+    @functools.cached_property
+    def sample_prompts(self) -> list[SamplePrompt]:
+        """validation_prompts, then validation_prompts_file's (checked at start-up by cfg.check)."""
+        return run_prompts(self.cfg.validation_prompts, self.cfg.validation_prompts_file)
+
     def sample_images(self) -> list:
-        """One image per validation prompt, each from its own fixed seed, with sdlite's pipeline (SDXL's
-        for an SDXL model)."""
+        """One image per sample prompt, with sdlite's pipeline (SDXL's for an SDXL model): prompt i from
+        seed + i unless its line sets --d, at validation_inference_steps and validation_guidance unless it
+        sets --s and --l."""
         cfg, device = self.cfg, self.accelerator.device
         pipe = sampling_pipeline(self.parts)
-        prompts = list(cfg.validation_prompts)
-        generators = [torch.Generator(device).manual_seed(cfg.seed + i) for i in range(len(prompts))]
-        return pipe(
-            prompts,
-            num_inference_steps=cfg.validation_inference_steps,
-            guidance_scale=cfg.validation_guidance,
-            generator=generators,
-            output_type="pil",
-        ).images
+        cfg_steps, cfg_guidance = cfg.validation_inference_steps, cfg.validation_guidance
+        images = [None] * len(self.sample_prompts)
+        for places, call in sample_batches(self.sample_prompts, cfg.seed, cfg_steps, cfg_guidance):
+            generators = [torch.Generator(device).manual_seed(s) for s in call.pop("seeds")]
+            for i, image in zip(places, pipe(**call, generator=generators, output_type="pil").images):
+                images[i] = image
+        return images
 
     # ---- the result -----------------------------------------------------------------------------------
 
@@ -348,9 +358,7 @@ class UNetTrainer(Trainer):
             with self.publishing() as tmp:
                 if cfg.lora and self.xl:  # the three parts' adapters, as diffusers' SDXL scripts write them
                     save_lora_xl(tmp, parts, cfg.lora_text_encoder)
-                elif (
-                    cfg.lora
-                ):  # only the adapters, in the file load_lora_weights reads, naming the base model
+                elif cfg.lora:  # the adapters alone, in the file load_lora_weights reads, with the base
                     te = parts.text_encoder if cfg.lora_text_encoder else None
                     base = cfg.pretrained or f"sdlite preset {cfg.preset}"
                     save_lora(tmp, parts.unet, te, base_model=base, format=cfg.lora_save_format)

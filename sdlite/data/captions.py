@@ -15,8 +15,10 @@ nearest folder under the root named ``N_name``; other folders (and the root itse
 user's to choose) repeat once. What is odd is listed, never fatal: an image without a caption file or
 with an empty one trains with the empty caption; a caption file without its image is ignored; an
 ``N_name`` folder with N = 0 leaves its images out; a folder whose prefix looks like a count but is not
-a whole number (``1.5_x``, ``10x_x``) trains once. Rows with problems come back as ``(file, problem,
-what was done)``, the rows of ``bad_files.txt`` (``clean_rows``).
+a whole number (``1.5_x``, ``10x_x``) trains once. What is odd about the folders and the files comes
+back as ``(file, problem, what was done)``, rows of ``bad_files.txt``; what is odd about a row's own
+caption file rides in the row (``CAPTION_PROBLEM``) for ``clean_rows`` to list with the row's other
+problems, so that a row without a caption is listed once, saying why.
 
 Caption handling per draw (``draw_caption``), as sd-scripts users know it: ``caption_prefix`` (a
 trigger word) becomes the first tag and stays first; ``shuffle_caption`` shuffles the comma-separated
@@ -43,6 +45,9 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.json")
 _REPEATS = re.compile(r"^(\d+)_(.+)$")
 _COUNT_LIKE = re.compile(r"^([^_]*\d[^_]*)_(.+)$")  # a prefix holding a digit: meant as a count?
 _CAPTION_STREAM = 0x63617074  # keeps caption draws apart from other draws seeded by (seed, ...)
+# A column of caption_rows' rows: what is wrong with the row's caption file (None when nothing), listed by
+# clean_rows in place of its own "no caption" (which would name the same row a second time) and removed.
+CAPTION_PROBLEM = "sdlite_caption_problem"
 
 Problem = tuple[str, str, str]  # (file, problem, what was done): a bad_files.txt row
 
@@ -80,7 +85,7 @@ def _caption_of(file: Path) -> tuple[str, str | None]:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return "", "empty caption file"
-    return lines[0], None if len(lines) == 1 else f"caption file has {len(lines)} lines"
+    return lines[0], None if len(lines) == 1 else f"caption file has {len(lines)} lines (the first is read)"
 
 
 def caption_rows(
@@ -90,7 +95,8 @@ def caption_rows(
     repeats_column: str = "repeats",
 ) -> tuple[datasets.Dataset, list[Problem]]:
     """The rows of a caption folder, shaped as ``load_rows``' (images undecoded, by path) with a
-    ``repeats_column``, and the problems found. Raises DataError when no image is left to train."""
+    ``repeats_column`` and ``CAPTION_PROBLEM``, and the problems of the folders and files (not of the rows'
+    captions: clean_rows lists those). Raises DataError when no image is left to train."""
     from sdlite.data.dataset import DataError
 
     root = Path(root)
@@ -105,7 +111,7 @@ def caption_rows(
         if p.suffix.lower() in CAPTION_EXTENSIONS and p.with_suffix("") not in stems:
             problems.append((str(p), "caption file without an image of the same name", "ignored"))
 
-    paths, captions, repeats = [], [], []
+    paths, captions, repeats, caption_problems = [], [], [], []
     for image in images:
         n, why = 1, None
         for folder in reversed(image.relative_to(root).parents[:-1]):  # nearest N_name folder wins
@@ -119,26 +125,24 @@ def caption_rows(
             problems.append((str(image), why, "kept, trained once per epoch"))
         found = [image.with_suffix(ext) for ext in CAPTION_EXTENSIONS if image.with_suffix(ext).is_file()]
         text, problem = ("", "no caption file (.txt or .caption)") if not found else _caption_of(found[0])
-        if problem:
-            done = "kept, first line used" if text else "kept, trained with the empty caption"
-            problems.append((str(image), problem, done))
         for extra in found[1:]:
             problems.append((str(extra), f"a second caption file beside {found[0].name}", "ignored"))
         paths.append(str(image))
         captions.append(text)
         repeats.append(n)
+        caption_problems.append(problem)
     if not paths:
         raise DataError(
             f"caption folder {str(root)!r} holds no image to train (of {', '.join(IMAGE_EXTENSIONS)})"
         )
     features = datasets.Features(
         {image_column: datasets.Image(decode=False), caption_column: datasets.Value("string"),
-         repeats_column: datasets.Value("int64")}
+         repeats_column: datasets.Value("int64"), CAPTION_PROBLEM: datasets.Value("string")}
     )  # fmt: skip
     entries = [{"bytes": None, "path": p} for p in paths]
-    rows = datasets.Dataset.from_dict(
-        {image_column: entries, caption_column: captions, repeats_column: repeats}, features=features
-    )
+    columns = {image_column: entries, caption_column: captions, repeats_column: repeats,
+               CAPTION_PROBLEM: caption_problems}  # fmt: skip
+    rows = datasets.Dataset.from_dict(columns, features=features)
     return rows, problems
 
 

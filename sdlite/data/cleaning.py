@@ -7,7 +7,9 @@ not a regular file, over the byte or pixel limit) and a metadata line ``load_row
 skipped or, with ``bad_data="error"``, stop the run; grayscale, palette, 16-bit and transparent images
 are converted, images smaller than the resolution upscaled, missing captions trained as the empty
 caption, captions longer than the tokenizer's limit truncated, and rows naming an image another row
-names kept. Each kind is counted in one log line and every row listed in a report (bad_files.txt).
+names kept. Each kind is counted in one log line and every row listed in a report (bad_files.txt),
+each problem once: a caption folder's row says what is wrong with its caption file (captions.py's
+CAPTION_PROBLEM column) instead of "no caption".
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import datasets
 
+from sdlite.data.captions import CAPTION_PROBLEM
 from sdlite.data.dataset import PROBLEM, WHERE, DataError, caption_text, image_bytes, row_name
 from sdlite.data.decoding import decode_image, open_image, pixel_limit, why_unusable
 
@@ -75,11 +78,14 @@ def clean_rows(
     captions = rows[caption_column]
     marked = PROBLEM in rows.column_names  # metadata lines load_rows could not read (bad_data="skip")
     marks = zip(rows[PROBLEM], rows[WHERE]) if marked else repeat((None, None))
+    # What caption_rows found wrong with each row's caption file (a caption folder's rows only).
+    caption_problems = rows[CAPTION_PROBLEM] if CAPTION_PROBLEM in rows.column_names else repeat(None)
     first_row_of: dict[str, str] = {}  # image file -> the row that names it first
     limit = getattr(tokenizer, "model_max_length", None)
     entries = (e for chunk in rows.select_columns([image_column]).iter(256) for e in chunk[image_column])
     action = "skipped" if bad_data == "skip" else "error"
-    for index, (entry, caption, (problem, where)) in enumerate(zip(entries, captions, marks)):
+    rows_in = zip(entries, captions, marks, caption_problems)
+    for index, (entry, caption, (problem, where), caption_problem) in enumerate(rows_in):
         name = where or row_name(entry, index)
         if problem:
             bad.append(index)
@@ -102,11 +108,15 @@ def clean_rows(
         if fix:
             problems.append((name, fix, "kept"))
             counts["images converted or upscaled"] += 1
-        if not text.strip():
-            problems.append((name, "no caption", "kept, trained with the empty caption"))
+        if not text.strip():  # one row, one listing: why there is no caption, when caption_rows knows
+            problems.append((name, caption_problem or "no caption", "kept, trained with the empty caption"))
             counts["rows without a caption (trained with the empty one)"] += 1
+            continue
+        if caption_problem:
+            problems.append((name, caption_problem, "kept"))
+            counts["odd caption files (kept)"] += 1
         # A token spans at least one character: only long texts need the tokenizer.
-        elif limit and len(text) > limit - 2 and len(tokenizer(text, verbose=False).input_ids) > limit:
+        if limit and len(text) > limit - 2 and len(tokenizer(text, verbose=False).input_ids) > limit:
             problems.append((name, f"caption longer than {limit} tokens", "kept, truncated"))
             counts[f"captions truncated to {limit} tokens"] += 1
     if report is not None:
@@ -128,4 +138,5 @@ def clean_rows(
     if bad:
         keep = sorted(set(range(len(rows))) - set(bad))
         rows = rows.select(keep)
-    return rows.remove_columns([PROBLEM, WHERE]) if marked else rows
+    internal = [c for c in (PROBLEM, WHERE, CAPTION_PROBLEM) if c in rows.column_names]
+    return rows.remove_columns(internal) if internal else rows

@@ -12,19 +12,28 @@ for the prior-preservation loss.
   prior_loss_weight times the class examples' mean loss.
 - ``class_images_needed`` and ``generate_class_images``: top the class folder up to
   ``num_class_images`` with images of the base model (a callable here, so it needs no model to test),
-  each written with its caption file beside it.
+  each written with its caption file beside it. With aspect buckets, ``class_image_sizes`` gives each
+  new image a bucket's size, so that the class images' buckets follow the instance images' (in
+  proportion, each instance bucket at least one while there are enough): every step draws its class
+  half from its own bucket, and the prior then covers the shapes the subject is taught in.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import datasets
 import torch
+from PIL import Image
 
-from sdlite.data.buckets import _generator  # a stream that is a function of its keys
+from sdlite.data.buckets import (
+    Size,
+    _generator,  # a stream that is a function of its keys
+    assign_bucket,
+)
 from sdlite.data.captions import IMAGE_EXTENSIONS
 from sdlite.data.dataset import DataError
 from sdlite.data.steps import StepBatches
@@ -197,32 +206,97 @@ def class_images_needed(class_data_dir: str | Path, num_class_images: int) -> in
     return max(0, num_class_images - present)
 
 
+def apportion(total: int, weights: Sequence[int]) -> list[int]:
+    """``total`` split in proportion to ``weights``: one to each positive weight first (the largest first
+    while total lasts), the rest by largest remainders (ties to the earlier). Integers, so exact."""
+    shares = [0] * len(weights)
+    for i in sorted((i for i, w in enumerate(weights) if w > 0), key=lambda i: -weights[i])[:total]:
+        shares[i] = 1
+    rest, whole = total - sum(shares), sum(weights)
+    if rest > 0 and whole > 0:
+        floors = [rest * w // whole for w in weights]
+        by_remainder = sorted(range(len(weights)), key=lambda i: (-(rest * weights[i] % whole), i))
+        for i in by_remainder[: rest - sum(floors)]:
+            floors[i] += 1
+        shares = [a + b for a, b in zip(shares, floors)]
+    return shares
+
+
+def _image_sizes(folder: str | Path) -> list[Size]:
+    """(w, h) of the images of a folder, read from their headers; one that cannot be read is left out
+    (clean_rows lists it when training reads the folder)."""
+    sizes = []
+    for path in image_files(folder) if Path(folder).is_dir() else []:
+        try:
+            with Image.open(path) as image:
+                sizes.append(image.size)
+        except Exception:  # PIL raises OSError, SyntaxError, ValueError ... on files that are not images
+            continue
+    return sizes
+
+
+def class_image_sizes(
+    instance_data_dir: str | Path, class_data_dir: str | Path, buckets: Sequence[Size], num_class_images: int
+) -> list[Size]:
+    """The size of each class image still to generate (class_images_needed of them), in the order they
+    are made, so that the class folder's aspect buckets follow the instance images'.
+
+    The target of bucket b is num_class_images apportioned by the instance images per bucket; a bucket
+    lacks its target less the class images already in it. If those lacks exceed the images still to
+    make (the folder holds images of other shapes), the images are apportioned by the lacks; if they
+    fall short, the rest by the instance images. Sizes go in bucket order, so a run stopped half-way
+    and started again plans what is left of the same list (and generate_class_images names and seeds
+    the images alike)."""
+    missing = class_images_needed(class_data_dir, num_class_images)
+    instances = Counter(assign_bucket(size, buckets) for size in _image_sizes(instance_data_dir))
+    present = Counter(assign_bucket(size, buckets) for size in _image_sizes(class_data_dir))
+    ids = sorted(instances)
+    weights = [instances[b] for b in ids]
+    lacks = [max(0, t - present[b]) for t, b in zip(apportion(num_class_images, weights), ids)]
+    if sum(lacks) > missing:
+        plan = apportion(missing, lacks)
+    else:
+        plan = [a + b for a, b in zip(lacks, apportion(missing - sum(lacks), weights))]
+    return [buckets[b] for b, count in zip(ids, plan) for _ in range(count)]
+
+
 def generate_class_images(
     class_data_dir: str | Path,
     class_prompt: str,
     num_class_images: int,
-    make_images: Callable[[list[str], list[int]], list],
+    make_images: Callable[[list[str], list[int], Size | None], list],
     batch_size: int = 4,
     seed: int = 0,
+    sizes: Sequence[Size] | None = None,
 ) -> list[Path]:
     """Top ``class_data_dir`` up to ``num_class_images``; returns the files written.
 
-    ``make_images(prompts, seeds)`` returns one PIL image per prompt, image i made from seeds[i] (so a
-    run stopped half-way and started again makes the same images). Each image is written as
+    ``make_images(prompts, seeds, size)`` returns one PIL image per prompt, image i made from seeds[i]
+    (so a run stopped half-way and started again makes the same images), all of ``size`` (w, h), or of
+    the model's size when it is None. ``sizes``: each missing image's size, in order (class_image_sizes;
+    None: all of the model's size); a batch holds images of one size. Each image is written as
     ``class_NNNNN.png`` (the first free numbers), atomically (an interrupted run leaves no half-written
     image), then ``class_NNNNN.txt`` beside it holding its prompt.
     """
     folder = Path(class_data_dir)
     missing = class_images_needed(folder, num_class_images)
+    sizes = [None] * missing if sizes is None else list(sizes)
+    if len(sizes) != missing:
+        raise ValueError(f"{len(sizes)} sizes for the {missing} class images to make")
     folder.mkdir(parents=True, exist_ok=True)
     taken = {p.stem for p in image_files(folder)}  # a caption left by an interrupted run is rewritten
     names = (f"class_{i:05d}" for i in range(10**9) if f"class_{i:05d}" not in taken)
     plan = [next(names) for _ in range(missing)]
+    batches = []  # runs of one size, at most batch_size long, in plan order
+    for name, size in zip(plan, sizes):
+        if batches and batches[-1][0] == size and len(batches[-1][1]) < batch_size:
+            batches[-1][1].append(name)
+        else:
+            batches.append((size, [name]))
     written = []
-    for start in range(0, missing, batch_size):
-        chunk = plan[start : start + batch_size]
+    for size, chunk in batches:
         seeds = [int(name.split("_")[1]) + seed * 1_000_003 for name in chunk]
-        images = make_images([class_prompt] * len(chunk), seeds)
+        images = make_images([class_prompt] * len(chunk), seeds, size)
         if len(images) != len(chunk):
             raise ValueError(f"make_images returned {len(images)} images for {len(chunk)} prompts")
         for name, image in zip(chunk, images):
