@@ -14,6 +14,7 @@ more than 1e-5 apart.
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -82,9 +83,17 @@ def launch(accelerate_flags: list[str], args: list[str]) -> str:
         str(ROOT / "training" / "train.py"),
         *args,
     ]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout + result.stderr
+    # Its own session, so that on a timeout the ranks go too (killing the launcher alone left them).
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"launch timed out after 300 s:\n{stdout[-3000:]}\n{stderr[-5000:]}") from None
+    assert process.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    return stdout + stderr
 
 
 def weights(folder: Path, part: str = "unet") -> dict[str, torch.Tensor]:
@@ -315,9 +324,13 @@ def test_a_diffusers_key_in_a_yaml_file_fails_naming_ours(tmp_path):
 
 @pytest.mark.parametrize(("flag", "ours"), [("sample_prompts", "--validation_prompts_file"),
                                             ("sample_every_n_steps", "--validation_every")])  # fmt: skip
-def test_an_sd_scripts_flag_fails_naming_ours(flag, ours):
+def test_an_sd_scripts_flag_fails_naming_ours(flag, ours, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main([f"--{flag}", "1"])
+    assert f"--{flag} is sd-scripts' name; sdlite's is {ours}" in capsys.readouterr().err
+    (tmp_path / "recipe.yaml").write_text(f"{flag}: 1\n")  # a key in a YAML file: the same answer
     with pytest.raises(ConfigError, match=f"--{flag} is sd-scripts' name; sdlite's is {ours}"):
-        parse_config(TrainConfig, [f"--{flag}", "1"])
+        parse_config(TrainConfig, ["--config", str(tmp_path / "recipe.yaml")])
 
 
 @pytest.mark.parametrize("config", [TrainConfig, VAETrainConfig])
