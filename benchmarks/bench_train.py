@@ -193,17 +193,20 @@ def warm_cache(args) -> dict:
     return {"seconds": time.perf_counter() - start, "device": accelerator.device}
 
 
-def child(args) -> None:
+def child(args, reference=None) -> None:
+    """One variant, in this subprocess: ``reference`` is the reference step's runner (this file's by
+    default; bench_train_xl.py passes SDXL's)."""
     import torch
 
     torch.set_num_threads(args.threads)
-    result = {"reference": run_reference, "ours": run_ours, "warm": warm_cache}[args.child](args)
+    runners = {"reference": reference or run_reference, "ours": run_ours, "warm": warm_cache}
+    result = runners[args.child](args)
     result["peak_mb"] = peak_memory_mb(result.pop("device"))
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def spawn(args, variant: str) -> dict:
-    command = [sys.executable, __file__, "--child", variant, *sys.argv[1:]]
+def spawn(args, variant: str, script: str = __file__) -> dict:
+    command = [sys.executable, script, "--child", variant, *sys.argv[1:]]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -212,15 +215,15 @@ def spawn(args, variant: str) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def measure(args) -> dict[str, list[dict]]:
+def measure(args, script: str = __file__) -> dict[str, list[dict]]:
     """The cache fill once, then rounds of both variants in alternating order."""
-    warm = spawn(args, "warm")
+    warm = spawn(args, "warm", script)
     print(f"cache fill (once, {args.images} images + captions): {warm['seconds']:.1f} s")
     results = {"reference": [], "ours": []}
     for r in range(args.rounds):
         order = ["reference", "ours"] if r % 2 == 0 else ["ours", "reference"]
         for variant in order:
-            result = spawn(args, variant)
+            result = spawn(args, variant, script)
             result["images_per_s"] = args.batch * args.steps / result["seconds"]
             results[variant].append(result)
             speed, peak_mb = result["images_per_s"], result["peak_mb"]
@@ -228,9 +231,11 @@ def measure(args) -> dict[str, list[dict]]:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny")
+def main(preset: str = "tiny", reference=None, script: str = __file__, doc: str = __doc__) -> None:
+    """Parse the flags; in a child run one variant, else the whole comparison (the SDXL benchmark calls
+    this with its preset, its reference step and its own file)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--preset", default=preset)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
@@ -243,7 +248,7 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args)
+        return child(args, reference)
 
     import diffusers
     import torch
@@ -251,7 +256,7 @@ def main() -> None:
     from sdlite.data.shapes import write_dataset
     from sdlite.presets import get_preset
 
-    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    work = Path(tempfile.mkdtemp(prefix=Path(script).stem + "_"))
     write_dataset(work / "data", count=args.images, seed=0, image_size=get_preset(args.preset).resolution)
     sys.argv += ["--data", str(work / "data"), "--cache", str(work / "cache"), "--out", str(work / "run")]
     print(
@@ -260,7 +265,7 @@ def main() -> None:
         f"{args.steps} steps after {args.warmup} warm-up, {args.rounds} rounds"
     )
     try:
-        results = measure(args)
+        results = measure(args, script)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     median = {v: statistics.median(x["images_per_s"] for x in rs) for v, rs in results.items()}

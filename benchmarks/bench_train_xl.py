@@ -20,19 +20,12 @@ no EMA, one process. Each variant runs in a fresh subprocess; rounds alternate t
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import peak_memory_mb, run_ours, timed_steps, warm_cache  # noqa: E402
+import bench_train  # noqa: E402
+from bench_train import timed_steps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,78 +142,8 @@ def run_reference(args) -> dict:
     return {"seconds": timed_steps(step, args, accelerator.device), "device": accelerator.device}
 
 
-def child(args) -> None:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    result = {"reference": run_reference, "ours": run_ours, "warm": warm_cache}[args.child](args)
-    result["peak_mb"] = peak_memory_mb(result.pop("device"))
-    print("RESULT " + json.dumps(result), flush=True)
-
-
-def spawn(args, variant: str) -> dict:
-    command = [sys.executable, __file__, "--child", variant, *sys.argv[1:]]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
-    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"{variant} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny-sdxl")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--images", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--cache", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        return child(args)
-
-    import diffusers
-    import torch
-
-    from sdlite.data.shapes import write_dataset
-    from sdlite.presets import get_preset
-
-    work = Path(tempfile.mkdtemp(prefix="bench_train_xl_"))
-    write_dataset(work / "data", count=args.images, seed=0, image_size=get_preset(args.preset).resolution)
-    sys.argv += ["--data", str(work / "data"), "--cache", str(work / "cache"), "--out", str(work / "run")]
-    print(
-        f"torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs, {args.threads} thread(s); preset {args.preset}, batch {args.batch}, "
-        f"{args.steps} steps after {args.warmup} warm-up, {args.rounds} rounds"
-    )
-    results = {"reference": [], "ours": []}
-    try:
-        warm = spawn(args, "warm")
-        print(f"cache fill (once, {args.images} images + captions): {warm['seconds']:.1f} s")
-        for r in range(args.rounds):
-            for variant in ["reference", "ours"] if r % 2 == 0 else ["ours", "reference"]:
-                result = spawn(args, variant)
-                result["images_per_s"] = args.batch * args.steps / result["seconds"]
-                results[variant].append(result)
-                print(f"round {r}: {variant:<9} {result['images_per_s']:8.1f} images/s, "
-                      f"peak {result['peak_mb']:.0f} MB", flush=True)  # fmt: skip
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    median = {v: statistics.median(x["images_per_s"] for x in rs) for v, rs in results.items()}
-    peak = {v: max(x["peak_mb"] for x in rs) for v, rs in results.items()}
-    print("\n| variant | images/s (median) | peak memory MB |\n|---|---|---|")
-    for v in results:
-        print(f"| {v} | {median[v]:.1f} | {peak[v]:.0f} |")
-    print(
-        f"\nthroughput ratio ours / reference: {median['ours'] / median['reference']:.2f}x; "
-        f"peak memory ratio: {peak['ours'] / peak['reference']:.2f}"
-    )
+    bench_train.main(preset="tiny-sdxl", reference=run_reference, script=__file__, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,21 @@ def launch(accelerate_flags: list[str], args: list[str]) -> str:
     return stdout + stderr
 
 
+def run_killed_at(monkeypatch, step: int, run) -> None:
+    """``run()`` with the machine going away (KeyboardInterrupt) as optimizer step ``step`` starts."""
+    original = UNetTrainer.optimizer_step
+
+    def crash(trainer, i):
+        if i == step:
+            raise KeyboardInterrupt("the machine went away")
+        return original(trainer, i)
+
+    monkeypatch.setattr(UNetTrainer, "optimizer_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.undo()
+
+
 def weights(folder: Path, part: str = "unet") -> dict[str, torch.Tensor]:
     return load_file(next((folder / part).glob("*.safetensors")))
 
@@ -185,18 +200,7 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_ends_with_the_same_weigh
         val_data_dir=data / "test",
     )
     main(flags(data, cache, tmp_path / "whole", **options))
-
-    step = UNetTrainer.optimizer_step
-
-    def crash_at_step_4(trainer, i):
-        if i == 4:
-            raise KeyboardInterrupt("the machine went away")
-        return step(trainer, i)
-
-    monkeypatch.setattr(UNetTrainer, "optimizer_step", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        main(flags(data, cache, tmp_path / "broken", **options))
-    monkeypatch.undo()
+    run_killed_at(monkeypatch, 4, lambda: main(flags(data, cache, tmp_path / "broken", **options)))
     assert not (tmp_path / "broken" / "final").exists()
     main(flags(data, cache, tmp_path / "broken", resume="latest", **options))
     for part in ("unet_raw", "unet"):

@@ -18,7 +18,7 @@ import torch
 from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file
-from test_train import ROOT, flags, launch
+from test_train import ROOT, flags, launch, run_killed_at
 
 from sdlite.data.shapes import write_dataset
 from sdlite.ddpm import DDPMScheduler
@@ -129,17 +129,7 @@ def test_an_interrupted_lora_run_resumed_from_its_checkpoint_ends_with_the_same_
     options = dict(LORA, max_steps=4, checkpoint_every=2, lr_scheduler="cosine", lr_warmup_steps=1,
                    caption_dropout=0.25, lora_dropout=0.1)  # fmt: skip
     main(flags(data, cache, tmp_path / "whole", **options))
-    step = UNetTrainer.optimizer_step
-
-    def crash_at_step_3(trainer, i):
-        if i == 3:
-            raise KeyboardInterrupt("the machine went away")
-        return step(trainer, i)
-
-    monkeypatch.setattr(UNetTrainer, "optimizer_step", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        main(flags(data, cache, tmp_path / "broken", **options))
-    monkeypatch.undo()
+    run_killed_at(monkeypatch, 3, lambda: main(flags(data, cache, tmp_path / "broken", **options)))
     main(flags(data, cache, tmp_path / "broken", resume="latest", **options))
     assert adapter_difference(tmp_path / "whole", tmp_path / "broken").max() == 0
 

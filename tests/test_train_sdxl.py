@@ -13,7 +13,7 @@ from accelerate.state import AcceleratorState
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
-from test_train import ROOT, assert_same_training, flags, launch, weights
+from test_train import ROOT, assert_same_training, flags, launch, run_killed_at, weights
 
 from sdlite.conditioning_xl import encode_prompts_xl
 from sdlite.data.dataset import ImageTransform
@@ -182,17 +182,7 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_ends_with_the_same_weigh
     options = dict(max_steps=4, checkpoint_every=2, train_text_encoder="true", random_flip="true",
                    caption_dropout=0.25, lr_scheduler="cosine", lr_warmup_steps=1)  # fmt: skip
     run(data, cache, tmp_path / "whole", **options)
-    step = UNetTrainer.optimizer_step
-
-    def crash_at_step_2(trainer, i):
-        if i == 2:
-            raise KeyboardInterrupt("the machine went away")
-        return step(trainer, i)
-
-    monkeypatch.setattr(UNetTrainer, "optimizer_step", crash_at_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(data, cache, tmp_path / "broken", **options)
-    monkeypatch.undo()
+    run_killed_at(monkeypatch, 2, lambda: run(data, cache, tmp_path / "broken", **options))
     assert (tmp_path / "broken" / "checkpoint-2" / "text_encoder_2.safetensors").is_file()
     run(data, cache, tmp_path / "broken", resume="latest", **options)
     for part in ("unet_raw", "unet", "text_encoder_2_raw", "text_encoder_2"):
