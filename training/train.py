@@ -90,7 +90,7 @@ from sdlite.training.sdxl_step import (  # noqa: E402
     wants_xl,
     xl_problems,
 )
-from sdlite.training.trainer import Trainer  # noqa: E402
+from sdlite.training.trainer import Trainer, leave  # noqa: E402
 from sdlite.training.unet_step import (  # noqa: E402
     Denoiser,
     diffusion_loss,
@@ -388,4 +388,6 @@ def main(argv: list[str] | None = None) -> Path:
 if __name__ == "__main__":
     follow_launcher()  # one-process accelerate launch: if the launcher dies, checkpoint and stop
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    trainer = UNetTrainer(parse_config(TrainConfig))
+    trainer.train()
+    leave()  # the trainer still held: its DDP model is never freed (see leave)

@@ -39,7 +39,7 @@ from sdlite.training.config import parse_config  # noqa: E402
 from sdlite.training.configs import VAETrainConfig  # noqa: E402
 from sdlite.training.launch import follow_launcher  # noqa: E402
 from sdlite.training.loop import StepSampler, make_lr_schedule, make_optimizer, setup_accelerator  # noqa: E402
-from sdlite.training.trainer import Trainer  # noqa: E402
+from sdlite.training.trainer import Trainer, leave  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # Data
@@ -257,4 +257,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     follow_launcher()  # one-process accelerate launch: if the launcher dies, checkpoint and stop
-    main()
+    trainer = VAETrainer(parse_config(VAETrainConfig))
+    trainer.train()
+    leave()  # the trainer still held: its DDP model is never freed (see trainer.leave)
