@@ -12,7 +12,6 @@ RNG state: a run stopped and resumed gives the same weights as one that never st
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 from collections.abc import Iterable
@@ -24,7 +23,7 @@ from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from sdlite.data.steps import StepBatches
+from sdlite.data.steps import StepBatches, seeded_generator
 
 
 def setup_accelerator(
@@ -63,12 +62,6 @@ def setup_accelerator(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return accelerator
-
-
-def seeded_generator(*keys, device: str | torch.device = "cpu") -> torch.Generator:
-    """A generator whose stream is a function of ``keys`` alone, e.g. (seed, "noise", step)."""
-    h = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(h, "little") >> 1)
 
 
 class StepSampler(StepBatches):

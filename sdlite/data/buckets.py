@@ -24,7 +24,6 @@ dropped from an epoch; the price is that an image of a tiny bucket is seen up to
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import Counter
@@ -37,17 +36,10 @@ import torch
 from PIL import Image
 
 from sdlite.data.decoding import decode_image, pixel_limit
-from sdlite.data.steps import StepBatches
+from sdlite.data.steps import StepBatches, seeded_generator
 from sdlite.latents import vae_factor
 
 Size = tuple[int, int]  # (width, height) in pixels, as PIL
-
-
-def _generator(*keys) -> torch.Generator:
-    # A stream that is a function of ``keys`` alone. sdlite.training.loop.seeded_generator does the same
-    # for the trainer; the library may not import the trainer.
-    h = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(h, "little") >> 1)
 
 
 def bucket_multiple(vae_config) -> int:
@@ -210,14 +202,16 @@ class BucketSampler(StepBatches):
         if epoch != self._epoch:
             G, runs = self.global_batch, []
             for bucket, items in sorted(self.items_of_bucket.items()):
-                order = torch.randperm(len(items), generator=_generator(self.seed, "bucket", epoch, bucket))
+                order = torch.randperm(
+                    len(items), generator=seeded_generator(self.seed, "bucket", epoch, bucket)
+                )
                 steps = -(-len(items) // G)
                 cycle = [items[i] for i in order.tolist()]
                 filled = [
                     cycle[i % len(cycle)] for i in range(steps * G)
                 ]  # the short run filled from the start
                 runs += [(bucket, filled[k * G : (k + 1) * G]) for k in range(steps)]
-            order = torch.randperm(len(runs), generator=_generator(self.seed, "steps", epoch)).tolist()
+            order = torch.randperm(len(runs), generator=seeded_generator(self.seed, "steps", epoch)).tolist()
             self._epoch, self._plan = epoch, [runs[i] for i in order]
         return self._plan
 
@@ -231,7 +225,7 @@ class BucketSampler(StepBatches):
         epoch, k = divmod(step, self.steps_per_epoch)
         items = self.epoch_plan(epoch)[k][1]
         if self.random_flip:
-            flips = torch.rand(self.global_batch, generator=_generator(self.seed, "flip", step)) < 0.5
+            flips = torch.rand(self.global_batch, generator=seeded_generator(self.seed, "flip", step)) < 0.5
         else:
             flips = torch.zeros(self.global_batch, dtype=torch.bool)
         rows = [self.rows_of_items[i] for i in items]

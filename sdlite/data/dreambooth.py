@@ -31,12 +31,11 @@ from PIL import Image
 
 from sdlite.data.buckets import (
     Size,
-    _generator,  # a stream that is a function of its keys
     assign_bucket,
 )
 from sdlite.data.captions import IMAGE_EXTENSIONS
 from sdlite.data.dataset import DataError
-from sdlite.data.steps import StepBatches
+from sdlite.data.steps import StepBatches, seeded_generator
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -161,14 +160,16 @@ class PriorPairSampler(StepBatches):
         n = len(rows)
         if n >= count:  # a cycle is n // count steps, each a disjoint run of one order
             cycle, k = divmod(step, n // count)
-            order = torch.randperm(n, generator=_generator(self.seed, "class", bucket, cycle))
+            order = torch.randperm(n, generator=seeded_generator(self.seed, "class", bucket, cycle))
             chosen = order[k * count : (k + 1) * count].tolist()
         else:  # fewer class images than a step holds: each step repeats them all
             cycle = step
-            order = torch.randperm(n, generator=_generator(self.seed, "class", bucket, cycle)).tolist()
+            order = torch.randperm(n, generator=seeded_generator(self.seed, "class", bucket, cycle)).tolist()
             chosen = [order[p % n] for p in range(count)]
         if getattr(self.inner, "random_flip", False):
-            flips = (torch.rand(count, generator=_generator(self.seed, "class-flip", step)) < 0.5).tolist()
+            flips = (
+                torch.rand(count, generator=seeded_generator(self.seed, "class-flip", step)) < 0.5
+            ).tolist()
         else:
             flips = [False] * count
         # The same shape as the instance items: (row, flip) or (row, flip, cycle, place) with draw_keys.
