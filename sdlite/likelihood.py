@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sdlite.conditioning_xl import add_time_ids, encode_prompts_xl
 from sdlite.latents import encode
 from sdlite.tokenizer import token_ids
 
@@ -47,6 +48,20 @@ def encode_text(tokenizer, text_encoder, texts: Sequence[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def condition(parts, captions: Sequence[str], size: tuple[int, int]) -> tuple[torch.Tensor, dict | None]:
+    """The U-Net's conditioning of ``captions``: (context, added_cond_kwargs). SDXL parts (a second text
+    encoder) add encoder 2's pooled embedding and the six size/crop numbers of an uncropped image of
+    ``size`` (height, width) pixels, what training gave a square image."""
+    if getattr(parts, "text_encoder_2", None) is None:
+        return encode_text(parts.tokenizer, parts.text_encoder, captions), None
+    context, pooled = encode_prompts_xl(
+        parts.text_encoder, parts.text_encoder_2, parts.tokenizer, parts.tokenizer_2, captions
+    )
+    time_ids = add_time_ids(size, (0, 0), size, dtype=pooled.dtype).to(pooled.device)
+    return context, {"text_embeds": pooled, "time_ids": time_ids.expand(len(captions), 6)}
+
+
+@torch.no_grad()
 def variational_bound(
     parts,
     images: torch.Tensor,
@@ -60,10 +75,10 @@ def variational_bound(
     """Bits per dimension of the images' latents given their captions, under the diffusion model.
 
     ``parts`` holds vae, tokenizer, text_encoder, unet and scheduler (a pipeline or
-    ``sdlite.models.Components``); ``images`` is (N, 3, H, W) in [-1, 1]. Latents are x_0 of
-    ``sdlite.latents.encode`` (z ~ q(z|x), shifted and scaled as in training). The terms are those of
-    ``sdlite.ddpm.bound_timesteps``: every t < dense_below, then every ``stride``-th t from a random
-    offset (``offset`` None: drawn from ``seed``, once for all batches).
+    ``sdlite.models.Components``; SDXL's also tokenizer_2 and text_encoder_2); ``images`` is (N, 3, H, W)
+    in [-1, 1]. Latents are x_0 of ``sdlite.latents.encode`` (z ~ q(z|x), shifted and scaled as in
+    training). The terms are those of ``sdlite.ddpm.bound_timesteps``: every t < dense_below, then every
+    ``stride``-th t from a random offset (``offset`` None: drawn from ``seed``, once for all batches).
     """
     scheduler, unet = parts.scheduler, parts.unet
     generator = torch.Generator().manual_seed(seed)
@@ -72,10 +87,11 @@ def variational_bound(
     prior, decoder, diffusion, mse = ([] for _ in range(4))
     for start in range(0, len(images), batch_size):
         x0 = encode(parts.vae, images[start : start + batch_size], generator).float()
-        context = encode_text(parts.tokenizer, parts.text_encoder, captions[start : start + batch_size])
+        context, added = condition(parts, captions[start : start + batch_size], tuple(images.shape[-2:]))
 
-        def model_fn(x_t: torch.Tensor, t: torch.Tensor, context=context) -> torch.Tensor:
-            return unet(x_t.to(unet.dtype), t.to(unet.device), encoder_hidden_states=context).sample.float()
+        def model_fn(x_t: torch.Tensor, t: torch.Tensor, context=context, added=added) -> torch.Tensor:
+            x_t, t = x_t.to(unet.dtype), t.to(unet.device)
+            return unet(x_t, t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
 
         bound = scheduler.calc_bpd_loop(
             model_fn, x0, stride=stride, offset=offset, generator=generator, dense_below=dense_below

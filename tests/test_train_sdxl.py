@@ -123,9 +123,11 @@ def test_a_few_steps_train_unet_and_both_encoders_and_save_a_folder_diffusers_lo
     assert [pipe.config.force_zeros_for_empty_prompt for pipe in pipes] == [False, False]
     ours, theirs = (images(pipe) for pipe in pipes)
     assert ours.shape == (2, 32, 32, 3) and np.abs(ours - theirs).max() <= 1e-4
-    # sdlite evaluate reads the folder: prompt fidelity (bits/dim is not measured for SDXL)
-    results = run_evaluation(str(final), n=2, steps=2, colours=["red"], shapes=["circle", "square"])
-    assert set(results["per_prompt"]) == {"a red circle", "a red square"} and results["bpd"] is None
+    # sdlite evaluate reads the folder: prompt fidelity, and bits/dim with pooled embeddings and time ids
+    results = run_evaluation(str(final), n=2, steps=2, colours=["red"], shapes=["circle", "square"],
+                             bpd_count=4, stride=250)  # fmt: skip
+    assert set(results["per_prompt"]) == {"a red circle", "a red square"}
+    assert math.isfinite(results["bpd"]) and results["bound"]["count"] == 4
 
 
 def bucket_photos(folder: Path) -> Path:

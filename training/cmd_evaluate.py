@@ -17,7 +17,6 @@ from sdlite import fidelity, likelihood
 from sdlite.data.dataset import ImageTransform, caption_text, image_bytes, load_rows
 from sdlite.data.shapes import allowed_pairs, draw, sample_specs
 from sdlite.images import grid
-from sdlite.models_xl import is_xl_folder
 from sdlite.training.cli import DEFAULT_STEPS, EVAL_GUIDANCE, EVAL_GUIDANCE_INTERVAL
 from sdlite.training.cmd_generate import load_pipeline
 
@@ -45,7 +44,6 @@ def run_evaluation(
     """Fidelity and diversity of generated images, bits per dimension of held-out latents; printed
     and returned as a dict."""
     pipe = load_pipeline(model, model_config)
-    xl = is_xl_folder(model)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     prompts = evaluation_prompts(colours, shapes)
     start = time.perf_counter()
@@ -67,14 +65,10 @@ def run_evaluation(
         print(f"wrote {grid_path}: a row per colour, {n} images per prompt, pixels doubled")
 
     start = time.perf_counter()
-    if xl:  # the bound's model_fn passes one encoder's states alone: SDXL's U-Net needs pooled and time ids
-        bound, bpd_s = None, 0.0
-        print("held-out bits/dim: not measured for SDXL models")
-    else:
-        images, captions = held_out_data(data, bpd_count, size, seed)
-        bound = likelihood.variational_bound(pipe, images, captions, stride=stride, seed=seed)
-        bpd_s = time.perf_counter() - start
-        print(f"held-out {bound.line()} ({bpd_s:.0f} s)")
+    images, captions = held_out_data(data, bpd_count, size, seed)
+    bound = likelihood.variational_bound(pipe, images, captions, stride=stride, seed=seed)
+    bpd_s = time.perf_counter() - start
+    print(f"held-out {bound.line()} ({bpd_s:.0f} s)")
     return {
         "fidelity": report.fidelity,
         "fidelity_seen": report.fidelity_of(seen=True),
@@ -82,8 +76,8 @@ def run_evaluation(
         "diversity": report.diversity,
         "diversity_all_data": report.diversity_all_data,
         "per_prompt": {s.prompt: s.correct for s in report.scores},
-        "bpd": None if bound is None else bound.bpd,
-        "bound": None if bound is None else vars(bound),
+        "bpd": bound.bpd,
+        "bound": vars(bound),
         "steps": steps,
         "guidance": guidance,
         "guidance_interval": list(guidance_interval) if guidance_interval is not None else None,
