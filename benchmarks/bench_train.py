@@ -65,7 +65,6 @@ def run_reference(args) -> dict:
     import torch.nn.functional as F
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
     from PIL import Image
 
     from sdlite.data.dataset import load_rows
@@ -112,14 +111,37 @@ def run_reference(args) -> dict:
             "input_ids": torch.stack([e["input_ids"] for e in examples]),
         }
 
+    vae.to(accelerator.device)
+    text_encoder.to(accelerator.device)
+
+    def loss_of(unet, batch):
+        latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+        ).long()
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        return F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+
+    return time_reference(args, accelerator, unet, rows, collate, loss_of)
+
+
+def time_reference(args, accelerator, unet, rows, collate, loss_of) -> dict:
+    """The diffusers scripts' loop around ``loss_of(unet, batch)``, timed: a shuffled DataLoader cycled
+    for ever, torch's AdamW and a constant LR schedule prepared by accelerate; per step the loss's
+    gathered ``.item()`` (the scripts log it every step), backward, clipping to 1, optimizer and schedule
+    steps. Both reference benchmarks (SD here, SDXL in bench_train_xl.py) run it."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
     loader = torch.utils.data.DataLoader(
         rows, shuffle=True, batch_size=args.batch, collate_fn=collate, drop_last=True
     )
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     lr_scheduler = get_scheduler("constant", optimizer, num_warmup_steps=0, num_training_steps=10_000)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    vae.to(accelerator.device)
-    text_encoder.to(accelerator.device)
     batches = iter(loader)
 
     def step(_):
@@ -130,15 +152,7 @@ def run_reference(args) -> dict:
             batches = iter(loader)
             batch = next(batches)
         with accelerator.accumulate(unet):
-            latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-            ).long()
-            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-            encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
-            model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-            loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+            loss = loss_of(unet, batch)
             accelerator.gather(loss.repeat(args.batch)).mean().item()  # the script logs it every step
             accelerator.backward(loss)
             if accelerator.sync_gradients:

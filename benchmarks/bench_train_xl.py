@@ -13,7 +13,8 @@ LR schedule. Ours runs ``UNetTrainer.optimizer_step`` on a warm cache (benchmark
 
 Both: the tiny-sdxl preset (random weights, seed 0), the same data, batch, resolution and steps, fp32,
 no EMA, one process. Each variant runs in a fresh subprocess; rounds alternate the variants. The helpers
-(timing, peak memory, our config, our run, the cache fill) are bench_train.py's.
+(timing, peak memory, the reference loop around the loss, our config, our run, the cache fill) are
+bench_train.py's.
 
     python benchmarks/bench_train_xl.py                  # tiny-sdxl, batch 32, 20 steps, 3 rounds
 """
@@ -25,7 +26,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train  # noqa: E402
-from bench_train import timed_steps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,6 @@ def run_reference(args) -> dict:
     import torch.nn.functional as F
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
     from PIL import Image
 
     from sdlite.data.dataset import load_rows
@@ -102,44 +101,22 @@ def run_reference(args) -> dict:
             "crop_top_lefts": [e["crop_top_lefts"] for e in examples],
         }
 
-    loader = torch.utils.data.DataLoader(
-        rows, shuffle=True, batch_size=args.batch, collate_fn=collate, drop_last=True
-    )
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    lr_scheduler = get_scheduler("constant", optimizer, num_warmup_steps=0, num_training_steps=10_000)
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    batches = iter(loader)
+    def loss_of(unet, batch):
+        latents = batch["model_input"]
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+        )
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        time_ids = torch.cat([
+            torch.tensor([list(s + c + (size, size))], device=latents.device, dtype=torch.float32)
+            for s, c in zip(batch["original_sizes"], batch["crop_top_lefts"])
+        ])  # fmt: skip
+        added = {"time_ids": time_ids, "text_embeds": batch["pooled_prompt_embeds"]}
+        pred = unet(noisy, timesteps, batch["prompt_embeds"], added_cond_kwargs=added).sample
+        return F.mse_loss(pred.float(), noise.float(), reduction="mean")
 
-    def step(_):
-        nonlocal batches
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            batch = next(batches)
-        with accelerator.accumulate(unet):
-            latents = batch["model_input"]
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-            )
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            time_ids = torch.cat([
-                torch.tensor([list(s + c + (size, size))], device=latents.device, dtype=torch.float32)
-                for s, c in zip(batch["original_sizes"], batch["crop_top_lefts"])
-            ])  # fmt: skip
-            added = {"time_ids": time_ids, "text_embeds": batch["pooled_prompt_embeds"]}
-            pred = unet(noisy, timesteps, batch["prompt_embeds"], added_cond_kwargs=added).sample
-            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
-            accelerator.gather(loss.repeat(args.batch)).mean().item()  # the script logs it every step
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(unet.parameters(), 1.0)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
-
-    return {"seconds": timed_steps(step, args, accelerator.device), "device": accelerator.device}
+    return bench_train.time_reference(args, accelerator, unet, rows, collate, loss_of)
 
 
 def main() -> None:
