@@ -10,6 +10,10 @@ import os
 import pytest
 import torch
 
+from sdlite.data.shapes import write_dataset
+from sdlite.models import build_components
+from sdlite.pipelines import TextToImagePipeline
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
@@ -17,3 +21,24 @@ def _one_thread():
     torch.set_num_threads(int(os.environ.get("SDLITE_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(threads)
+
+
+# The training tests' data and latent/text cache, one of each per test module (module scope), so a
+# module's runs share a warm cache while modules stay independent.
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("shapes"), count=16, seed=0, holdout=4)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """Our pipeline on the tiny preset's random weights, quiet; one per module (a module that changes it
+    defines its own)."""
+    pipe = TextToImagePipeline(**build_components("tiny", seed=0).as_dict())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

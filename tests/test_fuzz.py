@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sdlite.models import build_components
-from sdlite.pipelines import TextToImagePipeline, inputs
+from sdlite.pipelines import inputs
 from sdlite.training.cli import main as cli
 
 GOOD_GENERATOR = torch.Generator().manual_seed(0)
@@ -74,13 +74,6 @@ def in_context(kwargs: dict, valid: dict) -> dict:
     if kwargs.get("timesteps") is not None and kwargs.get("sigmas") is not None:
         out["timesteps"] = False  # at most one of them
     return out
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = TextToImagePipeline(**build_components("tiny", seed=0).as_dict())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def fuzz_pipeline(pipe, pools: dict, trials: int, seed: int, p: float = 0.4) -> tuple[int, int]:

@@ -5,18 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from sdlite.models import build_components
 from sdlite.models_xl import build_components_xl
-from sdlite.pipelines import TextToImagePipeline, TextToImageXLPipeline
+from sdlite.pipelines import TextToImageXLPipeline
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    p = TextToImagePipeline(**build_components("tiny", seed=0).as_dict())
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from sdlite.data.shapes import write_dataset
 from sdlite.models import build_components, load_components
 from sdlite.training import configs
 from sdlite.training.config import ConfigError, field_docs, parse_config
@@ -34,16 +33,6 @@ from sdlite.training.train import UNetTrainer, main
 from sdlite.training.unet_step import min_snr_weight
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("shapes"), count=16, seed=0, holdout=4)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
 
 
 def flags(data, cache, out, **overrides) -> list[str]:

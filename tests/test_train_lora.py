@@ -40,16 +40,6 @@ LORA = dict(lora="true", lora_rank=4, lora_alpha=8, lora_text_encoder="true", le
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("shapes"), count=16, seed=0, holdout=4)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def trained(data, cache, tmp_path_factory):
     """A 3-step LoRA run, and the trainer that ran it (kept from save_final)."""
     out, runs = tmp_path_factory.mktemp("lora"), []

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from test_train import launch as launch_with
+from test_train import run_killed_at
 
 from sdlite.training.config import parse_config
 from sdlite.training.configs import TrainConfig
@@ -56,11 +57,6 @@ def photos(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def flags(data: Path, cache: Path, out: Path, **overrides) -> list[str]:
     values = dict(train_data_dir=data, output_dir=out, cache_dir=cache, max_steps=4, train_batch_size=2,
                   learning_rate=1e-3, log_every=1, checkpoint_every=2, ema_decay=0.9, report_to="none",
@@ -76,17 +72,7 @@ def weights(run: Path, part: str) -> dict[str, torch.Tensor]:
 def resumes_exactly(argv, out: Path, monkeypatch, crash_at: int = 3) -> None:
     """A run stopped at step ``crash_at`` and resumed from its last checkpoint ends with the weights of
     the uninterrupted run already in ``out / "whole"``."""
-    step = UNetTrainer.optimizer_step
-
-    def crash(trainer, i):
-        if i == crash_at:
-            raise KeyboardInterrupt("the machine went away")
-        return step(trainer, i)
-
-    monkeypatch.setattr(UNetTrainer, "optimizer_step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        main(argv(out / "broken"))
-    monkeypatch.undo()
+    run_killed_at(monkeypatch, crash_at, lambda: main(argv(out / "broken")))
     main(argv(out / "broken") + ["--resume", "latest"])
     for part in ("unet_raw", "unet"):
         a, b = weights(out / "whole", part), weights(out / "broken", part)

@@ -17,7 +17,6 @@ from test_train import ROOT, assert_same_training, flags, launch, run_killed_at,
 
 from sdlite.conditioning_xl import encode_prompts_xl
 from sdlite.data.dataset import ImageTransform
-from sdlite.data.shapes import write_dataset
 from sdlite.models_xl import build_components_xl
 from sdlite.pipelines import TextToImageXLPipeline
 from sdlite.training import sdxl_step
@@ -67,16 +66,6 @@ def test_denoiser_xl_passes_pooled_and_time_ids_to_the_unet():
 
 
 # ---- training/train.py on the tiny-sdxl preset ---------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("shapes"), count=16, seed=0, holdout=4)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
 
 
 def run(data, cache, out, **options):
