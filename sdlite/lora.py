@@ -101,17 +101,17 @@ def lora_param_groups(
     unet_lr: float = 1e-4,
     text_encoder_lr: float | None = None,
     adapter_name: str = "default",
+    text_encoder_2=None,
 ) -> list[dict]:
-    """Optimizer param groups: the U-Net adapter at ``unet_lr``, the text encoder's at its own rate.
+    """Optimizer param groups: the U-Net adapter at ``unet_lr``, the text encoders' (SDXL's second one
+    too) at their own rate.
 
     ``text_encoder_lr`` defaults to ``unet_lr``. A part without an adapter gives no group.
     """
+    te_lr = text_encoder_lr if text_encoder_lr is not None else unet_lr
     groups = [{"params": adapter_parameters(unet, adapter_name), "lr": unet_lr}]
-    te_params = adapter_parameters(text_encoder, adapter_name)
-    if te_params:
-        groups.append(
-            {"params": te_params, "lr": text_encoder_lr if text_encoder_lr is not None else unet_lr}
-        )
+    for encoder in (text_encoder, text_encoder_2):
+        groups.append({"params": adapter_parameters(encoder, adapter_name), "lr": te_lr})
     return [g for g in groups if g["params"]]
 
 

@@ -70,6 +70,7 @@ from sdlite.training.sdxl_step import (
     empty_condition_xl,
     encoders_of,
     is_xl,
+    sampling_pipeline,
     time_ids_of,
 )
 
@@ -403,8 +404,6 @@ def top_up_class_images(cfg: TrainConfig, acc, parts) -> None:
         return
     missing = class_images_needed(cfg.class_data_dir, cfg.num_class_images)
     if acc.is_main_process and missing:
-        from sdlite.pipelines import TextToImagePipeline  # training may use pipelines; sdlite never does
-
         sizes, shapes = None, ""
         if cfg.aspect_buckets:  # the bucket set build_examples makes
             vae = parts.vae.config
@@ -419,10 +418,7 @@ def top_up_class_images(cfg: TrainConfig, acc, parts) -> None:
         acc.print(
             f"generating {missing} class images ({cfg.class_prompt!r}) into {cfg.class_data_dir}{shapes}"
         )
-        scheduler = DDPMScheduler.from_config(parts.scheduler.config)
-        pipe = TextToImagePipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                   unet=parts.unet, scheduler=scheduler)  # fmt: skip
-        pipe.set_progress_bar_config(disable=True)
+        pipe = sampling_pipeline(parts)
         modes = [(m, m.training) for m in (parts.unet, parts.text_encoder)]
         for module, _ in modes:
             module.eval()

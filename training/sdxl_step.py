@@ -35,7 +35,6 @@ from sdlite.data.buckets import BucketTransform, image_sizes
 from sdlite.data.cache import text_embeddings_xl
 from sdlite.data.dataset import ImageTransform
 from sdlite.ddpm import DDPMScheduler
-from sdlite.lora import adapter_parameters
 from sdlite.models_xl import ComponentsXL, is_xl_folder
 from sdlite.presets import PresetXL, get_preset
 from sdlite.tokenizer import token_ids
@@ -204,12 +203,6 @@ def save_lora_xl(path: Path, parts, text_encoders: bool) -> Path:
         metadata[f"{name}_lora_adapter_metadata"] = json.loads(json.dumps(config, default=sorted))  # sets
     TextToImageXLPipeline.save_lora_weights(path, **layers, **metadata, safe_serialization=True)
     return path / "pytorch_lora_weights.safetensors"
-
-
-def lora_group_text_encoder_2(parts, cfg) -> dict:
-    """Encoder 2's adapter as an optimizer group, at the text encoders' rate."""
-    lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
-    return {"params": adapter_parameters(parts.text_encoder_2), "lr": lr}
 
 
 def sampling_pipeline(parts):

@@ -83,7 +83,6 @@ from sdlite.training.sdxl_step import (  # noqa: E402
     encoders_of,
     freeze_unread,
     is_xl,
-    lora_group_text_encoder_2,
     sampling_pipeline,
     save_lora_xl,
     text_condition_xl,
@@ -117,8 +116,9 @@ class UNetTrainer(Trainer):
     def setup(self) -> None:
         """Build the models, cache the data, prepare with accelerate and resume: ready for ``start_step``."""
         cfg, acc = self.cfg, self.accelerator
-        if wants_xl(cfg) and xl_problems(cfg):  # before any weight is read
-            raise ValueError("bad training config for SDXL: " + "; ".join(xl_problems(cfg)))
+        problems = xl_problems(cfg) if wants_xl(cfg) else []  # before any weight is read
+        if problems:
+            raise ValueError("bad training config for SDXL: " + "; ".join(problems))
         # sdlite.models.Components, or ComponentsXL (training/sdxl_step.py: SDXL's condition), unwrapped
         self.parts = parts = load_parts(cfg, acc.device)
         self.xl = is_xl(parts)
@@ -143,10 +143,10 @@ class UNetTrainer(Trainer):
         denoiser.train()
         self.params = [p for p in denoiser.parameters() if p.requires_grad]
         if cfg.lora:  # the text encoders' adapters at their own rate
-            text_encoder = encoders[0] if encoders else None
-            groups = lora_param_groups(parts.unet, text_encoder, cfg.learning_rate, cfg.text_encoder_lr)
-            if len(encoders) == 2:
-                groups.append(lora_group_text_encoder_2(parts, cfg))
+            te, te_2 = (encoders + [None, None])[:2]  # none trained, SD's one or SDXL's two
+            groups = lora_param_groups(
+                parts.unet, te, cfg.learning_rate, cfg.text_encoder_lr, text_encoder_2=te_2
+            )
         else:  # one rate, but a group per model, so that each one's rate is logged as lr/<name>
             groups = [{"params": [p for p in m.parameters() if p.requires_grad]} for m in (unet, *encoders)]
         for group, name in zip(groups, ("unet", "text_encoder", "text_encoder_2")):  # as both make them
