@@ -152,6 +152,7 @@ class PromptScore:
     diversity: float  # mean over (x, y, size) of their spread over that of the data the prompt describes
     seen: bool = True  # False for a pair left out of the training data
     diversity_all_data: float = 0.0  # the same over the spread of all the data, whatever the caption
+    by_axis: tuple[float, float, float] = (0.0, 0.0, 0.0)  # x, y and size apart: which one guidance narrows
 
 
 @dataclass
@@ -170,6 +171,14 @@ class FidelityReport:
     @property
     def diversity_all_data(self) -> float:
         return float(np.mean([s.diversity_all_data for s in self.scores]))
+
+    @property
+    def diversity_by_axis(self) -> dict[str, float]:
+        """The diversity of x, y and size apart, each averaged over the prompts. Classifier-free guidance
+        at w samples ∝ p(x|c)·p(c|x)^(w-1): where a caption implies a size (no size word: mostly the
+        middle ones), guidance narrows the sizes more than the places."""
+        mean = np.mean([s.by_axis for s in self.scores], axis=0)
+        return dict(zip(("x", "y", "size"), (float(v) for v in mean)))
 
     def fidelity_of(self, seen: bool) -> float | None:
         picked = [s.correct for s in self.scores if s.seen == seen]
@@ -241,15 +250,17 @@ def prompt_fidelity(
         analyses = [analyse_image(im) for im in batch]
         reference = references[prompt_size(prompt)]
         colour, shape = parse_pair(prompt)
+        ratio = spread(analyses) / np.maximum(reference, 1e-6)  # (3,): x, y, size
         scores.append(
             PromptScore(
                 prompt=prompt,
                 correct=float(np.mean([matches(prompt, a, image_size) for a in analyses])),
                 colour=float(np.mean([a.colour == colour for a in analyses])) if colour else 1.0,
                 shape=float(np.mean([a.shape == shape for a in analyses])) if shape else 1.0,
-                diversity=float(np.mean(spread(analyses) / np.maximum(reference, 1e-6))),
+                diversity=float(np.mean(ratio)),
                 diversity_all_data=float(np.mean(spread(analyses) / np.maximum(all_data, 1e-6))),
                 seen=(colour, shape) not in unseen_pairs,
+                by_axis=tuple(float(v) for v in ratio),
             )
         )
         if keep_images:

@@ -260,5 +260,8 @@ def test_evaluate_reports_fidelity_diversity_and_bits_per_dim(model, tmp_path, c
     results = json.loads(out.read_text())
     assert set(results["per_prompt"]) == {"a red circle", "a blue circle"}
     assert 0 <= results["fidelity"] <= 1 and results["diversity"] >= 0
+    assert set(results["diversity_by_axis"]) == {"x", "y", "size"}
+    assert math.isclose(sum(results["diversity_by_axis"].values()) / 3, results["diversity"], abs_tol=1e-9)
     assert math.isfinite(results["bpd"]) and results["bpd"] > 0
-    assert "bits/dim" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "bits/dim" in printed and "diversity by axis: x " in printed

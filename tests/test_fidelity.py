@@ -46,6 +46,30 @@ def test_diversity_compares_a_prompt_with_the_data_its_caption_describes():
     assert all(s.diversity_all_data < s.diversity for s in report.scores)
 
 
+def test_guidance_like_tilt_toward_the_caption_narrows_the_sizes_not_the_places():
+    """Guidance at w samples p(x)·p(c|x)^w. A caption with no size word is twice as likely for a middle
+    size as for a small or large one, so at w = 3 the sizes narrow (to 0.71 of the spread of the data
+    so captioned, computed from these weights) while the places stay as spread."""
+    from sdlite.data.shapes import size_word
+
+    def tilted(prompts, seed, w=3.0):
+        rng = np.random.default_rng(seed)
+        images = []
+        for i, prompt in enumerate(prompts):
+            colour, shape = parse_pair(prompt)
+            specs = sample_specs(64, seed=[seed, i], colours=[colour], shapes=[shape], size_word_prob=0.0)
+            middle = [s for s in specs if size_word(s.half, 32) is None]
+            # sizes are uniform in p(x); p(no size word | half) is 1 for a middle size, 1/2 otherwise
+            spec = next(s for s in specs if s in middle or rng.random() < 0.5**w)
+            images.append(draw(spec) / 255.0)
+        return images
+
+    report = prompt_fidelity(tilted, PROMPTS, n=96, seed=0)
+    axes = report.diversity_by_axis
+    assert axes["size"] < 0.8 and axes["x"] > 0.9 and axes["y"] > 0.9, axes
+    assert abs(report.diversity - np.mean(list(axes.values()))) < 1e-9
+
+
 def test_a_model_that_draws_one_picture_per_prompt_has_no_diversity():
     def same_every_time(prompts, seed):
         return [data_like([p], seed=0)[0] for p in prompts]

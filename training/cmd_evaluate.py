@@ -56,7 +56,11 @@ def run_evaluation(
     where = f" at t in {list(guidance_interval)}" if guidance_interval is not None else ""
     setting = f"{steps} steps, guidance {guidance}{where}"
     print(f"({len(prompts)} prompts x {n} images, {setting}: {fidelity_s:.0f} s)")
-    print(f"(diversity over all the data's spread, whatever the caption: {report.diversity_all_data:.2f})")
+    axes = ", ".join(f"{k} {v:.2f}" for k, v in report.diversity_by_axis.items())
+    print(
+        f"(diversity by axis: {axes}; over all the data's spread, whatever the caption: "
+        f"{report.diversity_all_data:.2f})"
+    )
     if grid_path is not None:
         images = [im for _, batch in report.images for im in batch]
         # Prompts run colour-major, so with one row per colour a row holds its shapes side by side.
@@ -75,6 +79,7 @@ def run_evaluation(
         "fidelity_unseen": report.fidelity_of(seen=False),
         "diversity": report.diversity,
         "diversity_all_data": report.diversity_all_data,
+        "diversity_by_axis": report.diversity_by_axis,
         "per_prompt": {s.prompt: s.correct for s in report.scores},
         "bpd": bound.bpd,
         "bound": vars(bound),

@@ -139,8 +139,10 @@ def summary(results: dict, model: Path, samples: Path) -> str:
             f"  pairs seen in training {results['fidelity_seen']:.1%}, never seen "
             f"({', '.join(DEMO_UNSEEN)}) {results['fidelity_unseen']:.1%}"
         )
+    axes = results["diversity_by_axis"]
     lines.append(
-        f"diversity        {results['diversity']:.2f}  (spread of position and size over the data's)"
+        f"diversity        {results['diversity']:.2f}  (spread of position and size over the data's: "
+        f"x {axes['x']:.2f}, y {axes['y']:.2f}, size {axes['size']:.2f})"
     )
     lines.append(f"bits/dim         {results['bpd']:.3f}  (eps-MSE {results['bound']['eps_mse']:.4f})")
     lines.append(f"VAE PSNR         {results['vae_psnr']:.1f} dB  (held-out images)")
