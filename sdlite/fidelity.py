@@ -250,7 +250,8 @@ def prompt_fidelity(
         analyses = [analyse_image(im) for im in batch]
         reference = references[prompt_size(prompt)]
         colour, shape = parse_pair(prompt)
-        ratio = spread(analyses) / np.maximum(reference, 1e-6)  # (3,): x, y, size
+        spreads = spread(analyses)  # (3,): x, y, size
+        ratio = spreads / np.maximum(reference, 1e-6)
         scores.append(
             PromptScore(
                 prompt=prompt,
@@ -258,7 +259,7 @@ def prompt_fidelity(
                 colour=float(np.mean([a.colour == colour for a in analyses])) if colour else 1.0,
                 shape=float(np.mean([a.shape == shape for a in analyses])) if shape else 1.0,
                 diversity=float(np.mean(ratio)),
-                diversity_all_data=float(np.mean(spread(analyses) / np.maximum(all_data, 1e-6))),
+                diversity_all_data=float(np.mean(spreads / np.maximum(all_data, 1e-6))),
                 seen=(colour, shape) not in unseen_pairs,
                 by_axis=tuple(float(v) for v in ratio),
             )
