@@ -14,6 +14,7 @@ and a folder saved from them loads in diffusers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,12 @@ class Preset:
     def config(self, part: str) -> dict[str, Any]:
         """A fresh copy of one part's config, safe for the caller to change."""
         return copy.deepcopy(getattr(self, part))
+
+    def with_text_encoder_layers(self, layers: int) -> Preset:
+        """This preset with ``layers`` transformer layers in its (first) text encoder. With 0 a token's
+        hidden state is its own embedding plus its position's, through the final layer norm: no token
+        sees another, so "red" and "circle" reach the U-Net's cross-attention apart."""
+        return dataclasses.replace(self, text_encoder={**self.text_encoder, "num_hidden_layers": layers})
 
 
 def _vae(channels, layers, resolution, latent_channels=4, groups=32, scaling_factor=0.18215):

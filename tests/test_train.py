@@ -245,6 +245,21 @@ def test_v_prediction_min_snr_zero_terminal_snr_and_a_trained_text_encoder(data,
     assert not (tmp_path / "final" / "unet_raw").exists()  # no EMA: unet/ holds the trained weights
 
 
+def test_a_text_encoder_of_0_layers_keeps_each_token_apart_and_loads_in_diffusers(data, cache, tmp_path):
+    main(flags(data, cache, tmp_path, max_steps=1, checkpoint_every=0, ema_decay="none",
+               train_text_encoder="true", text_encoder_layers=0))  # fmt: skip
+    final = tmp_path / "final"
+    assert load_components(final).text_encoder.config.num_hidden_layers == 0
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(final, local_files_only=True, safety_checker=None)
+    states = [pipe.encode_prompt(p, "cpu", 1, False)[0][0] for p in ("a red circle", "a blue circle")]
+    # bos, a, red|blue, circle, eos...: only the colour's own position differs, as no token sees another
+    differs = [not torch.equal(a, b) for a, b in zip(*states)]
+    assert differs[:5] == [False, False, True, False, False]
+    assert pipe("a red circle", num_inference_steps=2, output_type="np").images[0].shape == (32, 32, 3)
+
+
 def test_min_snr_weights_for_epsilon_and_v():
     snr = torch.tensor([0.0, 0.5, 5.0, 20.0])
     torch.testing.assert_close(min_snr_weight(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 1.0, 0.25]))
@@ -351,6 +366,10 @@ def test_bad_settings_fail_before_training(data, tmp_path):
         main(flags(data, tmp_path, tmp_path, prediction_type="x0"))
     with pytest.raises(ValueError, match="caption_dropout"):
         main(flags(data, tmp_path, tmp_path, caption_dropout=1.5))
+    with pytest.raises(ValueError, match="text_encoder_layers=-1 must be >= 0"):
+        main(flags(data, tmp_path, tmp_path, text_encoder_layers=-1))
+    with pytest.raises(ValueError, match="text_encoder_layers: for a text encoder built from scratch"):
+        main(flags(data, tmp_path, tmp_path, text_encoder_layers=0, pretrained=tmp_path))
     with pytest.raises(ValueError, match="nonfinite_loss"):
         main(flags(data, tmp_path, tmp_path, nonfinite_loss="ignore"))
     with pytest.raises(SystemExit):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from sdlite.presets import PresetXL, get_preset
 from sdlite.training.sample_prompts import prompts_file_problems
 
 # sdlite.lora's UNET_TARGETS and TEXT_ENCODER_TARGETS, written out so as not to import torch and peft
@@ -118,6 +119,7 @@ class TrainConfig(RunConfig):
     pretrained: str | None = None  # a diffusers-layout folder to fine-tune
     vae_path: str | None = None  # an AutoencoderKL folder (train_vae.py's output_dir/vae) replacing the VAE
     train_text_encoder: bool = False  # train the CLIP text encoder with the U-Net (embeddings not cached)
+    text_encoder_layers: int | None = None  # from scratch: the preset's text encoder with this many layers
     prediction_type: str | None = None  # "epsilon" or "v_prediction"; None: the scheduler's
     rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2023); also sets trailing spacing
     # Data
@@ -205,6 +207,7 @@ class TrainConfig(RunConfig):
             problems.append(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
         if self.gradient_accumulation_steps < 1:
             problems.append("gradient_accumulation_steps must be >= 1")
+        problems += self.text_encoder_layers_problems()
         if self.lora and self.train_text_encoder:
             problems.append("lora with train_text_encoder: LoRA trains no base weight; use lora_text_encoder")
         if self.lora and (self.lora_rank < 1 or not 0 <= self.lora_dropout < 1):
@@ -217,6 +220,20 @@ class TrainConfig(RunConfig):
             problems.append(f"lora_save_format={self.lora_save_format!r}: use diffusers or kohya")
         problems += prompts_file_problems(self.validation_prompts_file)
         return problems + self.photo_set_problems()
+
+    def text_encoder_layers_problems(self) -> list[str]:
+        layers = self.text_encoder_layers
+        if layers is None:
+            return []
+        if layers < 0:
+            return [f"text_encoder_layers={layers} must be >= 0 (or none: the preset's)"]
+        if self.pretrained:
+            return ["text_encoder_layers: for a text encoder built from scratch; pretrained ones keep theirs"]
+        if isinstance(get_preset(self.preset), PresetXL):
+            return ["text_encoder_layers is for SD presets: SDXL's two text encoders keep their layers"]
+        if layers == 0 and self.lora and self.lora_text_encoder:
+            return ["lora_text_encoder on a 0-layer text encoder: it has no attention for an adapter"]
+        return []
 
     def photo_set_problems(self) -> list[str]:
         """What is wrong with the photo-set and DreamBooth settings (captions, buckets, class images)."""

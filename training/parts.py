@@ -117,8 +117,11 @@ def load_model(cfg: TrainConfig):
     preset sdlite.models_xl's ComponentsXL (two tokenizers and text encoders)."""
     if cfg.pretrained:
         return (load_components_xl if is_xl_folder(cfg.pretrained) else load_components)(cfg.pretrained)
-    if not isinstance(get_preset(cfg.preset), PresetXL):
-        return build_components(cfg.preset, seed=cfg.seed)
+    preset = get_preset(cfg.preset)
+    if not isinstance(preset, PresetXL):
+        if cfg.text_encoder_layers is not None:
+            preset = preset.with_text_encoder_layers(cfg.text_encoder_layers)
+        return build_components(preset, seed=cfg.seed)
     parts = build_components_xl(cfg.preset, seed=cfg.seed)
     # Trained from nothing with dropped captions as the empty prompt's embeddings (sdxl_step.py), its
     # pipeline's unconditional half must be those too, not SDXL base's zeros.
