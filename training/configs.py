@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from sdlite.presets import PresetXL, get_preset
 from sdlite.training.sample_prompts import prompts_file_problems
 
 # sdlite.lora's UNET_TARGETS and TEXT_ENCODER_TARGETS, written out so as not to import torch and peft
@@ -229,8 +228,6 @@ class TrainConfig(RunConfig):
             return [f"text_encoder_layers={layers} must be >= 0 (or none: the preset's)"]
         if self.pretrained:
             return ["text_encoder_layers: for a text encoder built from scratch; pretrained ones keep theirs"]
-        if isinstance(get_preset(self.preset), PresetXL):
-            return ["text_encoder_layers is for SD presets: SDXL's two text encoders keep their layers"]
         if layers == 0 and self.lora and self.lora_text_encoder:
             return ["lora_text_encoder on a 0-layer text encoder: it has no attention for an adapter"]
         return []

@@ -69,6 +69,8 @@ def xl_problems(cfg) -> list[str]:
         problems.append(
             "lora_save_format kohya is not written for SDXL yet: use diffusers (ComfyUI and A1111 read it)"
         )
+    if cfg.text_encoder_layers is not None:
+        problems.append("text_encoder_layers is for SD presets: SDXL's two text encoders keep their layers")
     return problems
 
 
