@@ -33,6 +33,7 @@ FOREGROUND_DISTANCE = 100.0
 MIN_AREA = 6
 
 GenerateFn = Callable[[Sequence[str], int], Sequence]  # (prompts, seed) -> one image per prompt
+GENERATOR_DATA = "the shapes generator's default data"  # the diversity's reference without a data set
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,6 +160,7 @@ class PromptScore:
 class FidelityReport:
     scores: list[PromptScore]
     images: list = field(default_factory=list, repr=False)  # (prompt, [images]) for a grid
+    reference: str = GENERATOR_DATA  # what the diversity was measured against
 
     @property
     def fidelity(self) -> float:
@@ -200,10 +202,11 @@ class FidelityReport:
 
 
 def data_spread(image_size: int = 32, count: int = 512, seed: int = 0, size: str | None = None) -> np.ndarray:
-    """Spread of (cx, cy, half) over the shapes data whose caption names ``size`` ("small", "large",
-    or None: no size, as "a red circle"), measured by the same analysis as the model's. That is what
-    a prompt stands for: the data's "a red circle" images are the mid-sized ones and half of the
-    small and large ones, so a model that draws every size for it is not the data's."""
+    """Spread of (cx, cy, half) over the generator's shapes data (its default rate of size words) whose
+    caption names ``size`` ("small", "large", or None: no size, as "a red circle"), measured by the same
+    analysis as the model's. That is what a prompt stands for: the data's "a red circle" images are the
+    mid-sized ones and half of the small and large ones, so a model that draws every size for it is not
+    the data's."""
     from sdlite.data.shapes import draw, sample_specs
 
     specs = [s for s in sample_specs(count * 6, seed, image_size) if s.size_word == size][:count]
@@ -216,6 +219,39 @@ def data_spread_all(image_size: int = 32, count: int = 512, seed: int = 0) -> np
     from sdlite.data.shapes import draw, sample_specs
 
     return spread([analyse_image(draw(s, image_size)) for s in sample_specs(count, seed, image_size)])
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the diversity divides by: the spread of (cx, cy, half) in the data each size word (or none)
+    describes, and over all of it. A size word missing from ``by_size`` falls back to the generator's."""
+
+    by_size: dict[str | None, np.ndarray]
+    all_data: np.ndarray | None = None
+    source: str = GENERATOR_DATA
+
+
+# Fewer images than this with one size word give too loose a spread (about 1/sqrt(2n) off).
+MIN_REFERENCE = 32
+
+
+def data_reference(images: Sequence, captions: Sequence[str]) -> Reference:
+    """The spreads of a data set's own images, grouped by the size word their caption names. A data set
+    whose captions name sizes more often than the generator's default has narrower "a red circle"
+    images (the mid sizes and fewer of the rest), so a model faithful to it is judged against it."""
+    analyses = [analyse_image(image) for image in images]
+    sizes = [prompt_size(caption) for caption in captions]
+    by_size, counts = {}, []
+    for size in (None, *SIZE_WORDS):
+        group = [a for a, s in zip(analyses, sizes) if s == size]
+        counts.append(f"{size or 'no size word'} {len(group)}")
+        if len(group) >= MIN_REFERENCE:
+            by_size[size] = spread(group)
+    source = f"{len(analyses)} data images ({', '.join(counts)})"
+    few = [size or "no size word" for size in (None, *SIZE_WORDS) if size not in by_size]
+    if few:  # too few to measure: those prompts are compared with the generator's default data
+        source += f"; under {MIN_REFERENCE}, so the generator's for: {', '.join(few)}"
+    return Reference(by_size, spread(analyses), source)
 
 
 def prompt_size(prompt: str) -> str | None:
@@ -232,26 +268,29 @@ def prompt_fidelity(
     image_size: int = 32,
     unseen: Sequence[str] = (),
     keep_images: bool = False,
+    reference: Reference | None = None,
 ) -> FidelityReport:
     """Generate ``n`` images for each prompt with ``generate(prompts, seed)`` and score them.
 
     ``generate`` is called once with every prompt repeated ``n`` times (prompt-major), so a caller
-    can batch them; ``unseen`` names the prompts whose pair the model never saw in training."""
+    can batch them; ``unseen`` names the prompts whose pair the model never saw in training. The
+    diversity is against ``reference`` (``data_reference`` of the held-out data), else the generator's."""
     asked = [p for p in prompts for _ in range(n)]
     images = list(generate(asked, seed))
     if len(images) != len(asked):
         raise ValueError(f"generate returned {len(images)} images for {len(asked)} prompts")
-    references = {size: data_spread(image_size, size=size) for size in {prompt_size(p) for p in prompts}}
-    all_data = data_spread_all(image_size)
+    reference = reference or Reference({})
+    references = {size: reference.by_size.get(size) for size in {prompt_size(p) for p in prompts}}
+    references = {k: data_spread(image_size, size=k) if v is None else v for k, v in references.items()}
+    all_data = data_spread_all(image_size) if reference.all_data is None else reference.all_data
     unseen_pairs = {parse_pair(p) for p in unseen}
     scores, kept = [], []
     for i, prompt in enumerate(prompts):
         batch = images[i * n : (i + 1) * n]
         analyses = [analyse_image(im) for im in batch]
-        reference = references[prompt_size(prompt)]
         colour, shape = parse_pair(prompt)
         spreads = spread(analyses)  # (3,): x, y, size
-        ratio = spreads / np.maximum(reference, 1e-6)
+        ratio = spreads / np.maximum(references[prompt_size(prompt)], 1e-6)
         scores.append(
             PromptScore(
                 prompt=prompt,
@@ -266,7 +305,7 @@ def prompt_fidelity(
         )
         if keep_images:
             kept.append((prompt, batch))
-    return FidelityReport(scores, kept)
+    return FidelityReport(scores, kept, reference.source)
 
 
 def pipeline_generate(

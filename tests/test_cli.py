@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from sdlite.data.shapes import write_dataset
+from sdlite.fidelity import GENERATOR_DATA
 from sdlite.lora import LoraSettings, adapter_parameters, add_lora, save_lora
 from sdlite.models import build_components, load_components, save_components
 from sdlite.pipelines.text_to_image import TextToImagePipeline
@@ -265,3 +267,29 @@ def test_evaluate_reports_fidelity_diversity_and_bits_per_dim(model, tmp_path, c
     assert math.isfinite(results["bpd"]) and results["bpd"] > 0
     printed = capsys.readouterr().out
     assert "bits/dim" in printed and "diversity by axis: x " in printed
+    assert results["diversity_reference"] == GENERATOR_DATA  # no --data: the generator's spreads
+
+
+def test_evaluate_measures_diversity_against_the_data_it_is_given(model, tmp_path):
+    """With --data the diversity divides by the spread of that data's own images (all of them, not
+    only the bits/dim ones): a held-out set whose captions name sizes more often is narrower."""
+    data = write_dataset(tmp_path / "data", count=96, seed=3, size_word_prob=0.8)
+    out = tmp_path / "results.json"
+    argv = [
+        "evaluate",
+        "--model",
+        str(model),
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--colours",
+        "red",
+        "--shapes",
+        "circle",
+    ]
+    argv += ["--bpd_count", "4", "--stride", "250", "--data", str(data), "--json", str(out)]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())
+    assert results["diversity_reference"].startswith("96 data images (no size word ")
+    assert math.isfinite(results["bpd"])

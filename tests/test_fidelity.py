@@ -3,7 +3,7 @@
 import numpy as np
 
 from sdlite.data.shapes import PALETTE, ShapeSpec, draw, parse_pair, sample_specs
-from sdlite.fidelity import analyse_image, prompt_fidelity
+from sdlite.fidelity import GENERATOR_DATA, analyse_image, data_reference, prompt_fidelity
 from sdlite.images import grid
 
 PROMPTS = ["a red circle", "a blue square", "a yellow triangle"]
@@ -44,6 +44,41 @@ def test_diversity_compares_a_prompt_with_the_data_its_caption_describes():
     assert 0.9 < report.diversity < 1.1
     assert report.diversity_all_data < report.diversity - 0.03
     assert all(s.diversity_all_data < s.diversity for s in report.scores)
+
+
+def test_a_data_set_that_names_sizes_more_often_is_the_reference_of_its_own_diversity():
+    """With size words on 80% of the small and large shapes (the generator's default: 50%), "a red circle"
+    is mostly mid-sized: a model that draws exactly that data scores about 1 against the data's own
+    spread and well under 1 in size against the generator's default, though it is the data."""
+    specs = sample_specs(1536, seed=5, size_word_prob=0.8)
+    reference = data_reference([draw(s) for s in specs], [s.caption for s in specs])
+    assert set(reference.by_size) == {None, "small", "large"} and reference.source.startswith(
+        "1536 data images"
+    )
+
+    def as_that_data(prompts, seed):
+        images = []
+        for i, prompt in enumerate(prompts):
+            colour, shape = parse_pair(prompt)
+            specs = sample_specs(16, seed=[seed, i], colours=[colour], shapes=[shape], size_word_prob=0.8)
+            images.append(draw(next(s for s in specs if s.size_word is None)) / 255.0)
+        return images
+
+    own = prompt_fidelity(as_that_data, PROMPTS, n=48, seed=0, reference=reference)
+    default = prompt_fidelity(as_that_data, PROMPTS, n=48, seed=0)
+    assert own.reference == reference.source and default.reference == GENERATOR_DATA
+    assert 0.9 < own.diversity_by_axis["size"] < 1.2
+    assert default.diversity_by_axis["size"] < own.diversity_by_axis["size"] - 0.1
+
+
+def test_a_data_set_too_small_to_measure_falls_back_to_the_generator_and_says_so():
+    specs = sample_specs(20, seed=1)
+    reference = data_reference([draw(s) for s in specs], [s.caption for s in specs])
+    assert reference.by_size == {} and reference.source.endswith(
+        "the generator's for: no size word, small, large"
+    )
+    report = prompt_fidelity(data_like, PROMPTS, n=8, seed=0, reference=reference)
+    assert report.diversity == prompt_fidelity(data_like, PROMPTS, n=8, seed=0).diversity
 
 
 def test_guidance_like_tilt_toward_the_caption_narrows_the_sizes_not_the_places():

@@ -1,7 +1,9 @@
 """``sdlite evaluate``: a shapes model's prompt fidelity and diversity (read back from the pixels of
 generated images) and the bits per dimension of held-out images (the variational bound, eq. 5 of
-Ho et al. 2020). An SDXL folder is evaluated with TextToImageXLPipeline: fidelity and diversity alike;
-its bits per dimension are not measured (sdlite.likelihood conditions on one text encoder's states)."""
+Ho et al. 2020). The diversity divides by the spread of the held-out data given (``--data``): a data
+set whose captions name sizes more or less often than the generator's default is narrower or wider.
+An SDXL folder is evaluated with TextToImageXLPipeline, its bits per dimension conditioned as it was
+trained (both encoders, the pooled embedding and the size conditions: sdlite.likelihood)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from sdlite.data.shapes import allowed_pairs, draw, sample_specs
 from sdlite.images import grid
 from sdlite.training.cli import DEFAULT_STEPS, EVAL_GUIDANCE, EVAL_GUIDANCE_INTERVAL
 from sdlite.training.cmd_generate import load_pipeline
+
+# Held-out images read for the diversity's reference: a spread from n images is about 1/sqrt(2n) off.
+REFERENCE_COUNT = 2048
 
 
 def evaluation_prompts(colours: list[str] | None, shapes: list[str] | None) -> list[str]:
@@ -46,11 +51,19 @@ def run_evaluation(
     pipe = load_pipeline(model, model_config)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     prompts = evaluation_prompts(colours, shapes)
+    # Held-out data: its first bpd_count images for bits/dim; with a data folder, all of them (up to
+    # REFERENCE_COUNT) for the spread its captions describe, which the diversity is measured against.
+    held_out, captions = held_out_data(
+        data, max(bpd_count, REFERENCE_COUNT) if data else bpd_count, size, seed
+    )
+    pixels = held_out.permute(0, 2, 3, 1).add(1).div(2).numpy()  # (N, size, size, 3) in [0, 1]
+    reference = fidelity.data_reference(list(pixels), captions) if data else None
     start = time.perf_counter()
     generate = fidelity.pipeline_generate(pipe, steps, guidance, guidance_interval=guidance_interval)
     report = fidelity.prompt_fidelity(
-        generate, prompts, n=n, seed=seed, image_size=size, unseen=unseen, keep_images=grid_path is not None
-    )
+        generate, prompts, n=n, seed=seed, image_size=size, unseen=unseen, keep_images=grid_path is not None,
+        reference=reference,
+    )  # fmt: skip
     fidelity_s = time.perf_counter() - start
     print(report.table())
     where = f" at t in {list(guidance_interval)}" if guidance_interval is not None else ""
@@ -59,7 +72,7 @@ def run_evaluation(
     axes = ", ".join(f"{k} {v:.2f}" for k, v in report.diversity_by_axis.items())
     print(
         f"(diversity by axis: {axes}; over all the data's spread, whatever the caption: "
-        f"{report.diversity_all_data:.2f})"
+        f"{report.diversity_all_data:.2f}; the data: {report.reference})"
     )
     if grid_path is not None:
         images = [im for _, batch in report.images for im in batch]
@@ -69,8 +82,9 @@ def run_evaluation(
         print(f"wrote {grid_path}: a row per colour, {n} images per prompt, pixels doubled")
 
     start = time.perf_counter()
-    images, captions = held_out_data(data, bpd_count, size, seed)
-    bound = likelihood.variational_bound(pipe, images, captions, stride=stride, seed=seed)
+    bound = likelihood.variational_bound(
+        pipe, held_out[:bpd_count], captions[:bpd_count], stride=stride, seed=seed
+    )
     bpd_s = time.perf_counter() - start
     print(f"held-out {bound.line()} ({bpd_s:.0f} s)")
     return {
@@ -80,6 +94,7 @@ def run_evaluation(
         "diversity": report.diversity,
         "diversity_all_data": report.diversity_all_data,
         "diversity_by_axis": report.diversity_by_axis,
+        "diversity_reference": report.reference,
         "per_prompt": {s.prompt: s.correct for s in report.scores},
         "bpd": bound.bpd,
         "bound": vars(bound),
