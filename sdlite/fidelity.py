@@ -241,14 +241,15 @@ def data_reference(images: Sequence, captions: Sequence[str]) -> Reference:
     images (the mid sizes and fewer of the rest), so a model faithful to it is judged against it."""
     analyses = [analyse_image(image) for image in images]
     sizes = [prompt_size(caption) for caption in captions]
-    by_size, counts = {}, []
+    by_size, counts, few = {}, [], []
     for size in (None, *SIZE_WORDS):
         group = [a for a, s in zip(analyses, sizes) if s == size]
         counts.append(f"{size or 'no size word'} {len(group)}")
         if len(group) >= MIN_REFERENCE:
             by_size[size] = spread(group)
+        else:
+            few.append(size or "no size word")
     source = f"{len(analyses)} data images ({', '.join(counts)})"
-    few = [size or "no size word" for size in (None, *SIZE_WORDS) if size not in by_size]
     if few:  # too few to measure: those prompts are compared with the generator's default data
         source += f"; under {MIN_REFERENCE}, so the generator's for: {', '.join(few)}"
     return Reference(by_size, spread(analyses), source)

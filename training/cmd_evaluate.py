@@ -56,8 +56,10 @@ def run_evaluation(
     held_out, captions = held_out_data(
         data, max(bpd_count, REFERENCE_COUNT) if data else bpd_count, size, seed
     )
-    pixels = held_out.permute(0, 2, 3, 1).add(1).div(2).numpy()  # (N, size, size, 3) in [0, 1]
-    reference = fidelity.data_reference(list(pixels), captions) if data else None
+    reference = None
+    if data:
+        pixels = held_out.permute(0, 2, 3, 1).add(1).div(2).numpy()  # (N, size, size, 3) in [0, 1]
+        reference = fidelity.data_reference(list(pixels), captions)
     start = time.perf_counter()
     generate = fidelity.pipeline_generate(pipe, steps, guidance, guidance_interval=guidance_interval)
     report = fidelity.prompt_fidelity(
