@@ -87,6 +87,24 @@ def test_a_resumed_loader_continues_with_the_same_batches_with_any_number_of_wor
         assert all(torch.equal(batch[k], expected[k]) for k in expected)
 
 
+def test_a_worker_s_epochs_are_its_own_when_another_worker_moves_the_shared_epoch(
+    shards, tokenizer, monkeypatch
+):
+    # datasets keeps a stream's epoch in one shared-memory tensor for all DataLoader workers; each of ours
+    # reads the whole stream at its own pace. Model a worker a whole epoch ahead: every set_epoch(e) is
+    # followed by the other worker's set_epoch(e + 1) on the shared tensor, before the rows are read.
+    stream = examples(shards, tokenizer)
+    expected = first_rows(examples(shards, tokenizer), 2 * ROWS)
+    shared, set_epoch = stream.share._epoch, datasets.IterableDataset.set_epoch
+
+    def ahead(self, epoch):
+        set_epoch(self, epoch)
+        shared.fill_(epoch + 1)
+
+    monkeypatch.setattr(datasets.IterableDataset, "set_epoch", ahead)
+    assert first_rows(stream, 2 * ROWS) == expected
+
+
 def flags(shards, out, **overrides) -> list[str]:
     values = dict(train_data_dir=shards, streaming="true", shuffle_buffer=4, output_dir=out, max_steps=4,
                   train_batch_size=2, learning_rate=1e-3, report_to="none", checkpoint_every=2, log_every=2,

@@ -29,6 +29,7 @@ it has the same processes, seed, batch and shards; reading those rows again cost
 
 from __future__ import annotations
 
+import copy
 import glob
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,12 +187,17 @@ class StreamingExamples(torch.utils.data.IterableDataset):
 
     def rows(self, chunk: int = 64) -> Iterator[dict]:
         """This process's rows, epoch after epoch without end; each epoch shuffled by (seed, epoch)."""
+        # datasets keeps the epoch in a tensor in shared memory, shared by every DataLoader worker (made
+        # for a main process that sets the epoch of persistent workers); here each worker reads the
+        # whole stream at its own pace, so one worker's set_epoch would move another's to a wrong epoch
+        # and shuffle (a resumed run then drew other rows). A private copy keeps each epoch its own.
+        share = copy.deepcopy(self.share)
         epoch = 0
         while True:
-            self.share.set_epoch(epoch)
+            share.set_epoch(epoch)
             found = False
             # .iter reads in chunks and, unlike iterating the dataset, never splits by DataLoader worker.
-            for batch in self.share.iter(batch_size=chunk):
+            for batch in share.iter(batch_size=chunk):
                 images, captions = batch[self.image_column], batch[self.caption_column]
                 found = found or bool(captions)
                 yield from ({"image": i, "text": c} for i, c in zip(images, captions))
