@@ -144,6 +144,37 @@ def test_shuffle_keeps_the_first_tags_and_is_a_function_of_seed_epoch_item():
     assert draw_caption(caption, CaptionOptions(), 0, 1, 3) == caption  # off: unchanged
 
 
+def test_tag_dropout_leaves_out_tags_at_its_rate_never_the_kept_ones_and_is_drawn_per_item():
+    caption = "sks, dog, grass, sun, red collar, park, tree, ball"
+    options = CaptionOptions(keep_tokens=1, tag_dropout=0.25)
+    draws = [draw_caption(caption, options, 0, epoch, item) for epoch in range(4) for item in range(100)]
+    tags = [text.split(", ") for text in draws]
+    assert all(t[0] == "sks" for t in tags)  # keep_tokens: never dropped
+    order = caption.split(", ")
+    assert all(t == [tag for tag in order if tag in t] for t in tags)  # what stays keeps its order
+    kept = sum(len(t) - 1 for t in tags) / (7 * len(tags))
+    assert 0.72 < kept < 0.78  # 2,800 tags at 0.75
+    assert draw_caption(caption, options, 0, 2, 7) == draws[2 * 100 + 7]
+    assert [draw_caption(caption, options, 1, 0, i) for i in range(20)] != draws[:20]
+    assert options.per_draw and not CaptionOptions(tag_dropout=0.0).per_draw
+    # with a shuffle: the same order as the shuffle alone draws, less the dropped tags
+    both, alone = CaptionOptions(True, 1, tag_dropout=0.5), CaptionOptions(True, 1)
+    for item in range(10):
+        shuffled = draw_caption(caption, alone, 0, 0, item).split(", ")
+        assert draw_caption(caption, both, 0, 0, item).split(", ") == [
+            t for t in shuffled if t in draw_caption(caption, both, 0, 0, item).split(", ")
+        ]
+
+
+def test_tag_dropout_on_the_words_of_a_sentence_caption():
+    options = CaptionOptions(separator=" ", tag_dropout=0.5)
+    draws = {draw_caption("a small red circle", options, 0, 0, item) for item in range(64)}
+    assert "" in draws and "a small red circle" in draws and "red circle" in draws  # words, single spaces
+    assert all(
+        text == " ".join(w for w in "a small red circle".split() if w in text.split()) for text in draws
+    )
+
+
 def test_the_caption_prefix_is_the_first_tag_and_never_moves():
     options = CaptionOptions(shuffle_caption=True, caption_prefix="ohwx")
     for item in range(10):

@@ -118,6 +118,21 @@ def test_repeats_and_drawn_captions_reach_the_batches(photos, cache, tmp_path):
     assert all(len(set(texts)) == 2 for texts in seen.values() if texts[0] != "sks")  # both tag orders
 
 
+def test_tag_dropout_reaches_the_batches_keeping_the_first_tags(photos, cache, tmp_path):
+    flags_ = flags(photos, cache, tmp_path, max_steps=15, keep_tokens=1, caption_tag_dropout_rate=0.5)
+    trainer = UNetTrainer(parse_config(TrainConfig, flags_))
+    tokenizer, texts = trainer.parts.tokenizer, []
+    for _ in range(2 * trainer.sampler.steps_per_epoch):
+        batch = next(trainer.batches)
+        assert "embeds" not in batch
+        texts += [
+            tokenizer.decode(ids, skip_special_tokens=True).replace(" ,", ",") for ids in batch["input_ids"]
+        ]
+    tags = [text.split(", ") for text in texts if text]  # f.png has no caption
+    assert all(t[0] in COLORS for t in tags)  # keep_tokens=1: the colour stays
+    assert {len(t) for t in tags} == {1, 2, 3}  # neither, one or both of shape and width left out
+
+
 def test_aspect_buckets_write_their_counts_cache_latents_and_resume_exactly(
     photos, cache, tmp_path, monkeypatch
 ):
@@ -173,6 +188,11 @@ def test_two_processes_train_buckets_and_captions_like_one(photos, cache, tmp_pa
     [
         (dict(streaming="true", aspect_buckets="true"), "not with streaming"),
         (dict(keep_tokens=-1), "keep_tokens"),
+        (dict(caption_tag_dropout_rate=1.0), "caption_tag_dropout_rate=1.0 must be in"),
+        (
+            dict(streaming="true", caption_tag_dropout_rate=0.1),
+            "caption_tag_dropout_rate .*not with streaming",
+        ),
     ],
 )
 def test_photo_set_settings_that_cannot_work_fail_before_training(photos, tmp_path, setting, words):

@@ -183,6 +183,8 @@ class TrainConfig(RunConfig):
     shuffle_caption: bool = False  # shuffle a caption's comma-separated tags at every draw (no text cache)
     keep_tokens: int = 0  # with shuffle_caption: the caption's first N tags stay in place
     caption_prefix: str = ""  # a trigger word put first in every caption (the validation loss captions too)
+    caption_tag_dropout_rate: float = 0.0  # leave each tag (after keep_tokens) out this often at each draw
+    caption_separator: str = ","  # what splits a caption into tags: "," for tag lists, " " for the words
     # DreamBooth (Ruiz et al. 2023): teach a subject from a few photos, train_data_dir unused; with
     # class_data_dir each batch adds as many class images, kept by the prior-preservation loss.
     instance_data_dir: str | None = None  # the subject's photos (any image folder); None: no DreamBooth
@@ -235,9 +237,15 @@ class TrainConfig(RunConfig):
     def photo_set_problems(self) -> list[str]:
         """What is wrong with the photo-set and DreamBooth settings (captions, buckets, class images)."""
         problems = []
-        if self.streaming and (self.aspect_buckets or self.shuffle_caption or self.caption_prefix):
+        if self.streaming and (
+            self.aspect_buckets
+            or self.shuffle_caption
+            or self.caption_prefix
+            or self.caption_tag_dropout_rate
+        ):
             problems.append(
-                "aspect_buckets, shuffle_caption and caption_prefix read every row first: not with streaming"
+                "aspect_buckets, shuffle_caption, caption_tag_dropout_rate and caption_prefix read every row "
+                "first: not with streaming"
             )
         if self.streaming and self.instance_data_dir:
             problems.append("instance_data_dir (DreamBooth) reads a folder of photos: not with streaming")
@@ -251,6 +259,10 @@ class TrainConfig(RunConfig):
             problems.append("num_class_images and prior_loss_weight must be >= 0, sample_batch_size >= 1")
         if self.keep_tokens < 0:
             problems.append(f"keep_tokens={self.keep_tokens} must be >= 0")
+        if not 0 <= self.caption_tag_dropout_rate < 1:
+            problems.append(f"caption_tag_dropout_rate={self.caption_tag_dropout_rate} must be in [0, 1)")
+        if not self.caption_separator:
+            problems.append('caption_separator is empty: "," splits tag lists, " " the words of a sentence')
         for name in ("bucket_min_side", "bucket_max_side"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (or none)")

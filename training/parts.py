@@ -167,7 +167,7 @@ def build_examples(cfg: TrainConfig, acc, parts):
     cache = TensorCache(Path(cfg.cache_dir).expanduser())
     options = caption_options(cfg)
     # A stream is encoded as it comes (no cache): its batches carry token ids, so the empty caption must too;
-    # a caption drawn anew at every draw (shuffle_caption) has no one embedding to cache either.
+    # a caption drawn anew at every draw (shuffle_caption, tag dropout) has no one embedding to cache.
     embeds_cached = (
         cfg.cache_text and not cfg.text_encoder_trains and not cfg.streaming and not options.per_draw
     )
@@ -269,7 +269,8 @@ def build_examples(cfg: TrainConfig, acc, parts):
 
 
 def caption_options(cfg: TrainConfig) -> CaptionOptions:
-    return CaptionOptions(cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_prefix)
+    return CaptionOptions(cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_prefix, cfg.caption_separator,
+                          cfg.caption_tag_dropout_rate)  # fmt: skip
 
 
 def held_out_options(options: CaptionOptions) -> CaptionOptions:

@@ -56,9 +56,10 @@ def xl_problems(cfg) -> list[str]:
     problems = []
     if cfg.streaming:
         problems.append("streaming with SDXL is not supported: drop --streaming (the data is then cached)")
-    if cfg.shuffle_caption:
+    if cfg.shuffle_caption or cfg.caption_tag_dropout_rate:
         problems.append(
-            "shuffle_caption with SDXL is not supported (both tokenizers would draw): turn it off"
+            "shuffle_caption and caption_tag_dropout_rate with SDXL are not supported (both tokenizers would "
+            "draw): turn them off"
         )
     if cfg.class_data_dir:
         problems.append(

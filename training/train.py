@@ -19,8 +19,9 @@ replaced only if this run published it: a folder of other files is refused at st
 
 Photo sets (training/parts.py): a caption folder (a .txt beside each image, N_name repeat folders),
 aspect-ratio buckets (each step one bucket, its noise of the bucket's latent shape), captions drawn per
-step (shuffle_caption), and DreamBooth (Ruiz et al. 2023): every micro-batch B subject images then B
-class images, loss = mean_subject + λ mean_class (eq. 2), the class images generated first if missing.
+step (shuffle_caption, caption_tag_dropout_rate), and DreamBooth (Ruiz et al. 2023): every micro-batch
+B subject images then B class images, loss = mean_subject + λ mean_class (eq. 2), the class images
+generated first if missing.
 
 With --lora true the same loop trains LoRA adapters (Hu et al. 2021, sdlite/lora.py) on a frozen base
 instead: W' = W + (alpha / r) B A on the U-Net's attention projections (and the text encoder's when

@@ -22,8 +22,10 @@ problems, so that a row without a caption is listed once, saying why.
 
 Caption handling per draw (``draw_caption``), as sd-scripts users know it: ``caption_prefix`` (a
 trigger word) becomes the first tag and stays first; ``shuffle_caption`` shuffles the comma-separated
-tags, the first ``keep_tokens`` of the caption's own tags in place. The shuffle is drawn from
-(seed, epoch, item), so each repeat of an image gets its own order and a resumed run draws the same.
+tags, the first ``keep_tokens`` of the caption's own tags in place; ``caption_tag_dropout_rate`` leaves
+each of the other tags out with that probability (tags are split at ``caption_separator``: a comma by
+default, a space to drop single words of a sentence caption). Both are drawn from (seed, epoch, item),
+so each repeat of an image gets its own caption and a resumed run draws the same.
 A shuffled caption changes every draw, so its text embeddings cannot be cached (sd-scripts refuses the
 same combination); the prefix alone is fixed and can be applied once when the rows are read.
 """
@@ -165,14 +167,15 @@ class CaptionOptions:
     """sd-scripts' caption handling (config names as theirs)."""
 
     shuffle_caption: bool = False  # shuffle the comma-separated tags at every draw
-    keep_tokens: int = 0  # the caption's first N tags stay in place when shuffled
+    keep_tokens: int = 0  # the caption's first N tags stay in place when shuffled, and are never dropped
     caption_prefix: str = ""  # a trigger word, prepended as the first tag and never moved
     separator: str = ","
+    tag_dropout: float = 0.0  # sd-scripts' caption_tag_dropout_rate: each other tag left out this often
 
     @property
     def per_draw(self) -> bool:
         """Whether a caption changes from draw to draw (then its embeddings cannot be cached)."""
-        return self.shuffle_caption
+        return self.shuffle_caption or self.tag_dropout > 0
 
 
 def draw_caption(caption: str, options: CaptionOptions, seed: int, epoch: int, item: int) -> str:
@@ -180,13 +183,18 @@ def draw_caption(caption: str, options: CaptionOptions, seed: int, epoch: int, i
     sep = options.separator
     tags = [t.strip() for t in caption.split(sep)] if caption.strip() else []
     tags = [t for t in tags if t]
-    if options.shuffle_caption and len(tags) > options.keep_tokens + 1:
-        k = max(options.keep_tokens, 0)
+    k = max(options.keep_tokens, 0)
+    if options.shuffle_caption and len(tags) > k + 1:
         rng = np.random.default_rng([seed, _CAPTION_STREAM, epoch, item])
         tags = tags[:k] + [tags[k + i] for i in rng.permutation(len(tags) - k)]
+    if options.tag_dropout > 0 and len(tags) > k:  # its own draw: the shuffle stays as without dropout
+        u = np.random.default_rng([seed, _CAPTION_STREAM, epoch, item, 1]).random(len(tags) - k)
+        tags = tags[:k] + [t for t, x in zip(tags[k:], u) if x >= options.tag_dropout]
+        caption = caption if tags else ""  # every tag left out: the empty caption (or the prefix alone)
     if options.caption_prefix.strip():
         tags = [options.caption_prefix.strip(), *tags]
-    return f"{sep} ".join(tags) if tags else caption.strip()
+    joiner = f"{sep.strip()} " if sep.strip() else sep  # ", " between tags; " " between words
+    return joiner.join(tags) if tags else caption.strip()
 
 
 class DrawnCaptions(torch.utils.data.Dataset):
