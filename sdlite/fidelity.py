@@ -281,8 +281,10 @@ def prompt_fidelity(
     if len(images) != len(asked):
         raise ValueError(f"generate returned {len(images)} images for {len(asked)} prompts")
     reference = reference or Reference({})
-    references = {size: reference.by_size.get(size) for size in {prompt_size(p) for p in prompts}}
-    references = {k: data_spread(image_size, size=k) if v is None else v for k, v in references.items()}
+    references = {  # each size word's spread: the data's where it has one, else the generator's
+        size: reference.by_size[size] if size in reference.by_size else data_spread(image_size, size=size)
+        for size in {prompt_size(p) for p in prompts}
+    }
     all_data = data_spread_all(image_size) if reference.all_data is None else reference.all_data
     unseen_pairs = {parse_pair(p) for p in unseen}
     scores, kept = [], []
