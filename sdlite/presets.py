@@ -49,6 +49,20 @@ class Preset:
         sees another, so "red" and "circle" reach the U-Net's cross-attention apart."""
         return dataclasses.replace(self, text_encoder={**self.text_encoder, "num_hidden_layers": layers})
 
+    def with_unet_channels(self, channels: list[int]) -> Preset:
+        """This preset with a U-Net of ``channels`` per level (diffusers' ``block_out_channels``; as many
+        levels as the preset's, each a multiple of its ``norm_num_groups``)."""
+        return dataclasses.replace(self, unet={**self.unet, "block_out_channels": list(channels)})
+
+    def unet_channels_problems(self, channels: list[int]) -> list[str]:
+        levels, groups = len(self.unet["block_out_channels"]), self.unet["norm_num_groups"]
+        name = f"unet_block_out_channels {list(channels)}"
+        if len(channels) != levels:
+            return [f"{name}: preset {self.name!r} has {levels} levels, give {levels} widths"]
+        if any(c <= 0 or c % groups for c in channels):
+            return [f"{name}: each width must be a positive multiple of {groups} (the GroupNorm groups)"]
+        return []
+
 
 def _vae(channels, layers, resolution, latent_channels=4, groups=32, scaling_factor=0.18215):
     n = len(channels)

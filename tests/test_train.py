@@ -260,6 +260,17 @@ def test_a_text_encoder_of_0_layers_keeps_each_token_apart_and_loads_in_diffuser
     assert pipe("a red circle", num_inference_steps=2, output_type="np").images[0].shape == (32, 32, 3)
 
 
+def test_a_narrower_u_net_from_scratch_trains_saves_and_loads_with_its_widths(data, cache, tmp_path):
+    main(flags(data, cache, tmp_path, max_steps=1, checkpoint_every=0, ema_decay="none",
+               unet_block_out_channels="32,64,64"))  # fmt: skip
+    unet = load_components(tmp_path / "final").unet
+    assert list(unet.config.block_out_channels) == [32, 64, 64]
+    assert unet.up_blocks[0].resnets[0].conv1.out_channels == 64  # the lowest level, 128 in the preset
+    assert sum(p.numel() for p in unet.parameters()) < 0.5 * sum(
+        p.numel() for p in build_components("tiny", seed=0).unet.parameters()
+    )
+
+
 def test_min_snr_weights_for_epsilon_and_v():
     snr = torch.tensor([0.0, 0.5, 5.0, 20.0])
     torch.testing.assert_close(min_snr_weight(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 1.0, 0.25]))
@@ -370,6 +381,12 @@ def test_bad_settings_fail_before_training(data, tmp_path):
         main(flags(data, tmp_path, tmp_path, text_encoder_layers=-1))
     with pytest.raises(ValueError, match="text_encoder_layers: for a text encoder built from scratch"):
         main(flags(data, tmp_path, tmp_path, text_encoder_layers=0, pretrained=tmp_path))
+    with pytest.raises(ValueError, match=r"preset 'tiny' has 3 levels, give 3 widths"):
+        main(flags(data, tmp_path, tmp_path, unet_block_out_channels="32,64"))
+    with pytest.raises(ValueError, match="positive multiple of 16 .the GroupNorm groups"):
+        main(flags(data, tmp_path, tmp_path, unet_block_out_channels="32,64,72"))
+    with pytest.raises(ValueError, match="unet_block_out_channels: for a U-Net built from scratch"):
+        main(flags(data, tmp_path, tmp_path, unet_block_out_channels="32,64,64", pretrained=tmp_path))
     with pytest.raises(ValueError, match="nonfinite_loss"):
         main(flags(data, tmp_path, tmp_path, nonfinite_loss="ignore"))
     with pytest.raises(SystemExit):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from sdlite.presets import PRESETS, PresetXL
 from sdlite.training.sample_prompts import prompts_file_problems
 
 # sdlite.lora's UNET_TARGETS and TEXT_ENCODER_TARGETS, written out so as not to import torch and peft
@@ -119,6 +120,7 @@ class TrainConfig(RunConfig):
     vae_path: str | None = None  # an AutoencoderKL folder (train_vae.py's output_dir/vae) replacing the VAE
     train_text_encoder: bool = False  # train the CLIP text encoder with the U-Net (embeddings not cached)
     text_encoder_layers: int | None = None  # from scratch: the preset's text encoder with this many layers
+    unet_block_out_channels: list[int] | None = None  # from scratch: the preset's U-Net, these level widths
     prediction_type: str | None = None  # "epsilon" or "v_prediction"; None: the scheduler's
     rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2023); also sets trailing spacing
     # Data
@@ -208,7 +210,7 @@ class TrainConfig(RunConfig):
             problems.append(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
         if self.gradient_accumulation_steps < 1:
             problems.append("gradient_accumulation_steps must be >= 1")
-        problems += self.text_encoder_layers_problems()
+        problems += self.text_encoder_layers_problems() + self.unet_channels_problems()
         if self.lora and self.train_text_encoder:
             problems.append("lora with train_text_encoder: LoRA trains no base weight; use lora_text_encoder")
         if self.lora and (self.lora_rank < 1 or not 0 <= self.lora_dropout < 1):
@@ -233,6 +235,17 @@ class TrainConfig(RunConfig):
         if layers == 0 and self.lora and self.lora_text_encoder:
             return ["lora_text_encoder on a 0-layer text encoder: it has no attention for an adapter"]
         return []
+
+    def unet_channels_problems(self) -> list[str]:
+        channels = self.unet_block_out_channels
+        if channels is None:
+            return []
+        if self.pretrained:
+            return ["unet_block_out_channels: for a U-Net built from scratch; a pretrained one keeps its own"]
+        preset = PRESETS.get(self.preset)  # an unknown one is refused when built; SDXL's in sdxl_step.py
+        if preset is None or isinstance(preset, PresetXL):
+            return []
+        return preset.unet_channels_problems(channels)
 
     def photo_set_problems(self) -> list[str]:
         """What is wrong with the photo-set and DreamBooth settings (captions, buckets, class images)."""

@@ -121,6 +121,8 @@ def load_model(cfg: TrainConfig):
     if not isinstance(preset, PresetXL):
         if cfg.text_encoder_layers is not None:
             preset = preset.with_text_encoder_layers(cfg.text_encoder_layers)
+        if cfg.unet_block_out_channels is not None:
+            preset = preset.with_unet_channels(cfg.unet_block_out_channels)
         return build_components(preset, seed=cfg.seed)
     parts = build_components_xl(cfg.preset, seed=cfg.seed)
     # Trained from nothing with dropped captions as the empty prompt's embeddings (sdxl_step.py), its

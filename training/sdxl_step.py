@@ -72,6 +72,8 @@ def xl_problems(cfg) -> list[str]:
         )
     if cfg.text_encoder_layers is not None:
         problems.append("text_encoder_layers is for SD presets: SDXL's two text encoders keep their layers")
+    if cfg.unet_block_out_channels is not None:
+        problems.append("unet_block_out_channels is for SD presets: build an SDXL U-Net from its preset")
     return problems
 
 
