@@ -18,8 +18,10 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/sdlite demo --out runs/demo
 
+# Tests run one intra-op thread each (tests/conftest.py), so one pytest-xdist worker per core; each
+# file stays on one worker, so a module's fixtures (a trained base model) are built once.
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: venv
 	$(BIN)/ruff check .
