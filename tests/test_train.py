@@ -385,6 +385,8 @@ def test_bad_settings_fail_before_training(data, tmp_path):
         main(flags(data, tmp_path, tmp_path, unet_block_out_channels="32,64"))
     with pytest.raises(ValueError, match="positive multiple of 16 .the GroupNorm groups"):
         main(flags(data, tmp_path, tmp_path, unet_block_out_channels="32,64,72"))
+    with pytest.raises(ValueError, match="at least 32: at 16 wide each of the 16 GroupNorm groups holds one"):
+        main(flags(data, tmp_path, tmp_path, unet_block_out_channels="16,32,64"))
     with pytest.raises(ValueError, match="unet_block_out_channels: for a U-Net built from scratch"):
         main(flags(data, tmp_path, tmp_path, unet_block_out_channels="32,64,64", pretrained=tmp_path))
     with pytest.raises(ValueError, match="nonfinite_loss"):
