@@ -54,6 +54,11 @@ class Preset:
         levels as the preset's, each a multiple of its ``norm_num_groups``)."""
         return dataclasses.replace(self, unet={**self.unet, "block_out_channels": list(channels)})
 
+    def without_unet_mid_block(self) -> Preset:
+        """This preset with a U-Net whose lowest level's down block feeds its first up block directly
+        (diffusers' ``mid_block_type=None``): two ResNet blocks and a transformer fewer per step."""
+        return dataclasses.replace(self, unet={**self.unet, "mid_block_type": None})
+
     def unet_channels_problems(self, channels: list[int]) -> list[str]:
         levels, groups = len(self.unet["block_out_channels"]), self.unet["norm_num_groups"]
         name = f"unet_block_out_channels {list(channels)}"

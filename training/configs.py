@@ -121,6 +121,7 @@ class TrainConfig(RunConfig):
     train_text_encoder: bool = False  # train the CLIP text encoder with the U-Net (embeddings not cached)
     text_encoder_layers: int | None = None  # from scratch: the preset's text encoder with this many layers
     unet_block_out_channels: list[int] | None = None  # from scratch: the preset's U-Net, these level widths
+    unet_mid_block: bool = True  # from scratch: false builds the preset's U-Net without its middle block
     prediction_type: str | None = None  # "epsilon" or "v_prediction"; None: the scheduler's
     rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2023); also sets trailing spacing
     # Data
@@ -238,6 +239,8 @@ class TrainConfig(RunConfig):
 
     def unet_channels_problems(self) -> list[str]:
         channels = self.unet_block_out_channels
+        if not self.unet_mid_block and self.pretrained:
+            return ["unet_mid_block: false is for a U-Net built from scratch; a pretrained one keeps its own"]
         if channels is None:
             return []
         if self.pretrained:

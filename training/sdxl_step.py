@@ -74,6 +74,8 @@ def xl_problems(cfg) -> list[str]:
         problems.append("text_encoder_layers is for SD presets: SDXL's two text encoders keep their layers")
     if cfg.unet_block_out_channels is not None:
         problems.append("unet_block_out_channels is for SD presets: build an SDXL U-Net from its preset")
+    if not cfg.unet_mid_block:
+        problems.append("unet_mid_block is for SD presets: build an SDXL U-Net from its preset")
     return problems
 
 
