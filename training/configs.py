@@ -211,7 +211,7 @@ class TrainConfig(RunConfig):
             problems.append(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
         if self.gradient_accumulation_steps < 1:
             problems.append("gradient_accumulation_steps must be >= 1")
-        problems += self.text_encoder_layers_problems() + self.unet_channels_problems()
+        problems += self.text_encoder_layers_problems() + self.unet_shape_problems()
         if self.lora and self.train_text_encoder:
             problems.append("lora with train_text_encoder: LoRA trains no base weight; use lora_text_encoder")
         if self.lora and (self.lora_rank < 1 or not 0 <= self.lora_dropout < 1):
@@ -237,14 +237,19 @@ class TrainConfig(RunConfig):
             return ["lora_text_encoder on a 0-layer text encoder: it has no attention for an adapter"]
         return []
 
-    def unet_channels_problems(self) -> list[str]:
+    def unet_shape_problems(self) -> list[str]:
+        """What is wrong with the from-scratch U-Net's shape keys: widths and middle block."""
         channels = self.unet_block_out_channels
-        if not self.unet_mid_block and self.pretrained:
-            return ["unet_mid_block: false is for a U-Net built from scratch; a pretrained one keeps its own"]
+        if self.pretrained:  # both keys shape a U-Net built from a preset: name each one given
+            scratch, keeps = "a U-Net built from scratch", "a pretrained one keeps its own"
+            problems = []
+            if channels is not None:
+                problems.append(f"unet_block_out_channels: for {scratch}; {keeps}")
+            if not self.unet_mid_block:
+                problems.append(f"unet_mid_block: false is for {scratch}; {keeps}")
+            return problems
         if channels is None:
             return []
-        if self.pretrained:
-            return ["unet_block_out_channels: for a U-Net built from scratch; a pretrained one keeps its own"]
         preset = PRESETS.get(self.preset)  # an unknown one is refused when built; SDXL's in sdxl_step.py
         if preset is None or isinstance(preset, PresetXL):
             return []
