@@ -198,6 +198,17 @@ def save_single_file(unet, vae, text_encoder, path, dtype: torch.dtype | None = 
 def to_original_layout(unet_sd, vae_sd, text_sd, unet_config, vae_config) -> dict[str, torch.Tensor]:
     """diffusers state dicts -> one dict with CompVis key names (the inverse of diffusers' reader)."""
     layers = unet_config["layers_per_block"]
+    mid = unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if isinstance(layers, (list, tuple)) and len(set(layers)) == 1:
+        layers = layers[0]
+    if not isinstance(layers, int) or mid is None:
+        # The original layout numbers its blocks by one count of ResNet blocks a level, and has a middle
+        # block: a U-Net shaped otherwise (sdlite's from-scratch shape keys) has no names there.
+        raise ValueError(
+            f"this U-Net (layers_per_block {layers}, mid_block_type {mid}) has no original-layout "
+            "names, which need one ResNet count for every level and a middle block: save it as a "
+            "diffusers folder (save_pretrained) instead"
+        )
     up_attention = ["CrossAttn" in kind for kind in unet_config["up_block_types"]]
     n_vae = len(vae_config["block_out_channels"])
     out = {LDM_UNET_KEY + unet_key(k, layers, up_attention): v for k, v in unet_sd.items()}

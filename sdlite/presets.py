@@ -59,6 +59,30 @@ class Preset:
         (diffusers' ``mid_block_type=None``): two ResNet blocks and a transformer fewer per step."""
         return dataclasses.replace(self, unet={**self.unet, "mid_block_type": None})
 
+    def with_unet_layers(self, layers: list[int]) -> Preset:
+        """This preset with ``layers[i]`` ResNet blocks in level i's down block (diffusers'
+        ``layers_per_block`` as a list; level i's up block has one more, for the skip its down block's
+        input leaves). At 0 a level's down block is its downsampler alone, and nothing at the lowest."""
+        return dataclasses.replace(self, unet={**self.unet, "layers_per_block": list(layers)})
+
+    def unet_layers_problems(self, layers: list[int]) -> list[str]:
+        widths = self.unet["block_out_channels"]
+        name = f"unet_layers_per_block {list(layers)}"
+        if len(layers) != len(widths):
+            return [f"{name}: preset {self.name!r} has {len(widths)} levels, give {len(widths)} counts"]
+        if any(n < 0 for n in layers):
+            return [f"{name}: each count must be >= 0"]
+        for level, n in enumerate(layers):
+            # A level's first ResNet block is what changes its width; without one it keeps the width it
+            # is handed (conv_in's, which is the first level's, at level 0).
+            given = widths[max(level - 1, 0)]
+            if n == 0 and widths[level] != given:
+                return [
+                    f"{name}: level {level} has no ResNet block to take {given} channels to "
+                    f"{widths[level]}: give it at least 1, or the width {given}"
+                ]
+        return []
+
     def unet_channels_problems(self, channels: list[int]) -> list[str]:
         levels, groups = len(self.unet["block_out_channels"]), self.unet["norm_num_groups"]
         name = f"unet_block_out_channels {list(channels)}"

@@ -28,7 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from sdlite.ddpm import DDPMScheduler
 from sdlite.models import ModelFolderError, build_components
 from sdlite.pipelines import TextToImagePipeline
-from sdlite.pipelines.single_file import to_original_layout
+from sdlite.pipelines.single_file import save_single_file, to_original_layout
 from sdlite.presets import get_preset
 
 
@@ -194,6 +194,16 @@ def test_single_file_keys_are_stable_diffusion_15s_and_diffusers_reads_them():
     assert convert_ldm_vae_checkpoint(ckpt, p.config("vae")).keys() == vae.state_dict().keys()
     text_keys = {k.removeprefix("text_model.") for k in convert_ldm_clip_checkpoint(ckpt)}
     assert text_keys == {k.removeprefix("text_model.") for k in text.state_dict()}
+
+
+@pytest.mark.parametrize("shape", [dict(layers_per_block=[0, 1, 0]), dict(mid_block_type=None)])
+def test_single_file_refuses_a_u_net_its_layout_has_no_names_for(shape, tmp_path):
+    p = get_preset("tiny")
+    unet = UNet2DConditionModel(**{**p.config("unet"), "block_out_channels": [32, 64, 64], **shape})
+    vae, text = AutoencoderKL(**p.config("vae")), CLIPTextModel(CLIPTextConfig(**p.config("text_encoder")))
+    with pytest.raises(ValueError, match="has no original-layout names.*save it as a diffusers folder"):
+        save_single_file(unet, vae, text, tmp_path / "model.safetensors")
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 def test_single_file_refuses_pickles_and_names_mismatched_configs(pipe, tmp_path):

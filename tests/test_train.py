@@ -261,13 +261,16 @@ def test_a_text_encoder_of_0_layers_keeps_each_token_apart_and_loads_in_diffuser
 
 
 def test_a_narrower_u_net_from_scratch_trains_saves_and_loads_with_its_widths(data, cache, tmp_path):
-    # The demo's shape: narrower, and without the middle block
+    # The demo's shape: narrower, and no middle block or ResNet block in the lowest level's down block
     main(flags(data, cache, tmp_path, max_steps=1, checkpoint_every=0, ema_decay="none",
-               unet_block_out_channels="32,64,64", unet_mid_block="false"))  # fmt: skip
+               unet_block_out_channels="32,64,64", unet_mid_block="false",
+               unet_layers_per_block="1,1,0"))  # fmt: skip
     unet = load_components(tmp_path / "final").unet
     assert list(unet.config.block_out_channels) == [32, 64, 64]
     assert unet.up_blocks[0].resnets[0].conv1.out_channels == 64  # the lowest level, 128 in the preset
     assert unet.config.mid_block_type is None and unet.mid_block is None
+    assert [len(b.resnets) for b in unet.down_blocks] == [1, 1, 0]
+    assert [len(b.resnets) for b in unet.up_blocks] == [1, 2, 2]  # lowest level first
     assert sum(p.numel() for p in unet.parameters()) < 0.5 * sum(
         p.numel() for p in build_components("tiny", seed=0).unet.parameters()
     )
@@ -393,6 +396,12 @@ def test_bad_settings_fail_before_training(data, tmp_path):
         main(flags(data, tmp_path, tmp_path, unet_block_out_channels="32,64,64", pretrained=tmp_path))
     with pytest.raises(ValueError, match="unet_mid_block: false is for a U-Net built from scratch"):
         main(flags(data, tmp_path, tmp_path, unet_mid_block="false", pretrained=tmp_path))
+    with pytest.raises(ValueError, match=r"preset 'tiny' has 3 levels, give 3 counts"):
+        main(flags(data, tmp_path, tmp_path, unet_layers_per_block="1,1"))
+    with pytest.raises(ValueError, match="level 1 has no ResNet block to take 32 channels to 64"):
+        main(flags(data, tmp_path, tmp_path, unet_layers_per_block="1,0,1"))
+    with pytest.raises(ValueError, match="unet_layers_per_block: for a U-Net built from scratch"):
+        main(flags(data, tmp_path, tmp_path, unet_layers_per_block="1,1,1", pretrained=tmp_path))
     with pytest.raises(ValueError, match="nonfinite_loss"):
         main(flags(data, tmp_path, tmp_path, nonfinite_loss="ignore"))
     with pytest.raises(SystemExit):

@@ -211,6 +211,7 @@ def test_a_lora_on_unet_and_both_encoders_gives_the_same_images_in_diffusers(dat
         (dict(text_encoder_layers=0), "text_encoder_layers is for SD presets"),
         (dict(unet_block_out_channels="32,64,64"), "unet_block_out_channels is for SD presets"),
         (dict(unet_mid_block="false"), "unet_mid_block is for SD presets"),
+        (dict(unet_layers_per_block="1,1,1"), "unet_layers_per_block is for SD presets"),
     ],
 )
 def test_settings_sdxl_cannot_take_yet_fail_before_training(data, tmp_path, setting, words):

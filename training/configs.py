@@ -122,6 +122,7 @@ class TrainConfig(RunConfig):
     text_encoder_layers: int | None = None  # from scratch: the preset's text encoder with this many layers
     unet_block_out_channels: list[int] | None = None  # from scratch: the preset's U-Net, these level widths
     unet_mid_block: bool = True  # from scratch: false builds the preset's U-Net without its middle block
+    unet_layers_per_block: list[int] | None = None  # from scratch: ResNet blocks per level's down block
     prediction_type: str | None = None  # "epsilon" or "v_prediction"; None: the scheduler's
     rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2023); also sets trailing spacing
     # Data
@@ -238,22 +239,26 @@ class TrainConfig(RunConfig):
         return []
 
     def unet_shape_problems(self) -> list[str]:
-        """What is wrong with the from-scratch U-Net's shape keys: widths and middle block."""
-        channels = self.unet_block_out_channels
-        if self.pretrained:  # both keys shape a U-Net built from a preset: name each one given
+        """What is wrong with the from-scratch U-Net's shape keys: widths, middle block, layers."""
+        channels, layers = self.unet_block_out_channels, self.unet_layers_per_block
+        if self.pretrained:  # these keys shape a U-Net built from a preset: name each one given
             scratch, keeps = "a U-Net built from scratch", "a pretrained one keeps its own"
             problems = []
             if channels is not None:
                 problems.append(f"unet_block_out_channels: for {scratch}; {keeps}")
             if not self.unet_mid_block:
                 problems.append(f"unet_mid_block: false is for {scratch}; {keeps}")
+            if layers is not None:
+                problems.append(f"unet_layers_per_block: for {scratch}; {keeps}")
             return problems
-        if channels is None:
-            return []
         preset = PRESETS.get(self.preset)  # an unknown one is refused when built; SDXL's in sdxl_step.py
         if preset is None or isinstance(preset, PresetXL):
             return []
-        return preset.unet_channels_problems(channels)
+        if channels is not None:
+            if problems := preset.unet_channels_problems(channels):
+                return problems
+            preset = preset.with_unet_channels(channels)
+        return [] if layers is None else preset.unet_layers_problems(layers)
 
     def photo_set_problems(self) -> list[str]:
         """What is wrong with the photo-set and DreamBooth settings (captions, buckets, class images)."""

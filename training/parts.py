@@ -125,6 +125,8 @@ def load_model(cfg: TrainConfig):
             preset = preset.with_unet_channels(cfg.unet_block_out_channels)
         if not cfg.unet_mid_block:
             preset = preset.without_unet_mid_block()
+        if cfg.unet_layers_per_block is not None:
+            preset = preset.with_unet_layers(cfg.unet_layers_per_block)
         return build_components(preset, seed=cfg.seed)
     parts = build_components_xl(cfg.preset, seed=cfg.seed)
     # Trained from nothing with dropped captions as the empty prompt's embeddings (sdxl_step.py), its

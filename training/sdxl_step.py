@@ -76,6 +76,8 @@ def xl_problems(cfg) -> list[str]:
         problems.append("unet_block_out_channels is for SD presets: build an SDXL U-Net from its preset")
     if not cfg.unet_mid_block:
         problems.append("unet_mid_block is for SD presets: build an SDXL U-Net from its preset")
+    if cfg.unet_layers_per_block is not None:
+        problems.append("unet_layers_per_block is for SD presets: build an SDXL U-Net from its preset")
     return problems
 
 
