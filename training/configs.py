@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from sdlite.presets import PRESETS, PresetXL
+from sdlite.presets import PRESETS, Preset, PresetXL
 from sdlite.training.sample_prompts import prompts_file_problems
 
 # sdlite.lora's UNET_TARGETS and TEXT_ENCODER_TARGETS, written out so as not to import torch and peft
@@ -254,11 +254,21 @@ class TrainConfig(RunConfig):
         preset = PRESETS.get(self.preset)  # an unknown one is refused when built; SDXL's in sdxl_step.py
         if preset is None or isinstance(preset, PresetXL):
             return []
-        if channels is not None:
-            if problems := preset.unet_channels_problems(channels):
-                return problems
-            preset = preset.with_unet_channels(channels)
-        return [] if layers is None else preset.unet_layers_problems(layers)
+        if channels is not None and (problems := preset.unet_channels_problems(channels)):
+            return problems
+        return [] if layers is None else self.shaped_preset(preset).unet_layers_problems(layers)
+
+    def shaped_preset(self, preset: Preset) -> Preset:
+        """An SD preset with this config's from-scratch shape keys applied: what load_model builds."""
+        if self.text_encoder_layers is not None:
+            preset = preset.with_text_encoder_layers(self.text_encoder_layers)
+        if self.unet_block_out_channels is not None:
+            preset = preset.with_unet_channels(self.unet_block_out_channels)
+        if not self.unet_mid_block:
+            preset = preset.without_unet_mid_block()
+        if self.unet_layers_per_block is not None:
+            preset = preset.with_unet_layers(self.unet_layers_per_block)
+        return preset
 
     def photo_set_problems(self) -> list[str]:
         """What is wrong with the photo-set and DreamBooth settings (captions, buckets, class images)."""

@@ -119,15 +119,7 @@ def load_model(cfg: TrainConfig):
         return (load_components_xl if is_xl_folder(cfg.pretrained) else load_components)(cfg.pretrained)
     preset = get_preset(cfg.preset)
     if not isinstance(preset, PresetXL):
-        if cfg.text_encoder_layers is not None:
-            preset = preset.with_text_encoder_layers(cfg.text_encoder_layers)
-        if cfg.unet_block_out_channels is not None:
-            preset = preset.with_unet_channels(cfg.unet_block_out_channels)
-        if not cfg.unet_mid_block:
-            preset = preset.without_unet_mid_block()
-        if cfg.unet_layers_per_block is not None:
-            preset = preset.with_unet_layers(cfg.unet_layers_per_block)
-        return build_components(preset, seed=cfg.seed)
+        return build_components(cfg.shaped_preset(preset), seed=cfg.seed)
     parts = build_components_xl(cfg.preset, seed=cfg.seed)
     # Trained from nothing with dropped captions as the empty prompt's embeddings (sdxl_step.py), its
     # pipeline's unconditional half must be those too, not SDXL base's zeros.
