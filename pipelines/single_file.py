@@ -209,6 +209,12 @@ def to_original_layout(unet_sd, vae_sd, text_sd, unet_config, vae_config) -> dic
             "names, which need one ResNet count for every level and a middle block: save it as a "
             "diffusers folder (save_pretrained) instead"
         )
+    if not vae_config.get("mid_block_add_attention", True):
+        # The original VAE's middle block always has its attention (mid.attn_1): readers expect it.
+        raise ValueError(
+            "this VAE has no attention in its middle blocks (mid_block_add_attention false), which the "
+            "original layout always has: save it as a diffusers folder (save_pretrained) instead"
+        )
     up_attention = ["CrossAttn" in kind for kind in unet_config["up_block_types"]]
     n_vae = len(vae_config["block_out_channels"])
     out = {LDM_UNET_KEY + unet_key(k, layers, up_attention): v for k, v in unet_sd.items()}

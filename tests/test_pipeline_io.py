@@ -196,12 +196,20 @@ def test_single_file_keys_are_stable_diffusion_15s_and_diffusers_reads_them():
     assert text_keys == {k.removeprefix("text_model.") for k in text.state_dict()}
 
 
-@pytest.mark.parametrize("shape", [dict(layers_per_block=[0, 1, 0]), dict(mid_block_type=None)])
-def test_single_file_refuses_a_u_net_its_layout_has_no_names_for(shape, tmp_path):
+@pytest.mark.parametrize(
+    "unet_shape, vae_shape, error",
+    [
+        (dict(layers_per_block=[0, 1, 0]), {}, "this U-Net .* has no original-layout names"),
+        (dict(mid_block_type=None), {}, "this U-Net .* has no original-layout names"),
+        ({}, dict(mid_block_add_attention=False), "this VAE has no attention in its middle blocks"),
+    ],
+)
+def test_single_file_refuses_a_model_its_layout_has_no_names_for(unet_shape, vae_shape, error, tmp_path):
     p = get_preset("tiny")
-    unet = UNet2DConditionModel(**{**p.config("unet"), "block_out_channels": [32, 64, 64], **shape})
-    vae, text = AutoencoderKL(**p.config("vae")), CLIPTextModel(CLIPTextConfig(**p.config("text_encoder")))
-    with pytest.raises(ValueError, match="has no original-layout names.*save it as a diffusers folder"):
+    unet = UNet2DConditionModel(**{**p.config("unet"), "block_out_channels": [32, 64, 64], **unet_shape})
+    vae = AutoencoderKL(**{**p.config("vae"), **vae_shape})
+    text = CLIPTextModel(CLIPTextConfig(**p.config("text_encoder")))
+    with pytest.raises(ValueError, match=f"{error}.*save it as a diffusers folder"):
         save_single_file(unet, vae, text, tmp_path / "model.safetensors")
     assert not (tmp_path / "model.safetensors").exists()
 

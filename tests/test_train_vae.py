@@ -58,6 +58,15 @@ def test_holds_out_the_first_images_of_the_training_folder_without_an_eval_folde
     assert result["psnr"] == pytest.approx(psnr(vae, first))
 
 
+def test_the_shape_keys_build_a_narrower_vae_without_middle_attention_that_saves_and_loads(shapes, tmp_path):
+    main(flags(train_data_dir=shapes / "train", eval_count=4, output_dir=tmp_path, **TINY_RUN,
+               vae_block_out_channels="16,16,32", vae_mid_block_attention="false"))  # fmt: skip
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert list(vae.config.block_out_channels) == [16, 16, 32]
+    assert [b.conv2.out_channels for b in vae.encoder.down_blocks[1].resnets] == [16]
+    assert [list(part.mid_block.attentions) for part in (vae.encoder, vae.decoder)] == [[None], [None]]
+
+
 def test_a_resumed_run_ends_with_the_weights_of_an_unbroken_one(shapes, tmp_path):
     argv = flags(
         train_data_dir=shapes / "train", eval_count=4, checkpoint_every=2, **{**TINY_RUN, "max_steps": 4}
@@ -155,3 +164,11 @@ def test_bad_settings_fail_at_start_up(shapes, tmp_path):
         )
     with pytest.raises(DataError, match="nowhere"):
         main(flags(train_data_dir=tmp_path / "nowhere", output_dir=tmp_path))
+    for widths, error in [
+        ("16,32", r"preset 'tiny' has 3 levels, give 3 widths"),
+        ("16,20,32", r"positive multiple of 8 \(the GroupNorm groups\)"),
+        ("8,16,32", "at least 16: at 8 wide each of the 8 GroupNorm groups holds one channel"),
+    ]:
+        with pytest.raises(ValueError, match=f"vae_block_out_channels .*{error}"):
+            main(flags(train_data_dir=shapes / "train", eval_count=4, output_dir=tmp_path,
+                       vae_block_out_channels=widths))  # fmt: skip

@@ -315,6 +315,8 @@ class VAETrainConfig(RunConfig):
 
     # The model
     preset: str = "tiny"  # the sdlite.presets VAE to build with random weights
+    vae_block_out_channels: list[int] | None = None  # the preset's VAE with these level widths (same f)
+    vae_mid_block_attention: bool = True  # false: the middle blocks without their self-attention
     # Data
     eval_data_dir: str | None = None  # held-out images for PSNR; None: hold out eval_count of train
     eval_count: int = 256  # images held out of train_data_dir when eval_data_dir is None
@@ -338,4 +340,15 @@ class VAETrainConfig(RunConfig):
         problems = super().problems()
         if self.reconstruction_loss not in ("mse", "l1"):
             problems.append(f"reconstruction_loss={self.reconstruction_loss!r}: use mse or l1")
+        preset = PRESETS.get(self.preset)  # an unknown one is refused when built
+        if preset is not None and self.vae_block_out_channels is not None:
+            problems += preset.vae_channels_problems(self.vae_block_out_channels)
         return problems
+
+    def shaped_preset(self, preset: Preset) -> Preset:
+        """The preset with this config's VAE shape keys applied: what train_vae.py builds."""
+        if self.vae_block_out_channels is not None:
+            preset = preset.with_vae_channels(self.vae_block_out_channels)
+        if not self.vae_mid_block_attention:
+            preset = preset.without_vae_mid_attention()
+        return preset

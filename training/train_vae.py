@@ -131,7 +131,7 @@ def latent_std(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 128, 
 
 def build_vae(cfg: VAETrainConfig) -> tuple[AutoencoderKL, int]:
     """The preset's VAE with random weights, and the image side it is trained at."""
-    preset = get_preset(cfg.preset)
+    preset = cfg.shaped_preset(get_preset(cfg.preset))
     config = preset.config("vae")
     resolution = cfg.resolution or preset.resolution
     config["sample_size"] = resolution
