@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
+from sdlite.data import dataset
 from sdlite.data.dataset import (
     DataError,
     ImageTransform,
@@ -106,6 +108,27 @@ def test_random_crops_are_fixed_per_image_and_flips_mirror_the_pixels():
     assert transform.crop_box((40, 16), 7) != ImageTransform(16, True, seed=4).crop_box((40, 16), 7)
     data = png(np.random.default_rng(0).integers(0, 256, (16, 40, 3), dtype=np.uint8))
     assert torch.equal(transform(data, 7, flip=True), transform(data, 7).flip(-1))
+
+
+def test_cached_latents_are_read_from_disk_once_while_the_memory_budget_has_room(
+    folder, tmp_path, monkeypatch
+):
+
+    files = []
+    for i in range(4):  # mean and std of an 8x8x4 latent: 2,048 bytes a file
+        files.append(str(tmp_path / f"{i}.safetensors"))
+        save_file({"mean": torch.full((4, 8, 8), float(i)), "std": torch.ones(4, 8, 8)}, files[-1])
+    reads = []
+    monkeypatch.setattr(dataset, "load_file", lambda path: reads.append(path) or load_file(path))
+    monkeypatch.setattr(dataset, "CACHE_MEMORY_BYTES", 3 * 2048)  # room for three of the four
+    examples = TrainingExamples(load_rows(folder), "image", ImageTransform(4), torch.zeros(4, 5),
+                                latent_files=[[f, None] for f in files])  # fmt: skip
+    for _epoch in range(3):
+        batch = torch.utils.data.default_collate([examples[(i, False)] for i in range(4)])
+        assert torch.equal(batch["mean"][:, 0, 0, 0], torch.arange(4.0)) and "pixels" not in batch
+        batch["mean"].add_(1)  # the step's own copy: what the examples keep is untouched
+    assert reads == files + [files[3]] * 2  # the fourth, past the budget, read at every epoch
+    assert examples.memory_bytes == 3 * 2048
 
 
 def test_examples_are_pixels_and_token_ids_without_a_cache(folder):

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from peft import inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
 
 from sdlite.conditioning_xl import encode_ids_xl
 from sdlite.data.buckets import BucketTransform, image_sizes
@@ -128,7 +127,7 @@ class ExamplesXL(torch.utils.data.Dataset):
         example["time_ids"] = self.time_ids[index, int(flip)]
         if self.embed_files is not None:
             del example["input_ids"]
-            example.update(load_file(self.embed_files[index]))  # embeds, pooled
+            example.update(self.examples.read_cached(self.embed_files[index]))  # embeds, pooled
         else:
             example["input_ids_2"] = self.input_ids_2[index]
         return example
