@@ -113,7 +113,6 @@ def test_random_crops_are_fixed_per_image_and_flips_mirror_the_pixels():
 def test_cached_latents_are_read_from_disk_once_while_the_memory_budget_has_room(
     folder, tmp_path, monkeypatch
 ):
-
     files = []
     for i in range(4):  # mean and std of an 8x8x4 latent: 2,048 bytes a file
         files.append(str(tmp_path / f"{i}.safetensors"))
