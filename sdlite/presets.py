@@ -93,28 +93,23 @@ class Preset:
         alone (diffusers' ``mid_block_add_attention=False``)."""
         return dataclasses.replace(self, vae={**self.vae, "mid_block_add_attention": False})
 
-    def unet_channels_problems(self, channels: list[int]) -> list[str]:
-        return _width_problems(f"unet_block_out_channels {list(channels)}", channels, self.name, self.unet)
-
-    def vae_channels_problems(self, channels: list[int]) -> list[str]:
-        return _width_problems(f"vae_block_out_channels {list(channels)}", channels, self.name, self.vae)
-
-
-def _width_problems(name: str, channels: list[int], preset: str, config: dict[str, Any]) -> list[str]:
-    """What is wrong with ``channels`` as the level widths of the model ``config`` of a preset."""
-    levels, groups = len(config["block_out_channels"]), config["norm_num_groups"]
-    if len(channels) != levels:
-        return [f"{name}: preset {preset!r} has {levels} levels, give {levels} widths"]
-    if any(c <= 0 or c % groups for c in channels):
-        return [f"{name}: each width must be a positive multiple of {groups} (the GroupNorm groups)"]
-    if min(channels) < 2 * groups:
-        # One channel per group normalises each channel alone over the image: trained from scratch,
-        # a [16, 32, 64] tiny U-Net with 16 groups drew 5% of its prompts right, with 8 groups 86-91%.
-        return [
-            f"{name}: each width must be at least {2 * groups}: at {groups} wide each of the "
-            f"{groups} GroupNorm groups holds one channel, and the model learns next to nothing"
-        ]
-    return []
+    def channels_problems(self, part: str, channels: list[int]) -> list[str]:
+        """What is wrong with ``channels`` as the level widths of this preset's ``part`` ("unet" or "vae"),
+        named as the config key that gives them."""
+        config, name = getattr(self, part), f"{part}_block_out_channels {list(channels)}"
+        levels, groups = len(config["block_out_channels"]), config["norm_num_groups"]
+        if len(channels) != levels:
+            return [f"{name}: preset {self.name!r} has {levels} levels, give {levels} widths"]
+        if any(c <= 0 or c % groups for c in channels):
+            return [f"{name}: each width must be a positive multiple of {groups} (the GroupNorm groups)"]
+        if min(channels) < 2 * groups:
+            # One channel per group normalises each channel alone over the image: trained from scratch,
+            # a [16, 32, 64] tiny U-Net with 16 groups drew 5% of its prompts right, with 8 groups 86-91%.
+            return [
+                f"{name}: each width must be at least {2 * groups}: at {groups} wide each of the "
+                f"{groups} GroupNorm groups holds one channel, and the model learns next to nothing"
+            ]
+        return []
 
 
 def _vae(channels, layers, resolution, latent_channels=4, groups=32, scaling_factor=0.18215):

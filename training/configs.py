@@ -254,7 +254,7 @@ class TrainConfig(RunConfig):
         preset = PRESETS.get(self.preset)  # an unknown one is refused when built; SDXL's in sdxl_step.py
         if preset is None or isinstance(preset, PresetXL):
             return []
-        if channels is not None and (problems := preset.unet_channels_problems(channels)):
+        if channels is not None and (problems := preset.channels_problems("unet", channels)):
             return problems
         return [] if layers is None else self.shaped_preset(preset).unet_layers_problems(layers)
 
@@ -342,7 +342,7 @@ class VAETrainConfig(RunConfig):
             problems.append(f"reconstruction_loss={self.reconstruction_loss!r}: use mse or l1")
         preset = PRESETS.get(self.preset)  # an unknown one is refused when built
         if preset is not None and self.vae_block_out_channels is not None:
-            problems += preset.vae_channels_problems(self.vae_block_out_channels)
+            problems += preset.channels_problems("vae", self.vae_block_out_channels)
         return problems
 
     def shaped_preset(self, preset: Preset) -> Preset:
