@@ -113,8 +113,10 @@ def test_a_trainer_following_its_launcher_stops_with_a_checkpoint_when_plain_acc
     try:
         assert process.stdout.readline().strip() == "following True"  # under the one-process launcher
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=10)
-        assert process.returncode == -signal.SIGTERM  # accelerate's launcher did not wait
+        process.wait(timeout=10)  # the launcher ended
+        # Killed by the signal (-15) as a rule; one loaded CI run here saw it exit 143 instead, not
+        # reproduced in 32 runs (with and without load) nor explained: what is ours is the trainer's save.
+        assert process.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM)
         deadline = time.monotonic() + 20
         while not saved.exists():  # the orphaned trainer was told by the kernel, and saves
             assert time.monotonic() < deadline, "the trainer did not stop when its launcher ended"
