@@ -23,6 +23,7 @@ run-time strength that a pipeline's ``cross_attention_kwargs={"scale": s}`` sets
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,26 @@ class LoraSettings:
             lora_dropout=self.dropout,
             target_modules=list(targets),
         )
+
+
+def targets_found(model: torch.nn.Module, targets: Sequence[str]) -> bool:
+    """Whether peft would put an adapter on ``model`` for ``targets``: a module named as one of them, or
+    whose dotted name ends in one (``to_out.0`` is ``...attn1.to_out.0``)."""
+    return any(n == t or n.endswith("." + t) for n, _ in model.named_modules() for t in targets)
+
+
+def target_problems(settings: LoraSettings, unet, text_encoders: Mapping[str, torch.nn.Module]) -> list[str]:
+    """The target lists that name no module of their model. peft says so only when the adapter is added,
+    which a training run does after caching its data (and DreamBooth's class images): ask this first."""
+    problems = []
+    if not targets_found(unet, settings.unet_targets):
+        problems.append(f"the U-Net has none of the adapter's target modules {list(settings.unet_targets)}")
+    for name, encoder in text_encoders.items() if settings.text_encoder else ():
+        if not targets_found(encoder, settings.text_encoder_targets):
+            layers = getattr(encoder.config, "num_hidden_layers", "?")  # 0 layers: no attention at all
+            targets = list(settings.text_encoder_targets)
+            problems.append(f"{name} ({layers} layers) has none of the adapter's target modules {targets}")
+    return problems
 
 
 def add_lora(unet, text_encoder=None, settings: LoraSettings | None = None, adapter_name: str = "default"):

@@ -168,6 +168,15 @@ def test_bad_lora_settings_fail_before_training(data, tmp_path):
         main(flags(data, tmp_path, tmp_path, lora="true", train_text_encoder="true"))
     with pytest.raises(ValueError, match="lora_rank"):
         main(flags(data, tmp_path, tmp_path, lora="true", lora_rank=0))
+    # The demo's model: a text encoder of 0 layers, no attention for an adapter. Said before any caching.
+    base = build_components(get_preset("tiny").with_text_encoder_layers(0)).save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match=r"text_encoder \(0 layers\) has none .*set lora_text_encoder false"):
+        main(flags(data, tmp_path / "cache", tmp_path / "run", lora="true", lora_text_encoder="true",
+                   pretrained=base))  # fmt: skip
+    with pytest.raises(ValueError, match=r"the U-Net has none of the adapter's target modules \['to_qkv'\]"):
+        main(flags(data, tmp_path / "cache", tmp_path / "run", lora="true", lora_target_modules="[to_qkv]",
+                   pretrained=base))  # fmt: skip
+    assert not (tmp_path / "cache").exists()
 
 
 # ---- a colour the base never saw ----------------------------------------------------------------------

@@ -82,6 +82,17 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+def lora_settings(cfg: TrainConfig) -> LoraSettings:
+    return LoraSettings(
+        rank=cfg.lora_rank,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        unet_targets=tuple(cfg.lora_target_modules),
+        text_encoder=cfg.lora_text_encoder,
+        text_encoder_targets=tuple(cfg.lora_text_encoder_target_modules),
+    )
+
+
 def attach_lora(cfg: TrainConfig, parts, acc) -> None:
     """Freeze the U-Net and text encoder in the weight dtype (fp16/bf16 under mixed precision, else
     fp32) and put fp32 adapters on them.
@@ -95,14 +106,7 @@ def attach_lora(cfg: TrainConfig, parts, acc) -> None:
     if dtype != torch.float32:
         parts.unet.to(dtype)
         parts.text_encoder.to(dtype)
-    settings = LoraSettings(
-        rank=cfg.lora_rank,
-        alpha=cfg.lora_alpha,
-        dropout=cfg.lora_dropout,
-        unet_targets=tuple(cfg.lora_target_modules),
-        text_encoder=cfg.lora_text_encoder,
-        text_encoder_targets=tuple(cfg.lora_text_encoder_target_modules),
-    )
+    settings = lora_settings(cfg)
     with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         add_lora(parts.unet, parts.text_encoder, settings)

@@ -55,7 +55,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch training/tra
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
-from sdlite.lora import AdapterWeights, lora_param_groups, save_lora  # noqa: E402
+from sdlite.lora import AdapterWeights, lora_param_groups, save_lora, target_problems  # noqa: E402
 from sdlite.training.config import parse_config, save_yaml  # noqa: E402
 from sdlite.training.configs import TrainConfig  # noqa: E402
 from sdlite.training.launch import follow_launcher  # noqa: E402
@@ -70,6 +70,7 @@ from sdlite.training.parts import (  # noqa: E402
     attach_lora,
     build_examples,
     load_parts,
+    lora_settings,
     sampler_for,
     top_up_class_images,
 )
@@ -123,6 +124,13 @@ class UNetTrainer(Trainer):
         # sdlite.models.Components, or ComponentsXL (training/sdxl_step.py: SDXL's condition), unwrapped
         self.parts = parts = load_parts(cfg, acc.device)
         self.xl = is_xl(parts)
+        problems = target_problems(lora_settings(cfg), parts.unet, encoders_of(parts)) if cfg.lora else []
+        if problems:  # before the class images and the caches, which peft's own error would come after
+            raise ValueError(
+                "bad LoRA targets for this model: " + "; ".join(problems) + ". Name modules it has "
+                "(lora_target_modules, lora_text_encoder_target_modules), or set lora_text_encoder false "
+                "to adapt the U-Net alone (a text encoder of 0 layers has no attention for an adapter)"
+            )
         top_up_class_images(cfg, acc, parts)  # DreamBooth: with the base model, before any adapter
         examples, self.empty_text, self.latent_shape, self.val, self.layout = build_examples(cfg, acc, parts)
         if cfg.lora:  # after build_examples: the cache is filled by the fp32 models, as without LoRA
