@@ -151,12 +151,14 @@ def main() -> None:
     }
 
     t = time.perf_counter()
+    # The saved base's own layer count: a base built by an earlier run may differ from this run's flag.
+    base_layers = json.loads((base_model / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
     run_name = f"seed{args.seed}" + (f"-replay{args.replay}" if args.replay else "")
     lora_dir = out / f"lora-{run_name}"
     final = train.main(flags(config=recipe("tiny-lora.yaml"), pretrained=base_model,
                              train_data_dir=lora_data, val_data_dir=new_data / "test",
                              output_dir=lora_dir, cache_dir=out / "cache", max_steps=args.lora_steps,
-                             lora_text_encoder=str(args.base_text_encoder_layers > 0).lower(),
+                             lora_text_encoder=str(base_layers > 0).lower(),
                              seed=args.seed, report_to="none"))  # fmt: skip
     seconds["lora"] = time.perf_counter() - t
 
