@@ -113,7 +113,7 @@ def run_train(args) -> dict:
 def run_lora_ours(args) -> dict:
     import bench_train
 
-    from sdlite.training.train import UNetTrainer
+    from training.train import UNetTrainer
 
     a = train_args(args, args.px)
     cfg = bench_train.ours_config(a, args.warmup + args.steps)

@@ -23,9 +23,9 @@ import transformers
 from diffusers import DDPMScheduler as DiffusersDDPM
 from diffusers import StableDiffusionPipeline
 
+from pipelines import TextToImagePipeline
 from sdlite.ddpm import DDPMScheduler
 from sdlite.models import build_components
-from sdlite.pipelines import TextToImagePipeline
 
 PROMPT = "a red circle on a blue background"
 

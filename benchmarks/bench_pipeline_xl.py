@@ -24,9 +24,9 @@ import torch
 import transformers
 from diffusers import StableDiffusionXLPipeline
 
+from pipelines import TextToImageXLPipeline
 from sdlite.ddpm import DDPMScheduler
 from sdlite.models_xl import build_components_xl
-from sdlite.pipelines import TextToImageXLPipeline
 
 PROMPTS = ["a red circle on a blue background", "a green square", "two yellow triangles"]
 

@@ -165,8 +165,8 @@ def time_reference(args, accelerator, unet, rows, collate, loss_of) -> dict:
 
 
 def ours_config(args, max_steps: int):
-    from sdlite.training.config import parse_config
-    from sdlite.training.configs import TrainConfig
+    from training.config import parse_config
+    from training.configs import TrainConfig
 
     flags = dict(
         preset=args.preset,
@@ -186,7 +186,7 @@ def ours_config(args, max_steps: int):
 
 
 def run_ours(args) -> dict:
-    from sdlite.training.train import UNetTrainer
+    from training.train import UNetTrainer
 
     trainer = UNetTrainer(ours_config(args, args.warmup + args.steps))
     return {
@@ -197,8 +197,8 @@ def run_ours(args) -> dict:
 
 def warm_cache(args) -> dict:
     """Fill the cache (what a first run pays once), timed."""
-    from sdlite.training.loop import setup_accelerator
-    from sdlite.training.parts import build_examples, load_parts
+    from training.loop import setup_accelerator
+    from training.parts import build_examples, load_parts
 
     cfg = ours_config(args, 1)
     accelerator = setup_accelerator(args.out, report_to=None)

@@ -86,7 +86,7 @@ def subject_and_class(pipe, n: int, steps: int, guidance: float) -> dict:
 
 def measure(base: Path, adapter: Path | None, args) -> dict:
     """Every figure of one model: the base, or the base with a DreamBooth LoRA adapter."""
-    from sdlite.pipelines import TextToImagePipeline
+    from pipelines import TextToImagePipeline
 
     pipe = TextToImagePipeline.from_pretrained(base)
     pipe.set_progress_bar_config(disable=True)
@@ -123,8 +123,8 @@ def dreambooth(base: Path, subject: Path, classes: Path | None, out: Path, args)
     """One DreamBooth LoRA run (class images generated first when ``classes`` lacks them); returns the
     adapter's folder, the run's seconds (generation included) and how many class images it made."""
     from sdlite.data.dreambooth import class_images_needed
-    from sdlite.training import train
-    from sdlite.training.demo import recipe
+    from training import train
+    from training.demo import recipe
 
     made = class_images_needed(classes, args.class_images) if classes else 0
     start = time.perf_counter()

@@ -109,11 +109,11 @@ def main() -> None:
 
     import torch
 
+    from pipelines import TextToImagePipeline
     from sdlite.data.shapes import write_dataset
-    from sdlite.pipelines import TextToImagePipeline
-    from sdlite.training import train, train_vae
-    from sdlite.training.config import parse_config
-    from sdlite.training.demo import recipe
+    from training import train, train_vae
+    from training.config import parse_config
+    from training.demo import recipe
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

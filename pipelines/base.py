@@ -26,12 +26,12 @@ from diffusers.utils import is_xformers_available, logging
 from diffusers.utils.pil_utils import numpy_to_pil
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from pipelines.single_file import checked_path, load_single_file, save_single_file
+from pipelines.single_file_xl import detect_layout, load_single_file_sd2
 from sdlite.ddpm import DDPMScheduler, check_num_train_timesteps
 from sdlite.latents import vae_factor
 from sdlite.models import PARTS, ModelFolderError, check_folder, read_header, save_components
 from sdlite.models_xl import is_xl_folder
-from sdlite.pipelines.single_file import checked_path, load_single_file, save_single_file
-from sdlite.pipelines.single_file_xl import detect_layout, load_single_file_sd2
 from sdlite.tokenizer import load_tokenizer
 
 logger = logging.get_logger(__name__)

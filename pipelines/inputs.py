@@ -19,7 +19,7 @@ import torch
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 LIMITS_HELP = (
-    "raise it with pipe.limits = Limits({name}=...) (from sdlite.pipelines), or lift every limit with "
+    "raise it with pipe.limits = Limits({name}=...) (from pipelines), or lift every limit with "
     "pipe.limits = None"
 )
 

@@ -44,10 +44,7 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from sdlite.ddpm import DDPMScheduler
-from sdlite.models import Components, ModelFolderError, check_compatible, read_header
-from sdlite.models_xl import ComponentsXL, check_compatible_xl, check_folder_xl, tokenizers_xl
-from sdlite.pipelines.single_file import (
+from pipelines.single_file import (
     LDM_CLIP_KEY,
     LDM_VAE_KEY,
     _architecture,
@@ -57,6 +54,9 @@ from sdlite.pipelines.single_file import (
     read_safetensors,
     to_original_layout,
 )
+from sdlite.ddpm import DDPMScheduler
+from sdlite.models import Components, ModelFolderError, check_compatible, read_header
+from sdlite.models_xl import ComponentsXL, check_compatible_xl, check_folder_xl, tokenizers_xl
 from sdlite.presets import PRESETS, PresetXL
 from sdlite.tokenizer import load_tokenizer
 

@@ -30,19 +30,19 @@ from diffusers.utils.pil_utils import numpy_to_pil
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from sdlite import latents as latent_codec
-from sdlite.lora import adapter_scale
-from sdlite.pipelines import inputs
-from sdlite.pipelines.adapters import ExactLoraFuse, ImagePrompts
-from sdlite.pipelines.base import BasePipeline
-from sdlite.pipelines.lora_check import check_lora_fits
-from sdlite.pipelines.sampling import (
+from pipelines import inputs
+from pipelines.adapters import ExactLoraFuse, ImagePrompts
+from pipelines.base import BasePipeline
+from pipelines.lora_check import check_lora_fits
+from pipelines.sampling import (
     SamplingState,
     conditional_half,
     guidance_embedding,
     in_interval,
     rescale_guidance,
 )
+from sdlite import latents as latent_codec
+from sdlite.lora import adapter_scale
 
 logger = logging.get_logger(__name__)
 

@@ -37,15 +37,15 @@ from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from pipelines import inputs
+from pipelines.adapters import ExactLoraFuse
+from pipelines.sampling import guidance_embedding
+from pipelines.single_file_xl import load_single_file_xl, save_single_file_xl
+from pipelines.text_to_image import TextToImagePipeline
 from sdlite.conditioning_xl import add_time_ids, encode_prompts_xl
 from sdlite.ddpm import DDPMScheduler
 from sdlite.lora import adapter_scale
 from sdlite.models_xl import ComponentsXL, check_folder_xl, save_components_xl, tokenizers_xl
-from sdlite.pipelines import inputs
-from sdlite.pipelines.adapters import ExactLoraFuse
-from sdlite.pipelines.sampling import guidance_embedding
-from sdlite.pipelines.single_file_xl import load_single_file_xl, save_single_file_xl
-from sdlite.pipelines.text_to_image import TextToImagePipeline
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 

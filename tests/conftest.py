@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 
+from pipelines import TextToImagePipeline
 from sdlite.data.shapes import write_dataset
 from sdlite.models import build_components
-from sdlite.pipelines import TextToImagePipeline
 
 
 @pytest.fixture(autouse=True, scope="session")

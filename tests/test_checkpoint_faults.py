@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from sdlite.training import checkpoint
-from sdlite.training.checkpoint import CheckpointError, checkpoints, save_checkpoint
-from sdlite.training.loop import EMA, make_lr_schedule, make_optimizer, setup_accelerator
+from training import checkpoint
+from training.checkpoint import CheckpointError, checkpoints, save_checkpoint
+from training.loop import EMA, make_lr_schedule, make_optimizer, setup_accelerator
 
 
 @pytest.fixture

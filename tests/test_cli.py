@@ -10,14 +10,14 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from pipelines.text_to_image import TextToImagePipeline
 from sdlite.data.shapes import write_dataset
 from sdlite.fidelity import GENERATOR_DATA
 from sdlite.lora import LoraSettings, adapter_parameters, add_lora, save_lora
 from sdlite.models import build_components, load_components, save_components
-from sdlite.pipelines.text_to_image import TextToImagePipeline
-from sdlite.training import cli
-from sdlite.training.cli import main
-from sdlite.training.schedulers import SCHEDULERS, make_scheduler
+from training import cli
+from training.cli import main
+from training.schedulers import SCHEDULERS, make_scheduler
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +52,7 @@ def usage_error(argv: list[str], capsys) -> str:
 HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft", "datasets")
 PARSE_ONLY = """
 import sys
-from sdlite.training.cli import main
+from training.cli import main
 for argv in {argvs!r}:
     try:
         main(argv)
@@ -128,7 +128,7 @@ def test_default_threads_follow_the_machine(monkeypatch):
 
 
 def test_a_command_runs_on_the_default_threads_and_restores_them(model, tmp_path, monkeypatch):
-    from sdlite.training import cmd_generate
+    from training import cmd_generate
 
     seen = []
     monkeypatch.setattr(cmd_generate, "run", lambda args: seen.append(torch.get_num_threads()) or 0)

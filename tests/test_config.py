@@ -3,7 +3,7 @@ from typing import ClassVar
 
 import pytest
 
-from sdlite.training.config import ConfigError, field_docs, parse_config, save_yaml
+from training.config import ConfigError, field_docs, parse_config, save_yaml
 
 
 @dataclass

@@ -5,11 +5,11 @@ import os
 import pytest
 from PIL import Image
 
-from sdlite.pipelines.text_to_image import TextToImagePipeline
-from sdlite.training import demo
-from sdlite.training.cli import main
-from sdlite.training.config import ConfigError, load_yaml
-from sdlite.training.configs import TrainConfig, VAETrainConfig
+from pipelines.text_to_image import TextToImagePipeline
+from training import demo
+from training.cli import main
+from training.config import ConfigError, load_yaml
+from training.configs import TrainConfig, VAETrainConfig
 
 
 def test_the_whole_chain_runs_in_a_few_steps_and_makes_a_loadable_model(tmp_path, capsys):

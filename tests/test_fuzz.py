@@ -16,9 +16,9 @@ import random
 import pytest
 import torch
 
+from pipelines import inputs
 from sdlite.models import build_components
-from sdlite.pipelines import inputs
-from sdlite.training.cli import main as cli
+from training.cli import main as cli
 
 GOOD_GENERATOR = torch.Generator().manual_seed(0)
 OK, BAD = True, False

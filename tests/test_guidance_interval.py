@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines import TextToImageXLPipeline
 from sdlite.models_xl import build_components_xl
-from sdlite.pipelines import TextToImageXLPipeline
 
 STEPS = 4
 

@@ -20,12 +20,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
+from pipelines import TextToImagePipeline
 from sdlite import kohya
 from sdlite.ddpm import DDPMScheduler
 from sdlite.kohya import LoraFileError, convert_lora_file, kohya_lora_state, main, read_modules
 from sdlite.lora import LoraSettings, adapter_parameters, add_lora, read_lora_metadata, save_lora
 from sdlite.models import build_components
-from sdlite.pipelines import TextToImagePipeline
 
 TO_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 TO_K = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
@@ -306,7 +306,7 @@ def test_broken_lora_files_are_refused_by_name(tmp_path, tensors, message):
 def test_sdlite_lora_convert_converts_and_refuses_overwriting_or_a_file_already_in_the_layout(
     files, tmp_path, capsys
 ):
-    from sdlite.training.cli import main as sdlite
+    from training.cli import main as sdlite
 
     out = tmp_path / "out.safetensors"
     assert sdlite(["lora", "convert", str(files[0].parent), str(out), "--to", "kohya"]) == 0

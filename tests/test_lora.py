@@ -13,6 +13,7 @@ import safetensors.torch
 import torch
 from diffusers import StableDiffusionPipeline
 
+from pipelines import TextToImagePipeline
 from sdlite.lora import (
     LoraSettings,
     adapter_parameters,
@@ -25,7 +26,6 @@ from sdlite.lora import (
     save_lora,
 )
 from sdlite.models import build_components
-from sdlite.pipelines import TextToImagePipeline
 
 
 @pytest.fixture(scope="module")

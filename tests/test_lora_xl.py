@@ -7,11 +7,11 @@ from diffusers import StableDiffusionXLPipeline
 from peft import inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
+from pipelines import TextToImageXLPipeline
+from pipelines.lora_check import check_lora_fits
 from sdlite.lora import LoraSettings, add_lora, save_lora
 from sdlite.models import build_components
 from sdlite.models_xl import build_components_xl
-from sdlite.pipelines import TextToImageXLPipeline
-from sdlite.pipelines.lora_check import check_lora_fits
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -115,7 +115,7 @@ def test_sdxl_lora_checked_against_an_sd1_model_names_text_encoder_2(sdxl_lora):
 
 
 def test_sd1_pipeline_refuses_an_sdxl_lora_naming_it_and_changes_nothing(sdxl_lora):
-    from sdlite.pipelines import TextToImagePipeline
+    from pipelines import TextToImagePipeline
 
     pipe = TextToImagePipeline(**build_components("tiny", seed=0).as_dict())
     weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}

@@ -10,9 +10,9 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils import is_xformers_available
 from diffusers.utils.torch_utils import randn_tensor
 
+from pipelines import TextToImagePipeline
 from sdlite.ddpm import DDPMScheduler
 from sdlite.models import build_components
-from sdlite.pipelines import TextToImagePipeline
 
 PROMPTS = ["a red circle", "a blue square"]
 STEPS = 4

@@ -14,8 +14,8 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipe
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from pipelines import TextToImagePipeline
 from sdlite.models import build_components
-from sdlite.pipelines import TextToImagePipeline
 
 STEPS = 3
 

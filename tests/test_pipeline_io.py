@@ -25,10 +25,10 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from pipelines import TextToImagePipeline
+from pipelines.single_file import save_single_file, to_original_layout
 from sdlite.ddpm import DDPMScheduler
 from sdlite.models import ModelFolderError, build_components
-from sdlite.pipelines import TextToImagePipeline
-from sdlite.pipelines.single_file import save_single_file, to_original_layout
 from sdlite.presets import get_preset
 
 

@@ -6,11 +6,11 @@ import time
 import pytest
 import torch
 
+from pipelines import TextToImagePipeline
+from pipelines.inputs import Limits
+from pipelines.sampling import NonFiniteSampleError
 from sdlite.ddpm import DDPMScheduler
 from sdlite.models import build_components
-from sdlite.pipelines import TextToImagePipeline
-from sdlite.pipelines.inputs import Limits
-from sdlite.pipelines.sampling import NonFiniteSampleError
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
+from pipelines import TextToImageXLPipeline
+from pipelines.single_file import save_single_file
 from sdlite.models import ModelFolderError, build_components
 from sdlite.models_xl import build_components_xl
-from sdlite.pipelines import TextToImageXLPipeline
-from sdlite.pipelines.single_file import save_single_file
 
 PROMPTS = ["a red circle", "a blue square on green"]
 
@@ -193,7 +193,7 @@ def test_pickled_weights_that_hold_only_tensors_load_and_others_are_refused(ours
 
 
 def test_sd_pipeline_from_pretrained_refuses_an_sdxl_folder_naming_the_xl_pipeline(ours, tmp_path):
-    from sdlite.pipelines import TextToImagePipeline
+    from pipelines import TextToImagePipeline
 
     ours.save_pretrained(tmp_path)
     with pytest.raises(ModelFolderError, match="SDXL model folder.*TextToImageXLPipeline.from_pretrained"):

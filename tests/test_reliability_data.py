@@ -20,7 +20,7 @@ from sdlite.data.dataset import DataError, ImageTransform, load_rows
 from sdlite.data.decoding import decode_image
 from sdlite.data.shapes import write_dataset
 from sdlite.tokenizer import clip_tokenizer
-from sdlite.training.train import main
+from training.train import main
 
 UNREADABLE = {"corrupt.png", "truncated.png", "notes.png"}
 CONVERTED = {"gray.png", "rgba.png", "deep.png", "small.png"}
@@ -149,7 +149,7 @@ def test_an_image_that_breaks_after_the_check_does_not_end_an_uncached_run(
 ):
     # Issue 15, item 7: the file changes between the start-up check and its turn in the loop. Before,
     # PIL.UnidentifiedImageError (naming no file) ended the run without a checkpoint.
-    import sdlite.training.parts as parts
+    import training.parts as parts
 
     folder = tmp_path / "data"
     shutil.copytree(messy, folder)

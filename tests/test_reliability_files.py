@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from pipelines import TextToImagePipeline
+from pipelines.single_file import load_single_file
 from sdlite.data.shapes import write_dataset
 from sdlite.models import ModelFolderError, build_components, check_folder, load_components
-from sdlite.pipelines import TextToImagePipeline
-from sdlite.pipelines.single_file import load_single_file
 from sdlite.presets import get_preset
-from sdlite.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from sdlite.training.loop import EMA, make_lr_schedule, make_optimizer, setup_accelerator
-from sdlite.training.train import main
+from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.loop import EMA, make_lr_schedule, make_optimizer, setup_accelerator
+from training.train import main
 
 
 class RunsCode:

@@ -1,7 +1,7 @@
 """SIGTERM through ``accelerate launch`` with one process (README: Reliability).
 
 accelerate 1.15's one-process launcher neither forwards SIGTERM nor waits: ``python -m
-sdlite.training.launch`` (accelerate's launch command, forwarding and waiting) keeps the README's
+training.launch`` (accelerate's launch command, forwarding and waiting) keeps the README's
 promise, a checkpoint and then exit 143, for SIGTERM to the launcher and to its process group; and a
 trainer that calls ``follow_launcher`` still stops with a checkpoint when a plain launcher is killed.
 """
@@ -19,14 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 from sdlite.data.shapes import write_dataset
-from sdlite.training.checkpoint import checkpoints
-from sdlite.training.train import main
+from training.checkpoint import checkpoints
+from training.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12  # more than the interrupted runs reach; the last one runs to the end
 ACCELERATE = ["--num_processes", "1", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]  # fmt: skip
-LAUNCHER = [sys.executable, "-m", "sdlite.training.launch", *ACCELERATE]
+LAUNCHER = [sys.executable, "-m", "training.launch", *ACCELERATE]
 PLAIN = [str(Path(sys.executable).parent / "accelerate"), "launch", *ACCELERATE]
 
 
@@ -90,7 +90,7 @@ def test_sigterm_to_the_launcher_or_its_group_waits_for_the_checkpoint_and_exits
 
 FOLLOWER = """
 import os, signal, sys, time
-from sdlite.training.launch import follow_launcher
+from training.launch import follow_launcher
 stop = []
 signal.signal(signal.SIGTERM, lambda number, frame: stop.append(number))  # what StopSignals records
 print("following", follow_launcher(), flush=True)

@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from sdlite.data.shapes import write_dataset
-from sdlite.training import checkpoint
-from sdlite.training import train as train_module
-from sdlite.training.checkpoint import CheckpointError, NonFiniteLossError, checkpoints
-from sdlite.training.train import UNetTrainer, main
+from training import checkpoint
+from training import train as train_module
+from training.checkpoint import CheckpointError, NonFiniteLossError, checkpoints
+from training.train import UNetTrainer, main
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8

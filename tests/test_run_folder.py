@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from sdlite.training import run_folder
-from sdlite.training.checkpoint import MARKER
-from sdlite.training.run_folder import (
+from training import run_folder
+from training.checkpoint import MARKER
+from training.run_folder import (
     FINAL_MARKER,
     RunFolderError,
     final_staging,
@@ -27,7 +27,7 @@ def rank(is_main_process):  # the two things open_run_folder asks of an Accelera
     return SimpleNamespace(is_main_process=is_main_process, num_processes=1)
 
 
-HOLD = "import sys, time; from sdlite.training.run_folder import lock_run; lock = lock_run(sys.argv[1]); print('held', flush=True); time.sleep(60)"  # noqa: E501
+HOLD = "import sys, time; from training.run_folder import lock_run; lock = lock_run(sys.argv[1]); print('held', flush=True); time.sleep(60)"  # noqa: E501
 
 
 def test_a_second_run_on_one_output_dir_fails_at_once_naming_the_first(tmp_path):

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from sdlite.data.shapes import write_dataset
-from sdlite.training.resume import ResumeConfigError
-from sdlite.training.run_folder import FINAL_MARKER, RunFolderError, lock_run
-from sdlite.training.train import main
+from training.resume import ResumeConfigError
+from training.run_folder import FINAL_MARKER, RunFolderError, lock_run
+from training.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_a_second_run_on_one_output_dir_fails_naming_the_first_ones_pid(data, tm
 
 
 def test_sdlite_launch_hands_every_argument_after_it_to_the_launcher_unparsed(monkeypatch, capsys):
-    from sdlite.training import cli, launch
+    from training import cli, launch
 
     received = []
     monkeypatch.setattr(launch, "main", lambda argv: received.append(argv) or 143)

@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from sdlite.data.shapes import write_dataset
-from sdlite.training import train as train_module
-from sdlite.training.configs import TrainConfig
-from sdlite.training.sample_prompts import (
+from training import train as train_module
+from training.configs import TrainConfig
+from training.sample_prompts import (
     PromptFileError,
     SamplePrompt,
     parse_line,
@@ -16,7 +16,7 @@ from sdlite.training.sample_prompts import (
     sample_batches,
     save_samples,
 )
-from sdlite.training.train import main
+from training.train import main
 
 
 def test_a_line_reads_the_prompt_and_sd_scripts_options():
@@ -125,7 +125,7 @@ def test_a_run_samples_the_file_prompts_into_pngs_and_the_logs(tmp_path, monkeyp
 
 
 def test_the_help_texts_example_line_reads_as_it_says():
-    from sdlite.training.config import field_docs
+    from training.config import field_docs
 
     doc = field_docs(TrainConfig)["validation_prompts_file"][1]
     example = doc.split('"')[1]

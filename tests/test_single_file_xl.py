@@ -13,11 +13,9 @@ from diffusers.loaders.single_file_utils import (
 )
 from safetensors.torch import load_file, save_file
 
-from sdlite.models import ModelFolderError, build_components
-from sdlite.models_xl import build_components_xl
-from sdlite.pipelines import TextToImagePipeline
-from sdlite.pipelines.single_file import save_single_file, to_original_layout
-from sdlite.pipelines.single_file_xl import (
+from pipelines import TextToImagePipeline
+from pipelines.single_file import save_single_file, to_original_layout
+from pipelines.single_file_xl import (
     SD2_OPENCLIP_KEY,
     detect_layout,
     hf_from_openclip,
@@ -27,6 +25,8 @@ from sdlite.pipelines.single_file_xl import (
     save_single_file_xl,
     to_original_layout_xl,
 )
+from sdlite.models import ModelFolderError, build_components
+from sdlite.models_xl import build_components_xl
 from sdlite.presets import DDPM_LINEAR, _clip_text, _unet, get_preset
 
 XL_MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")

@@ -11,7 +11,7 @@ from sdlite.data.dataset import DataError, ImageTransform
 from sdlite.data.shapes import write_dataset
 from sdlite.data.streaming import StreamingExamples, load_stream, parquet_rows, write_shards
 from sdlite.models import build_components
-from sdlite.training.train import main
+from training.train import main
 
 ROWS, SHARDS = 16, 4
 

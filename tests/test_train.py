@@ -26,11 +26,11 @@ import yaml
 from safetensors.torch import load_file
 
 from sdlite.models import build_components, load_components
-from sdlite.training import configs
-from sdlite.training.config import ConfigError, field_docs, parse_config
-from sdlite.training.configs import TrainConfig, VAETrainConfig
-from sdlite.training.train import UNetTrainer, main
-from sdlite.training.unet_step import min_snr_weight
+from training import configs
+from training.config import ConfigError, field_docs, parse_config
+from training.configs import TrainConfig, VAETrainConfig
+from training.train import UNetTrainer, main
+from training.unet_step import min_snr_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -367,7 +367,7 @@ def test_each_flag_named_as_the_equivalent_of_a_diffusers_flag_exists(config):
 
 
 def test_the_configs_import_no_torch_and_default_to_the_lora_targets_of_sdlite_lora():
-    code = "import sys, sdlite.training.configs, sdlite.training.config; print(sorted(sys.modules))"
+    code = "import sys, training.configs, training.config; print(sorted(sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "'torch'" not in result.stdout and "'peft'" not in result.stdout

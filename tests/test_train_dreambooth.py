@@ -9,9 +9,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_train import launch
 
-from sdlite.training.config import parse_config
-from sdlite.training.configs import TrainConfig
-from sdlite.training.train import UNetTrainer, main
+from training.config import parse_config
+from training.configs import TrainConfig
+from training.train import UNetTrainer, main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from sdlite.training import checkpoint
-from sdlite.training.checkpoint import checkpoints, find_resume, load_checkpoint, save_checkpoint
-from sdlite.training.loop import EMA, Metrics, StepSampler, make_lr_schedule, make_optimizer
+from training import checkpoint
+from training.checkpoint import checkpoints, find_resume, load_checkpoint, save_checkpoint
+from training.loop import EMA, Metrics, StepSampler, make_lr_schedule, make_optimizer
 
 
 @pytest.fixture(scope="module")

@@ -20,18 +20,18 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file
 from test_train import ROOT, flags, launch, run_killed_at
 
+from pipelines import TextToImagePipeline
 from sdlite.data.shapes import write_dataset
 from sdlite.ddpm import DDPMScheduler
 from sdlite.fidelity import pipeline_generate, prompt_fidelity
 from sdlite.likelihood import variational_bound
 from sdlite.lora import adapter_parameters, load_lora_into, read_lora_metadata
 from sdlite.models import build_components, load_components
-from sdlite.pipelines import TextToImagePipeline
 from sdlite.presets import get_preset
-from sdlite.training.cmd_evaluate import held_out_data
-from sdlite.training.config import parse_config
-from sdlite.training.configs import TrainConfig
-from sdlite.training.train import UNetTrainer, main
+from training.cmd_evaluate import held_out_data
+from training.config import parse_config
+from training.configs import TrainConfig
+from training.train import UNetTrainer, main
 
 # U-Net and text-encoder adapters, alpha / r = 2, at two learning rates; lr 1e-2 so that three steps
 # change the images visibly. ema_decay (0.9 in flags) is ignored by a LoRA run.

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from test_train import launch as launch_with
 from test_train import run_killed_at
 
-from sdlite.training.config import parse_config
-from sdlite.training.configs import TrainConfig
-from sdlite.training.train import UNetTrainer, main
+from training.config import parse_config
+from training.configs import TrainConfig
+from training.train import UNetTrainer, main
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}

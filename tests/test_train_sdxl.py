@@ -15,17 +15,17 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_train import ROOT, assert_same_training, flags, launch, run_killed_at, weights
 
+from pipelines import TextToImageXLPipeline
 from sdlite.conditioning_xl import encode_prompts_xl
 from sdlite.data.dataset import ImageTransform
 from sdlite.models_xl import build_components_xl
-from sdlite.pipelines import TextToImageXLPipeline
-from sdlite.training import sdxl_step
-from sdlite.training import train as train_module
-from sdlite.training.cmd_evaluate import run_evaluation
-from sdlite.training.config import parse_config
-from sdlite.training.configs import TrainConfig
-from sdlite.training.sdxl_step import DenoiserXL, crop_time_ids
-from sdlite.training.train import UNetTrainer, main
+from training import sdxl_step
+from training import train as train_module
+from training.cmd_evaluate import run_evaluation
+from training.config import parse_config
+from training.configs import TrainConfig
+from training.sdxl_step import DenoiserXL, crop_time_ids
+from training.train import UNetTrainer, main
 
 
 def images(pipe) -> np.ndarray:

@@ -7,11 +7,11 @@ from diffusers import AutoencoderKL
 
 from sdlite.data.dataset import DataError
 from sdlite.data.shapes import write_dataset
-from sdlite.training import train_vae
-from sdlite.training.checkpoint import NonFiniteLossError, checkpoints
-from sdlite.training.config import ConfigError
-from sdlite.training.configs import VAETrainConfig
-from sdlite.training.train_vae import build_vae, latent_std, load_images, main, psnr
+from training import train_vae
+from training.checkpoint import NonFiniteLossError, checkpoints
+from training.config import ConfigError
+from training.configs import VAETrainConfig
+from training.train_vae import build_vae, latent_std, load_images, main, psnr
 
 TINY_RUN = dict(max_steps=3, train_batch_size=8, lr_warmup_steps=1, report_to="none")
 # Measured on these 8 held-out images: the untrained VAE (seed 0) 5.2 dB, after 10 steps 11.0 dB (3

@@ -12,11 +12,11 @@ from accelerate import Accelerator
 from sdlite.data.dataset import DataError
 from sdlite.data.shapes import write_dataset
 from sdlite.kohya import read_modules
-from sdlite.training.config import parse_config
-from sdlite.training.configs import TrainConfig
-from sdlite.training.run_folder import FINAL_MARKER
-from sdlite.training.train import UNetTrainer, main
-from sdlite.training.train_vae import main as train_vae
+from training.config import parse_config
+from training.configs import TrainConfig
+from training.run_folder import FINAL_MARKER
+from training.train import UNetTrainer, main
+from training.train_vae import main as train_vae
 
 
 @pytest.fixture(scope="module")

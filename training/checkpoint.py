@@ -4,7 +4,7 @@ A checkpoint holds the trained weights (safetensors), the optimizer state (``tor
 ``weights_only=True``: nothing is unpickled as code), the learning-rate schedule, the EMA and every
 process's RNG state, so that ``--resume latest`` continues a run exactly, and the run's config. A
 failed write is a CheckpointError naming the last complete checkpoint; an unreadable file on loading
-is a CorruptCheckpointError naming it (sdlite.training.resume then tries an older checkpoint).
+is a CorruptCheckpointError naming it (training.resume then tries an older checkpoint).
 ``StopSignals`` turns SIGTERM / SIGINT into a checkpoint at the next step boundary and a clean exit.
 """
 
@@ -29,7 +29,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from sdlite.models import unpickling_refusal
 
 if TYPE_CHECKING:
-    from sdlite.training.loop import EMA
+    from training.loop import EMA
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)(|\.tmp|\.old)$")
 MARKER = "COMPLETE"  # written last: a checkpoint folder without it is not one
@@ -162,7 +162,7 @@ def save_checkpoint(
     """Write ``output_dir/checkpoint-<step>`` atomically (all processes call it); keep the newest ``keep``.
 
     ``config``, the run's config as a dict, is saved as config.json: a resume compares the new config
-    with it (sdlite.training.resume). Any write failure (a full disk: OSError, SafetensorError, torch's
+    with it (training.resume). Any write failure (a full disk: OSError, SafetensorError, torch's
     RuntimeError) removes the partial folder and raises CheckpointError on every process, naming the
     last complete checkpoint, which stays as it was. Rotation also removes older folders a killed
     process left incomplete.

@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from sdlite.training.schedulers import SCHEDULERS
+from training.schedulers import SCHEDULERS
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5  # generate: Stable Diffusion's usual scale
@@ -158,7 +158,7 @@ def _threads(parser: argparse.ArgumentParser) -> None:
 def add_data(commands) -> None:
     kinds = _group(commands, "data", "make a built-in data set")
     shapes = _parser(
-        kinds, "shapes", "coloured shapes on a plain background, captioned", "sdlite.training.cmd_data:shapes"
+        kinds, "shapes", "coloured shapes on a plain background, captioned", "training.cmd_data:shapes"
     )
     shapes.add_argument("--out", required=True, help="folder to write (images + metadata.jsonl)")
     shapes.add_argument("--count", type=_positive, default=2000, help="images (of train/ with --holdout)")
@@ -191,7 +191,7 @@ def add_model(parser: argparse.ArgumentParser) -> None:
 
 
 def add_generate(commands) -> None:
-    gen = _parser(commands, "generate", "generate images for a prompt", "sdlite.training.cmd_generate:run")
+    gen = _parser(commands, "generate", "generate images for a prompt", "training.cmd_generate:run")
     gen.add_argument("prompt")
     add_model(gen)
     gen.add_argument("--negative_prompt", default=None, help="what to steer away from (default: nothing)")
@@ -227,7 +227,7 @@ def add_evaluate(commands) -> None:
         commands,
         "evaluate",
         "prompt fidelity, diversity and bits/dim on shapes",
-        "sdlite.training.cmd_evaluate:run",
+        "training.cmd_evaluate:run",
     )
     add_model(ev)
     ev.add_argument("--n", type=_positive, default=8, help="images per prompt")
@@ -252,9 +252,7 @@ def add_evaluate(commands) -> None:
 
 
 def add_demo(commands) -> None:
-    demo = _parser(
-        commands, "demo", "data -> VAE -> U-Net -> samples and figures", "sdlite.training.demo:run"
-    )
+    demo = _parser(commands, "demo", "data -> VAE -> U-Net -> samples and figures", "training.demo:run")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--fast", action="store_true", help="a few steps of each stage, to test the chain")
     _threads(demo)
@@ -276,14 +274,14 @@ def add_launch(commands) -> None:
         commands, "launch",
         "accelerate launch that, on SIGTERM or Ctrl-C, waits for the trainer's checkpoint "
         "(sdlite launch [accelerate options] training/train.py --config ...)",
-        "sdlite.training.cli:run_launch",
+        "training.cli:run_launch",
     )  # fmt: skip
     launch.add_argument("argv", nargs=argparse.REMAINDER, help="accelerate options, the script, its flags")
 
 
 def run_launch(args: argparse.Namespace) -> int:
     """Only ``sdlite launch`` with nothing after it comes here (main passes the rest on unparsed)."""
-    from sdlite.training import launch
+    from training import launch
 
     return launch.main(args.argv)
 
@@ -303,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["launch"] and argv[1:2] not in ([], ["-h"], ["--help"]):
         # Everything after "launch" is accelerate's and the script's: argparse would take their options.
-        from sdlite.training import launch
+        from training import launch
 
         return launch.main(argv[1:])
     args = build_parser().parse_args(argv)

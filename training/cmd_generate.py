@@ -12,11 +12,11 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors import SafetensorError
 from transformers.utils import logging as transformers_logging
 
+from pipelines.text_to_image import TextToImagePipeline
+from pipelines.text_to_image_xl import TextToImageXLPipeline
 from sdlite.images import grid
 from sdlite.models_xl import is_xl_folder
-from sdlite.pipelines.text_to_image import TextToImagePipeline
-from sdlite.pipelines.text_to_image_xl import TextToImageXLPipeline
-from sdlite.training.schedulers import make_scheduler
+from training.schedulers import make_scheduler
 
 
 def load_pipeline(model: str, model_config: str = "sd15") -> TextToImagePipeline:

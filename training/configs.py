@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from sdlite.presets import PRESETS, Preset, PresetXL
-from sdlite.training.sample_prompts import prompts_file_problems
+from training.sample_prompts import prompts_file_problems
 
 # sdlite.lora's UNET_TARGETS and TEXT_ENCODER_TARGETS, written out so as not to import torch and peft
 # here (tests/test_train.py keeps them equal): the attention projections LoRA adapts by default.

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from sdlite.data.shapes import write_dataset
-from sdlite.training import train, train_vae
-from sdlite.training.cmd_evaluate import run_evaluation
-from sdlite.training.config import from_dict, load_yaml
-from sdlite.training.configs import TrainConfig, VAETrainConfig
+from training import train, train_vae
+from training.cmd_evaluate import run_evaluation
+from training.config import from_dict, load_yaml
+from training.configs import TrainConfig, VAETrainConfig
 
 # The demo's data: every colour-shape pair but one, which the model is then asked for.
 DEMO_UNSEEN = ["red circle"]

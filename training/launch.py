@@ -1,6 +1,6 @@
 """``accelerate launch`` that waits for the trainer's checkpoint on SIGTERM and Ctrl-C.
 
-    python -m sdlite.training.launch [accelerate launch options] training/train.py --config ... [--key value]
+    python -m training.launch [accelerate launch options] training/train.py --config ... [--key value]
 
 What accelerate 1.15 does with signals: with one process, ``accelerate launch`` runs the script as a
 child (``simple_launcher``: ``subprocess.Popen`` then ``wait``) and installs no handler. SIGTERM to

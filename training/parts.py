@@ -63,8 +63,8 @@ from sdlite.models import build_components, check_compatible, load_components
 from sdlite.models_xl import build_components_xl, check_compatible_xl, is_xl_folder, load_components_xl
 from sdlite.presets import PresetXL, get_preset
 from sdlite.tokenizer import token_ids
-from sdlite.training.loop import StepSampler, seeded_generator
-from sdlite.training.sdxl_step import (
+from training.loop import StepSampler, seeded_generator
+from training.sdxl_step import (
     ExamplesXL,
     add_lora_text_encoder_2,
     empty_condition_xl,
@@ -75,7 +75,7 @@ from sdlite.training.sdxl_step import (
 )
 
 if TYPE_CHECKING:
-    from sdlite.training.configs import TrainConfig
+    from training.configs import TrainConfig
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from sdlite.training.checkpoint import (
+from training.checkpoint import (
     CorruptCheckpointError,
     _agree,
     checkpoints,

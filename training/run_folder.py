@@ -28,7 +28,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from sdlite.training.checkpoint import CHECKPOINT, _agree, fsync_tree, remove_leftovers
+from training.checkpoint import CHECKPOINT, _agree, fsync_tree, remove_leftovers
 
 LOCK_FILE = "run.lock"
 FINAL_MARKER = "sdlite_final.json"  # in every final folder a run published: whose it is

@@ -200,7 +200,7 @@ def save_lora_xl(path: Path, parts, text_encoders: bool) -> Path:
     """pytorch_lora_weights.safetensors as diffusers' SDXL LoRA scripts write it (keys unet.*,
     text_encoder.*, text_encoder_2.*; each part's rank and alpha in the header), which
     ``load_lora_weights`` reads in sdlite's SDXL pipeline and diffusers'."""
-    from sdlite.pipelines import TextToImageXLPipeline  # training may use pipelines; sdlite never does
+    from pipelines import TextToImageXLPipeline  # training may use pipelines; sdlite never does
 
     names = ("unet", "text_encoder", "text_encoder_2") if text_encoders else ("unet",)
     layers, metadata = {}, {}
@@ -215,7 +215,7 @@ def save_lora_xl(path: Path, parts, text_encoders: bool) -> Path:
 
 def sampling_pipeline(parts):
     """sdlite's text-to-image pipeline of the parts (SDXL's or SD's), with a fresh DDPM scheduler."""
-    from sdlite.pipelines import TextToImagePipeline, TextToImageXLPipeline
+    from pipelines import TextToImagePipeline, TextToImageXLPipeline
 
     scheduler = DDPMScheduler.from_config(parts.scheduler.config)
     if is_xl(parts):

@@ -56,17 +56,17 @@ if __package__ in (None, ""):  # run as a script (accelerate launch training/tra
 
 from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
 from sdlite.lora import AdapterWeights, lora_param_groups, save_lora, target_problems  # noqa: E402
-from sdlite.training.config import parse_config, save_yaml  # noqa: E402
-from sdlite.training.configs import TrainConfig  # noqa: E402
-from sdlite.training.launch import follow_launcher  # noqa: E402
-from sdlite.training.loop import (  # noqa: E402
+from training.config import parse_config, save_yaml  # noqa: E402
+from training.configs import TrainConfig  # noqa: E402
+from training.launch import follow_launcher  # noqa: E402
+from training.loop import (  # noqa: E402
     EMA,
     log_image,
     make_lr_schedule,
     make_optimizer,
     setup_accelerator,
 )
-from sdlite.training.parts import (  # noqa: E402
+from training.parts import (  # noqa: E402
     attach_lora,
     build_examples,
     load_parts,
@@ -74,13 +74,13 @@ from sdlite.training.parts import (  # noqa: E402
     sampler_for,
     top_up_class_images,
 )
-from sdlite.training.sample_prompts import (  # noqa: E402
+from training.sample_prompts import (  # noqa: E402
     SamplePrompt,
     run_prompts,
     sample_batches,
     save_samples,
 )
-from sdlite.training.sdxl_step import (  # noqa: E402
+from training.sdxl_step import (  # noqa: E402
     DenoiserXL,
     encoders_of,
     freeze_unread,
@@ -91,8 +91,8 @@ from sdlite.training.sdxl_step import (  # noqa: E402
     wants_xl,
     xl_problems,
 )
-from sdlite.training.trainer import Trainer, leave  # noqa: E402
-from sdlite.training.unet_step import (  # noqa: E402
+from training.trainer import Trainer, leave  # noqa: E402
+from training.unet_step import (  # noqa: E402
     Denoiser,
     diffusion_loss,
     draw_step,

@@ -35,11 +35,11 @@ if __package__ in (None, ""):  # run as a script (accelerate launch training/tra
 
 from sdlite.data.dataset import ImageTransform, image_bytes, load_rows  # noqa: E402
 from sdlite.presets import get_preset  # noqa: E402
-from sdlite.training.config import parse_config  # noqa: E402
-from sdlite.training.configs import VAETrainConfig  # noqa: E402
-from sdlite.training.launch import follow_launcher  # noqa: E402
-from sdlite.training.loop import StepSampler, make_lr_schedule, make_optimizer, setup_accelerator  # noqa: E402
-from sdlite.training.trainer import Trainer, leave  # noqa: E402
+from training.config import parse_config  # noqa: E402
+from training.configs import VAETrainConfig  # noqa: E402
+from training.launch import follow_launcher  # noqa: E402
+from training.loop import StepSampler, make_lr_schedule, make_optimizer, setup_accelerator  # noqa: E402
+from training.trainer import Trainer, leave  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # Data

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from sdlite.training.checkpoint import NonFiniteLossError, StopSignals, checkpoints, save_checkpoint
-from sdlite.training.config import save_yaml, to_dict
-from sdlite.training.configs import RunConfig
-from sdlite.training.loop import EMA, Metrics, progress_bar
-from sdlite.training.resume import resume
-from sdlite.training.run_folder import final_staging, open_run_folder, prepare_final_dir, publish_final
+from training.checkpoint import NonFiniteLossError, StopSignals, checkpoints, save_checkpoint
+from training.config import save_yaml, to_dict
+from training.configs import RunConfig
+from training.loop import EMA, Metrics, progress_bar
+from training.resume import resume
+from training.run_folder import final_staging, open_run_folder, prepare_final_dir, publish_final
 
 
 class Trainer:
@@ -218,7 +218,7 @@ class Trainer:
 
     def resume(self) -> int:
         """Load the checkpoint ``cfg.resume`` names, if any, after checking the config against the
-        checkpoint's (sdlite.training.resume: a change that would alter what that run trained is refused
+        checkpoint's (training.resume: a change that would alter what that run trained is refused
         unless named in allow_config_change); returns the step to start from."""
         cfg, acc = self.cfg, self.accelerator
         base_lrs = list(self.lr_schedule.base_lrs)  # this config's rates, before the checkpoint's

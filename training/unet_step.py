@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from sdlite.data.cache import sample_latents
-from sdlite.training.loop import seeded_generator
+from training.loop import seeded_generator
 
 
 class Denoiser(torch.nn.Module):
