@@ -197,13 +197,14 @@ def run_ours(args) -> dict:
 
 def warm_cache(args) -> dict:
     """Fill the cache (what a first run pays once), timed."""
+    from training.examples import build_examples
+    from training.families import family_of
     from training.loop import setup_accelerator
-    from training.parts import build_examples, load_parts
 
     cfg = ours_config(args, 1)
     accelerator = setup_accelerator(args.out, report_to=None)
     start = time.perf_counter()
-    build_examples(cfg, accelerator, load_parts(cfg, accelerator.device))
+    build_examples(cfg, accelerator, family_of(cfg).load(cfg, accelerator.device))
     return {"seconds": time.perf_counter() - start, "device": accelerator.device}
 
 

@@ -149,7 +149,7 @@ def test_an_image_that_breaks_after_the_check_does_not_end_an_uncached_run(
 ):
     # Issue 15, item 7: the file changes between the start-up check and its turn in the loop. Before,
     # PIL.UnidentifiedImageError (naming no file) ended the run without a checkpoint.
-    import training.parts as parts
+    import training.examples as parts
 
     folder = tmp_path / "data"
     shutil.copytree(messy, folder)

@@ -1,4 +1,4 @@
-"""SDXL in training/train.py: the building blocks (training/sdxl_step.py), then a few steps of the tiny-sdxl
+"""SDXL in training/train.py: the building blocks (training/family_sdxl.py), then a few steps of the tiny-sdxl
 preset: every part trains, the size/crop numbers are each image's real ones, a run resumes exactly, and
 the LoRA output loads in diffusers' StableDiffusionXLPipeline with the same images as ours."""
 
@@ -19,12 +19,12 @@ from pipelines import TextToImageXLPipeline
 from sdlite.conditioning_xl import encode_prompts_xl
 from sdlite.data.dataset import ImageTransform
 from sdlite.models_xl import build_components_xl
-from training import sdxl_step
 from training import train as train_module
 from training.cmd_evaluate import run_evaluation
 from training.config import parse_config
 from training.configs import TrainConfig
-from training.sdxl_step import DenoiserXL, crop_time_ids
+from training.families import family_of
+from training.family_sdxl import SDXLDenoiser, StableDiffusionXL, crop_time_ids
 from training.train import UNetTrainer, main
 
 
@@ -50,7 +50,7 @@ def test_crop_time_ids_measure_a_flipped_crop_from_its_new_left_edge():
 
 def test_denoiser_xl_passes_pooled_and_time_ids_to_the_unet():
     parts = build_components_xl("tiny-sdxl", seed=0)
-    model = DenoiserXL(parts.unet).eval()
+    model = SDXLDenoiser(parts.unet).eval()
     cfg = parts.unet.config
     x = torch.randn(2, cfg.in_channels, 8, 8)
     t = torch.tensor([10, 500])
@@ -137,8 +137,10 @@ def test_time_ids_of_a_bucketed_cropped_flipped_image_are_its_real_size_and_crop
     photos = bucket_photos(tmp_path / "photos")
     built, real = [], train_module.build_examples
     monkeypatch.setattr(train_module, "build_examples", lambda *a: built.append(real(*a)) or built[-1])
-    seen, condition = [], sdxl_step.text_condition_xl
-    monkeypatch.setattr(train_module, "text_condition_xl", lambda b, *a: seen.append(b) or condition(b, *a))
+    seen, condition = [], StableDiffusionXL.condition
+    monkeypatch.setattr(
+        StableDiffusionXL, "condition", lambda f, b, *a: seen.append(b) or condition(f, b, *a)
+    )
     options = dict(aspect_buckets="true", resolution=64, random_crop="true", random_flip="true")
     run(
         photos,
@@ -237,12 +239,13 @@ def test_the_tiny_sdxl_recipe_sets_valid_settings_of_an_sdxl_run():
     written = yaml.safe_load(path.read_text())
     assert {key: getattr(cfg, key) for key in written} == written  # every key read, with its value
     cfg.check()
-    assert sdxl_step.wants_xl(cfg) and not sdxl_step.xl_problems(cfg)
+    assert family_of(cfg) is StableDiffusionXL and not StableDiffusionXL.refusals(cfg)
 
 
 def test_a_dropped_caption_is_the_empty_prompt_encoded_by_both_encoders():
     parts = build_components_xl("tiny-sdxl", seed=0)
-    empty = sdxl_step.empty_condition_xl(parts, cached=True)
+    family = StableDiffusionXL(parts)
+    empty = family.empty_condition(cached=True, device=torch.device("cpu"))
     with torch.no_grad():
         expected = encode_prompts_xl(parts.text_encoder, parts.text_encoder_2, parts.tokenizer,
                                      parts.tokenizer_2, [""])  # fmt: skip
@@ -250,7 +253,7 @@ def test_a_dropped_caption_is_the_empty_prompt_encoded_by_both_encoders():
     batch = {"embeds": torch.randn(2, *empty[0].shape[1:]), "pooled": torch.randn(2, empty[1].shape[1]),
              "time_ids": torch.tensor([[40.0, 200, 0, 11, 32, 128]] * 2)}  # fmt: skip
     drop = torch.tensor([True, False])
-    embeds, pooled, time_ids = sdxl_step.text_condition_xl(batch, parts, empty, drop, trains=False)
+    embeds, pooled, time_ids = family.condition(batch, empty, drop, trains=False)
     assert torch.equal(embeds[0], empty[0][0]) and torch.equal(pooled[0], empty[1][0])  # dropped
     assert torch.equal(embeds[1], batch["embeds"][1]) and torch.equal(pooled[1], batch["pooled"][1])  # kept
     assert torch.equal(time_ids, batch["time_ids"])  # a dropped caption keeps its image's size and crop

@@ -251,7 +251,7 @@ class TrainConfig(RunConfig):
             if layers is not None:
                 problems.append(f"unet_layers_per_block: for {scratch}; {keeps}")
             return problems
-        preset = PRESETS.get(self.preset)  # an unknown one is refused when built; SDXL's in sdxl_step.py
+        preset = PRESETS.get(self.preset)  # an unknown one is refused when built; SDXL's in family_sdxl.py
         if preset is None or isinstance(preset, PresetXL):
             return []
         if channels is not None and (problems := preset.channels_problems("unet", channels)):
@@ -259,7 +259,7 @@ class TrainConfig(RunConfig):
         return [] if layers is None else self.shaped_preset(preset).unet_layers_problems(layers)
 
     def shaped_preset(self, preset: Preset) -> Preset:
-        """An SD preset with this config's from-scratch shape keys applied: what load_model builds."""
+        """An SD preset with this config's from-scratch shape keys applied: what the SD family builds."""
         if self.text_encoder_layers is not None:
             preset = preset.with_text_encoder_layers(self.text_encoder_layers)
         if self.unet_block_out_channels is not None:

@@ -17,7 +17,7 @@ validation/step-N.png (and step-N/NN.png, one per sample prompt), run.lock (one 
 whose unet (and text_encoder, when trained) hold the EMA weights (the raw ones are in unet_raw/). final_dir is
 replaced only if this run published it: a folder of other files is refused at start-up.
 
-Photo sets (training/parts.py): a caption folder (a .txt beside each image, N_name repeat folders),
+Photo sets (training/examples.py): a caption folder (a .txt beside each image, N_name repeat folders),
 aspect-ratio buckets (each step one bucket, its noise of the bucket's latent shape), captions drawn per
 step (shuffle_caption, caption_tag_dropout_rate), and DreamBooth (Ruiz et al. 2023): every micro-batch
 B subject images then B class images, loss = mean_subject + λ mean_class (eq. 2), the class images
@@ -33,12 +33,12 @@ ComfyUI).
 
 SDXL (Podell et al. 2023): an SDXL folder or preset (tiny-sdxl) trains in the same loop, its step given
 both encoders' states, encoder 2's pooled embedding and each image's six size/crop numbers taken from
-its real size and crop (training/sdxl_step.py); LoRA covers both text encoders, final_dir is an SDXL
+its real size and crop (training/family_sdxl.py); LoRA covers both text encoders, final_dir is an SDXL
 folder (or its LoRA file) that sdlite's TextToImageXLPipeline and diffusers' StableDiffusionXLPipeline load.
 
-``UNetTrainer`` is the run: its ``__init__`` builds everything (models and data from training/parts.py,
-the step's math from training/unet_step.py), ``train`` runs the loop it shares with the VAE trainer
-(training/trainer.py), then validates and saves.
+``UNetTrainer`` is the run: its ``__init__`` builds everything (the model through its family,
+training/family.py; the data from training/examples.py; the step's math from training/unet_step.py),
+``train`` runs the loop it shares with the VAE trainer (training/trainer.py), then validates and saves.
 """
 
 from __future__ import annotations
@@ -55,9 +55,12 @@ if __package__ in (None, ""):  # run as a script (accelerate launch training/tra
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
-from sdlite.lora import AdapterWeights, lora_param_groups, save_lora, target_problems  # noqa: E402
+from sdlite.lora import AdapterWeights, lora_param_groups, target_problems  # noqa: E402
 from training.config import parse_config, save_yaml  # noqa: E402
 from training.configs import TrainConfig  # noqa: E402
+from training.examples import build_examples, sampler_for, top_up_class_images  # noqa: E402
+from training.families import family_of  # noqa: E402
+from training.family import lora_settings, weight_dtype  # noqa: E402
 from training.launch import follow_launcher  # noqa: E402
 from training.loop import (  # noqa: E402
     EMA,
@@ -66,39 +69,14 @@ from training.loop import (  # noqa: E402
     make_optimizer,
     setup_accelerator,
 )
-from training.parts import (  # noqa: E402
-    attach_lora,
-    build_examples,
-    load_parts,
-    lora_settings,
-    sampler_for,
-    top_up_class_images,
-)
 from training.sample_prompts import (  # noqa: E402
     SamplePrompt,
     run_prompts,
     sample_batches,
     save_samples,
 )
-from training.sdxl_step import (  # noqa: E402
-    DenoiserXL,
-    encoders_of,
-    freeze_unread,
-    is_xl,
-    sampling_pipeline,
-    save_lora_xl,
-    text_condition_xl,
-    wants_xl,
-    xl_problems,
-)
 from training.trainer import Trainer, leave  # noqa: E402
-from training.unet_step import (  # noqa: E402
-    Denoiser,
-    diffusion_loss,
-    draw_step,
-    latents_of,
-    text_condition,
-)
+from training.unet_step import diffusion_loss, draw_step, latents_of  # noqa: E402
 
 
 class UNetTrainer(Trainer):
@@ -118,28 +96,27 @@ class UNetTrainer(Trainer):
     def setup(self) -> None:
         """Build the models, cache the data, prepare with accelerate and resume: ready for ``start_step``."""
         cfg, acc = self.cfg, self.accelerator
-        problems = xl_problems(cfg) if wants_xl(cfg) else []  # before any weight is read
+        family = family_of(cfg)  # training/families.py: SD 1.x/2.x or SDXL
+        problems = family.refusals(cfg)  # before any weight is read
         if problems:
-            raise ValueError("bad training config for SDXL: " + "; ".join(problems))
-        # sdlite.models.Components, or ComponentsXL (training/sdxl_step.py: SDXL's condition), unwrapped
-        self.parts = parts = load_parts(cfg, acc.device)
-        self.xl = is_xl(parts)
-        problems = target_problems(lora_settings(cfg), parts.unet, encoders_of(parts)) if cfg.lora else []
+            raise ValueError(f"bad training config for {family.name}: " + "; ".join(problems))
+        self.family = family = family.load(cfg, acc.device)
+        self.parts = parts = family.parts  # unwrapped
+        problems = target_problems(lora_settings(cfg), parts.unet, family.encoders) if cfg.lora else []
         if problems:  # before the class images and the caches, which peft's own error would come after
             raise ValueError(
                 "bad LoRA targets for this model: " + "; ".join(problems) + ". Name modules it has "
                 "(lora_target_modules, lora_text_encoder_target_modules), or set lora_text_encoder false "
                 "to adapt the U-Net alone (a text encoder of 0 layers has no attention for an adapter)"
             )
-        top_up_class_images(cfg, acc, parts)  # DreamBooth: with the base model, before any adapter
-        examples, self.empty_text, self.latent_shape, self.val, self.layout = build_examples(cfg, acc, parts)
+        top_up_class_images(cfg, acc, family)  # DreamBooth: with the base model, before any adapter
+        examples, self.empty_text, self.latent_shape, self.val, self.layout = build_examples(cfg, acc, family)
         if cfg.lora:  # after build_examples: the cache is filled by the fp32 models, as without LoRA
-            attach_lora(cfg, parts, acc)
-        if self.xl:
-            freeze_unread(parts)
+            family.attach_lora(lora_settings(cfg), cfg.seed, weight_dtype(acc.mixed_precision), acc.device)
+        family.freeze_unread()
 
         unet = parts.unet
-        encoders = list(encoders_of(parts).values()) if cfg.text_encoder_trains else []  # SDXL: two
+        encoders = list(family.encoders.values()) if cfg.text_encoder_trains else []  # SDXL: two
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             for text_encoder in encoders:
@@ -148,7 +125,7 @@ class UNetTrainer(Trainer):
             unet.to(memory_format=torch.channels_last)
         if cfg.compile:
             unet.compile()
-        denoiser = (DenoiserXL if self.xl else Denoiser)(unet, *encoders, channels_last=cfg.channels_last)
+        denoiser = family.denoiser(encoders, cfg.channels_last)
         denoiser.train()
         self.params = [p for p in denoiser.parameters() if p.requires_grad]
         if cfg.lora:  # the text encoders' adapters at their own rate
@@ -199,7 +176,7 @@ class UNetTrainer(Trainer):
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
         """What a checkpoint holds of the model: the trained models, or with LoRA only their adapters."""
         parts, cfg = self.parts, self.cfg
-        encoders = encoders_of(parts).items()  # text_encoder, and SDXL's text_encoder_2
+        encoders = self.family.encoders.items()  # text_encoder, and SDXL's text_encoder_2
         if cfg.lora:
             te = {f"{n}_lora": AdapterWeights(m) for n, m in encoders} if cfg.lora_text_encoder else {}
             return {"unet_lora": AdapterWeights(parts.unet), **te}
@@ -273,12 +250,9 @@ class UNetTrainer(Trainer):
         return logs, nonfinite
 
     def text_condition(self, batch: dict, drop: torch.Tensor):
-        """c of a batch, the empty caption where ``drop``: SD's embeddings (unet_step.py), or SDXL's
-        (embeds, pooled, time ids) (sdxl_step.py); token ids when the text encoders train."""
-        cfg, parts = self.cfg, self.parts
-        if self.xl:
-            return text_condition_xl(batch, parts, self.empty_text, drop, cfg.text_encoder_trains)
-        return text_condition(batch, parts.text_encoder, self.empty_text, drop, cfg.text_encoder_trains)
+        """c of a batch in the family's terms, the empty caption where ``drop``; token ids when the text
+        encoders train."""
+        return self.family.condition(batch, self.empty_text, drop, self.cfg.text_encoder_trains)
 
     def step_latent_shape(self, step: int) -> tuple[int, int, int]:
         """(C, h, w) of the step's latents: its bucket's with aspect buckets (every process draws the same
@@ -346,7 +320,7 @@ class UNetTrainer(Trainer):
         seed + i unless its line sets --d, at validation_inference_steps and validation_guidance unless it
         sets --s and --l."""
         cfg, device = self.cfg, self.accelerator.device
-        pipe = sampling_pipeline(self.parts)
+        pipe = self.family.pipeline()
         cfg_steps, cfg_guidance = cfg.validation_inference_steps, cfg.validation_guidance
         images = [None] * len(self.sample_prompts)
         for places, call in sample_batches(self.sample_prompts, cfg.seed, cfg_steps, cfg_guidance):
@@ -365,17 +339,13 @@ class UNetTrainer(Trainer):
         acc.wait_for_everyone()
         if acc.is_main_process:
             with self.publishing() as tmp:
-                if cfg.lora and self.xl:  # the three parts' adapters, as diffusers' SDXL scripts write them
-                    save_lora_xl(tmp, parts, cfg.lora_text_encoder)
-                elif cfg.lora:  # the adapters alone, in the file load_lora_weights reads, with the base
-                    te = parts.text_encoder if cfg.lora_text_encoder else None
-                    base = cfg.pretrained or f"sdlite preset {cfg.preset}"
-                    save_lora(tmp, parts.unet, te, base_model=base, format=cfg.lora_save_format)
+                if cfg.lora:  # the adapters alone, in the file load_lora_weights reads
+                    self.family.save_lora(tmp, cfg)
                 else:
                     if self.ema is not None:
                         parts.unet.save_pretrained(tmp / "unet_raw")
                         if cfg.train_text_encoder:
-                            for name, text_encoder in encoders_of(parts).items():
+                            for name, text_encoder in self.family.encoders.items():
                                 text_encoder.save_pretrained(tmp / f"{name}_raw")
                     with self.ema_weights():
                         parts.save_pretrained(tmp)  # a diffusers SD or SDXL folder (sdlite.models, models_xl)

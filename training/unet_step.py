@@ -1,5 +1,6 @@
 """The math of the U-Net trainer's step (Ho et al. 2020, Algorithm 1, on latents): the model ε_θ, the
-step's random draws, x_0 and c of a batch, and the loss. ``UNetTrainer`` (train.py) runs them.
+step's random draws, x_0 of a batch and the loss; c of a batch is the model family's (training/family.py).
+``UNetTrainer`` (train.py) runs them.
 
 Every random draw of a step comes from generators seeded by (seed, step) for the step's whole global
 batch, and each process takes its slice: so 2 processes x batch 2 see exactly the draws of 1 x 4,
@@ -15,17 +16,25 @@ from training.loop import seeded_generator
 
 
 class Denoiser(torch.nn.Module):
-    """ε_θ(x_t, t, c): the U-Net, with the text encoder in front when it trains too (so DDP wraps both)."""
+    """ε_θ(x_t, t, c): the U-Net, with the text encoder in front when it trains too (so DDP wraps both).
+    A model family whose c is richer overrides ``encode`` and ``predict`` (training/family_sdxl.py)."""
 
     def __init__(self, unet, text_encoder=None, channels_last: bool = False):
         super().__init__()
         self.unet, self.text_encoder, self.channels_last = unet, text_encoder, channels_last
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
         if self.text_encoder is not None:
-            text = self.text_encoder(text)[0]  # token ids (B, L) -> embeddings (B, L, D)
+            text = self.encode(text)
         if self.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
+        return self.predict(x_t, t, text)
+
+    def encode(self, text: torch.Tensor) -> torch.Tensor:
+        """c from the token ids the trained encoder reads: (B, L) -> embeddings (B, L, D)."""
+        return self.text_encoder(text)[0]
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, t, encoder_hidden_states=text).sample
 
 
@@ -56,18 +65,6 @@ def latents_of(batch: dict, vae, latent_noise: torch.Tensor) -> torch.Tensor:
     else:
         moments = batch
     return sample_latents(moments, latent_noise, vae.config)
-
-
-def text_condition(batch: dict, text_encoder, empty: torch.Tensor, drop: torch.Tensor, trains: bool):
-    """c: cached embeddings, or token ids (encoded here when frozen, by the Denoiser when trained), with
-    the empty caption where ``drop``."""
-    if "embeds" in batch:
-        return torch.where(drop[:, None, None], empty, batch["embeds"])
-    ids = torch.where(drop[:, None], empty, batch["input_ids"])
-    if trains:
-        return ids
-    with torch.no_grad():
-        return text_encoder(ids)[0]
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The model and the data of a training run: load the parts, put LoRA adapters on them, and build the
-(cached) training examples and the held-out batch. ``UNetTrainer`` (train.py) calls these.
+"""The training data of a U-Net run: the (cached) training examples, the empty caption, the held-out
+batch and the rows' ``DataLayout``, built in the model family's terms (training/family.py).
+``UNetTrainer`` (train.py) calls these.
 
 Photo sets as sd-scripts users keep them go through the same ``build_examples``: ``rows_for`` reads a
 caption folder (sdlite/data/captions.py) or DreamBooth's instance and class folders
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from sdlite.data.buckets import (
@@ -31,14 +31,7 @@ from sdlite.data.buckets import (
     make_buckets,
     write_buckets_json,
 )
-from sdlite.data.cache import (
-    DecodedImages,
-    TensorCache,
-    cache_latents,
-    cache_text,
-    cache_text_xl,
-    text_embeddings,
-)
+from sdlite.data.cache import DecodedImages, TensorCache, cache_latents
 from sdlite.data.captions import (
     CaptionOptions,
     DrawnCaptions,
@@ -56,109 +49,19 @@ from sdlite.data.dreambooth import (
     dreambooth_rows,
     generate_class_images,
 )
-from sdlite.ddpm import DDPMScheduler
 from sdlite.latents import vae_factor
-from sdlite.lora import LoraSettings, add_lora, cast_adapters_to_fp32
-from sdlite.models import build_components, check_compatible, load_components
-from sdlite.models_xl import build_components_xl, check_compatible_xl, is_xl_folder, load_components_xl
-from sdlite.presets import PresetXL, get_preset
 from sdlite.tokenizer import token_ids
 from training.loop import StepSampler, seeded_generator
-from training.sdxl_step import (
-    ExamplesXL,
-    add_lora_text_encoder_2,
-    empty_condition_xl,
-    encoders_of,
-    is_xl,
-    sampling_pipeline,
-    time_ids_of,
-)
 
 if TYPE_CHECKING:
     from training.configs import TrainConfig
+    from training.family import StableDiffusion
 
 
-def weight_dtype(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-def lora_settings(cfg: TrainConfig) -> LoraSettings:
-    return LoraSettings(
-        rank=cfg.lora_rank,
-        alpha=cfg.lora_alpha,
-        dropout=cfg.lora_dropout,
-        unet_targets=tuple(cfg.lora_target_modules),
-        text_encoder=cfg.lora_text_encoder,
-        text_encoder_targets=tuple(cfg.lora_text_encoder_target_modules),
-    )
-
-
-def attach_lora(cfg: TrainConfig, parts, acc) -> None:
-    """Freeze the U-Net and text encoder in the weight dtype (fp16/bf16 under mixed precision, else
-    fp32) and put fp32 adapters on them.
-
-    Half-precision base weights halve the frozen model's memory; the adapters stay fp32 because
-    Adam's small updates vanish when rounded to fp16/bf16 (and the fp16 grad scaler refuses fp16
-    gradients). Autocast runs each layer in low precision; peft casts between the two dtypes.
-    The adapters' random A comes from the run's seed, so two runs of one config start alike.
-    """
-    dtype = weight_dtype(acc.mixed_precision)
-    if dtype != torch.float32:
-        parts.unet.to(dtype)
-        parts.text_encoder.to(dtype)
-    settings = lora_settings(cfg)
-    with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        add_lora(parts.unet, parts.text_encoder, settings)
-        if is_xl(parts):  # SDXL's second encoder: frozen alike, its adapter after the first's
-            add_lora_text_encoder_2(parts, settings, dtype)
-    for model in (parts.unet, *encoders_of(parts).values()):
-        cast_adapters_to_fp32(model)
-
-
-def load_model(cfg: TrainConfig):
-    """A pretrained folder or a preset's random init: sdlite.models' Components, or for an SDXL folder or
-    preset sdlite.models_xl's ComponentsXL (two tokenizers and text encoders)."""
-    if cfg.pretrained:
-        return (load_components_xl if is_xl_folder(cfg.pretrained) else load_components)(cfg.pretrained)
-    preset = get_preset(cfg.preset)
-    if not isinstance(preset, PresetXL):
-        return build_components(cfg.shaped_preset(preset), seed=cfg.seed)
-    parts = build_components_xl(cfg.preset, seed=cfg.seed)
-    # Trained from nothing with dropped captions as the empty prompt's embeddings (sdxl_step.py), its
-    # pipeline's unconditional half must be those too, not SDXL base's zeros.
-    parts.force_zeros_for_empty_prompt = False
-    return parts
-
-
-def load_parts(cfg: TrainConfig, device: torch.device):
-    """The model: a preset's random init or a pretrained folder (SD or SDXL), a separately trained VAE
-    (with its own scaling factor), the scheduler options; the VAE (and the text encoders, unless
-    trained) frozen. All on ``device``."""
-    parts = load_model(cfg)
-    if cfg.vae_path:
-        path = Path(cfg.vae_path)
-        path = path / "vae" if (path / "vae" / "config.json").is_file() else path
-        parts.vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
-        (check_compatible_xl if is_xl(parts) else check_compatible)(parts)
-    overrides = {"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}
-    if cfg.rescale_betas_zero_snr:  # sampling must then start at t = T-1: trailing spacing (Lin et al.)
-        overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    if overrides:
-        parts.scheduler = DDPMScheduler.from_config(parts.scheduler.config, **overrides)
-    parts.vae.requires_grad_(False).eval()
-    for encoder in encoders_of(parts).values():
-        encoder.requires_grad_(cfg.train_text_encoder).train(cfg.train_text_encoder)
-    for module in (parts.vae, *encoders_of(parts).values(), parts.unet):
-        module.to(
-            device
-        )  # frozen parts stay float32: autocast runs them in low precision, and they save intact
-    return parts
-
-
-def build_examples(cfg: TrainConfig, acc, parts):
+def build_examples(cfg: TrainConfig, acc, family: StableDiffusion):
     """The training examples, cached as configured, the empty caption, the latent shape, the
     held-out batch with its fixed draws (None without val_data_dir) and the rows' ``DataLayout``."""
+    parts = family.parts
     vae = parts.vae.config
     resolution = cfg.resolution or vae.sample_size
     factor = vae_factor(vae)
@@ -173,8 +76,7 @@ def build_examples(cfg: TrainConfig, acc, parts):
     embeds_cached = (
         cfg.cache_text and not cfg.text_encoder_trains and not cfg.streaming and not options.per_draw
     )
-    tokenizer, xl = parts.tokenizer, is_xl(parts)
-    tokenize = functools.partial(token_ids, tokenizer)  # captions -> (B, L) ids; picklable for workers
+    tokenizer = parts.tokenizer
     layout = DataLayout(transform, vae.latent_channels, factor, options)
     if cfg.aspect_buckets:  # the training rows only: the held-out batch stays square (one tensor)
         sides = make_buckets(resolution, bucket_multiple(vae), cfg.bucket_min_side, cfg.bucket_max_side)
@@ -195,8 +97,7 @@ def build_examples(cfg: TrainConfig, acc, parts):
         captions = [caption_text(c) for c in rows[cfg.caption_column]]
         trained = not limit
         texts = fixed_captions(captions, options if trained else held_out_options(options), cfg.seed)
-        input_ids = tokenize(texts)
-        input_ids_2 = token_ids(parts.tokenizer_2, texts) if xl else None  # SDXL's second tokenizer
+        ids = family.token_ids(texts)  # one (N, L) tensor per tokenizer
         buckets = trained and isinstance(layout.transform, BucketTransform)
         if trained:
             layout.read(rows, captions, cfg.image_column)
@@ -217,22 +118,13 @@ def build_examples(cfg: TrainConfig, acc, parts):
                         rank, world_size, bar.update,
                     )  # fmt: skip
             acc.print(f"{source}: {len(rows)} images x {len(flips)} flips, {missing} latents computed")
-        if embeds_cached and xl:  # one entry per caption: both encoders' states and the pooled embedding
-            embed_files, missing = cache_text_xl(cache, input_ids, input_ids_2, parts.text_encoder,
-                                                 parts.text_encoder_2, 64, rank, world_size)  # fmt: skip
-            acc.print(f"{source}: {len(rows)} captions, {missing} text embeddings computed")
-        elif embeds_cached:
-            embed_files, missing = cache_text(cache, input_ids, parts.text_encoder, 64, rank, world_size)
+        if embeds_cached:
+            embed_files, missing = family.cache_text(cache, ids, rank, world_size)
             acc.print(f"{source}: {len(rows)} captions, {missing} text embeddings computed")
         acc.wait_for_everyone()  # every process's share of the cache is written
-        examples = TrainingExamples(rows, cfg.image_column, transform_here, input_ids, latent_files,
-                                    None if xl else embed_files,
-                                    report=report if acc.is_main_process else None, log=acc.print,
-                                    groups=layout.groups(len(rows)) if trained else None)  # fmt: skip
-        if xl:  # each example's size/crop numbers, from its image's real size and crop; SDXL's text
-            time_ids = time_ids_of(rows, cfg.image_column, transform_here)
-            return ExamplesXL(examples, time_ids, input_ids_2, embed_files)
-        return examples
+        return family.examples(rows, cfg.image_column, transform_here, ids, latent_files, embed_files,
+                               report=report if acc.is_main_process else None, log=acc.print,
+                               groups=layout.groups(len(rows)) if trained else None)  # fmt: skip
 
     if cfg.streaming:  # the DataLoader comes from examples.loader(start_step, ...) in setup()
         from sdlite.data.streaming import StreamingExamples, load_stream, parquet_rows
@@ -245,12 +137,7 @@ def build_examples(cfg: TrainConfig, acc, parts):
                                      num_items=parquet_rows(cfg.train_data_dir))  # fmt: skip
     else:
         examples = examples_of(training_source(cfg), (False, True) if cfg.random_flip else (False,))
-    if xl:  # (embeds, pooled) of the empty caption, or both tokenizers' ids of it
-        empty = tuple(x.to(acc.device) for x in empty_condition_xl(parts, embeds_cached))
-    else:
-        empty_ids = tokenize([""])
-        empty = text_embeddings(parts.text_encoder, empty_ids)["embeds"] if embeds_cached else empty_ids
-        empty = empty.to(acc.device)
+    empty = family.empty_condition(embeds_cached, acc.device)  # c of the empty caption, or its ids
     val = None
     if cfg.val_data_dir and cfg.val_count > 0:
         held_out = examples_of(cfg.val_data_dir, (False,), cfg.val_count)
@@ -400,7 +287,7 @@ def training_source(cfg: TrainConfig) -> str:
 
 
 @torch.no_grad()
-def top_up_class_images(cfg: TrainConfig, acc, parts) -> None:
+def top_up_class_images(cfg: TrainConfig, acc, family: StableDiffusion) -> None:
     """Generate the class images class_data_dir lacks (of num_class_images) with the base model, before
     any adapter is attached, on the main process while the others wait. Image i comes from its own seed
     (sdlite.data.dreambooth.generate_class_images), so a run stopped half-way makes the same images.
@@ -412,7 +299,7 @@ def top_up_class_images(cfg: TrainConfig, acc, parts) -> None:
     if acc.is_main_process and missing:
         sizes, shapes = None, ""
         if cfg.aspect_buckets:  # the bucket set build_examples makes
-            vae = parts.vae.config
+            vae = family.parts.vae.config
             resolution, sides = cfg.resolution or vae.sample_size, (cfg.bucket_min_side, cfg.bucket_max_side)
             buckets = make_buckets(resolution, bucket_multiple(vae), *sides)
             sizes = class_image_sizes(
@@ -424,8 +311,8 @@ def top_up_class_images(cfg: TrainConfig, acc, parts) -> None:
         acc.print(
             f"generating {missing} class images ({cfg.class_prompt!r}) into {cfg.class_data_dir}{shapes}"
         )
-        pipe = sampling_pipeline(parts)
-        modes = [(m, m.training) for m in (parts.unet, parts.text_encoder)]
+        pipe = family.pipeline()
+        modes = [(m, m.training) for m in (family.parts.unet, family.parts.text_encoder)]
         for module, _ in modes:
             module.eval()
 

@@ -1,0 +1,25 @@
+"""The model families the U-Net trainer knows, and the one a run's config names.
+
+A new family is a module with a subclass of ``training.family.StableDiffusion`` overriding the hooks
+that differ, and a line here; the most specific families come first, the fallback last.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from training.family import StableDiffusion
+from training.family_sdxl import StableDiffusionXL
+
+if TYPE_CHECKING:
+    from training.configs import TrainConfig
+
+FAMILIES: tuple[type[StableDiffusion], ...] = (
+    StableDiffusionXL,
+    StableDiffusion,
+)
+
+
+def family_of(cfg: TrainConfig) -> type[StableDiffusion]:
+    """The family of the run's model (its pretrained folder or its preset), from the config alone."""
+    return next(family for family in FAMILIES if family.claims(cfg))
