@@ -28,13 +28,9 @@ from training.schedulers import SCHEDULERS
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5  # generate: Stable Diffusion's usual scale
-# evaluate: the tiny shapes model's best trade-off. Guidance buys fidelity with diversity: at w 1 / 1.5 /
-# 2 / 3 / 7.5 one model gave 96.5% 0.90 / 99.3% 0.87 / 100% 0.81 / 100% 0.73 / 100% 0.59. Guiding only
-# t <= 300 (layout and size are drawn unguided, colour and shape settled with guidance): on six models
-# of four data sets (recipe of configs/tiny-shapes.yaml) seen pairs 98.7%, never-seen 95.8%, diversity
-# 0.905, where t <= 600 gave 99.1%, 95.3%, 0.869; w 1.5 at t <= 600 was narrower at equal fidelity.
-# t <= 200 (four models, each against its data's own spread): 98.7%, 93.8%, 0.920 where t <= 300 gave
-# 98.8%, 95.3%, 0.907, the same frontier; w 3 sharpened a model's miss on a never-seen pair.
+# evaluate: the tiny shapes model's trade-off. Guidance buys prompt fidelity with diversity, so it is
+# moderate and applied only for t <= 300: layout and size are then drawn unguided, colour and shape
+# settled with guidance (benchmarks/RESULTS.md, "evaluate's guidance").
 EVAL_GUIDANCE = 2.0
 EVAL_GUIDANCE_INTERVAL = (0.0, 300.0)
 

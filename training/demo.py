@@ -24,8 +24,8 @@ from training.configs import TrainConfig, VAETrainConfig
 DEMO_UNSEEN = ["red circle"]
 DEMO_COUNT, DEMO_HOLDOUT = 2000, 256
 # Held-out latents for bits/dim: a quarter of evaluate's default. The estimate moves more with the
-# timesteps it draws than with the count (one model: 128 latents -1.14 / -1.18 / -1.24 over three draws,
-# 64 -1.17, 256 -1.11), and 64 take half the time of 128.
+# timesteps it draws than with the count, so fewer latents cost little accuracy and save time
+# (benchmarks/RESULTS.md, "evaluate's guidance").
 DEMO_BPD_COUNT = 64
 # --fast: a few steps of every stage, to test the chain (tests/test_demo.py), not to learn anything.
 FAST = dict(

@@ -270,9 +270,9 @@ class Trainer:
 
 
 def leave(status: int = 0) -> None:
-    """End a training script at once, without running destructors. After a two-process gloo run
-    (torch 2.13), freeing the DDP model could block for good in the process group's destructor (it
-    joins a worker thread) once the other process had left: seen as a finished run that never exited.
+    """End a training script at once, without running destructors. After a two-process gloo run,
+    freeing the DDP model can block for good in the process group's destructor (it joins a worker
+    thread) once the other process has left: a finished run that never exits.
     By now every file is written and accelerate's end_training has destroyed the process group."""
     sys.stdout.flush()
     sys.stderr.flush()
