@@ -197,9 +197,9 @@ def run_ours(args) -> dict:
 
 def warm_cache(args) -> dict:
     """Fill the cache (what a first run pays once), timed."""
+    from training.accelerator import setup_accelerator
     from training.examples import build_examples
     from training.families import family_of
-    from training.loop import setup_accelerator
 
     cfg = ours_config(args, 1)
     accelerator = setup_accelerator(args.out, report_to=None)

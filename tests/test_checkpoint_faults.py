@@ -10,8 +10,9 @@ import torch
 from safetensors import SafetensorError
 
 from training import checkpoint
+from training.accelerator import setup_accelerator
 from training.checkpoint import CheckpointError, checkpoints, save_checkpoint
-from training.loop import EMA, make_lr_schedule, make_optimizer, setup_accelerator
+from training.optim import EMA, make_lr_schedule, make_optimizer
 
 
 @pytest.fixture

@@ -18,8 +18,9 @@ from pipelines.single_file import load_single_file
 from sdlite.data.shapes import write_dataset
 from sdlite.models import ModelFolderError, build_components, check_folder, load_components
 from sdlite.presets import get_preset
+from training.accelerator import setup_accelerator
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from training.loop import EMA, make_lr_schedule, make_optimizer, setup_accelerator
+from training.optim import EMA, make_lr_schedule, make_optimizer
 from training.train import main
 
 

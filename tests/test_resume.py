@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from training.accelerator import setup_accelerator
 from training.checkpoint import CheckpointError, CorruptCheckpointError, save_checkpoint
-from training.loop import EMA, make_lr_schedule, make_optimizer, setup_accelerator
+from training.optim import EMA, make_lr_schedule, make_optimizer
 from training.resume import ResumeConfigError, compare_configs, resume
 
 CONFIG = {"preset": "tiny", "seed": 0, "train_batch_size": 8, "learning_rate": 1e-3, "max_steps": 10,

@@ -14,7 +14,7 @@ from accelerate.utils import DistributedType
 
 from sdlite.data.shapes import write_dataset
 from sdlite.data.streaming import write_shards
-from training.loop import setup_accelerator
+from training.accelerator import setup_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))

@@ -1,4 +1,5 @@
-"""training/loop.py: data order, learning-rate schedule, EMA, checkpoints, metrics."""
+"""The loop's machinery (sdlite/data/steps.py, training/optim.py, metrics.py): data order,
+learning-rate schedule, EMA, checkpoints, metrics."""
 
 import json
 
@@ -6,9 +7,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from sdlite.data.steps import StepSampler
 from training import checkpoint
 from training.checkpoint import checkpoints, find_resume, load_checkpoint, save_checkpoint
-from training.loop import EMA, Metrics, StepSampler, make_lr_schedule, make_optimizer
+from training.metrics import Metrics
+from training.optim import EMA, make_lr_schedule, make_optimizer
 
 
 @pytest.fixture(scope="module")

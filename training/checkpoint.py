@@ -29,7 +29,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from sdlite.models import unpickling_refusal
 
 if TYPE_CHECKING:
-    from training.loop import EMA
+    from training.optim import EMA
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)(|\.tmp|\.old)$")
 MARKER = "COMPLETE"  # written last: a checkpoint folder without it is not one

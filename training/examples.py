@@ -49,9 +49,9 @@ from sdlite.data.dreambooth import (
     dreambooth_rows,
     generate_class_images,
 )
+from sdlite.data.steps import StepSampler, seeded_generator
 from sdlite.latents import vae_factor
 from sdlite.tokenizer import token_ids
-from training.loop import StepSampler, seeded_generator
 
 if TYPE_CHECKING:
     from training.configs import TrainConfig

@@ -56,19 +56,15 @@ if __package__ in (None, ""):  # run as a script (accelerate launch training/tra
 
 from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
 from sdlite.lora import AdapterWeights, lora_param_groups, target_problems  # noqa: E402
+from training.accelerator import setup_accelerator  # noqa: E402
 from training.config import parse_config, save_yaml  # noqa: E402
 from training.configs import TrainConfig  # noqa: E402
 from training.examples import build_examples, sampler_for, top_up_class_images  # noqa: E402
 from training.families import family_of  # noqa: E402
 from training.family import lora_settings, weight_dtype  # noqa: E402
 from training.launch import follow_launcher  # noqa: E402
-from training.loop import (  # noqa: E402
-    EMA,
-    log_image,
-    make_lr_schedule,
-    make_optimizer,
-    setup_accelerator,
-)
+from training.metrics import log_image  # noqa: E402
+from training.optim import EMA, make_lr_schedule, make_optimizer  # noqa: E402
 from training.sample_prompts import (  # noqa: E402
     SamplePrompt,
     run_prompts,

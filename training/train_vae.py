@@ -15,7 +15,8 @@ Output: ``output_dir/vae`` in diffusers' layout (``AutoencoderKL.from_pretrained
 ``scaling_factor`` set to 1 / std of the latents of the training images, as Stable Diffusion sets
 it, so that scaled latents have unit variance, as the diffusion's prior N(0, I) assumes. The loop
 (log, checkpoint, signal and non-finite cadence) is ``training/trainer.py``'s, as the U-Net trainer's;
-its machinery (accelerator, data order, optimizer, schedule, metrics) is ``training/loop.py``.
+its machinery is training/accelerator.py, optim.py (optimizer, schedule, EMA) and metrics.py; its data
+order is sdlite.data.steps.StepSampler.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ if __package__ in (None, ""):  # run as a script (accelerate launch training/tra
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdlite.data.dataset import ImageTransform, image_bytes, load_rows  # noqa: E402
+from sdlite.data.steps import StepSampler  # noqa: E402
 from sdlite.presets import get_preset  # noqa: E402
+from training.accelerator import setup_accelerator  # noqa: E402
 from training.config import parse_config  # noqa: E402
 from training.configs import VAETrainConfig  # noqa: E402
 from training.launch import follow_launcher  # noqa: E402
-from training.loop import StepSampler, make_lr_schedule, make_optimizer, setup_accelerator  # noqa: E402
+from training.optim import make_lr_schedule, make_optimizer  # noqa: E402
 from training.trainer import Trainer, leave  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------

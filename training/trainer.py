@@ -28,7 +28,8 @@ import torch
 from training.checkpoint import NonFiniteLossError, StopSignals, checkpoints, save_checkpoint
 from training.config import save_yaml, to_dict
 from training.configs import RunConfig
-from training.loop import EMA, Metrics, progress_bar
+from training.metrics import Metrics, progress_bar
+from training.optim import EMA
 from training.resume import resume
 from training.run_folder import final_staging, open_run_folder, prepare_final_dir, publish_final
 
@@ -76,7 +77,7 @@ class Trainer:
     # ---- what a subclass defines ----------------------------------------------------------------------
 
     def make_accelerator(self):
-        """The run's accelerate.Accelerator (training/loop.py's setup_accelerator)."""
+        """The run's accelerate.Accelerator (training/accelerator.py's setup_accelerator)."""
         raise NotImplementedError
 
     def final_path(self) -> str | Path | None:

@@ -14,7 +14,7 @@ about the same pixel count as resolution² (so a step costs about the same whate
   conditioning (the image's real size and the crop's top-left);
 - ``BucketSampler``: every optimizer step's global batch comes from one bucket, so every process and
   every accumulation micro-step of a step holds images of one size. It stands in for
-  ``training.loop.StepSampler``, with the same exact resume and DDP slicing.
+  ``sdlite.data.steps.StepSampler``, with the same exact resume and DDP slicing.
 
 A bucket with fewer images than the global batch G (even one image) is not merged into another bucket,
 which would crop its images to another aspect: its step is filled by repeating its images (each at
