@@ -166,7 +166,7 @@ def time_reference(args, accelerator, unet, rows, collate, loss_of) -> dict:
 
 def ours_config(args, max_steps: int):
     from training.config import parse_config
-    from training.configs import TrainConfig
+    from training.config_sections import TrainConfig
 
     flags = dict(
         preset=args.preset,
@@ -204,7 +204,9 @@ def warm_cache(args) -> dict:
     cfg = ours_config(args, 1)
     accelerator = setup_accelerator(args.out, report_to=None)
     start = time.perf_counter()
-    build_examples(cfg, accelerator, family_of(cfg).load(cfg, accelerator.device))
+    build_examples(
+        cfg, accelerator, family_of(cfg.model).load(cfg.model, cfg.optimizer.seed, accelerator.device)
+    )
     return {"seconds": time.perf_counter() - start, "device": accelerator.device}
 
 

@@ -3,7 +3,19 @@ from typing import ClassVar
 
 import pytest
 
-from training.config import ConfigError, field_docs, parse_config, save_yaml
+from training.config import (
+    Config,
+    ConfigError,
+    Section,
+    field_docs,
+    from_dict,
+    get,
+    keys,
+    option,
+    parse_config,
+    save_yaml,
+    to_dict,
+)
 
 
 @dataclass
@@ -105,50 +117,96 @@ def test_help_shows_the_defaults_of_factory_fields(capsys):
 
 
 @dataclass
-class Base:
+class Steps(Section):
+    title = "Optimisation"
+    about = "steps are optimizer steps."
+
+    steps: int = option(10, "steps to train for")
+    rate: float = option(1e-4, "the learning rate")
+
+    def problems(self) -> list[str]:
+        return [f"steps={self.steps} must be >= 1"] if self.steps < 1 else []
+
+
+@dataclass
+class Output(Section):
+    title = "Output"
+    about = "files"
+
+    out: str = option("runs", "where 100% of the files go")
+
+    def problems(self) -> list[str]:
+        return [] if self.out else ["out is empty: name a folder"]
+
+
+@dataclass
+class Base(Config):
     """A base entry point."""
 
     FOREIGN_FLAGS: ClassVar[dict[str, str]] = {"num_steps": "--steps", "push": "nothing is uploaded"}
-    SECTION: ClassVar[str] = "Optimisation: steps are optimizer steps."
 
-    # Optimisation: steps are optimizer steps.
-    steps: int = 10  # steps to train for
-    rate: float = 1e-4  # the learning rate
-    # Output: files
-    # (two lines)
-    out: str = "runs"  # where 100% of the files go
+    optim: Steps = field(default_factory=Steps)
+    output: Output = field(default_factory=Output)
+
+
+@dataclass
+class LongerSteps(Steps):
+    steps: int = 20  # another default, the base's help
+    extra: list[int] = option([1, 2], "a key of the derived section")
 
 
 @dataclass
 class Derived(Base):
     """A derived entry point."""
 
-    steps: int = 20  # a redeclared field keeps its section
-    rate: float = 2e-3
-    extra: list[int] = field(  # a field over
-        default_factory=lambda: [1, 2]  # several lines
-    )
+    optim: LongerSteps = field(default_factory=LongerSteps)
 
 
-def test_descriptions_and_sections_come_from_the_source_comments():
+def test_descriptions_and_sections_come_from_the_fields_metadata():
     assert field_docs(Base) == {
-        "steps": (Base.SECTION, "steps to train for"),
-        "rate": (Base.SECTION, "the learning rate"),
-        "out": ("Output: files (two lines)", "where 100% of the files go"),
+        "steps": ("Optimisation", "steps to train for"),
+        "rate": ("Optimisation", "the learning rate"),
+        "out": ("Output", "where 100% of the files go"),
     }
     docs = field_docs(Derived)
-    assert docs["steps"] == (Base.SECTION, "a redeclared field keeps its section")
-    assert docs["rate"][1] == "the learning rate"  # no comment of its own: the base's
-    assert docs["extra"][1] == "a field over several lines"
+    assert docs["steps"] == ("Optimisation", "steps to train for")  # a redeclared default keeps its help
+    assert docs["extra"][1] == "a key of the derived section"
 
 
 def test_help_groups_the_options_by_section_with_their_defaults(capsys):
     with pytest.raises(SystemExit):
         parse_config(Derived, ["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "Optimisation: steps are optimizer steps. --steps STEPS a redeclared field" in text
-    assert "--steps STEPS a redeclared field keeps its section (default: 20)" in text
+    assert "Optimisation: steps are optimizer steps. --steps STEPS steps to train for (default: 20)" in text
     assert "--out OUT where 100% of the files go (default: runs)" in text  # % is not a format here
+
+
+def test_flat_keys_land_in_their_sections_and_save_back_flat(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 3\nout: elsewhere\n")
+    cfg = parse_config(Derived, ["--config", str(path), "--extra", "4,5"])
+    assert (cfg.optim.steps, cfg.optim.extra, cfg.output.out) == (3, [4, 5], "elsewhere")
+    assert get(cfg, "rate") == 1e-4 and to_dict(cfg) == {"steps": 3, "rate": 1e-4, "extra": [4, 5],
+                                                             "out": "elsewhere"}  # fmt: skip
+    save_yaml(cfg, tmp_path / "saved.yaml")
+    assert parse_config(Derived, ["--config", str(tmp_path / "saved.yaml")]) == cfg
+
+
+def test_every_sections_problems_are_reported_at_once():
+    cfg = from_dict(Base, {"steps": 0, "out": ""})
+    assert cfg.problems() == ["steps=0 must be >= 1", "out is empty: name a folder"]
+    with pytest.raises(ValueError, match="steps=0 must be >= 1; out is empty"):
+        cfg.check()
+
+
+def test_a_key_in_two_sections_is_refused():
+    @dataclass
+    class Twice(Config):
+        optim: Steps = field(default_factory=Steps)
+        again: LongerSteps = field(default_factory=LongerSteps)
+
+    with pytest.raises(TypeError, match="key 'steps' is in two sections"):
+        keys(Twice)
 
 
 def test_a_foreign_flag_fails_naming_ours_or_why_there_is_none(tmp_path, capsys):

@@ -9,7 +9,7 @@ from pipelines.text_to_image import TextToImagePipeline
 from training import demo
 from training.cli import main
 from training.config import ConfigError, load_yaml
-from training.configs import TrainConfig, VAETrainConfig
+from training.config_sections import TrainConfig, VAETrainConfig
 
 
 def test_the_whole_chain_runs_in_a_few_steps_and_makes_a_loadable_model(tmp_path, capsys):
@@ -30,9 +30,11 @@ def test_the_demo_builds_each_trainers_config_from_its_recipe_and_its_paths(tmp_
     cfg = demo.config(VAETrainConfig, "tiny-vae.yaml", output_dir=tmp_path / "vae", max_steps=4)
     recipe = load_yaml(demo.recipe("tiny-vae.yaml"))
     assert isinstance(cfg, VAETrainConfig)
-    assert cfg.output_dir == str(tmp_path / "vae") and cfg.max_steps == 4  # typed as the field says
-    assert cfg.learning_rate == recipe["learning_rate"] and cfg.preset == recipe["preset"]
+    assert (
+        cfg.run.output_dir == str(tmp_path / "vae") and cfg.optimizer.max_steps == 4
+    )  # typed as the key says
+    assert cfg.optimizer.learning_rate == recipe["learning_rate"] and cfg.model.preset == recipe["preset"]
     unet = demo.config(TrainConfig, "tiny-shapes.yaml", final_dir=tmp_path / "model")
-    assert isinstance(unet, TrainConfig) and unet.final_dir == str(tmp_path / "model")
+    assert isinstance(unet, TrainConfig) and unet.run.final_dir == str(tmp_path / "model")
     with pytest.raises(ConfigError, match="max_step"):  # a misspelt key fails, naming it
         demo.config(TrainConfig, "tiny-shapes.yaml", max_step=4)

@@ -6,7 +6,8 @@ from PIL import Image
 
 from sdlite.data.shapes import write_dataset
 from training import train as train_module
-from training.configs import TrainConfig
+from training.config import from_dict
+from training.config_sections import TrainConfig
 from training.sample_prompts import (
     PromptFileError,
     SamplePrompt,
@@ -75,7 +76,9 @@ def test_a_missing_or_non_text_prompts_file_is_refused(tmp_path):
 def test_a_bad_prompts_file_fails_the_run_before_anything_is_written(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a circle\na square --s many\n")
-    assert any("line 2" in p for p in TrainConfig(validation_prompts_file=str(path)).problems())
+    assert any(
+        "line 2" in p for p in from_dict(TrainConfig, {"validation_prompts_file": str(path)}).problems()
+    )
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=r"prompts.txt', line 2: --s 'many'"):
         main(

@@ -11,7 +11,6 @@ So `assert_same_training` asks for a mean difference under 1e-6 and fewer than 0
 more than 1e-5 apart.
 """
 
-import dataclasses
 import json
 import os
 import signal
@@ -26,9 +25,9 @@ import yaml
 from safetensors.torch import load_file
 
 from sdlite.models import build_components, load_components
-from training import configs
-from training.config import ConfigError, field_docs, parse_config
-from training.configs import TrainConfig, VAETrainConfig
+from training import config_sections as configs
+from training.config import ConfigError, field_docs, get, keys, parse_config
+from training.config_sections import TrainConfig, VAETrainConfig
 from training.train import UNetTrainer, main
 from training.unet_step import min_snr_weight
 
@@ -298,20 +297,20 @@ def test_each_recipe_sets_exactly_its_keys_to_valid_settings(recipe):
     path = ROOT / "configs" / recipe
     cfg = parse_config(RECIPES[recipe], ["--config", str(path)])
     written = yaml.safe_load(path.read_text())
-    assert {key: getattr(cfg, key) for key in written} == written  # every key read, with its value
+    assert {key: get(cfg, key) for key in written} == written  # every key read, with its value
     cfg.check()  # the settings a trainer accepts
 
 
 @pytest.mark.parametrize("config", [TrainConfig, VAETrainConfig])
 def test_help_describes_every_option(config, capsys):
     docs = field_docs(config)
-    missing = [f.name for f in dataclasses.fields(config) if not docs.get(f.name, ("", ""))[1]]
+    missing = [f.name for f in keys(config).values() if not docs.get(f.name, ("", ""))[1]]
     assert not missing, f"options without a description: {missing}"
     with pytest.raises(SystemExit) as done:
         parse_config(config, ["--help"])
     assert done.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    for f in dataclasses.fields(config):
+    for f in keys(config).values():
         assert f"--{f.name} {f.name.upper()} {' '.join(docs[f.name][1].split())}" in text, f.name
 
 
@@ -359,7 +358,7 @@ def test_an_sd_scripts_flag_fails_naming_ours(flag, ours, capsys, tmp_path):
 
 @pytest.mark.parametrize("config", [TrainConfig, VAETrainConfig])
 def test_each_flag_named_as_the_equivalent_of_a_diffusers_flag_exists(config):
-    names = {f.name for f in dataclasses.fields(config)}
+    names = set(keys(config))
     for theirs, hint in config.FOREIGN_FLAGS.items():
         assert theirs not in names
         if hint.startswith("--"):
@@ -367,7 +366,7 @@ def test_each_flag_named_as_the_equivalent_of_a_diffusers_flag_exists(config):
 
 
 def test_the_configs_import_no_torch_and_default_to_the_lora_targets_of_sdlite_lora():
-    code = "import sys, training.configs, training.config; print(sorted(sys.modules))"
+    code = "import sys, training.config_sections, training.config; print(sorted(sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "'torch'" not in result.stdout and "'peft'" not in result.stdout

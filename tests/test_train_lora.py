@@ -30,7 +30,7 @@ from sdlite.models import build_components, load_components
 from sdlite.presets import get_preset
 from training.cmd_evaluate import held_out_data
 from training.config import parse_config
-from training.configs import TrainConfig
+from training.config_sections import TrainConfig
 from training.train import UNetTrainer, main
 
 # U-Net and text-encoder adapters, alpha / r = 2, at two learning rates; lr 1e-2 so that three steps
@@ -160,7 +160,8 @@ def test_the_trained_adapter_gives_the_same_images_in_sdlite_and_diffusers(train
 @pytest.mark.parametrize("recipe", ["tiny-lora.yaml", "sd15-lora.yaml"])
 def test_the_lora_recipes_are_train_configs(recipe):
     cfg = parse_config(TrainConfig, ["--config", str(ROOT / "configs" / recipe)])
-    assert cfg.lora and cfg.max_steps > 0 and cfg.text_encoder_trains == cfg.lora_text_encoder
+    assert cfg.adapters.lora and cfg.optimizer.max_steps > 0
+    assert cfg.text_encoder_trains == cfg.adapters.lora_text_encoder
 
 
 def test_bad_lora_settings_fail_before_training(data, tmp_path):

@@ -21,8 +21,8 @@ from sdlite.data.dataset import ImageTransform
 from sdlite.models_xl import build_components_xl
 from training import train as train_module
 from training.cmd_evaluate import run_evaluation
-from training.config import parse_config
-from training.configs import TrainConfig
+from training.config import get, parse_config
+from training.config_sections import TrainConfig
 from training.families import family_of
 from training.family_sdxl import SDXLDenoiser, StableDiffusionXL, crop_time_ids
 from training.train import UNetTrainer, main
@@ -237,9 +237,9 @@ def test_the_tiny_sdxl_recipe_sets_valid_settings_of_an_sdxl_run():
     path = ROOT / "configs" / "tiny-sdxl-shapes.yaml"
     cfg = parse_config(TrainConfig, ["--config", str(path)])
     written = yaml.safe_load(path.read_text())
-    assert {key: getattr(cfg, key) for key in written} == written  # every key read, with its value
+    assert {key: get(cfg, key) for key in written} == written  # every key read, with its value
     cfg.check()
-    assert family_of(cfg) is StableDiffusionXL and not StableDiffusionXL.refusals(cfg)
+    assert family_of(cfg.model) is StableDiffusionXL and not StableDiffusionXL.refusals(cfg)
 
 
 def test_a_dropped_caption_is_the_empty_prompt_encoded_by_both_encoders():
@@ -272,3 +272,16 @@ def test_fine_tuning_an_sdxl_folder_with_a_separately_trained_vae_keeps_its_scal
     assert pipe.vae.config.scaling_factor == 0.5 and pipe.config.force_zeros_for_empty_prompt is True
     before, after = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"), weights(final, "unet")
     assert any(not torch.equal(before[k], after[k]) for k in before)  # one step from the folder's weights
+
+
+def test_the_family_registry_picks_sdxl_for_its_presets_and_folders_and_sd_for_the_rest(tmp_path):
+    from sdlite.models import build_components
+    from training.config_sections import ModelSection
+    from training.family import StableDiffusion
+
+    build_components_xl("tiny-sdxl", seed=0).save_pretrained(tmp_path / "xl")
+    build_components("tiny", seed=0).save_pretrained(tmp_path / "sd")
+    assert family_of(ModelSection(preset="tiny-sdxl")) is StableDiffusionXL
+    assert family_of(ModelSection(pretrained=str(tmp_path / "xl"))) is StableDiffusionXL
+    assert family_of(ModelSection(preset="tiny")) is StableDiffusion
+    assert family_of(ModelSection(pretrained=str(tmp_path / "sd"))) is StableDiffusion

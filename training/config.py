@@ -1,30 +1,32 @@
-"""One typed config per entry point: a dataclass, loaded from YAML, overridable from the command line.
+"""One typed config per entry point, in sections: loaded from YAML, overridable from the command line.
 
     cfg = parse_config(TrainConfig, ["--config", "configs/tiny-shapes.yaml", "--max_steps", "200"])
+    cfg.optimizer.max_steps  # 200: each key lives in one section (training/config_sections.py)
 
-The dataclass holds the only copy of the defaults; the YAML file and then the command line override
-them, in that order. Every field becomes a ``--name`` flag whose type comes from its annotation, so
-a misspelt key or a value of the wrong type fails at start-up with a message naming it. The flag's
-``--help`` text is the field's trailing comment in the dataclass source, and a comment line above a
-run of fields titles their section (``field_docs``): the description is written once, where the field
-is. A class's ``FOREIGN_FLAGS`` ({other tool's name: ours or why there is none}) turn another tool's
-flag into an error that names ours.
+A config is a dataclass whose fields are its sections, each a dataclass of keys (``Section``) that
+checks itself (``problems``). Users write the keys flat, in a YAML file or as ``--key value`` flags:
+every key belongs to exactly one section, so ``max_steps: 200`` needs no section name. The sections
+hold the only copy of the defaults; the YAML file and then the command line override them, in that
+order. A key's type comes from its annotation, so a misspelt key or a value of the wrong type fails at
+start-up naming it; its ``--help`` text is the field's ``metadata["help"]`` (``option``), and its
+section's ``title`` and ``about`` head its group in ``--help``. A config's ``FOREIGN_FLAGS`` ({other
+tool's name: ours or why there is none}) turn another tool's flag into an error that names ours.
+A plain dataclass of keys (no sections) loads the same way.
+
+This module imports neither torch nor any model library, so that a command line parses and prints
+``--help`` in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
-import io
+import functools
 import sys
-import textwrap
-import tokenize
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -33,6 +35,182 @@ C = TypeVar("C")
 
 class ConfigError(ValueError):
     """A config key that does not exist or a value of the wrong type."""
+
+
+def option(default: Any, help: str) -> Any:
+    """A key of a section: its default and its ``--help`` text (a list default is copied per instance)."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=functools.partial(list, default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class Section:
+    """A part of a config: some keys and what is wrong with them. A subclass may give a key of its base
+    another default by redeclaring it without help text; the base's help is then shown."""
+
+    title: ClassVar[str] = ""  # its group's title in --help
+    about: ClassVar[str] = ""  # a line under the title
+
+    def problems(self) -> list[str]:
+        """What is wrong with this section's settings, in words; empty when they are fine."""
+        return []
+
+
+@dataclasses.dataclass
+class Config:
+    """A trainer's config: its fields are its sections. ``problems`` gathers every section's and the
+    checks that read several sections (``cross_problems``); ``check`` raises them all at once."""
+
+    FOREIGN_FLAGS: ClassVar[dict[str, str]] = {}
+
+    def sections(self) -> list[Section]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+    def cross_problems(self) -> list[str]:
+        """What is wrong with settings of several sections together."""
+        return []
+
+    def problems(self) -> list[str]:
+        problems = [problem for part in self.sections() for problem in part.problems()]
+        return problems + self.cross_problems()
+
+    def check(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("bad training config: " + "; ".join(problems))
+
+
+def section(kind: type[Section]):
+    """A config's field holding a section, built with the section's defaults."""
+    return dataclasses.field(default_factory=kind)
+
+
+# diffusers' flag -> ours ("--name ..."), or why sdlite has none.
+DIFFUSERS_FLAGS = {
+    "max_train_steps": "--max_steps",
+    "num_train_epochs": "--max_steps (sdlite counts optimizer steps, not epochs)",
+    "checkpointing_steps": "--checkpoint_every",
+    "resume_from_checkpoint": "--resume (latest or a checkpoint folder)",
+    "dataset_name": "--train_data_dir (a local folder or file: sdlite downloads nothing)",
+    "logging_dir": "logs always go to output_dir/logs",
+    "scale_lr": "set --learning_rate to the rate you want",
+    "push_to_hub": "sdlite uploads nothing; upload final_dir with huggingface_hub if you wish",
+    "enable_xformers_memory_efficient_attention": "attention already runs torch's fused SDPA kernels",
+}
+
+
+# ---- the sections every trainer takes -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DataBase(Section):
+    title = "Data"
+    about = "an image folder with metadata.jsonl, a save_to_disk folder, or a CSV/parquet/JSON-lines file"
+
+    train_data_dir: str = option("data/shapes/train", "the training data")
+    image_column: str = option("image", "the column of images (files, paths or bytes)")
+    resolution: int | None = option(None, "the image side in pixels; None: the model's sample_size")
+    allow_outside_paths: bool = option(False, "image paths in a table may point outside the table's folder")
+    max_image_pixels: int | None = option(
+        None, "most pixels an image may declare; None: 64 x resolution², >= 4096²"
+    )
+
+    def problems(self) -> list[str]:
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            return [f"max_image_pixels={self.max_image_pixels} must be >= 1 (or none: the default)"]
+        return []
+
+
+@dataclasses.dataclass
+class OptimizerBase(Section):
+    title = "Optimisation"
+    about = "steps are optimizer steps"
+
+    seed: int = option(
+        0, "every random draw of the run follows from it (the initial weights, the data order, noise)"
+    )
+    max_steps: int = option(1000, "optimizer steps to train for, in all")
+    train_batch_size: int = option(32, "images per process per micro-step")
+    learning_rate: float = option(1e-4, "AdamW's peak rate")
+    lr_scheduler: str = option("constant", "any diffusers.optimization schedule, in optimizer steps")
+    lr_warmup_steps: int = option(0, "steps of linear warm-up from 0")
+    adam_weight_decay: float = option(1e-2, "AdamW's decoupled weight decay")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this; 0: no clipping")
+    mixed_precision: str | None = option(None, '"no", "fp16", "bf16"; None: accelerate\'s config decides')
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            problems.append(f"mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16")
+        if min(self.max_steps, self.train_batch_size) < 1:
+            problems.append("max_steps and train_batch_size must be >= 1")
+        return problems
+
+
+@dataclasses.dataclass
+class RunBase(Section):
+    title = "Run and checkpoints"
+    about = "the run's folder, logging, checkpoints, faults (README: Reliability)"
+
+    output_dir: str = option("runs/train", "the run's folder: config.yaml, checkpoints, logs/")
+    log_every: int = option(50, "steps between logged means (also when the loop syncs with the device)")
+    report_to: str | None = option("tensorboard", 'an accelerate tracker: "tensorboard", "wandb", ...; none')
+    checkpoint_every: int = option(500, "steps between checkpoints (one at the end too); 0: none")
+    checkpoints_total_limit: int | None = option(3, "keep the newest this many checkpoints; None: all")
+    resume: str | None = option(
+        None, '"latest" (output_dir\'s newest checkpoint, if any) or a checkpoint folder'
+    )
+    nonfinite_loss: str = option("skip", 'a NaN/inf loss or gradient: "skip" the step, or "stop" the run')
+    allow_config_change: list[str] = option([], "keys --resume may also change")
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.log_every < 1:
+            problems.append("log_every must be >= 1")
+        if self.nonfinite_loss not in ("skip", "stop"):
+            problems.append(f"nonfinite_loss={self.nonfinite_loss!r}: use skip or stop")
+        return problems
+
+
+# ---- the keys of a config -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    name: str
+    section: str | None  # the config's field that holds it; None in a plain dataclass of keys
+    annotation: Any
+    field: dataclasses.Field
+    help: str
+    group: type | None  # the section class, whose title and about head the key's --help group
+
+
+def _help(cls: type, name: str) -> str:
+    """A key's help text: its own field's, else the nearest base class's (a redeclared default)."""
+    for klass in cls.__mro__:
+        found = klass.__dict__.get("__dataclass_fields__", {}).get(name)
+        if found is not None and found.metadata.get("help"):
+            return found.metadata["help"]
+    return ""
+
+
+@functools.cache
+def keys(cls: type) -> dict[str, Key]:
+    """Every key of a config (section by section, in order) or of a plain dataclass, by name."""
+    found: dict[str, Key] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if isinstance(kind, type) and issubclass(kind, Section):
+            inner = typing.get_type_hints(kind)
+            for g in dataclasses.fields(kind):
+                if g.name in found:
+                    raise TypeError(f"{cls.__name__}: key {g.name!r} is in two sections")
+                found[g.name] = Key(g.name, f.name, inner[g.name], g, _help(kind, g.name), kind)
+        else:
+            found[f.name] = Key(f.name, None, kind, f, _help(cls, f.name), None)
+    return found
 
 
 def _allows_none(annotation: Any) -> bool:
@@ -100,14 +278,10 @@ def _convert(name: str, annotation: Any, value: Any) -> Any:
         raise ConfigError(f"config key {name!r}: {e}") from None
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def foreign_flag(cls: type, name: str) -> str | None:
     """The error for a flag or key ``name`` of another tool (cls.FOREIGN_FLAGS); None if it is not one."""
     hint = getattr(cls, "FOREIGN_FLAGS", {}).get(name)
-    if hint is None or name in {f.name for f in dataclasses.fields(cls)}:
+    if hint is None or name in keys(cls):
         return None
     tool, ours = "diffusers'", hint
     if hint.startswith("sd-scripts: "):  # one of kohya's sd-scripts' flags
@@ -118,10 +292,9 @@ def foreign_flag(cls: type, name: str) -> str | None:
 
 
 def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
-    """Build ``cls`` from a dict, converting each value to its field's type; unknown keys fail."""
-    hints = _hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    """Build ``cls`` from flat key: value pairs, each converted to its key's type; unknown keys fail."""
+    known = keys(cls)
+    unknown = sorted(set(values) - set(known))
     if unknown:
         foreign = [message for message in map(lambda k: foreign_flag(cls, k), unknown) if message]
         raise ConfigError(
@@ -129,7 +302,35 @@ def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C
             + "".join(f"; {message}" for message in foreign)
             + f"; known keys: {sorted(known)}"
         )
-    return cls(**{k: _convert(k, hints[k], v) for k, v in values.items()})
+    flat, by_section = {}, {}
+    for name, value in values.items():
+        key = known[name]
+        converted = _convert(name, key.annotation, value)
+        if key.section is None:
+            flat[name] = converted
+        else:
+            by_section.setdefault(key.section, {})[name] = converted
+    hints = typing.get_type_hints(cls)
+    sections = {name: hints[name](**given) for name, given in by_section.items()}
+    return cls(**flat, **sections)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config's keys, flat, in section order: what a YAML file or the flags would say."""
+    values = dataclasses.asdict(cfg)
+    return {
+        name: values[key.section][name] if key.section else values[name]
+        for name, key in keys(type(cfg)).items()
+    }
+
+
+def get(cfg: Any, name: str) -> Any:
+    """The value of key ``name``, wherever its section is."""
+    section = keys(type(cfg))[name].section
+    return getattr(getattr(cfg, section) if section else cfg, name)
+
+
+# ---- files and flags --------------------------------------------------------------------------------------
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -142,47 +343,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _comments(source: str) -> dict[int, tuple[str, bool]]:
-    """{line: (comment text, whether the comment is the whole line)} of Python source."""
-    found = {}
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT:
-            found[token.start[0]] = (token.string.lstrip("#").strip(), token.line.lstrip().startswith("#"))
-    return found
-
-
-def field_docs(cls: type) -> dict[str, tuple[str, str]]:
-    """{field: (section, description)} read from the comments of the dataclass's source and its bases'.
-
-    A field's description is its trailing comment (over all its lines); its section is the comment
-    line(s) last seen above it. A subclass that redeclares a field (to change its default) keeps the
-    base's section and, unless it writes its own comment, the base's description. Without the source
-    (a frozen or .pyc-only install) the fields have no description.
-    """
-    docs: dict[str, tuple[str, str]] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            source = textwrap.dedent(inspect.getsource(klass))
-        except (OSError, TypeError):
-            continue
-        comments = _comments(source)
-        section, previous_end = "", 0
-        for node in ast.parse(source).body[0].body:
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                above = [comments[n] for n in range(previous_end + 1, node.lineno) if n in comments]
-                if any(whole for _, whole in above):
-                    section = " ".join(text for text, whole in above if whole)
-                own = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
-                text = " ".join(text for text, whole in own if not whole)
-                base_section, base_text = docs.get(node.target.id, (section, ""))
-                docs[node.target.id] = (base_section, text or base_text)
-            previous_end = node.end_lineno
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {name: doc for name, doc in docs.items() if name in names}
-
-
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -192,20 +352,19 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    """A ``--name`` flag per field, described by its comment and grouped by its section."""
+    """A ``--key`` flag per key, described by its help text and grouped by its section."""
     # allow_abbrev=False: a misspelt or shortened flag fails instead of setting some other key.
     parser = argparse.ArgumentParser(description=description or cls.__doc__, allow_abbrev=False,
                                      usage="%(prog)s [--config FILE] [--key value ...]")  # fmt: skip
     parser.add_argument("--config", help="YAML file of key: value pairs; flags override it")
-    docs, groups = field_docs(cls), {}
-    for f in dataclasses.fields(cls):
-        section, text = docs.get(f.name, ("", ""))
-        title, _, about = section.partition(":")  # "Data: what it may be" -> title "Data"
-        if title not in groups:
-            groups[title] = parser.add_argument_group(title or None, about.strip() or None)
-        help_text = f"{text} (default: {_default(f)})".strip().replace("%", "%%")  # argparse %-formats
+    groups = {}
+    for key in keys(cls).values():
+        if key.group not in groups:
+            title, about = (key.group.title, key.group.about) if key.group else ("", "")
+            groups[key.group] = parser.add_argument_group(title or None, about or None)
+        help_text = f"{key.help} (default: {_default(key.field)})".strip().replace("%", "%%")  # %-formats
         # Values stay strings here and are converted once, with the YAML's, in from_dict.
-        groups[title].add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=help_text)
+        groups[key.group].add_argument(f"--{key.name}", default=argparse.SUPPRESS, help=help_text)
     return parser
 
 
@@ -223,9 +382,10 @@ def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
     return from_dict(cls, values, source=path or "command line")
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def save_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def field_docs(cls: type) -> dict[str, tuple[str, str]]:
+    """{key: (its section's title, its help text)}: what ``--help`` says of each key."""
+    return {name: (key.group.title if key.group else "", key.help) for name, key in keys(cls).items()}

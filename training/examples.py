@@ -4,7 +4,7 @@ batch and the rows' ``DataLayout``, built in the model family's terms (training/
 
 Photo sets as sd-scripts users keep them go through the same ``build_examples``: ``rows_for`` reads a
 caption folder (sdlite/data/captions.py) or DreamBooth's instance and class folders
-(sdlite/data/dreambooth.py), and the ``DataLayout`` it returns tells ``sampler_for`` how to draw them:
+(sdlite/data/db.py), and the ``DataLayout`` it returns tells ``sampler_for`` how to draw them:
 aspect buckets (sdlite/data/buckets.py), repeats, captions drawn per step, subject and class halves.
 """
 
@@ -54,67 +54,70 @@ from sdlite.latents import vae_factor
 from sdlite.tokenizer import token_ids
 
 if TYPE_CHECKING:
-    from training.configs import TrainConfig
+    from training.config_sections import CaptionSection, TrainConfig
     from training.family import StableDiffusion
 
 
 def build_examples(cfg: TrainConfig, acc, family: StableDiffusion):
     """The training examples, cached as configured, the empty caption, the latent shape, the
     held-out batch with its fixed draws (None without val_data_dir) and the rows' ``DataLayout``."""
+    data, captions, opt, run, validation = cfg.data, cfg.captions, cfg.optimizer, cfg.run, cfg.validation
     parts = family.parts
     vae = parts.vae.config
-    resolution = cfg.resolution or vae.sample_size
+    resolution = data.resolution or vae.sample_size
     factor = vae_factor(vae)
     if resolution % factor:
         raise ValueError(f"resolution {resolution} is not a multiple of the VAE's factor {factor}")
     latent_shape = (vae.latent_channels, resolution // factor, resolution // factor)
-    transform = ImageTransform(resolution, cfg.random_crop, cfg.seed, max_pixels=cfg.max_image_pixels)
-    cache = TensorCache(Path(cfg.cache_dir).expanduser())
-    options = caption_options(cfg)
+    transform = ImageTransform(resolution, data.random_crop, opt.seed, max_pixels=data.max_image_pixels)
+    cache = TensorCache(Path(data.cache_dir).expanduser())
+    options = caption_options(captions)
     # A stream is encoded as it comes (no cache): its batches carry token ids, so the empty caption must too;
     # a caption drawn anew at every draw (shuffle_caption, tag dropout) has no one embedding to cache.
     embeds_cached = (
-        cfg.cache_text and not cfg.text_encoder_trains and not cfg.streaming and not options.per_draw
+        data.cache_text and not cfg.text_encoder_trains and not data.streaming and not options.per_draw
     )
     tokenizer = parts.tokenizer
     layout = DataLayout(transform, vae.latent_channels, factor, options)
-    if cfg.aspect_buckets:  # the training rows only: the held-out batch stays square (one tensor)
-        sides = make_buckets(resolution, bucket_multiple(vae), cfg.bucket_min_side, cfg.bucket_max_side)
-        layout.transform = BucketTransform(resolution, tuple(sides), cfg.random_crop, cfg.seed)
+    if captions.aspect_buckets:  # the training rows only: the held-out batch stays square (one tensor)
+        sides = make_buckets(
+            resolution, bucket_multiple(vae), captions.bucket_min_side, captions.bucket_max_side
+        )
+        layout.transform = BucketTransform(resolution, tuple(sides), data.random_crop, opt.seed)
 
     def examples_of(source: str, flips: tuple[bool, ...], limit: int | None = None) -> TrainingExamples:
         rows, listed = rows_for(cfg, source)
         rows = rows.select(range(min(limit, len(rows)))) if limit else rows
         # Every image checked now (decoded, unless an earlier run did): a bad one is skipped or stops the
         # run before step 0, never in the middle of an epoch.
-        report = Path(cfg.output_dir) / ("bad_files_val.txt" if limit else "bad_files.txt")
-        rows = clean_rows(rows, cfg.image_column, cfg.caption_column, resolution, tokenizer, cfg.bad_data,
+        report = Path(run.output_dir) / ("bad_files_val.txt" if limit else "bad_files.txt")
+        rows = clean_rows(rows, data.image_column, data.caption_column, resolution, tokenizer, data.bad_data,
                           report if acc.is_main_process else None, acc.print,
-                          DecodedImages(cache.root) if cfg.cache_latents else None,
-                          max_pixels=cfg.max_image_pixels)  # fmt: skip
+                          DecodedImages(cache.root) if data.cache_latents else None,
+                          max_pixels=data.max_image_pixels)  # fmt: skip
         if acc.is_main_process:  # what caption_rows found odd joins clean_rows' report
             append_problems(report, listed)
-        captions = [caption_text(c) for c in rows[cfg.caption_column]]
+        written = [caption_text(c) for c in rows[data.caption_column]]  # the captions as written
         trained = not limit
-        texts = fixed_captions(captions, options if trained else held_out_options(options), cfg.seed)
+        texts = fixed_captions(written, options if trained else held_out_options(options), opt.seed)
         ids = family.token_ids(texts)  # one (N, L) tensor per tokenizer
         buckets = trained and isinstance(layout.transform, BucketTransform)
         if trained:
-            layout.read(rows, captions, cfg.image_column)
+            layout.read(rows, written, data.image_column)
         transform_here = layout.transform if trained else transform
         # Split misses among one machine's processes: a cache folder local to each machine fills too.
         rank, world_size = acc.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
         latent_files = embed_files = None
-        if cfg.cache_latents:
+        if data.cache_latents:
             with tqdm(desc="encoding latents", unit="image", disable=not acc.is_local_main_process) as bar:
                 if buckets:  # one bucket at a time: a VAE batch holds images of one size
                     latent_files, missing = cache_bucket_latents(
-                        cache, rows, cfg.image_column, layout.transform, layout.bucket_of_rows, parts.vae,
-                        flips, cfg.train_batch_size, rank, world_size, bar.update,
+                        cache, rows, data.image_column, layout.transform, layout.bucket_of_rows, parts.vae,
+                        flips, opt.train_batch_size, rank, world_size, bar.update,
                     )  # fmt: skip
                 else:
                     latent_files, missing = cache_latents(
-                        cache, rows, cfg.image_column, transform, parts.vae, flips, cfg.train_batch_size,
+                        cache, rows, data.image_column, transform, parts.vae, flips, opt.train_batch_size,
                         rank, world_size, bar.update,
                     )  # fmt: skip
             acc.print(f"{source}: {len(rows)} images x {len(flips)} flips, {missing} latents computed")
@@ -122,29 +125,29 @@ def build_examples(cfg: TrainConfig, acc, family: StableDiffusion):
             embed_files, missing = family.cache_text(cache, ids, rank, world_size)
             acc.print(f"{source}: {len(rows)} captions, {missing} text embeddings computed")
         acc.wait_for_everyone()  # every process's share of the cache is written
-        return family.examples(rows, cfg.image_column, transform_here, ids, latent_files, embed_files,
+        return family.examples(rows, data.image_column, transform_here, ids, latent_files, embed_files,
                                report=report if acc.is_main_process else None, log=acc.print,
                                groups=layout.groups(len(rows)) if trained else None)  # fmt: skip
 
-    if cfg.streaming:  # the DataLoader comes from examples.loader(start_step, ...) in setup()
+    if data.streaming:  # the DataLoader comes from examples.loader(start_step, ...) in setup()
         from sdlite.data.streaming import StreamingExamples, load_stream, parquet_rows
 
-        stream = load_stream(cfg.train_data_dir, cfg.image_column, cfg.caption_column,
-                             allow_outside=cfg.allow_outside_paths)  # fmt: skip
-        examples = StreamingExamples(stream, cfg.image_column, cfg.caption_column, transform, tokenizer,
-                                     cfg.train_batch_size, cfg.seed, acc.num_processes, acc.process_index,
-                                     cfg.gradient_accumulation_steps, cfg.random_flip, cfg.shuffle_buffer,
-                                     num_items=parquet_rows(cfg.train_data_dir))  # fmt: skip
+        stream = load_stream(data.train_data_dir, data.image_column, data.caption_column,
+                             allow_outside=data.allow_outside_paths)  # fmt: skip
+        examples = StreamingExamples(stream, data.image_column, data.caption_column, transform, tokenizer,
+                                     opt.train_batch_size, opt.seed, acc.num_processes, acc.process_index,
+                                     opt.gradient_accumulation_steps, data.random_flip, data.shuffle_buffer,
+                                     num_items=parquet_rows(data.train_data_dir))  # fmt: skip
     else:
-        examples = examples_of(training_source(cfg), (False, True) if cfg.random_flip else (False,))
+        examples = examples_of(training_source(cfg), (False, True) if data.random_flip else (False,))
     empty = family.empty_condition(embeds_cached, acc.device)  # c of the empty caption, or its ids
     val = None
-    if cfg.val_data_dir and cfg.val_count > 0:
-        held_out = examples_of(cfg.val_data_dir, (False,), cfg.val_count)
+    if validation.val_data_dir and validation.val_count > 0:
+        held_out = examples_of(validation.val_data_dir, (False,), validation.val_count)
         batch = torch.utils.data.default_collate([held_out[(i, False)] for i in range(len(held_out))])
         T, n = parts.scheduler.config.num_train_timesteps, len(held_out)
-        generator = seeded_generator(cfg.seed, "validation", device=acc.device)
-        timesteps = sorted({min(t, T - 1) for t in cfg.val_timesteps})
+        generator = seeded_generator(opt.seed, "validation", device=acc.device)
+        timesteps = sorted({min(t, T - 1) for t in validation.val_timesteps})
         val = {
             "batch": {k: v.to(acc.device) for k, v in batch.items()},
             "timesteps": timesteps,
@@ -157,9 +160,9 @@ def build_examples(cfg: TrainConfig, acc, family: StableDiffusion):
 # ---- photo sets: caption folders, repeats, caption handling, aspect buckets -----------------------------
 
 
-def caption_options(cfg: TrainConfig) -> CaptionOptions:
-    return CaptionOptions(cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_prefix, cfg.caption_separator,
-                          cfg.caption_tag_dropout_rate)  # fmt: skip
+def caption_options(captions: CaptionSection) -> CaptionOptions:
+    return CaptionOptions(captions.shuffle_caption, captions.keep_tokens, captions.caption_prefix,
+                          captions.caption_separator, captions.caption_tag_dropout_rate)  # fmt: skip
 
 
 def held_out_options(options: CaptionOptions) -> CaptionOptions:
@@ -179,14 +182,15 @@ def rows_for(cfg: TrainConfig, source: str):
     """The rows of a data source and what was found odd while listing them: DreamBooth's instance
     (and class) images, a caption folder (images with .txt/.caption files beside them, N_name repeat
     folders) through ``caption_rows``, anything else through ``load_rows`` (nothing listed)."""
-    if cfg.instance_data_dir and source == cfg.instance_data_dir:  # DreamBooth's subject and class images
-        rows = dreambooth_rows(cfg.instance_data_dir, cfg.instance_prompt, cfg.class_data_dir,
-                               cfg.class_prompt, cfg.image_column, cfg.caption_column)  # fmt: skip
+    data, db = cfg.data, cfg.dreambooth
+    if db.instance_data_dir and source == db.instance_data_dir:  # DreamBooth's subject and class images
+        rows = dreambooth_rows(db.instance_data_dir, db.instance_prompt, db.class_data_dir,
+                               db.class_prompt, data.image_column, data.caption_column)  # fmt: skip
         return rows, []
     if is_caption_folder(source):
-        return caption_rows(source, cfg.image_column, cfg.caption_column)
-    rows = load_rows(source, cfg.image_column, cfg.caption_column, bad_data=cfg.bad_data,
-                     allow_outside=cfg.allow_outside_paths)  # fmt: skip
+        return caption_rows(source, data.image_column, data.caption_column)
+    rows = load_rows(source, data.image_column, data.caption_column, bad_data=data.bad_data,
+                     allow_outside=data.allow_outside_paths)  # fmt: skip
     return rows, []
 
 
@@ -245,17 +249,18 @@ def sampler_for(
     """The batch sampler of the training rows and the dataset it indexes: StepSampler over the
     examples, or (buckets, repeats or per-draw captions) a BucketSampler, its captions drawn per item
     by ``DrawnCaptions``. With buckets the main process writes output_dir/buckets.json and logs the counts."""
-    split = (cfg.train_batch_size, cfg.seed, cfg.max_steps, start_step, acc.num_processes, acc.process_index,
-             cfg.gradient_accumulation_steps)  # fmt: skip
+    data, opt, db, run = cfg.data, cfg.optimizer, cfg.dreambooth, cfg.run
+    split = (opt.train_batch_size, opt.seed, opt.max_steps, start_step, acc.num_processes, acc.process_index,
+             opt.gradient_accumulation_steps)  # fmt: skip
     if layout.plain:
-        return StepSampler(len(examples), *split, random_flip=cfg.random_flip), examples
-    sampler = BucketSampler(layout.bucket_of_rows, *split, random_flip=cfg.random_flip,
+        return StepSampler(len(examples), *split, random_flip=data.random_flip), examples
+    sampler = BucketSampler(layout.bucket_of_rows, *split, random_flip=data.random_flip,
                             repeats=layout.repeats, num_rows=len(examples),
                             draw_keys=layout.options.per_draw)  # fmt: skip
     if layout.bucket_of_rows is not None:
         counts = bucket_counts(layout.bucket_of_rows, layout.transform.buckets)
         if acc.is_main_process:
-            write_buckets_json(Path(cfg.output_dir) / "buckets.json", counts)
+            write_buckets_json(Path(run.output_dir) / "buckets.json", counts)
         acc.print(bucket_summary(counts, sampler.global_batch))
     if layout.class_rows:  # each micro-batch: B instance items, then B class items
         buckets = layout.bucket_of_rows
@@ -266,14 +271,14 @@ def sampler_for(
                 sizes = ", ".join("{}x{}".format(*layout.transform.buckets[b]) for b in bare)
                 raise DataError(
                     f"aspect buckets {sizes} hold subject photos but no class image: add class images of "
-                    f"those shapes to {cfg.class_data_dir} (class images are generated in the subject's "
+                    f"those shapes to {db.class_data_dir} (class images are generated in the subject's "
                     "shapes only while the folder holds fewer than num_class_images), or turn "
                     "aspect_buckets off"
                 )
-        sampler = PriorPairSampler(sampler, layout.class_rows, cfg.seed, class_buckets=class_buckets)
+        sampler = PriorPairSampler(sampler, layout.class_rows, opt.seed, class_buckets=class_buckets)
     if layout.options.per_draw:
         tokenize = functools.partial(token_ids, tokenizer)
-        examples = DrawnCaptions(examples, layout.captions, tokenize, layout.options, cfg.seed)
+        examples = DrawnCaptions(examples, layout.captions, tokenize, layout.options, opt.seed)
     return sampler, examples
 
 
@@ -283,34 +288,46 @@ def sampler_for(
 def training_source(cfg: TrainConfig) -> str:
     """Where the training rows come from: DreamBooth's instance folder (``rows_for`` adds the class
     folder), else train_data_dir."""
-    return cfg.instance_data_dir or cfg.train_data_dir
+    data, db = cfg.data, cfg.dreambooth
+    return db.instance_data_dir or data.train_data_dir
 
 
 @torch.no_grad()
 def top_up_class_images(cfg: TrainConfig, acc, family: StableDiffusion) -> None:
     """Generate the class images class_data_dir lacks (of num_class_images) with the base model, before
     any adapter is attached, on the main process while the others wait. Image i comes from its own seed
-    (sdlite.data.dreambooth.generate_class_images), so a run stopped half-way makes the same images.
+    (sdlite.data.db.generate_class_images), so a run stopped half-way makes the same images.
     With aspect_buckets they are made in the subject photos' bucket sizes, in proportion to them
     (class_image_sizes): each step's class half is drawn from its own bucket."""
-    if not cfg.class_data_dir:
+    data, captions, opt, db, validation = (
+        cfg.data,
+        cfg.captions,
+        cfg.optimizer,
+        cfg.dreambooth,
+        cfg.validation,
+    )
+    if not db.class_data_dir:
         return
-    missing = class_images_needed(cfg.class_data_dir, cfg.num_class_images)
+    missing = class_images_needed(db.class_data_dir, db.num_class_images)
     if acc.is_main_process and missing:
         sizes, shapes = None, ""
-        if cfg.aspect_buckets:  # the bucket set build_examples makes
+        if captions.aspect_buckets:  # the bucket set build_examples makes
             vae = family.parts.vae.config
-            resolution, sides = cfg.resolution or vae.sample_size, (cfg.bucket_min_side, cfg.bucket_max_side)
+            resolution, sides = (
+                data.resolution or vae.sample_size,
+                (captions.bucket_min_side, captions.bucket_max_side),
+            )
             buckets = make_buckets(resolution, bucket_multiple(vae), *sides)
             sizes = class_image_sizes(
-                cfg.instance_data_dir, cfg.class_data_dir, buckets, cfg.num_class_images
+                db.instance_data_dir,
+                db.class_data_dir,
+                buckets,
+                db.num_class_images,
             )
             shapes = " in the subject's shapes " + ", ".join(
                 f"{w}x{h}: {n}" for (w, h), n in Counter(sizes).items()
             )
-        acc.print(
-            f"generating {missing} class images ({cfg.class_prompt!r}) into {cfg.class_data_dir}{shapes}"
-        )
+        acc.print(f"generating {missing} class images ({db.class_prompt!r}) into {db.class_data_dir}{shapes}")
         pipe = family.pipeline()
         modes = [(m, m.training) for m in (family.parts.unet, family.parts.text_encoder)]
         for module, _ in modes:
@@ -318,14 +335,14 @@ def top_up_class_images(cfg: TrainConfig, acc, family: StableDiffusion) -> None:
 
         def make_images(prompts: list[str], seeds: list[int], size) -> list:
             generators = [torch.Generator(acc.device).manual_seed(s) for s in seeds]
-            steps, guidance = cfg.validation_inference_steps, cfg.validation_guidance
+            steps, guidance = validation.validation_inference_steps, validation.validation_guidance
             width, height = size or (None, None)  # None: the model's size
             return pipe(prompts, width=width, height=height, num_inference_steps=steps,
                         guidance_scale=guidance, generator=generators, output_type="pil").images  # fmt: skip
 
         try:
-            generate_class_images(cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images, make_images,
-                                  cfg.sample_batch_size, cfg.seed, sizes)  # fmt: skip
+            generate_class_images(db.class_data_dir, db.class_prompt, db.num_class_images, make_images,
+                                  db.sample_batch_size, opt.seed, sizes)  # fmt: skip
         finally:
             for module, training in modes:
                 module.train(training)

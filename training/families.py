@@ -12,7 +12,7 @@ from training.family import StableDiffusion
 from training.family_sdxl import StableDiffusionXL
 
 if TYPE_CHECKING:
-    from training.configs import TrainConfig
+    from training.config_sections import ModelSection
 
 FAMILIES: tuple[type[StableDiffusion], ...] = (
     StableDiffusionXL,
@@ -20,6 +20,6 @@ FAMILIES: tuple[type[StableDiffusion], ...] = (
 )
 
 
-def family_of(cfg: TrainConfig) -> type[StableDiffusion]:
+def family_of(model: ModelSection) -> type[StableDiffusion]:
     """The family of the run's model (its pretrained folder or its preset), from the config alone."""
-    return next(family for family in FAMILIES if family.claims(cfg))
+    return next(family for family in FAMILIES if family.claims(model))

@@ -28,21 +28,22 @@ from sdlite.tokenizer import token_ids
 from training.unet_step import Denoiser
 
 if TYPE_CHECKING:
-    from training.configs import TrainConfig
+    from training.config_sections import LoraSection, ModelSection, TrainConfig
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def lora_settings(cfg: TrainConfig) -> LoraSettings:
+def lora_settings(lora: LoraSection) -> LoraSettings:
+    """sdlite.lora's settings of the LoRA section."""
     return LoraSettings(
-        rank=cfg.lora_rank,
-        alpha=cfg.lora_alpha,
-        dropout=cfg.lora_dropout,
-        unet_targets=tuple(cfg.lora_target_modules),
-        text_encoder=cfg.lora_text_encoder,
-        text_encoder_targets=tuple(cfg.lora_text_encoder_target_modules),
+        rank=lora.lora_rank,
+        alpha=lora.lora_alpha,
+        dropout=lora.lora_dropout,
+        unet_targets=tuple(lora.lora_target_modules),
+        text_encoder=lora.lora_text_encoder,
+        text_encoder_targets=tuple(lora.lora_text_encoder_target_modules),
     )
 
 
@@ -57,7 +58,7 @@ class StableDiffusion:
     # ---- chosen from the config alone, before any weight is read ----------------------------------------
 
     @classmethod
-    def claims(cls, cfg: TrainConfig) -> bool:
+    def claims(cls, model: ModelSection) -> bool:
         """Whether the run's model (its pretrained folder or its preset) is of this family."""
         return True  # the family of every folder and preset no other family claims
 
@@ -69,34 +70,34 @@ class StableDiffusion:
     # ---- build, load, save -----------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, cfg: TrainConfig):
+    def build(cls, model: ModelSection, seed: int):
         """The preset's model with random weights, shaped by the config's from-scratch keys."""
-        return build_components(cfg.shaped_preset(get_preset(cfg.preset)), seed=cfg.seed)
+        return build_components(model.shaped_preset(get_preset(model.preset)), seed=seed)
 
     @classmethod
     def load_folder(cls, path: str):
         return load_components(path)
 
     @classmethod
-    def load(cls, cfg: TrainConfig, device: torch.device) -> StableDiffusion:
+    def load(cls, model: ModelSection, seed: int, device: torch.device) -> StableDiffusion:
         """The model: a preset's random init or a pretrained folder, a separately trained VAE (with its
         own scaling factor), the scheduler options; the VAE (and the text encoders, unless trained)
         frozen. All on ``device``."""
-        family = cls(cls.load_folder(cfg.pretrained) if cfg.pretrained else cls.build(cfg))
+        family = cls(cls.load_folder(model.pretrained) if model.pretrained else cls.build(model, seed))
         parts = family.parts
-        if cfg.vae_path:
-            path = Path(cfg.vae_path)
+        if model.vae_path:
+            path = Path(model.vae_path)
             path = path / "vae" if (path / "vae" / "config.json").is_file() else path
             parts.vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
             family.check_compatible()
-        overrides = {"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}
-        if cfg.rescale_betas_zero_snr:  # sampling must then start at t = T-1: trailing spacing (Lin et al.)
+        overrides = {"prediction_type": model.prediction_type} if model.prediction_type else {}
+        if model.rescale_betas_zero_snr:  # sampling must then start at t = T-1: trailing spacing (Lin et al.)
             overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
         if overrides:
             parts.scheduler = DDPMScheduler.from_config(parts.scheduler.config, **overrides)
         parts.vae.requires_grad_(False).eval()
         for encoder in family.encoders.values():
-            encoder.requires_grad_(cfg.train_text_encoder).train(cfg.train_text_encoder)
+            encoder.requires_grad_(model.train_text_encoder).train(model.train_text_encoder)
         # Frozen parts stay float32: autocast runs them in low precision, and they save intact.
         for module in (parts.vae, *family.encoders.values(), parts.unet):
             module.to(device)
@@ -175,11 +176,10 @@ class StableDiffusion:
         """Freeze the base and add the adapters, in an order that fixes each one's random init."""
         add_lora(self.parts.unet, self.parts.text_encoder, settings)
 
-    def save_lora(self, path: Path, cfg: TrainConfig) -> None:
+    def save_lora(self, path: Path, lora: LoraSection, base_model: str) -> None:
         """The adapters alone, in the file ``load_lora_weights`` reads, with the base model's name."""
-        te = self.parts.text_encoder if cfg.lora_text_encoder else None
-        base = cfg.pretrained or f"sdlite preset {cfg.preset}"
-        save_lora(path, self.parts.unet, te, base_model=base, format=cfg.lora_save_format)
+        te = self.parts.text_encoder if lora.lora_text_encoder else None
+        save_lora(path, self.parts.unet, te, base_model=base_model, format=lora.lora_save_format)
 
     # ---- sampling --------------------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Resuming a run: which config changes a resume may make, and the checkpoint that still loads.
 
     base_lrs = list(lr_schedule.base_lrs)  # the new config's rates, before the checkpoint overwrites them
-    found = resume(acc, cfg.output_dir, cfg.resume, modules, optimizer, lr_schedule, ema,
-                   config=to_dict(cfg), allow=cfg.allow_config_change, base_lrs=base_lrs, log=acc.print)
+    found = resume(acc, cfg.run.output_dir, cfg.run.resume, modules, optimizer, lr_schedule, ema,
+                   config=to_dict(cfg), allow=cfg.run.allow_config_change, base_lrs=base_lrs, log=acc.print)
     start_step = found.state["step"] if found else 0
 
 A resume continues the run the checkpoint belongs to, so its config must be that run's, except for

@@ -1,11 +1,11 @@
 """The run folder (output_dir) and the final folder: one run at a time, and nothing deleted it did not write.
 
-    lock = open_run_folder(cfg.output_dir, acc, log=acc.print)  # every process, before anything is written
-    final = prepare_final_dir(cfg.final_dir, cfg.output_dir)     # at start-up: fails before training
+    lock = open_run_folder(cfg.run.output_dir, acc, log=acc.print)  # every process, before any write
+    final = prepare_final_dir(cfg.run.final_dir, cfg.run.output_dir)     # at start-up: fails before training
     ...                                                          # main process, at the end:
-    staging = final_staging(final, cfg.output_dir)               # an empty folder beside final, to fill
+    staging = final_staging(final, cfg.run.output_dir)               # an empty folder beside final, to fill
     <write the model into staging>
-    publish_final(staging, final, cfg.output_dir, step=cfg.max_steps)
+    publish_final(staging, final, cfg.run.output_dir, step=cfg.optimizer.max_steps)
     if lock: lock.release()                                      # in a finally (None on other processes)
 
 The lock is an ``fcntl.flock`` on ``output_dir/run.lock``, which the kernel drops when the process

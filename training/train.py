@@ -58,7 +58,7 @@ from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
 from sdlite.lora import AdapterWeights, lora_param_groups, target_problems  # noqa: E402
 from training.accelerator import setup_accelerator  # noqa: E402
 from training.config import parse_config, save_yaml  # noqa: E402
-from training.configs import TrainConfig  # noqa: E402
+from training.config_sections import TrainConfig  # noqa: E402
 from training.examples import build_examples, sampler_for, top_up_class_images  # noqa: E402
 from training.families import family_of  # noqa: E402
 from training.family import lora_settings, weight_dtype  # noqa: E402
@@ -83,100 +83,120 @@ class UNetTrainer(Trainer):
     def make_accelerator(self):
         c = self.cfg
         return setup_accelerator(
-            c.output_dir, c.mixed_precision, c.gradient_accumulation_steps, c.report_to, c.allow_tf32
+            c.run.output_dir,
+            c.optimizer.mixed_precision,
+            c.optimizer.gradient_accumulation_steps,
+            c.run.report_to,
+            c.run.allow_tf32,
         )
 
     def final_path(self) -> str | None:
-        return self.cfg.final_dir
+        return self.cfg.run.final_dir
 
     def setup(self) -> None:
         """Build the models, cache the data, prepare with accelerate and resume: ready for ``start_step``."""
         cfg, acc = self.cfg, self.accelerator
-        family = family_of(cfg)  # training/families.py: SD 1.x/2.x or SDXL
-        problems = family.refusals(cfg)  # before any weight is read
+        self.family = family = self.load_model()
+        self.parts = family.parts  # unwrapped
+        top_up_class_images(cfg, acc, family)  # DreamBooth: with the base model, before any adapter
+        examples, self.empty_text, self.latent_shape, self.val, self.layout = build_examples(cfg, acc, family)
+        if cfg.adapters.lora:  # after build_examples: the cache is filled by the fp32 models, as without LoRA
+            seed, dtype = cfg.optimizer.seed, weight_dtype(acc.mixed_precision)
+            family.attach_lora(lora_settings(cfg.adapters), seed, dtype, acc.device)
+        family.freeze_unread()
+        denoiser, groups = self.make_denoiser()
+        opt = cfg.optimizer
+        betas = (opt.adam_beta1, opt.adam_beta2)
+        optimizer = make_optimizer(groups, opt.learning_rate, betas, opt.adam_weight_decay, opt.adam_epsilon,
+                                   use_8bit=opt.use_8bit_adam)  # fmt: skip
+        self.lr_schedule = make_lr_schedule(optimizer, opt.lr_scheduler, opt.lr_warmup_steps, opt.max_steps)
+        # The model is the prepared Denoiser (DDP-wrapped with several processes); not the schedule:
+        # see make_lr_schedule.
+        self.model, self.optimizer = acc.prepare(denoiser, optimizer)
+        use_ema = opt.ema_decay and not cfg.adapters.lora  # LoRA: the adapter as trained, as diffusers'
+        self.ema = EMA(self.params, opt.ema_decay) if use_ema and acc.is_main_process else None
+        self.start_step = self.resume()
+        self.batches = iter(self.make_loader(examples))
+        self.global_batch, self.eval_every = self.sampler.global_batch, cfg.validation.validation_every
+        self.start_logs()
+
+    def load_model(self):
+        """The run's model family (training/families.py: SD 1.x/2.x or SDXL) with its model loaded; what
+        the family or the LoRA targets cannot take fails first, before any weight or image is read."""
+        cfg, acc = self.cfg, self.accelerator
+        family = family_of(cfg.model)
+        problems = family.refusals(cfg)
         if problems:
             raise ValueError(f"bad training config for {family.name}: " + "; ".join(problems))
-        self.family = family = family.load(cfg, acc.device)
-        self.parts = parts = family.parts  # unwrapped
-        problems = target_problems(lora_settings(cfg), parts.unet, family.encoders) if cfg.lora else []
+        family = family.load(cfg.model, cfg.optimizer.seed, acc.device)
+        lora = cfg.adapters
+        problems = (
+            target_problems(lora_settings(lora), family.parts.unet, family.encoders) if lora.lora else []
+        )
         if problems:  # before the class images and the caches, which peft's own error would come after
             raise ValueError(
                 "bad LoRA targets for this model: " + "; ".join(problems) + ". Name modules it has "
                 "(lora_target_modules, lora_text_encoder_target_modules), or set lora_text_encoder false "
                 "to adapt the U-Net alone (a text encoder of 0 layers has no attention for an adapter)"
             )
-        top_up_class_images(cfg, acc, family)  # DreamBooth: with the base model, before any adapter
-        examples, self.empty_text, self.latent_shape, self.val, self.layout = build_examples(cfg, acc, family)
-        if cfg.lora:  # after build_examples: the cache is filled by the fp32 models, as without LoRA
-            family.attach_lora(lora_settings(cfg), cfg.seed, weight_dtype(acc.mixed_precision), acc.device)
-        family.freeze_unread()
+        return family
 
-        unet = parts.unet
-        encoders = list(family.encoders.values()) if cfg.text_encoder_trains else []  # SDXL: two
-        if cfg.gradient_checkpointing:
+    def make_denoiser(self) -> tuple[torch.nn.Module, list[dict]]:
+        """ε_θ with the trained text encoders in front, its speed options applied, and the optimizer's
+        parameter groups (one per model, so that each one's rate is logged as lr/<name>); sets ``params``."""
+        cfg, run, unet = self.cfg, self.cfg.run, self.parts.unet
+        encoders = list(self.family.encoders.values()) if cfg.text_encoder_trains else []  # SDXL: two
+        if run.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             for text_encoder in encoders:
                 text_encoder.gradient_checkpointing_enable()
-        if cfg.channels_last:
+        if run.channels_last:
             unet.to(memory_format=torch.channels_last)
-        if cfg.compile:
+        if run.compile:
             unet.compile()
-        denoiser = family.denoiser(encoders, cfg.channels_last)
+        denoiser = self.family.denoiser(encoders, run.channels_last)
         denoiser.train()
         self.params = [p for p in denoiser.parameters() if p.requires_grad]
-        if cfg.lora:  # the text encoders' adapters at their own rate
+        if cfg.adapters.lora:  # the text encoders' adapters at their own rate
             te, te_2 = (encoders + [None, None])[:2]  # none trained, SD's one or SDXL's two
-            groups = lora_param_groups(
-                parts.unet, te, cfg.learning_rate, cfg.text_encoder_lr, text_encoder_2=te_2
-            )
-        else:  # one rate, but a group per model, so that each one's rate is logged as lr/<name>
+            lrs = cfg.optimizer.learning_rate, cfg.adapters.text_encoder_lr
+            groups = lora_param_groups(unet, te, *lrs, text_encoder_2=te_2)
+        else:
             groups = [{"params": [p for p in m.parameters() if p.requires_grad]} for m in (unet, *encoders)]
         for group, name in zip(groups, ("unet", "text_encoder", "text_encoder_2")):  # as both make them
             group["name"] = name
-        optimizer = make_optimizer(
-            groups,
-            cfg.learning_rate,
-            (cfg.adam_beta1, cfg.adam_beta2),
-            cfg.adam_weight_decay,
-            cfg.adam_epsilon,
-            use_8bit=cfg.use_8bit_adam,
-        )
-        self.lr_schedule = make_lr_schedule(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_steps)
-        # The model is the prepared Denoiser (DDP-wrapped with several processes); not the schedule:
-        # see make_lr_schedule.
-        self.model, self.optimizer = acc.prepare(denoiser, optimizer)
-        use_ema = cfg.ema_decay and not cfg.lora  # LoRA: the adapter as trained, as diffusers' LoRA script
-        self.ema = EMA(self.params, cfg.ema_decay) if use_ema and acc.is_main_process else None
+        return denoiser, groups
 
-        self.start_step = self.resume()
-        workers = cfg.dataloader_num_workers
-        if cfg.streaming:  # sdlite.data.streaming: its own sampler; a resume skips what was read
+    def make_loader(self, examples):
+        """The batches from ``start_step`` on; sets ``sampler``. A stream (sdlite.data.streaming) is its
+        own sampler, and a resume skips what was read."""
+        cfg, acc = self.cfg, self.accelerator
+        workers, pin = cfg.data.dataloader_num_workers, acc.device.type == "cuda"
+        if cfg.data.streaming:
             self.sampler = examples
-            loader = examples.loader(self.start_step, workers, acc.device.type == "cuda")
-        else:
-            self.sampler, examples = sampler_for(
-                cfg, acc, examples, self.layout, self.start_step, parts.tokenizer
-            )
-            loader = torch.utils.data.DataLoader(
-                examples,
-                batch_sampler=self.sampler,
-                num_workers=workers,
-                prefetch_factor=4 if workers else None,
-                pin_memory=acc.device.type == "cuda",
-                generator=torch.Generator().manual_seed(cfg.seed),  # the global RNG untouched: exact resume
-            )
-        self.batches, self.global_batch = iter(loader), self.sampler.global_batch
-        self.eval_every = cfg.validation_every
-        self.start_logs()
+            return examples.loader(self.start_step, workers, pin)
+        self.sampler, examples = sampler_for(
+            cfg, acc, examples, self.layout, self.start_step, self.parts.tokenizer
+        )
+        generator = torch.Generator().manual_seed(
+            cfg.optimizer.seed
+        )  # the global RNG untouched: exact resume
+        return torch.utils.data.DataLoader(examples, batch_sampler=self.sampler, num_workers=workers,
+                                           prefetch_factor=4 if workers else None, pin_memory=pin,
+                                           generator=generator)  # fmt: skip
 
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
         """What a checkpoint holds of the model: the trained models, or with LoRA only their adapters."""
         parts, cfg = self.parts, self.cfg
         encoders = self.family.encoders.items()  # text_encoder, and SDXL's text_encoder_2
-        if cfg.lora:
-            te = {f"{n}_lora": AdapterWeights(m) for n, m in encoders} if cfg.lora_text_encoder else {}
+        if cfg.adapters.lora:
+            te = (
+                {f"{n}_lora": AdapterWeights(m) for n, m in encoders}
+                if cfg.adapters.lora_text_encoder
+                else {}
+            )
             return {"unet_lora": AdapterWeights(parts.unet), **te}
-        te = dict(encoders) if cfg.train_text_encoder else {}
+        te = dict(encoders) if cfg.model.train_text_encoder else {}
         return {"unet": parts.unet, **te}
 
     def train(self) -> Path:
@@ -186,10 +206,10 @@ class UNetTrainer(Trainer):
             acc.print(
                 f"training {sum(p.numel() for p in self.params) / 1e6:.2f} M parameters on "
                 f"{self.sampler.num_items or 'streamed'} examples, global batch {self.global_batch}, "
-                f"steps {self.start_step} -> {cfg.max_steps}"
+                f"steps {self.start_step} -> {cfg.optimizer.max_steps}"
             )
             self.loop()
-            self.evaluate(cfg.max_steps)
+            self.evaluate(cfg.optimizer.max_steps)
             final = self.save_final()
             acc.end_training()
             return final
@@ -207,12 +227,14 @@ class UNetTrainer(Trainer):
         device. A step whose loss or gradients are NaN or inf changes nothing."""
         cfg, acc, parts = self.cfg, self.accelerator, self.parts
         T = parts.scheduler.config.num_train_timesteps
-        draws = draw_step(cfg, step, self.global_batch, T, self.step_latent_shape(step), acc.device)
+        opt = cfg.optimizer
+        draws = draw_step(opt.seed, cfg.data.caption_dropout, opt.noise_offset, step, self.global_batch, T,
+                          self.step_latent_shape(step), acc.device)  # fmt: skip
         total = torch.zeros((), device=acc.device)
         halves = torch.zeros(2, device=acc.device)  # DreamBooth: the instance and prior losses' sums
         flags = getattr(self.sampler, "flags", None)  # PriorPairSampler: True at a micro-batch's class items
         nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
-        for micro in range(cfg.gradient_accumulation_steps):
+        for micro in range(cfg.optimizer.gradient_accumulation_steps):
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(self.batches).items()}
             # DreamBooth's sampler interleaves its halves by micro-batch: its draws have their own places
             where = getattr(self.sampler, "draw_positions", self.sampler.positions)(micro)
@@ -228,11 +250,13 @@ class UNetTrainer(Trainer):
                     text,
                     mine["t"],
                     mine["noise"],
-                    cfg.snr_gamma,
+                    cfg.optimizer.snr_gamma,
                     per_example=flags is not None,  # DreamBooth's two halves are weighed apart
                 )
                 if flags is not None:  # Ruiz et al. eq. 2: instance mean + λ class mean
-                    loss, instance, prior = prior_preservation_loss(loss, flags, cfg.prior_loss_weight)
+                    loss, instance, prior = prior_preservation_loss(
+                        loss, flags, cfg.dreambooth.prior_loss_weight
+                    )
                     halves += torch.stack([instance, prior]).detach()
                 acc.backward(loss)
                 total += loss.detach()
@@ -240,9 +264,9 @@ class UNetTrainer(Trainer):
                     nonfinite = self.update(~torch.isfinite(total))
         if self.ema is not None:
             self.ema.update(self.params)
-        logs = {"loss": total / cfg.gradient_accumulation_steps}
+        logs = {"loss": total / cfg.optimizer.gradient_accumulation_steps}
         if flags is not None:
-            logs["instance_loss"], logs["prior_loss"] = halves / cfg.gradient_accumulation_steps
+            logs["instance_loss"], logs["prior_loss"] = halves / cfg.optimizer.gradient_accumulation_steps
         return logs, nonfinite
 
     def text_condition(self, batch: dict, drop: torch.Tensor):
@@ -278,7 +302,10 @@ class UNetTrainer(Trainer):
             if self.sample_prompts:
                 images = self.sample_images()
                 log_image(
-                    acc, "validation", save_samples(images, Path(cfg.output_dir) / "validation", step), step
+                    acc,
+                    "validation",
+                    save_samples(images, Path(cfg.run.output_dir) / "validation", step),
+                    step,
                 )
                 for i, image in enumerate(images):
                     log_image(acc, f"validation/{i:02d}", image, step)
@@ -294,7 +321,7 @@ class UNetTrainer(Trainer):
         logs = {}
         for k, t in enumerate(val["timesteps"]):
             total = 0.0
-            for rows in torch.arange(len(val["noise"][k])).split(cfg.train_batch_size):
+            for rows in torch.arange(len(val["noise"][k])).split(cfg.optimizer.train_batch_size):
                 batch = {name: value[rows] for name, value in val["batch"].items()}
                 x0 = latents_of(batch, parts.vae, val["latent_noise"][rows])
                 keep = torch.zeros(len(rows), dtype=torch.bool, device=self.accelerator.device)  # no dropout
@@ -309,7 +336,9 @@ class UNetTrainer(Trainer):
     @functools.cached_property
     def sample_prompts(self) -> list[SamplePrompt]:
         """validation_prompts, then validation_prompts_file's (checked at start-up by cfg.check)."""
-        return run_prompts(self.cfg.validation_prompts, self.cfg.validation_prompts_file)
+        return run_prompts(
+            self.cfg.validation.validation_prompts, self.cfg.validation.validation_prompts_file
+        )
 
     def sample_images(self) -> list:
         """One image per sample prompt, with sdlite's pipeline (SDXL's for an SDXL model): prompt i from
@@ -317,9 +346,12 @@ class UNetTrainer(Trainer):
         sets --s and --l."""
         cfg, device = self.cfg, self.accelerator.device
         pipe = self.family.pipeline()
-        cfg_steps, cfg_guidance = cfg.validation_inference_steps, cfg.validation_guidance
+        cfg_steps, cfg_guidance = (
+            cfg.validation.validation_inference_steps,
+            cfg.validation.validation_guidance,
+        )
         images = [None] * len(self.sample_prompts)
-        for places, call in sample_batches(self.sample_prompts, cfg.seed, cfg_steps, cfg_guidance):
+        for places, call in sample_batches(self.sample_prompts, cfg.optimizer.seed, cfg_steps, cfg_guidance):
             generators = [torch.Generator(device).manual_seed(s) for s in call.pop("seeds")]
             for i, image in zip(places, pipe(**call, generator=generators, output_type="pil").images):
                 images[i] = image
@@ -335,12 +367,13 @@ class UNetTrainer(Trainer):
         acc.wait_for_everyone()
         if acc.is_main_process:
             with self.publishing() as tmp:
-                if cfg.lora:  # the adapters alone, in the file load_lora_weights reads
-                    self.family.save_lora(tmp, cfg)
+                if cfg.adapters.lora:  # the adapters alone, in the file load_lora_weights reads
+                    base = cfg.model.pretrained or f"sdlite preset {cfg.model.preset}"
+                    self.family.save_lora(tmp, cfg.adapters, base_model=base)
                 else:
                     if self.ema is not None:
                         parts.unet.save_pretrained(tmp / "unet_raw")
-                        if cfg.train_text_encoder:
+                        if cfg.model.train_text_encoder:
                             for name, text_encoder in self.family.encoders.items():
                                 text_encoder.save_pretrained(tmp / f"{name}_raw")
                     with self.ema_weights():

@@ -39,7 +39,7 @@ from sdlite.data.steps import StepSampler  # noqa: E402
 from sdlite.presets import get_preset  # noqa: E402
 from training.accelerator import setup_accelerator  # noqa: E402
 from training.config import parse_config  # noqa: E402
-from training.configs import VAETrainConfig  # noqa: E402
+from training.config_sections import VAETrainConfig  # noqa: E402
 from training.launch import follow_launcher  # noqa: E402
 from training.optim import make_lr_schedule, make_optimizer  # noqa: E402
 from training.trainer import Trainer, leave  # noqa: E402
@@ -66,16 +66,16 @@ def load_images(
 
 def load_splits(cfg: VAETrainConfig, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held-out) images."""
-    options = dict(allow_outside=cfg.allow_outside_paths, max_pixels=cfg.max_image_pixels)
-    images = load_images(cfg.train_data_dir, resolution, cfg.image_column, **options)
-    if cfg.eval_data_dir:
-        return images, load_images(cfg.eval_data_dir, resolution, cfg.image_column, **options)
-    if len(images) <= cfg.eval_count:
+    options = dict(allow_outside=cfg.data.allow_outside_paths, max_pixels=cfg.data.max_image_pixels)
+    images = load_images(cfg.data.train_data_dir, resolution, cfg.data.image_column, **options)
+    if cfg.data.eval_data_dir:
+        return images, load_images(cfg.data.eval_data_dir, resolution, cfg.data.image_column, **options)
+    if len(images) <= cfg.data.eval_count:
         raise ValueError(
-            f"{cfg.train_data_dir} has {len(images)} images, too few to hold out eval_count="
-            f"{cfg.eval_count}; lower eval_count or pass eval_data_dir"
+            f"{cfg.data.train_data_dir} has {len(images)} images, too few to hold out eval_count="
+            f"{cfg.data.eval_count}; lower eval_count or pass eval_data_dir"
         )
-    return images[cfg.eval_count :], images[: cfg.eval_count]
+    return images[cfg.data.eval_count :], images[: cfg.data.eval_count]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,9 +134,9 @@ def latent_std(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 128, 
 
 def build_vae(cfg: VAETrainConfig) -> tuple[AutoencoderKL, int]:
     """The preset's VAE with random weights, and the image side it is trained at."""
-    preset = cfg.shaped_preset(get_preset(cfg.preset))
+    preset = cfg.model.shaped_preset(get_preset(cfg.model.preset))
     config = preset.config("vae")
-    resolution = cfg.resolution or preset.resolution
+    resolution = cfg.data.resolution or preset.resolution
     config["sample_size"] = resolution
     return AutoencoderKL(**config), resolution
 
@@ -144,7 +144,7 @@ def build_vae(cfg: VAETrainConfig) -> tuple[AutoencoderKL, int]:
 def save_vae(vae: AutoencoderKL, train_images: torch.Tensor, cfg: VAETrainConfig, path: Path) -> float:
     """Write the VAE to ``path`` with scaling_factor = 1 / std of the training images' latents; returns
     that std."""
-    std = latent_std(vae, train_images[: cfg.scale_count], seed=cfg.seed)
+    std = latent_std(vae, train_images[: cfg.run.scale_count], seed=cfg.optimizer.seed)
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(path, safe_serialization=True)
     return std
@@ -159,32 +159,43 @@ class VAETrainer(Trainer):
 
     def make_accelerator(self):
         self.started = time.perf_counter()
-        return setup_accelerator(self.cfg.output_dir, self.cfg.mixed_precision, report_to=self.cfg.report_to)
+        return setup_accelerator(
+            self.cfg.run.output_dir, self.cfg.optimizer.mixed_precision, report_to=self.cfg.run.report_to
+        )
 
     def final_path(self) -> Path:
-        return Path(self.cfg.output_dir) / "vae"
+        return Path(self.cfg.run.output_dir) / "vae"
 
     def setup(self) -> None:
         cfg, acc = self.cfg, self.accelerator
-        torch.manual_seed(cfg.seed)  # the initial weights; the steps' draws continue this stream
+        torch.manual_seed(cfg.optimizer.seed)  # the initial weights; the steps' draws continue this stream
         self.vae, resolution = build_vae(cfg)
         self.train_images, self.eval_images = load_splits(cfg, resolution)
-        objective = VAEObjective(self.vae, cfg.reconstruction_loss, cfg.kl_weight)
+        objective = VAEObjective(self.vae, cfg.optimizer.reconstruction_loss, cfg.optimizer.kl_weight)
         self.params = list(objective.parameters())
         groups = [{"params": self.params, "name": "vae"}]  # logged as lr/vae
-        optimizer = make_optimizer(groups, cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
-        self.lr_schedule = make_lr_schedule(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_steps)
+        optimizer = make_optimizer(
+            groups, cfg.optimizer.learning_rate, weight_decay=cfg.optimizer.adam_weight_decay
+        )
+        self.lr_schedule = make_lr_schedule(
+            optimizer, cfg.optimizer.lr_scheduler, cfg.optimizer.lr_warmup_steps, cfg.optimizer.max_steps
+        )
         self.objective, self.optimizer = acc.prepare(objective, optimizer)
 
         self.start_step = self.resume()
-        sampler = StepSampler(len(self.train_images), cfg.train_batch_size, cfg.seed, cfg.max_steps,
+        opt = cfg.optimizer
+        sampler = StepSampler(len(self.train_images), opt.train_batch_size, opt.seed, opt.max_steps,
                               self.start_step, acc.num_processes, acc.process_index)  # fmt: skip
-        self.batches, self.global_batch, self.eval_every = iter(sampler), sampler.global_batch, cfg.eval_every
+        self.batches, self.global_batch, self.eval_every = (
+            iter(sampler),
+            sampler.global_batch,
+            cfg.run.eval_every,
+        )
         self.start_logs()
         acc.print(
-            f"VAE {cfg.preset}: {sum(p.numel() for p in self.params) / 1e6:.2f} M parameters, "
+            f"VAE {cfg.model.preset}: {sum(p.numel() for p in self.params) / 1e6:.2f} M parameters, "
             f"{len(self.train_images)} training and {len(self.eval_images)} held-out images at {resolution} "
-            f"px, steps {self.start_step} -> {cfg.max_steps}"
+            f"px, steps {self.start_step} -> {cfg.optimizer.max_steps}"
         )
 
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
@@ -240,12 +251,12 @@ class VAETrainer(Trainer):
             "scaling_factor": saved.config.scaling_factor,
             "seconds": time.perf_counter() - self.started,
         }
-        acc.log({"val/psnr": result["psnr"]}, step=cfg.max_steps)
+        acc.log({"val/psnr": result["psnr"]}, step=cfg.optimizer.max_steps)
         acc.print(
             f"saved {path}: held-out PSNR {result['psnr']:.2f} dB, latent std {std:.3f} -> "
             f"scaling_factor {result['scaling_factor']:.4f} ({result['seconds']:.0f} s)"
         )
-        (Path(cfg.output_dir) / "vae_results.json").write_text(json.dumps(result, indent=2) + "\n")
+        (Path(cfg.run.output_dir) / "vae_results.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
 
 

@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 
 from training.checkpoint import NonFiniteLossError, StopSignals, checkpoints, save_checkpoint
-from training.config import save_yaml, to_dict
-from training.configs import RunConfig
+from training.config import Config, save_yaml, to_dict
 from training.metrics import Metrics, progress_bar
 from training.optim import EMA
 from training.resume import resume
@@ -35,14 +34,14 @@ from training.run_folder import final_staging, open_run_folder, prepare_final_di
 
 
 class Trainer:
-    """A training run of ``cfg.max_steps`` optimizer steps.
+    """A training run of ``cfg.optimizer.max_steps`` optimizer steps.
 
     A subclass defines ``make_accelerator``, ``final_path`` and ``setup`` (which sets the attributes below,
     ``start_step`` from ``resume``), ``train_step`` and ``checkpoint_modules``; ``evaluate`` and
     ``eval_every`` for periodic evaluation. Its ``train`` calls ``release`` in a ``finally``."""
 
     project = "sdlite-train"  # the trackers' project name
-    cfg: RunConfig
+    cfg: Config
     accelerator: object  # accelerate.Accelerator
     params: list  # the trained parameters (clipped, checked, averaged)
     optimizer: object  # accelerate's AcceleratedOptimizer
@@ -54,15 +53,17 @@ class Trainer:
     lock = None  # the run folder's RunLock (main process), held from __init__ until release
     final: Path  # the folder the result is published to, checked at start-up
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: Config):
         """Lock output_dir, check the final folder, then build everything (``setup``): ready for
         ``start_step``. A failure on the way releases the lock."""
         cfg.check()
         self.cfg = cfg
         self.accelerator = acc = self.make_accelerator()
-        self.lock = open_run_folder(cfg.output_dir, acc, log=acc.print)  # before anything is written there
+        self.lock = open_run_folder(
+            cfg.run.output_dir, acc, log=acc.print
+        )  # before anything is written there
         try:
-            self.final = prepare_final_dir(self.final_path(), cfg.output_dir)  # fails before training
+            self.final = prepare_final_dir(self.final_path(), cfg.run.output_dir)  # fails before training
             self.setup()
         except BaseException:
             self.release()
@@ -128,7 +129,7 @@ class Trainer:
         losses. Other optimizers (bitsandbytes, non-fused AdamW) have no found_inf: for them the flag
         is read on the host, one sync per step.
         """
-        acc, max_norm = self.accelerator, self.cfg.max_grad_norm
+        acc, max_norm = self.accelerator, self.cfg.optimizer.max_grad_norm
         if acc.scaler is not None:
             if max_norm > 0:
                 acc.clip_grad_norm_(self.params, max_norm)
@@ -158,19 +159,19 @@ class Trainer:
         """
         cfg, acc = self.cfg, self.accelerator
         metrics = Metrics(acc, images_per_step=self.global_batch)
-        bar = progress_bar(acc, cfg.max_steps, self.start_step)
+        bar = progress_bar(acc, cfg.optimizer.max_steps, self.start_step)
         nonfinite, since = torch.zeros((), device=acc.device), self.start_step  # skipped steps since `since`
         with StopSignals() as stop, contextlib.closing(bar):
-            for step in range(self.start_step, cfg.max_steps):
+            for step in range(self.start_step, cfg.optimizer.max_steps):
                 values, skipped = self.train_step(step)
                 metrics.add(**values)
                 nonfinite += skipped
                 done = step + 1
                 bar.update(1)
-                logging = done % cfg.log_every == 0 or done == cfg.max_steps
+                logging = done % cfg.run.log_every == 0 or done == cfg.optimizer.max_steps
                 # A checkpoint every checkpoint_every steps and at the end, so that a finished run can go on.
-                saving = bool(cfg.checkpoint_every) and (
-                    done % cfg.checkpoint_every == 0 or done == cfg.max_steps
+                saving = bool(cfg.run.checkpoint_every) and (
+                    done % cfg.run.checkpoint_every == 0 or done == cfg.optimizer.max_steps
                 )
                 if logging or saving:  # the loop's only host syncs
                     self.check_nonfinite(int(acc.reduce(nonfinite, "max").item()), since, done)
@@ -191,7 +192,7 @@ class Trainer:
                     )
                     acc.end_training()
                     raise SystemExit(128 + signum)
-                if self.eval_every and done % self.eval_every == 0 and done < cfg.max_steps:
+                if self.eval_every and done % self.eval_every == 0 and done < cfg.optimizer.max_steps:
                     self.evaluate(done)
 
     def check_nonfinite(self, count: int, since: int, done: int) -> None:
@@ -200,8 +201,8 @@ class Trainer:
             return
         steps = f"step {done}" if done - since == 1 else f"steps {since + 1}..{done}"
         what = f"{count} step(s) of {steps} had a NaN or inf loss or gradients"
-        if self.cfg.nonfinite_loss == "stop":
-            last = checkpoints(self.cfg.output_dir)
+        if self.cfg.run.nonfinite_loss == "stop":
+            last = checkpoints(self.cfg.run.output_dir)
             raise NonFiniteLossError(
                 f"{what} (nonfinite_loss=stop); they were skipped, so the weights are finite, and no "
                 f"checkpoint was written after them; the last one is {str(last[-1]) if last else 'none'}. "
@@ -218,18 +219,18 @@ class Trainer:
         return {f"lr/{group.get('name', index)}": group["lr"] for index, group in enumerate(groups)}
 
     def resume(self) -> int:
-        """Load the checkpoint ``cfg.resume`` names, if any, after checking the config against the
+        """Load the checkpoint ``cfg.run.resume`` names, if any, after checking the config against the
         checkpoint's (training.resume: a change that would alter what that run trained is refused
         unless named in allow_config_change); returns the step to start from."""
         cfg, acc = self.cfg, self.accelerator
         base_lrs = list(self.lr_schedule.base_lrs)  # this config's rates, before the checkpoint's
-        found = resume(acc, cfg.output_dir, cfg.resume, self.checkpoint_modules(), self.optimizer,
-                       self.lr_schedule, self.ema, config=to_dict(cfg), allow=cfg.allow_config_change,
+        found = resume(acc, cfg.run.output_dir, cfg.run.resume, self.checkpoint_modules(), self.optimizer,
+                       self.lr_schedule, self.ema, config=to_dict(cfg), allow=cfg.run.allow_config_change,
                        base_lrs=base_lrs, log=acc.print)  # fmt: skip
         if found is None:
-            if checkpoints(cfg.output_dir):
+            if checkpoints(cfg.run.output_dir):
                 acc.print(
-                    f"warning: {cfg.output_dir} holds checkpoints of an earlier run; this run starts "
+                    f"warning: {cfg.run.output_dir} holds checkpoints of an earlier run; this run starts "
                     "at step 0 (--resume latest continues the earlier one)"
                 )
             return 0
@@ -239,21 +240,21 @@ class Trainer:
     def save_checkpoint(self, step: int) -> Path:
         return save_checkpoint(
             self.accelerator,
-            self.cfg.output_dir,
+            self.cfg.run.output_dir,
             step,
             self.checkpoint_modules(),
             self.optimizer,
             self.lr_schedule,
             self.ema,
-            self.cfg.checkpoints_total_limit,
+            self.cfg.run.checkpoints_total_limit,
             config=to_dict(self.cfg),
         )
 
     def start_logs(self) -> None:
         """Write output_dir/config.yaml and start the trackers, with the config as hyperparameters."""
         if self.accelerator.is_main_process:
-            Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            save_yaml(self.cfg, Path(self.cfg.output_dir) / "config.yaml")
+            Path(self.cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
+            save_yaml(self.cfg, Path(self.cfg.run.output_dir) / "config.yaml")
             hparams = {
                 k: v if isinstance(v, (int, float, str, bool)) else str(v)
                 for k, v in to_dict(self.cfg).items()
@@ -265,9 +266,9 @@ class Trainer:
         """On the main process: an empty staging folder to write the result into; when the block ends
         without an error, it replaces ``self.final`` in one atomic step, marked as this run's (a folder
         of someone else's files there is refused, before anything is written)."""
-        staging = final_staging(self.final, self.cfg.output_dir)
+        staging = final_staging(self.final, self.cfg.run.output_dir)
         yield staging
-        publish_final(staging, self.final, self.cfg.output_dir, step=self.cfg.max_steps)
+        publish_final(staging, self.final, self.cfg.run.output_dir, step=self.cfg.optimizer.max_steps)
 
 
 def leave(status: int = 0) -> None:

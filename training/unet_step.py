@@ -38,20 +38,21 @@ class Denoiser(torch.nn.Module):
         return self.unet(x_t, t, encoder_hidden_states=text).sample
 
 
-def draw_step(cfg, step: int, G: int, T: int, latent_shape: tuple[int, int, int], device) -> dict:
+def draw_step(seed: int, caption_dropout: float, noise_offset: float, step: int, G: int, T: int,
+              latent_shape: tuple[int, int, int], device) -> dict:  # fmt: skip
     """The random draws of one optimizer step for its whole global batch of G latents (C, h, w), T the
     diffusion's length (each process takes its slice)."""
-    cpu = seeded_generator(cfg.seed, "step", step)
-    dev = seeded_generator(cfg.seed, "noise", step, device=device)
+    cpu = seeded_generator(seed, "step", step)
+    dev = seeded_generator(seed, "noise", step, device=device)
     draws = {  # Algorithm 1, lines 3-4
         "t": torch.randint(0, T, (G,), generator=cpu),  # t ~ U{0..T-1}; stays on the CPU (see diffusion_loss)
-        "drop": (torch.rand(G, generator=cpu) < cfg.caption_dropout).to(device),
+        "drop": (torch.rand(G, generator=cpu) < caption_dropout).to(device),
         "noise": torch.randn((G, *latent_shape), generator=dev, device=device),  # ε
         "latent_noise": torch.randn((G, *latent_shape), generator=dev, device=device),  # for z ~ q(z|x)
     }
-    if cfg.noise_offset:
+    if noise_offset:
         offset = torch.randn((G, latent_shape[0], 1, 1), generator=dev, device=device)
-        draws["noise"] = draws["noise"] + cfg.noise_offset * offset
+        draws["noise"] = draws["noise"] + noise_offset * offset
     return draws
 
 

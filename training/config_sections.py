@@ -1,0 +1,458 @@
+"""The configs of sdlite's two trainers, section by section: what each entry point takes, with its defaults.
+
+``TrainConfig`` (training/train.py, the latent U-Net) and ``VAETrainConfig`` (training/train_vae.py) are
+made of sections (training/config.py's ``Section``); the data, optimizer and run sections that both
+trainers share are written once (training/config.py's ``*Base``), and the VAE's give some keys other
+defaults. Each key's help
+text is its ``option``'s; each section's ``problems`` checks its own keys, and a config's
+``cross_problems`` the settings of several sections together. ``FOREIGN_FLAGS`` maps the flags of
+diffusers' training scripts (examples/text_to_image) to ours, so that ``--max_train_steps`` fails
+naming ``--max_steps`` instead of "unrecognized arguments".
+
+This module imports neither torch nor any model library (see training/config.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from sdlite.presets import PRESETS, Preset, PresetXL
+from training.config import (
+    DIFFUSERS_FLAGS,
+    Config,
+    DataBase,
+    OptimizerBase,
+    RunBase,
+    Section,
+    option,
+    section,
+)
+from training.sample_prompts import prompts_file_problems
+
+# sdlite.lora's UNET_TARGETS and TEXT_ENCODER_TARGETS, written out so as not to import torch and peft
+# here (tests/test_train.py keeps them equal): the attention projections LoRA adapts by default.
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+# kohya's sd-scripts' names for what sdlite has (reported as sd-scripts' names).
+SD_SCRIPTS_FLAGS = {
+    "sample_prompts": "sd-scripts: --validation_prompts_file",
+    "sample_every_n_steps": "sd-scripts: --validation_every",
+}
+UNET_FLAGS = {
+    "pretrained_model_name_or_path": "--pretrained (a local diffusers-layout folder)",
+    "rank": "--lora_rank (with --lora true)",
+    "validation_prompt": "--validation_prompts (a comma-separated list)",
+    "validation_epochs": "--validation_every (in optimizer steps)",
+    "use_ema": "--ema_decay (a decay such as 0.9999; none turns the EMA off)",
+    "center_crop": "--random_crop false (the centre crop is the default)",
+}
+
+
+# ---- the U-Net trainer ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSection(Section):
+    title = "The model"
+    about = "a preset from scratch, or a pretrained diffusers-layout folder"
+
+    preset: str = option(
+        "tiny", "the sdlite.presets model to build with random weights (when pretrained is None)"
+    )
+    pretrained: str | None = option(None, "a diffusers-layout folder to fine-tune")
+    vae_path: str | None = option(
+        None, "an AutoencoderKL folder (train_vae.py's output_dir/vae) replacing the VAE"
+    )
+    train_text_encoder: bool = option(
+        False, "train the CLIP text encoder with the U-Net (embeddings not cached)"
+    )
+    text_encoder_layers: int | None = option(
+        None, "from scratch: the preset's text encoder with this many layers"
+    )
+    unet_block_out_channels: list[int] | None = option(
+        None, "from scratch: the preset's U-Net, these level widths"
+    )
+    unet_mid_block: bool = option(
+        True, "from scratch: false builds the preset's U-Net without its middle block"
+    )
+    unet_layers_per_block: list[int] | None = option(
+        None, "from scratch: ResNet blocks per level's down block"
+    )
+    prediction_type: str | None = option(None, '"epsilon" or "v_prediction"; None: the scheduler\'s')
+    rescale_betas_zero_snr: bool = option(
+        False, "zero terminal SNR (Lin et al. 2023); also sets trailing spacing"
+    )
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            problems.append(f"prediction_type={self.prediction_type!r}: use epsilon or v_prediction")
+        return problems + self.text_encoder_layers_problems() + self.unet_shape_problems()
+
+    def text_encoder_layers_problems(self) -> list[str]:
+        layers = self.text_encoder_layers
+        if layers is None:
+            return []
+        if layers < 0:
+            return [f"text_encoder_layers={layers} must be >= 0 (or none: the preset's)"]
+        if self.pretrained:
+            return ["text_encoder_layers: for a text encoder built from scratch; pretrained ones keep theirs"]
+        return []
+
+    def unet_shape_problems(self) -> list[str]:
+        """What is wrong with the from-scratch U-Net's shape keys: widths, middle block, layers."""
+        channels, layers = self.unet_block_out_channels, self.unet_layers_per_block
+        if self.pretrained:  # these keys shape a U-Net built from a preset: name each one given
+            scratch, keeps = "a U-Net built from scratch", "a pretrained one keeps its own"
+            problems = []
+            if channels is not None:
+                problems.append(f"unet_block_out_channels: for {scratch}; {keeps}")
+            if not self.unet_mid_block:
+                problems.append(f"unet_mid_block: false is for {scratch}; {keeps}")
+            if layers is not None:
+                problems.append(f"unet_layers_per_block: for {scratch}; {keeps}")
+            return problems
+        preset = PRESETS.get(self.preset)  # an unknown one is refused when built; SDXL's by its family
+        if preset is None or isinstance(preset, PresetXL):
+            return []
+        if channels is not None and (problems := preset.channels_problems("unet", channels)):
+            return problems
+        return [] if layers is None else self.shaped_preset(preset).unet_layers_problems(layers)
+
+    def shaped_preset(self, preset: Preset) -> Preset:
+        """An SD preset with this section's from-scratch shape keys applied: what the SD family builds."""
+        if self.text_encoder_layers is not None:
+            preset = preset.with_text_encoder_layers(self.text_encoder_layers)
+        if self.unet_block_out_channels is not None:
+            preset = preset.with_unet_channels(self.unet_block_out_channels)
+        if not self.unet_mid_block:
+            preset = preset.without_unet_mid_block()
+        if self.unet_layers_per_block is not None:
+            preset = preset.with_unet_layers(self.unet_layers_per_block)
+        return preset
+
+
+@dataclass
+class DataSection(DataBase):
+    caption_column: str = option("text", "the column of captions")
+    random_crop: bool = option(False, "one random square per image (from seed and index); else centre crop")
+    random_flip: bool = option(False, "flip left-right with probability 1/2 (both flips are cached)")
+    caption_dropout: float = option(0.0, "probability of the empty caption, for classifier-free guidance")
+    cache_latents: bool = option(True, "encode each image once, keep mean and std of q(z|x) on disk")
+    cache_text: bool = option(True, "cache the text embeddings too (only while the text encoder is frozen)")
+    cache_dir: str = option("~/.cache/sdlite", "where the latent and text caches live (shared between runs)")
+    dataloader_num_workers: int = option(0, "DataLoader worker processes; 0: load in the training process")
+    streaming: bool = option(
+        False, "stream train_data_dir's shards, nothing cached (sdlite/data/streaming.py)"
+    )
+    shuffle_buffer: int = option(
+        1000, "streaming: rows held for shuffling (more: a better shuffle, more memory)"
+    )
+    bad_data: str = option(
+        "skip", 'unreadable images: "skip" them (listed in output_dir/bad_files.txt) or "error"'
+    )
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if not 0 <= self.caption_dropout < 1:
+            problems.append(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
+        if self.bad_data not in ("skip", "error"):
+            problems.append(f"bad_data={self.bad_data!r}: use skip or error")
+        return problems
+
+
+@dataclass
+class CaptionSection(Section):
+    title = "Photo sets"
+    about = (
+        "kohya's sd-scripts layouts. A train_data_dir of images with a .txt or .caption file beside each "
+        "(no metadata file) is read as captions, its N_name folders repeating their images N times per "
+        "epoch (sdlite/data/captions.py, buckets.py)."
+    )
+
+    aspect_buckets: bool = option(
+        False, "group images by aspect ratio into buckets of about resolution² pixels"
+    )
+    bucket_min_side: int | None = option(None, "the shortest bucket side in pixels; None: resolution / 2")
+    bucket_max_side: int | None = option(None, "the longest bucket side in pixels; None: resolution * 2")
+    shuffle_caption: bool = option(
+        False, "shuffle a caption's comma-separated tags at every draw (no text cache)"
+    )
+    keep_tokens: int = option(0, "with shuffle_caption: the caption's first N tags stay in place")
+    caption_prefix: str = option(
+        "", "a trigger word put first in every caption (the validation loss captions too)"
+    )
+    caption_tag_dropout_rate: float = option(
+        0.0, "leave each tag (after keep_tokens) out this often at each draw"
+    )
+    caption_separator: str = option(
+        ",", 'what splits a caption into tags: "," for tag lists, " " for the words'
+    )
+
+    @property
+    def read_first(self) -> bool:
+        """Whether these settings read every row before training (so not with streaming)."""
+        return bool(
+            self.aspect_buckets
+            or self.shuffle_caption
+            or self.caption_prefix
+            or self.caption_tag_dropout_rate
+        )
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.keep_tokens < 0:
+            problems.append(f"keep_tokens={self.keep_tokens} must be >= 0")
+        if not 0 <= self.caption_tag_dropout_rate < 1:
+            problems.append(f"caption_tag_dropout_rate={self.caption_tag_dropout_rate} must be in [0, 1)")
+        if not self.caption_separator:
+            problems.append('caption_separator is empty: "," splits tag lists, " " the words of a sentence')
+        for name in ("bucket_min_side", "bucket_max_side"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (or none)")
+        return problems
+
+
+@dataclass
+class OptimizerSection(OptimizerBase):
+    about = "the global batch is train_batch_size x processes x gradient_accumulation_steps"
+
+    gradient_accumulation_steps: int = option(1, "micro-steps per optimizer step")
+    adam_beta1: float = option(0.9, "AdamW's β1")
+    adam_beta2: float = option(0.999, "AdamW's β2")
+    adam_epsilon: float = option(1e-8, "AdamW's ε")
+    use_8bit_adam: bool = option(False, "bitsandbytes' AdamW8bit")
+    snr_gamma: float | None = option(None, "min-SNR-γ loss weights (Hang et al. 2023); 5 is the paper's")
+    noise_offset: float = option(0.0, "ε += offset * N(0, I) per (sample, channel) (Guttenberg 2023)")
+    ema_decay: float | None = option(0.9999, "the EMA of the weights that final_dir holds; None: no EMA")
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.gradient_accumulation_steps < 1:
+            problems.append("gradient_accumulation_steps must be >= 1")
+        return problems
+
+
+@dataclass
+class LoraSection(Section):
+    title = "LoRA"
+    about = (
+        "train low-rank adapters on the frozen model instead of its weights (learning_rate is the U-Net "
+        "adapter's). The update is (lora_alpha / lora_rank) B A; alpha None means alpha = rank."
+    )
+
+    lora: bool = option(False, "train LoRA adapters (Hu et al. 2021) instead of the weights")
+    lora_rank: int = option(4, "r, the adapters' rank")
+    lora_alpha: float | None = option(None, "α; the update is scaled by α / r; None: α = r")
+    lora_dropout: float = option(0.0, "dropout on the adapters' input")
+    lora_target_modules: list[str] = option(list(UNET_TARGETS), "U-Net attention")
+    lora_text_encoder: bool = option(
+        False, "an adapter on the text encoder too (embeddings are then not cached)"
+    )
+    lora_text_encoder_target_modules: list[str] = option(
+        list(TEXT_ENCODER_TARGETS), "the text encoder's attention projections"
+    )
+    text_encoder_lr: float | None = option(
+        None, "the text encoder adapter's learning rate; None: learning_rate"
+    )
+    lora_save_format: str = option(
+        "diffusers",
+        '"kohya": also final_dir/lora_kohya.safetensors (A1111, ComfyUI); the diffusers layout is '
+        "always written",
+    )
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.lora and (self.lora_rank < 1 or not 0 <= self.lora_dropout < 1):
+            problems.append(
+                f"lora_rank {self.lora_rank} must be >= 1, lora_dropout {self.lora_dropout} in [0, 1)"
+            )
+        if self.lora_save_format not in ("diffusers", "kohya"):
+            problems.append(f"lora_save_format={self.lora_save_format!r}: use diffusers or kohya")
+        return problems
+
+
+@dataclass
+class DreamBoothSection(Section):
+    title = "DreamBooth"
+    about = (
+        "(Ruiz et al. 2023): teach a subject from a few photos, train_data_dir unused; with class_data_dir "
+        "each batch adds as many class images, kept by the prior-preservation loss."
+    )
+
+    instance_data_dir: str | None = option(
+        None, "the subject's photos (any image folder); None: no DreamBooth"
+    )
+    instance_prompt: str = option(
+        "", 'the caption of every subject photo, with a rare token: "a photo of sks dog"'
+    )
+    class_data_dir: str | None = option(None, "class images; topped up to num_class_images by the base model")
+    class_prompt: str = option("", 'the class images\' caption and generating prompt: "a photo of a dog"')
+    num_class_images: int = option(100, "class images wanted; those missing are generated before training")
+    prior_loss_weight: float = option(1.0, "the class images' loss weight (Ruiz et al. eq. 2's λ)")
+    sample_batch_size: int = option(
+        4, "images per batch when generating class images (validation_inference_steps)"
+    )
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.class_data_dir and not self.instance_data_dir:
+            problems.append("class_data_dir without instance_data_dir: give the subject's photos too")
+        if self.instance_data_dir and not self.instance_prompt.strip():
+            problems.append("instance_data_dir without instance_prompt: e.g. 'a photo of sks dog'")
+        if self.class_data_dir and not self.class_prompt.strip():
+            problems.append("class_data_dir without class_prompt: e.g. --class_prompt 'a photo of a dog'")
+        if self.num_class_images < 0 or self.sample_batch_size < 1 or self.prior_loss_weight < 0:
+            problems.append("num_class_images and prior_loss_weight must be >= 0, sample_batch_size >= 1")
+        return problems
+
+
+@dataclass
+class ValidationSection(Section):
+    title = "Validation"
+    about = "sample images and a held-out loss, every validation_every steps and at the end"
+
+    validation_prompts: list[str] = option([], "prompts sampled into validation/step-N.png")
+    validation_prompts_file: str | None = option(
+        None,
+        "a text file of prompts sampled after validation_prompts, one a line, sd-scripts' format: "
+        '"a red circle --n blurry --s 30 --l 4.5 --d 7 --w 64 --h 32"',
+    )
+    validation_every: int = option(0, "steps between validations; 0: only at the end")
+    validation_inference_steps: int = option(50, "sampling steps of the validation images")
+    validation_guidance: float = option(7.5, "classifier-free guidance scale of the validation images")
+    val_data_dir: str | None = option(None, "held-out data for the validation loss (same formats as train)")
+    val_count: int = option(64, "held-out items used")
+    val_timesteps: list[int] = option([100, 300, 500, 700, 900], "validation loss t")
+
+    def problems(self) -> list[str]:
+        return prompts_file_problems(self.validation_prompts_file)
+
+
+@dataclass
+class RunSection(RunBase):
+    about = "the run's folder, logging, checkpoints, faults (README: Reliability), speed"
+
+    final_dir: str | None = option(None, "the trained model's folder; None: output_dir/final")
+    allow_tf32: bool = option(True, "TF32 matmuls on Ampere and later GPUs")
+    gradient_checkpointing: bool = option(
+        False, "recompute activations in the backward pass: less memory, slower"
+    )
+    compile: bool = option(False, "torch.compile the U-Net")
+    channels_last: bool = option(False, "the U-Net's activations in channels-last memory layout")
+
+
+@dataclass
+class TrainConfig(Config):
+    """Train the latent U-Net (and optionally the text encoder) of a text-to-image model."""
+
+    FOREIGN_FLAGS: ClassVar[dict[str, str]] = DIFFUSERS_FLAGS | UNET_FLAGS | SD_SCRIPTS_FLAGS
+
+    model: ModelSection = section(ModelSection)
+    data: DataSection = section(DataSection)
+    captions: CaptionSection = section(CaptionSection)
+    optimizer: OptimizerSection = section(OptimizerSection)
+    adapters: LoraSection = section(LoraSection)
+    dreambooth: DreamBoothSection = section(DreamBoothSection)
+    validation: ValidationSection = section(ValidationSection)
+    run: RunSection = section(RunSection)
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        """Whether gradients reach the text encoder: trained whole, or through its LoRA adapter."""
+        return self.model.train_text_encoder or (self.adapters.lora and self.adapters.lora_text_encoder)
+
+    def cross_problems(self) -> list[str]:
+        model, lora, data, dreambooth = self.model, self.adapters, self.data, self.dreambooth
+        problems = []
+        if lora.lora and model.train_text_encoder:
+            problems.append("lora with train_text_encoder: LoRA trains no base weight; use lora_text_encoder")
+        if model.text_encoder_layers == 0 and not model.pretrained and lora.lora and lora.lora_text_encoder:
+            problems.append("lora_text_encoder on a 0-layer text encoder: it has no attention for an adapter")
+        if data.streaming and self.captions.read_first:
+            problems.append(
+                "aspect_buckets, shuffle_caption, caption_tag_dropout_rate and caption_prefix read every row "
+                "first: not with streaming"
+            )
+        if data.streaming and dreambooth.instance_data_dir:
+            problems.append("instance_data_dir (DreamBooth) reads a folder of photos: not with streaming")
+        return problems
+
+
+# ---- the VAE trainer --------------------------------------------------------------------------------------
+
+
+@dataclass
+class VAEModelSection(Section):
+    title = "The model"
+
+    preset: str = option("tiny", "the sdlite.presets VAE to build with random weights")
+    vae_block_out_channels: list[int] | None = option(
+        None, "the preset's VAE with these level widths (same f)"
+    )
+    vae_mid_block_attention: bool = option(True, "false: the middle blocks without their self-attention")
+
+    def problems(self) -> list[str]:
+        preset = PRESETS.get(self.preset)  # an unknown one is refused when built
+        if preset is not None and self.vae_block_out_channels is not None:
+            return preset.channels_problems("vae", self.vae_block_out_channels)
+        return []
+
+    def shaped_preset(self, preset: Preset) -> Preset:
+        """The preset with this section's VAE shape keys applied: what train_vae.py builds."""
+        if self.vae_block_out_channels is not None:
+            preset = preset.with_vae_channels(self.vae_block_out_channels)
+        if not self.vae_mid_block_attention:
+            preset = preset.without_vae_mid_attention()
+        return preset
+
+
+@dataclass
+class VAEDataSection(DataBase):
+    eval_data_dir: str | None = option(None, "held-out images for PSNR; None: hold out eval_count of train")
+    eval_count: int = option(256, "images held out of train_data_dir when eval_data_dir is None")
+
+
+@dataclass
+class VAEOptimizerSection(OptimizerBase):
+    about = "a VAE at a constant rate can end on a loss spike; cosine decays to 0 at max_steps"
+
+    max_steps: int = 600
+    learning_rate: float = 2e-3
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 50
+    adam_weight_decay: float = 0.0
+    reconstruction_loss: str = option("mse", '"mse" or "l1"')
+    kl_weight: float = option(1e-6, "the weight of KL(q(z|x) ‖ N(0, I)) against the reconstruction loss")
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.reconstruction_loss not in ("mse", "l1"):
+            problems.append(f"reconstruction_loss={self.reconstruction_loss!r}: use mse or l1")
+        return problems
+
+
+@dataclass
+class VAERunSection(RunBase):
+    output_dir: str = "runs/tiny-vae"
+    log_every: int = 100
+    checkpoint_every: int = 0
+    checkpoints_total_limit: int | None = 2
+    scale_count: int = option(1024, "training images encoded to measure the latents' std")
+    eval_every: int = option(0, "steps between held-out PSNR reports; 0: only at the end")
+
+
+@dataclass
+class VAETrainConfig(Config):
+    """Train the preset's AutoencoderKL from scratch on an image folder."""
+
+    FOREIGN_FLAGS: ClassVar[dict[str, str]] = DIFFUSERS_FLAGS | {
+        "pretrained_model_name_or_path": "train_vae.py trains the --preset's VAE from random weights",
+    }
+
+    model: VAEModelSection = section(VAEModelSection)
+    data: VAEDataSection = section(VAEDataSection)
+    optimizer: VAEOptimizerSection = section(VAEOptimizerSection)
+    run: VAERunSection = section(VAERunSection)
