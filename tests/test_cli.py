@@ -11,12 +11,12 @@ from PIL import Image
 from safetensors import safe_open
 
 from pipelines.text_to_image import TextToImagePipeline
+from sdlite import cli
+from sdlite.cli import main
 from sdlite.data.shapes import write_dataset
 from sdlite.fidelity import GENERATOR_DATA
 from sdlite.lora import LoraSettings, adapter_parameters, add_lora, save_lora
 from sdlite.models import build_components, load_components, save_components
-from training import cli
-from training.cli import main
 from training.schedulers import SCHEDULERS, make_scheduler
 
 
@@ -52,7 +52,7 @@ def usage_error(argv: list[str], capsys) -> str:
 HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft", "datasets")
 PARSE_ONLY = """
 import sys
-from training.cli import main
+from sdlite.cli import main
 for argv in {argvs!r}:
     try:
         main(argv)

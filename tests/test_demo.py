@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from pipelines.text_to_image import TextToImagePipeline
+from sdlite.cli import main
 from training import demo
-from training.cli import main
 from training.config import ConfigError, load_yaml
 from training.config_sections import TrainConfig, VAETrainConfig
 

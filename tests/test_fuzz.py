@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from pipelines import inputs
+from sdlite.cli import main as cli
 from sdlite.models import build_components
-from training.cli import main as cli
 
 GOOD_GENERATOR = torch.Generator().manual_seed(0)
 OK, BAD = True, False

@@ -306,7 +306,7 @@ def test_broken_lora_files_are_refused_by_name(tmp_path, tensors, message):
 def test_sdlite_lora_convert_converts_and_refuses_overwriting_or_a_file_already_in_the_layout(
     files, tmp_path, capsys
 ):
-    from training.cli import main as sdlite
+    from sdlite.cli import main as sdlite
 
     out = tmp_path / "out.safetensors"
     assert sdlite(["lora", "convert", str(files[0].parent), str(out), "--to", "kohya"]) == 0

@@ -115,7 +115,8 @@ def test_a_second_run_on_one_output_dir_fails_naming_the_first_ones_pid(data, tm
 
 
 def test_sdlite_launch_hands_every_argument_after_it_to_the_launcher_unparsed(monkeypatch, capsys):
-    from training import cli, launch
+    from sdlite import cli
+    from training import launch
 
     received = []
     monkeypatch.setattr(launch, "main", lambda argv: received.append(argv) or 143)

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from sdlite import fidelity, likelihood
+from sdlite.cli import DEFAULT_STEPS, EVAL_GUIDANCE, EVAL_GUIDANCE_INTERVAL
 from sdlite.data.dataset import ImageTransform, caption_text, image_bytes, load_rows
 from sdlite.data.shapes import allowed_pairs, draw, sample_specs
 from sdlite.images import grid
-from training.cli import DEFAULT_STEPS, EVAL_GUIDANCE, EVAL_GUIDANCE_INTERVAL
 from training.cmd_generate import load_pipeline
 
 # Held-out images read for the diversity's reference: a spread from n images is about 1/sqrt(2n) off.

@@ -8,12 +8,14 @@
     sdlite demo --out runs/demo [--fast]
     sdlite launch --num_processes 1 training/train.py --config configs/tiny-shapes.yaml
 
-This module is only the parser: it imports no torch, so ``--help`` and argument errors answer at once.
-Each command lives in a module of its own (cmd_data, cmd_generate, cmd_evaluate, demo), imported only
-when that command runs. A command is an ``add_*`` function below, listed in ``build_parser``: it makes
-its parser with ``_parser`` (or a group of them with ``_group``), naming the function that runs it as
-``"package.module:function"``, which gets the parsed arguments and returns the exit status. It lives
-in ``training/`` because the demo sits on everything else.
+This module is only the parser and the dispatcher: it imports no torch, so ``--help`` and argument
+errors answer at once. Each command lives in a module of its own (training/cmd_data.py, cmd_generate.py,
+cmd_evaluate.py, demo.py), imported only when that command runs. A command is an ``add_*`` function
+below, listed in ``build_parser``: it makes its parser with ``_parser`` (or a group of them with
+``_group``), naming the function that runs it as ``"package.module:function"``, which gets the parsed
+arguments and returns the exit status. The command is the library's, so it lives here, where its name
+leads; the commands sit on the layers above (pipelines, training), so this module reaches them only
+inside functions, when a command runs (tests/test_layering.py holds it to that).
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ import importlib
 import os
 import sys
 from pathlib import Path
-
-from training.schedulers import SCHEDULERS
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5  # generate: Stable Diffusion's usual scale
@@ -187,6 +187,8 @@ def add_model(parser: argparse.ArgumentParser) -> None:
 
 
 def add_generate(commands) -> None:
+    from training.schedulers import SCHEDULERS  # plain data: no torch, no diffusers
+
     gen = _parser(commands, "generate", "generate images for a prompt", "training.cmd_generate:run")
     gen.add_argument("prompt")
     add_model(gen)
@@ -270,7 +272,7 @@ def add_launch(commands) -> None:
         commands, "launch",
         "accelerate launch that, on SIGTERM or Ctrl-C, waits for the trainer's checkpoint "
         "(sdlite launch [accelerate options] training/train.py --config ...)",
-        "training.cli:run_launch",
+        "sdlite.cli:run_launch",
     )  # fmt: skip
     launch.add_argument("argv", nargs=argparse.REMAINDER, help="accelerate options, the script, its flags")
 
