@@ -198,13 +198,13 @@ def run_ours(args) -> dict:
 def warm_cache(args) -> dict:
     """Fill the cache (what a first run pays once), timed."""
     from training.accelerator import setup_accelerator
-    from training.examples import build_examples
+    from training.examples import training_data
     from training.families import family_of
 
     cfg = ours_config(args, 1)
     accelerator = setup_accelerator(args.out, report_to=None)
     start = time.perf_counter()
-    build_examples(
+    training_data(
         cfg, accelerator, family_of(cfg.model).load(cfg.model, cfg.optimizer.seed, accelerator.device)
     )
     return {"seconds": time.perf_counter() - start, "device": accelerator.device}

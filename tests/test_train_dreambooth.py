@@ -69,6 +69,18 @@ def test_each_step_weighs_subject_and_class_halves_by_the_prior_loss_weight(subj
     assert logs["instance_loss"] > 0 and logs["prior_loss"] > 0
 
 
+def test_each_batch_says_which_of_its_images_are_class_images(subject, tmp_path):
+    argv = flags(subject, tmp_path / "blobs", tmp_path / "run", train_batch_size=2)
+    trainer = UNetTrainer(parse_config(TrainConfig, argv))
+    rows = set(trainer.layout.class_rows)
+    for step in range(2):
+        batch = next(trainer.batches)
+        items = trainer.sampler.step_items(step)[trainer.sampler.positions(0)]
+        assert batch["is_prior"].tolist() == [row in rows for row, _ in items] == [False, False, True, True]
+        assert batch["is_prior"].device.type == "cpu"  # read on the host, not waited for on the device
+    trainer.release()
+
+
 def test_a_dreambooth_run_resumes_exactly(subject, tmp_path, monkeypatch):
     main(flags(subject, tmp_path / "blobs", tmp_path / "whole"))
     step = UNetTrainer.optimizer_step

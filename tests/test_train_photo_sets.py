@@ -161,7 +161,7 @@ def test_every_step_draws_one_bucket_with_latents_of_its_size(photos, cache, tmp
     shapes = set()
     for step in range(trainer.sampler.steps_per_epoch):
         batch = next(trainer.batches)
-        shape = trainer.step_latent_shape(step)
+        shape = trainer.data.step_latent_shape(step)
         assert batch["mean"].shape[1:] == shape  # the cache's latents, the step's noise: one size
         shapes.add(shape)
     assert shapes == {(4, 16, 16), (4, 8, 24), (4, 24, 8)}

@@ -135,8 +135,8 @@ def test_time_ids_of_a_bucketed_cropped_flipped_image_are_its_real_size_and_crop
     cache, tmp_path, monkeypatch
 ):
     photos = bucket_photos(tmp_path / "photos")
-    built, real = [], train_module.build_examples
-    monkeypatch.setattr(train_module, "build_examples", lambda *a: built.append(real(*a)) or built[-1])
+    built, real = [], train_module.training_data
+    monkeypatch.setattr(train_module, "training_data", lambda *a: built.append(real(*a)) or built[-1])
     seen, condition = [], StableDiffusionXL.condition
     monkeypatch.setattr(
         StableDiffusionXL, "condition", lambda f, b, *a: seen.append(b) or condition(f, b, *a)
@@ -152,7 +152,7 @@ def test_time_ids_of_a_bucketed_cropped_flipped_image_are_its_real_size_and_crop
         seed=1,
         **options,
     )
-    examples = built[0][0]
+    examples = built[0].examples
     wide = next(r for r, p in enumerate(examples.examples.images["image"]) if "wide" in p["path"])
     plain, flipped = (examples[(wide, flip)] for flip in (False, True))
     left = int(plain["time_ids"][3])

@@ -1,16 +1,16 @@
-"""The training data of a U-Net run: the (cached) training examples, the empty caption, the held-out
-batch and the rows' ``DataLayout``, built in the model family's terms (training/family.py).
-``UNetTrainer`` (train.py) calls these.
+"""The training data of a U-Net run, from its data config to what the step reads: ``training_data``
+returns the (cached) training examples and their sampler, the empty caption, the latent shape and the
+held-out batch (``TrainingData``), built in the model family's terms (training/family.py).
 
-Photo sets as sd-scripts users keep them go through the same ``build_examples``: ``rows_for`` reads a
+Photo sets as sd-scripts users keep them go through the same ``training_data``: ``rows_for`` reads a
 caption folder (sdlite/data/captions.py) or DreamBooth's instance and class folders
-(sdlite/data/db.py), and the ``DataLayout`` it returns tells ``sampler_for`` how to draw them:
-aspect buckets (sdlite/data/buckets.py), repeats, captions drawn per step, subject and class halves.
+(sdlite/data/dreambooth.py), and the ``DataLayout`` it fills tells ``sampler_for`` (training/sampling.py)
+how to draw them: aspect buckets, repeats, captions drawn per step, subject and class halves. DreamBooth's
+class images are generated first, with the base model (``top_up_class_images``).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -21,46 +21,68 @@ import torch
 from tqdm.auto import tqdm
 
 from sdlite.data.buckets import (
-    BucketSampler,
     BucketTransform,
-    bucket_counts,
     bucket_multiple,
-    bucket_summary,
     cache_bucket_latents,
-    image_buckets,
     make_buckets,
-    write_buckets_json,
 )
 from sdlite.data.cache import DecodedImages, TensorCache, cache_latents
 from sdlite.data.captions import (
     CaptionOptions,
-    DrawnCaptions,
     append_problems,
     caption_rows,
     draw_caption,
     is_caption_folder,
 )
 from sdlite.data.cleaning import clean_rows
-from sdlite.data.dataset import DataError, ImageTransform, TrainingExamples, caption_text, load_rows
+from sdlite.data.dataset import ImageTransform, TrainingExamples, caption_text, load_rows
 from sdlite.data.dreambooth import (
-    PriorPairSampler,
     class_image_sizes,
     class_images_needed,
     dreambooth_rows,
     generate_class_images,
 )
-from sdlite.data.steps import StepSampler, seeded_generator
+from sdlite.data.steps import seeded_generator
 from sdlite.latents import vae_factor
-from sdlite.tokenizer import token_ids
+from training.sampling import DataLayout, sampler_for
 
 if TYPE_CHECKING:
     from training.config_sections import CaptionSection, TrainConfig
     from training.family import StableDiffusion
 
 
-def build_examples(cfg: TrainConfig, acc, family: StableDiffusion):
-    """The training examples, cached as configured, the empty caption, the latent shape, the
-    held-out batch with its fixed draws (None without val_data_dir) and the rows' ``DataLayout``."""
+@dataclass
+class TrainingData:
+    """What a U-Net run trains on, made from its data config by ``training_data``."""
+
+    examples: torch.utils.data.Dataset  # what the loader reads, item by item (the sampler's items)
+    sampler: object  # the batch sampler (training/sampling.py), or a stream that is its own
+    empty: object  # c of the empty caption (caption dropout), or its token ids: the family's
+    latent_shape: tuple[int, int, int]  # (C, h, w) of the square images' latents
+    held_out: dict | None  # the held-out batch with its fixed draws; None without val_data_dir
+    layout: DataLayout
+
+    def loader(self, start_step: int, workers: int, pin_memory: bool, seed: int):
+        """The batches of optimizer steps ``start_step`` on."""
+        if self.sampler is self.examples:  # a stream (sdlite.data.streaming): a resume skips what was read
+            return self.examples.loader(start_step, workers, pin_memory)
+        self.sampler.start_at(start_step)
+        generator = torch.Generator().manual_seed(seed)  # the global RNG untouched: exact resume
+        return torch.utils.data.DataLoader(self.examples, batch_sampler=self.sampler, num_workers=workers,
+                                           prefetch_factor=4 if workers else None, pin_memory=pin_memory,
+                                           generator=generator)  # fmt: skip
+
+    def step_latent_shape(self, step: int) -> tuple[int, int, int]:
+        """(C, h, w) of the step's latents: its bucket's with aspect buckets (every process draws the same
+        bucket at a step), else the square one."""
+        if self.layout.bucket_of_rows is None:
+            return self.latent_shape
+        return self.layout.latent_shape(self.sampler.step_bucket(step))
+
+
+def training_data(cfg: TrainConfig, acc, family: StableDiffusion) -> TrainingData:
+    """The training examples (cached as configured) and their sampler, the empty caption, the latent
+    shape and the held-out batch: everything the step reads of the data, in the family's terms."""
     data, captions, opt, run, validation = cfg.data, cfg.captions, cfg.optimizer, cfg.run, cfg.validation
     parts = family.parts
     vae = parts.vae.config
@@ -154,7 +176,10 @@ def build_examples(cfg: TrainConfig, acc, family: StableDiffusion):
             "noise": torch.randn((len(timesteps), n, *latent_shape), generator=generator, device=acc.device),
             "latent_noise": torch.randn((n, *latent_shape), generator=generator, device=acc.device),
         }
-    return examples, empty, latent_shape, val, layout
+    sampler = examples  # a stream is its own sampler
+    if not data.streaming:
+        sampler, examples = sampler_for(cfg, acc, examples, layout, parts.tokenizer)
+    return TrainingData(examples, sampler, empty, latent_shape, val, layout)
 
 
 # ---- photo sets: caption folders, repeats, caption handling, aspect buckets -----------------------------
@@ -194,94 +219,6 @@ def rows_for(cfg: TrainConfig, source: str):
     return rows, []
 
 
-@dataclass
-class DataLayout:
-    """How the training rows are drawn, beyond StepSampler's plain epochs of square images: their
-    transform (``BucketTransform`` with aspect buckets), each row's bucket and repeat count, and the
-    captions as written (for per-draw caption handling)."""
-
-    transform: ImageTransform | BucketTransform
-    latent_channels: int
-    factor: int  # the VAE's spatial factor
-    options: CaptionOptions
-    bucket_of_rows: list[int] | None = None
-    repeats: list[int] | None = None
-    captions: list[str] | None = None
-    class_rows: list[int] | None = None  # DreamBooth's class images (prior preservation), if any
-
-    def read(self, rows, captions: list[str], image_column: str) -> None:
-        """Take what the sampler needs from the cleaned training rows."""
-        self.captions = captions
-        if "repeats" in rows.column_names:
-            self.repeats = [int(n) for n in rows["repeats"]]
-        if "is_prior" in rows.column_names and any(rows["is_prior"]):
-            self.class_rows = [r for r, prior in enumerate(rows["is_prior"]) if prior]
-            self.repeats = [0 if prior else 1 for prior in rows["is_prior"]]  # a step's own items: instances
-        if isinstance(self.transform, BucketTransform):
-            self.bucket_of_rows = image_buckets(rows, image_column, self.transform)
-
-    def groups(self, count: int) -> list[tuple] | None:
-        """Which rows may stand in for each other when an image breaks mid-run: those of one bucket
-        (a batch stacks one size) and one side of DreamBooth (subject or class)."""
-        if self.bucket_of_rows is None and not self.class_rows:
-            return None
-        prior = set(self.class_rows or ())
-        buckets = self.bucket_of_rows or [0] * count
-        return [(buckets[r], r in prior) for r in range(count)]
-
-    @property
-    def plain(self) -> bool:
-        """Whether StepSampler's epochs do: one square size, each row once, captions fixed."""
-        repeated = self.repeats is not None and any(n != 1 for n in self.repeats)
-        return (
-            self.bucket_of_rows is None and not repeated and not self.options.per_draw and not self.class_rows
-        )
-
-    def latent_shape(self, bucket: int) -> tuple[int, int, int]:
-        """(C, h, w) of the latents of a bucket's images."""
-        w, h = self.transform.buckets[bucket]
-        return self.latent_channels, h // self.factor, w // self.factor
-
-
-def sampler_for(
-    cfg: TrainConfig, acc, examples: TrainingExamples, layout: DataLayout, start_step: int, tokenizer
-):
-    """The batch sampler of the training rows and the dataset it indexes: StepSampler over the
-    examples, or (buckets, repeats or per-draw captions) a BucketSampler, its captions drawn per item
-    by ``DrawnCaptions``. With buckets the main process writes output_dir/buckets.json and logs the counts."""
-    data, opt, db, run = cfg.data, cfg.optimizer, cfg.dreambooth, cfg.run
-    split = (opt.train_batch_size, opt.seed, opt.max_steps, start_step, acc.num_processes, acc.process_index,
-             opt.gradient_accumulation_steps)  # fmt: skip
-    if layout.plain:
-        return StepSampler(len(examples), *split, random_flip=data.random_flip), examples
-    sampler = BucketSampler(layout.bucket_of_rows, *split, random_flip=data.random_flip,
-                            repeats=layout.repeats, num_rows=len(examples),
-                            draw_keys=layout.options.per_draw)  # fmt: skip
-    if layout.bucket_of_rows is not None:
-        counts = bucket_counts(layout.bucket_of_rows, layout.transform.buckets)
-        if acc.is_main_process:
-            write_buckets_json(Path(run.output_dir) / "buckets.json", counts)
-        acc.print(bucket_summary(counts, sampler.global_batch))
-    if layout.class_rows:  # each micro-batch: B instance items, then B class items
-        buckets = layout.bucket_of_rows
-        class_buckets = None if buckets is None else [buckets[r] for r in layout.class_rows]
-        if buckets is not None:  # each step's class half comes from the step's bucket: name what is missing
-            bare = sorted({buckets[r] for r in range(len(buckets)) if layout.repeats[r]} - set(class_buckets))
-            if bare:
-                sizes = ", ".join("{}x{}".format(*layout.transform.buckets[b]) for b in bare)
-                raise DataError(
-                    f"aspect buckets {sizes} hold subject photos but no class image: add class images of "
-                    f"those shapes to {db.class_data_dir} (class images are generated in the subject's "
-                    "shapes only while the folder holds fewer than num_class_images), or turn "
-                    "aspect_buckets off"
-                )
-        sampler = PriorPairSampler(sampler, layout.class_rows, opt.seed, class_buckets=class_buckets)
-    if layout.options.per_draw:
-        tokenize = functools.partial(token_ids, tokenizer)
-        examples = DrawnCaptions(examples, layout.captions, tokenize, layout.options, opt.seed)
-    return sampler, examples
-
-
 # ---- DreamBooth ---------------------------------------------------------------------------------------
 
 
@@ -296,7 +233,7 @@ def training_source(cfg: TrainConfig) -> str:
 def top_up_class_images(cfg: TrainConfig, acc, family: StableDiffusion) -> None:
     """Generate the class images class_data_dir lacks (of num_class_images) with the base model, before
     any adapter is attached, on the main process while the others wait. Image i comes from its own seed
-    (sdlite.data.db.generate_class_images), so a run stopped half-way makes the same images.
+    (sdlite.data.dreambooth.generate_class_images), so a run stopped half-way makes the same images.
     With aspect_buckets they are made in the subject photos' bucket sizes, in proportion to them
     (class_image_sizes): each step's class half is drawn from its own bucket."""
     data, captions, opt, db, validation = (
@@ -311,7 +248,7 @@ def top_up_class_images(cfg: TrainConfig, acc, family: StableDiffusion) -> None:
     missing = class_images_needed(db.class_data_dir, db.num_class_images)
     if acc.is_main_process and missing:
         sizes, shapes = None, ""
-        if captions.aspect_buckets:  # the bucket set build_examples makes
+        if captions.aspect_buckets:  # the bucket set training_data makes
             vae = family.parts.vae.config
             resolution, sides = (
                 data.resolution or vae.sample_size,

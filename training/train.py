@@ -59,7 +59,7 @@ from sdlite.lora import AdapterWeights, lora_param_groups, target_problems  # no
 from training.accelerator import setup_accelerator  # noqa: E402
 from training.config import parse_config, save_yaml  # noqa: E402
 from training.config_sections import TrainConfig  # noqa: E402
-from training.examples import build_examples, sampler_for, top_up_class_images  # noqa: E402
+from training.examples import top_up_class_images, training_data  # noqa: E402
 from training.families import family_of  # noqa: E402
 from training.family import lora_settings, weight_dtype  # noqa: E402
 from training.launch import follow_launcher  # noqa: E402
@@ -99,8 +99,9 @@ class UNetTrainer(Trainer):
         self.family = family = self.load_model()
         self.parts = family.parts  # unwrapped
         top_up_class_images(cfg, acc, family)  # DreamBooth: with the base model, before any adapter
-        examples, self.empty_text, self.latent_shape, self.val, self.layout = build_examples(cfg, acc, family)
-        if cfg.adapters.lora:  # after build_examples: the cache is filled by the fp32 models, as without LoRA
+        self.data = data = training_data(cfg, acc, family)  # training/examples.py
+        self.sampler, self.layout, self.val = data.sampler, data.layout, data.held_out
+        if cfg.adapters.lora:  # after training_data: the cache is filled by the fp32 models, as without LoRA
             seed, dtype = cfg.optimizer.seed, weight_dtype(acc.mixed_precision)
             family.attach_lora(lora_settings(cfg.adapters), seed, dtype, acc.device)
         family.freeze_unread()
@@ -116,7 +117,8 @@ class UNetTrainer(Trainer):
         use_ema = opt.ema_decay and not cfg.adapters.lora  # LoRA: the adapter as trained, as diffusers'
         self.ema = EMA(self.params, opt.ema_decay) if use_ema and acc.is_main_process else None
         self.start_step = self.resume()
-        self.batches = iter(self.make_loader(examples))
+        workers, pin = cfg.data.dataloader_num_workers, acc.device.type == "cuda"
+        self.batches = iter(data.loader(self.start_step, workers, pin, opt.seed))
         self.global_batch, self.eval_every = self.sampler.global_batch, cfg.validation.validation_every
         self.start_logs()
 
@@ -167,24 +169,6 @@ class UNetTrainer(Trainer):
             group["name"] = name
         return denoiser, groups
 
-    def make_loader(self, examples):
-        """The batches from ``start_step`` on; sets ``sampler``. A stream (sdlite.data.streaming) is its
-        own sampler, and a resume skips what was read."""
-        cfg, acc = self.cfg, self.accelerator
-        workers, pin = cfg.data.dataloader_num_workers, acc.device.type == "cuda"
-        if cfg.data.streaming:
-            self.sampler = examples
-            return examples.loader(self.start_step, workers, pin)
-        self.sampler, examples = sampler_for(
-            cfg, acc, examples, self.layout, self.start_step, self.parts.tokenizer
-        )
-        generator = torch.Generator().manual_seed(
-            cfg.optimizer.seed
-        )  # the global RNG untouched: exact resume
-        return torch.utils.data.DataLoader(examples, batch_sampler=self.sampler, num_workers=workers,
-                                           prefetch_factor=4 if workers else None, pin_memory=pin,
-                                           generator=generator)  # fmt: skip
-
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
         """What a checkpoint holds of the model: the trained models, or with LoRA only their adapters."""
         parts, cfg = self.parts, self.cfg
@@ -229,15 +213,17 @@ class UNetTrainer(Trainer):
         T = parts.scheduler.config.num_train_timesteps
         opt = cfg.optimizer
         draws = draw_step(opt.seed, cfg.data.caption_dropout, opt.noise_offset, step, self.global_batch, T,
-                          self.step_latent_shape(step), acc.device)  # fmt: skip
+                          self.data.step_latent_shape(step), acc.device)  # fmt: skip
         total = torch.zeros((), device=acc.device)
         halves = torch.zeros(2, device=acc.device)  # DreamBooth: the instance and prior losses' sums
-        flags = getattr(self.sampler, "flags", None)  # PriorPairSampler: True at a micro-batch's class items
+        prior_pairs = bool(self.layout.class_rows)  # DreamBooth's: each batch says which are class images
         nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
         for micro in range(cfg.optimizer.gradient_accumulation_steps):
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(self.batches).items()}
+            batch = next(self.batches)
+            is_prior = batch.pop("is_prior", None)  # stays on the CPU: read there, no wait for the device
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             # DreamBooth's sampler interleaves its halves by micro-batch: its draws have their own places
-            where = getattr(self.sampler, "draw_positions", self.sampler.positions)(micro)
+            where = self.sampler.draw_positions(micro)
             mine = {k: v[where] for k, v in draws.items()}
             with acc.accumulate(self.model):
                 with acc.autocast():
@@ -251,11 +237,11 @@ class UNetTrainer(Trainer):
                     mine["t"],
                     mine["noise"],
                     cfg.optimizer.snr_gamma,
-                    per_example=flags is not None,  # DreamBooth's two halves are weighed apart
+                    per_example=prior_pairs,  # DreamBooth's two halves are weighed apart
                 )
-                if flags is not None:  # Ruiz et al. eq. 2: instance mean + λ class mean
+                if prior_pairs:  # Ruiz et al. eq. 2: instance mean + λ class mean
                     loss, instance, prior = prior_preservation_loss(
-                        loss, flags, cfg.dreambooth.prior_loss_weight
+                        loss, is_prior, cfg.dreambooth.prior_loss_weight
                     )
                     halves += torch.stack([instance, prior]).detach()
                 acc.backward(loss)
@@ -265,21 +251,14 @@ class UNetTrainer(Trainer):
         if self.ema is not None:
             self.ema.update(self.params)
         logs = {"loss": total / cfg.optimizer.gradient_accumulation_steps}
-        if flags is not None:
+        if prior_pairs:
             logs["instance_loss"], logs["prior_loss"] = halves / cfg.optimizer.gradient_accumulation_steps
         return logs, nonfinite
 
     def text_condition(self, batch: dict, drop: torch.Tensor):
         """c of a batch in the family's terms, the empty caption where ``drop``; token ids when the text
         encoders train."""
-        return self.family.condition(batch, self.empty_text, drop, self.cfg.text_encoder_trains)
-
-    def step_latent_shape(self, step: int) -> tuple[int, int, int]:
-        """(C, h, w) of the step's latents: its bucket's with aspect buckets (every process draws the same
-        bucket at a step), else the square one."""
-        if self.layout.bucket_of_rows is None:
-            return self.latent_shape
-        return self.layout.latent_shape(self.sampler.step_bucket(step))
+        return self.family.condition(batch, self.data.empty, drop, self.cfg.text_encoder_trains)
 
     # ---- validation -----------------------------------------------------------------------------------
 

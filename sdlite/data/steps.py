@@ -32,6 +32,15 @@ class StepBatches:
         start = (micro_step * self.num_processes + self.process_index) * self.batch_size
         return slice(start, start + self.batch_size)
 
+    def draw_positions(self, micro_step: int) -> slice | torch.Tensor:
+        """Where this process's micro-batch takes its random draws in the step's global batch: its own
+        positions, unless a sampler places its items otherwise (DreamBooth's class halves)."""
+        return self.positions(micro_step)
+
+    def start_at(self, step: int) -> None:
+        """Iterate from optimizer step ``step`` on (a resumed run's first)."""
+        self.start_step = step
+
     def __iter__(self) -> Iterator[list[tuple]]:
         for step in range(self.start_step, self.max_steps):
             items = self.step_items(step)

@@ -185,6 +185,8 @@ class StreamingExamples(torch.utils.data.IterableDataset):
         start = (micro_step * self.num_processes + self.process_index) * self.batch_size
         return slice(start, start + self.batch_size)
 
+    draw_positions = positions  # a micro-batch's random draws are at its own positions
+
     def rows(self, chunk: int = 64) -> Iterator[dict]:
         """This process's rows, epoch after epoch without end; each epoch shuffled by (seed, epoch)."""
         # datasets keeps the epoch in a tensor in shared memory, shared by every DataLoader worker (made
