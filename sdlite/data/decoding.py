@@ -7,7 +7,9 @@ transparent pixels white rather than whatever colour they hide.
 A small file can declare a huge image (a 329 KB 16-bit PNG of 13000 x 13000 pixels decodes to 338 MB,
 and took 4.6 GB through float64 copies), so the size is read from the header and checked against a
 limit relative to the training resolution before any pixel is decoded (``pixel_limit``), and the
-conversions work in place in 32-bit integers.
+conversions work in place in 32-bit integers. The size an image is scaled to for training is checked
+against the same limit (``check_scaled``): a thin strip of a few pixels is small as a file and huge
+once its short side is scaled up to the resolution.
 """
 
 from __future__ import annotations
@@ -66,6 +68,20 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             "raise it with max_image_pixels if the image is real)"
         )
     return image
+
+
+def check_scaled(size: tuple[int, int], scaled: tuple[int, int], max_pixels: int) -> None:
+    """TooManyPixels when an image of ``size`` (w, h) becomes ``scaled`` for training, past the limit.
+
+    The limit on the file's own pixels does not bound this: a 1 x 10000 strip of 729 bytes, its short
+    side scaled up to 512, is 512 x 5,120,000 pixels. So the size it is scaled to is checked too, before
+    any resize (images of the shapes people train on, up to 64:1 at 512 px, fit)."""
+    (w, h), (sw, sh) = size, scaled
+    if sw * sh > max_pixels:
+        raise TooManyPixels(
+            f"aspect ratio too extreme ({w}x{h}): scaled to the training resolution it becomes {sw}x{sh} = "
+            f"{sw * sh} pixels, over the limit of {max_pixels}; crop it to a less extreme shape"
+        )
 
 
 def image_size(data: bytes) -> tuple[int, int]:
