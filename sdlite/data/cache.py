@@ -37,6 +37,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -148,25 +149,36 @@ class TensorCache:
         return load_file(self.path(key))
 
     def save(self, key: str, tensors: dict[str, torch.Tensor], what: str = "cache entries") -> Path:
-        """Write atomically and durably: a reader sees the whole file or none (a crash leaves only a .tmp
-        file), and the file is on the disk before its name is. CacheWriteError if it cannot be written."""
-        path = self.path(key)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # unique across processes and machines
+        """Write one entry (see ``save_all``)."""
+        self.save_all([(key, tensors)], what)
+        return self.path(key)
+
+    def save_all(
+        self, entries: Sequence[tuple[str, dict[str, torch.Tensor]]], what: str = "cache entries"
+    ) -> None:
+        """Write (key, tensors) entries atomically and durably: a reader sees a whole file or none (a
+        crash leaves only .tmp files), and each file is on the disk before its name is. The fsyncs run
+        together, which a file system commits at once (one by one they cost a journal commit each).
+        CacheWriteError, naming ``what``, if they cannot be written."""
+        tmps = [(self.path(k).with_name(f"{k}.safetensors.{uuid.uuid4().hex}.tmp"), k, t) for k, t in entries]
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp)
-            _fsync(tmp)
-            os.replace(tmp, path)
+            for tmp, _, tensors in tmps:  # names unique across processes and machines
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp)
+            with ThreadPoolExecutor(min(len(tmps), 16)) as pool:
+                list(pool.map(_fsync, [tmp for tmp, _, _ in tmps]))
+            for tmp, key, _ in tmps:
+                os.replace(tmp, self.path(key))
         except (OSError, SafetensorError) as error:
-            tmp.unlink(missing_ok=True)  # frees what the partial file took
+            for tmp, _, _ in tmps:
+                tmp.unlink(missing_ok=True)  # frees what the partial files took
             raise CacheWriteError(
                 f"could not write {what} to the cache {shown(self.root)!r} ({type(error).__name__}: "
                 f"{error}). Nothing was lost: the cache is filled before the first training step, the "
-                "entries already written are whole and will be reused, and the partial file was removed. "
+                "entries already written are whole and will be reused, and the partial files were removed. "
                 "Free disk space there (or fix the folder's permissions, or set cache_dir to a disk with "
                 "room), then start again"
             ) from error
-        return path
 
     def fill(
         self,
@@ -197,8 +209,10 @@ class TensorCache:
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
             batch = compute(chunk)
-            for j, i in enumerate(chunk):
-                self.save(keys[i], {name: value[j] for name, value in batch.items()}, what)
+            self.save_all(
+                [(keys[i], {name: value[j] for name, value in batch.items()}) for j, i in enumerate(chunk)],
+                what,
+            )
             if progress is not None:
                 progress(len(chunk))
         return len(missing)
