@@ -12,13 +12,16 @@ The layout most captioning tools write, read with no metadata file::
 Every image below the root (recursively) is a row; its caption is the first non-empty line of the
 ``.txt`` (else ``.caption``) file of the same stem beside it. The repeat count of an image is N of the
 nearest folder under the root named ``N_name``; other folders (and the root itself, whose name is the
-user's to choose) repeat once. What is odd is listed, never fatal: an image without a caption file or
-with an empty one trains with the empty caption; a caption file without its image is ignored; an
-``N_name`` folder with N = 0 leaves its images out; a folder whose prefix looks like a count but is not
-a whole number (``1.5_x``, ``10x_x``) trains once. What is odd about the folders and the files comes
-back as ``(file, problem, what was done)``, rows of ``bad_files.txt``; what is odd about a row's own
-caption file rides in the row (``CAPTION_PROBLEM``) for ``clean_rows`` to list with the row's other
-problems, so that a row without a caption is listed once, saying why.
+user's to choose) repeat once; a count over MAX_REPEATS stops the run, naming the folder (a name such
+as ``1000000000_big`` is a typo or worse). What is odd is listed, never fatal: an image without a
+caption file or with an empty one trains with the empty caption; a caption file without its image is
+ignored; an ``N_name`` folder with N = 0 leaves its images out; a folder whose prefix looks like a
+count but is not a whole number (``1.5_x``, ``10x_x``) trains once; an image whose file or caption
+file links out of the folder, or whose name is not UTF-8, is skipped (see ``caption_rows``). What is
+odd about the folders and the files comes back as ``(file, problem, what was done)``, rows of
+``bad_files.txt``; what is odd about a row's own caption file rides in the row (``CAPTION_PROBLEM``)
+for ``clean_rows`` to list with the row's other problems, so that a row without a caption is listed
+once, saying why.
 
 Caption handling per draw (``draw_caption``), as sd-scripts users know it: ``caption_prefix`` (a
 trigger word) becomes the first tag and stays first; ``shuffle_caption`` shuffles the comma-separated

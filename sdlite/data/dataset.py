@@ -18,7 +18,8 @@ SDXL script does). Whether to flip is the sampler's choice per step; the cache h
 
 Scraped data has bad rows. ``load_rows`` reads metadata line by line (sdlite.data.files): a line
 that is not UTF-8 or not JSON, a caption that is not text, an image path outside the data folder is
-named by file and line. ``sdlite.data.cleaning.clean_rows`` then checks every row before training.
+named by file and line; so is, in a folder read without metadata, a file that links out of it or whose
+name is not UTF-8. ``sdlite.data.cleaning.clean_rows`` then checks every row before training.
 An image that breaks after that check (uncached runs read it again every epoch) is replaced and
 listed (``TrainingExamples``).
 """
@@ -296,7 +297,8 @@ class TrainingExamples(torch.utils.data.Dataset):
     stacks; with DreamBooth the same side). The step keeps its batch size; the replacement is a
     function of the index alone, so every run and every worker picks the same one. The file is listed
     in ``report`` (appended to, as clean_rows' rows are: "file, problem, what was done") and through
-    ``log``, once per file.
+    ``log``, once per file. A cache entry that no longer reads is met the same way: removed (the next
+    start computes it again), listed, and its row replaced by one whose entries read.
     """
 
     def __init__(
