@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from sdlite.data.captions import MAX_REPEATS
-from sdlite.data.decoding import check_scaled, decode_image, pixel_limit
+from sdlite.data.decoding import check_aspect, decode_image, pixel_limit
 from sdlite.data.steps import StepBatches, seeded_generator
 from sdlite.latents import vae_factor
 
@@ -116,7 +116,7 @@ class BucketTransform:
         """(image in its bucket, its original (w, h), the crop's top-left (top, left))."""
         size, box = image.size, self.crop_box(image.size, index)
         resized = self.resized_size(size)
-        check_scaled(size, resized, pixel_limit(self.resolution))
+        check_aspect(size)  # before the resize: a thin strip would be scaled to a huge one
         if resized != size:
             image = image.resize(resized, Image.BICUBIC)
         if box != (0, 0, *resized):

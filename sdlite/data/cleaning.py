@@ -22,8 +22,8 @@ from pathlib import Path
 import datasets
 
 from sdlite.data.captions import CAPTION_PROBLEM
-from sdlite.data.dataset import PROBLEM, WHERE, DataError, ImageTransform, caption_text, image_bytes, row_name
-from sdlite.data.decoding import check_scaled, decode_image, open_image, pixel_limit, why_unusable
+from sdlite.data.dataset import PROBLEM, WHERE, DataError, caption_text, image_bytes, row_name
+from sdlite.data.decoding import check_aspect, decode_image, open_image, pixel_limit, why_unusable
 
 
 def check_image(
@@ -39,9 +39,7 @@ def check_image(
         limit = pixel_limit(resolution, max_pixels)
         image = open_image(data, limit)
         mode, size = image.mode, image.size
-        # Scaled as the square transform scales it: aspect buckets scale a thin image less (their side
-        # along its short side is at most the resolution), so what passes here fits them too.
-        check_scaled(size, ImageTransform(resolution).resized_size(size), limit)
+        check_aspect(size)  # the transforms refuse it too: here it is listed before training
         if decoded is None or data not in decoded:
             decode_image(data, limit)
             if decoded is not None:

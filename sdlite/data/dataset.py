@@ -39,7 +39,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from sdlite.data.decoding import check_scaled, decode_image, pixel_limit, why_unusable
+from sdlite.data.decoding import check_aspect, decode_image, pixel_limit, why_unusable
 from sdlite.data.files import (
     MAX_FILE_BYTES,
     DataError,
@@ -260,11 +260,10 @@ class ImageTransform:
         return left, top, left + r, top + r
 
     def __call__(self, data: bytes, index: int, flip: bool = False) -> torch.Tensor:
-        limit = pixel_limit(self.resolution, self.max_pixels)
-        image = decode_image(data, limit)
+        image = decode_image(data, pixel_limit(self.resolution, self.max_pixels))
+        check_aspect(image.size)  # before the resize: a thin strip would be scaled to a huge one
         box = self.crop_box(image.size, index)
         size = self.resized_size(image.size)
-        check_scaled(image.size, size, limit)
         if size != image.size:
             image = image.resize(size, Image.BICUBIC)
         if box != (0, 0, *size):
