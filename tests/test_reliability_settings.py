@@ -4,16 +4,18 @@ training scripts end such an error with that line and exit status 2, not a trace
 SDLITE_DEBUG=1 shows it), printed once under a two-process accelerate launch.
 """
 
+import dataclasses
 import os
 import socket
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
 from training import errors
-from training.config import ConfigError, parse_config
+from training.config import ConfigError, _base_type, parse_config
 from training.configs import TrainConfig, VAETrainConfig
 from training.train import main
 from training.train_vae import main as train_vae
@@ -94,6 +96,15 @@ def test_prompt_keys_read_from_a_command_line_that_is_not_utf8_are_refused(tmp_p
     ]  # fmt: skip
 
 
+def test_a_prompts_file_seed_no_generator_takes_is_refused_naming_its_line(tmp_path, nothing_built):
+    path = tmp_path / "prompts.txt"
+    path.write_text(f"a red circle --d 7\na blue square --d {2**70}\n")
+    with pytest.raises(
+        ConfigError, match=r"prompts.txt', line 2: --d '1180591620717411303424' is not a whole"
+    ):
+        main(argv(tmp_path, validation_prompts_file=path))
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [("kl_weight", "nan"), ("eval_count", "0"), ("scale_count", "0"), ("eval_every", "-1"),
@@ -103,6 +114,22 @@ def test_a_bad_vae_setting_is_refused_before_the_vae_is_built(key, value, tmp_pa
     with pytest.raises(ConfigError, match=f"^bad training config: {key}=.*: use "):
         train_vae(argv(tmp_path, **{key: value}))
     assert not (tmp_path / "run").exists()
+
+
+def numeric_fields(cls) -> list[tuple[str, object]]:
+    """(field, a value no field of its type means: NaN for a number, -1 for a count, [-1] for a list)."""
+    bad = {(float, False): float("nan"), (int, False): -1, (int, True): [-1]}
+    kinds = {name: _base_type(hint) for name, hint in typing.get_type_hints(cls).items()}
+    return [(f.name, bad[kinds[f.name]]) for f in dataclasses.fields(cls) if kinds[f.name] in bad]
+
+
+@pytest.mark.parametrize(
+    ("cls", "name", "value"),
+    [(cls, name, value) for cls in (TrainConfig, VAETrainConfig) for name, value in numeric_fields(cls)],
+)
+def test_every_numeric_field_refuses_nan_or_a_negative_naming_itself(cls, name, value):
+    cfg = cls(**{name: value}, **({"lora": True} if cls is TrainConfig else {}))  # the LoRA keys are read
+    assert any(name in problem for problem in cfg.problems()), name
 
 
 def test_every_problem_is_reported_at_once_one_line_each_naming_its_key():
@@ -150,12 +177,11 @@ def test_the_script_ends_a_bad_setting_with_one_line_and_status_2(script, key, t
     assert not (tmp_path / "run").exists()
 
 
-def test_debug_flag_or_variable_shows_the_traceback(tmp_path):
-    for extra, env in ((["--debug"], {}), ([], {errors.DEBUG_ENV: "1"})):
-        done = run_script(["training/train.py", *argv(tmp_path, learning_rate="nan"), *extra], **env)
-        assert done.returncode == 1
-        assert "Traceback (most recent call last)" in done.stderr
-        assert "ConfigError: bad training config: learning_rate=nan" in done.stderr
+def test_the_debug_flag_shows_the_traceback(tmp_path):
+    done = run_script(["training/train.py", *argv(tmp_path, learning_rate="nan"), "--debug"])
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr
+    assert "ConfigError: bad training config: learning_rate=nan" in done.stderr
 
 
 def test_a_bad_data_folder_ends_the_script_with_one_line(tmp_path):
@@ -215,6 +241,10 @@ def test_reported_errors_exits_2_with_the_line_only_for_ours(capsys, monkeypatch
         1 / 0  # noqa: B018
     with pytest.raises(ConfigError), errors.reported_errors("train.py", argv=["--debug"]):
         raise ConfigError("shown with its traceback")
+    monkeypatch.setenv(errors.DEBUG_ENV, "1")
+    with pytest.raises(ConfigError), errors.reported_errors("train.py", argv=[]):
+        raise ConfigError("shown with its traceback")
+    monkeypatch.delenv(errors.DEBUG_ENV)
     monkeypatch.setenv("RANK", "1")  # another process of a launch: quiet, the same status
     with pytest.raises(SystemExit) as ended, errors.reported_errors("train.py", argv=[]):
         raise ConfigError("printed by rank 0 only")
