@@ -249,3 +249,22 @@ def test_reported_errors_exits_2_with_the_line_only_for_ours(capsys, monkeypatch
     with pytest.raises(SystemExit) as ended, errors.reported_errors("train.py", argv=[]):
         raise ConfigError("printed by rank 0 only")
     assert ended.value.code == 2 and capsys.readouterr().err == ""
+
+
+def test_an_error_of_a_dataloader_worker_is_its_own_last_line():
+    from torch.utils.data import DataLoader
+
+    from sdlite.data.files import DataError
+
+    class Broken:
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            raise DataError("image 'a.png' is not an image: remove it or set bad_data skip")
+
+    error = raised(lambda: next(iter(DataLoader(Broken(), num_workers=1))))
+    assert isinstance(error, DataError) and "Original Traceback" in str(error)  # as torch re-raises it
+    assert errors.one_line("train.py", error) == (
+        "train.py: error: image 'a.png' is not an image: remove it or set bad_data skip"
+    )

@@ -4,11 +4,13 @@
 
 The dataclass holds the only copy of the defaults; the YAML file and then the command line override
 them, in that order. Every field becomes a ``--name`` flag whose type comes from its annotation, so
-a misspelt key or a value of the wrong type fails at start-up with a message naming it. The flag's
-``--help`` text is the field's trailing comment in the dataclass source, and a comment line above a
-run of fields titles their section (``field_docs``): the description is written once, where the field
-is. A class's ``FOREIGN_FLAGS`` ({other tool's name: ours or why there is none}) turn another tool's
-flag into an error that names ours.
+a misspelt key or a value of the wrong type fails at start-up with a message naming it. A config file
+is UTF-8 YAML of at most 1 MiB, read without Python tags (as ``yaml.safe_load``) and without aliases,
+so that a few hundred bytes cannot stand for billions of values. The flag's ``--help`` text is the
+field's trailing comment in the dataclass source, and a comment line above a run of fields titles
+their section (``field_docs``): the description is written once, where the field is. A class's
+``FOREIGN_FLAGS`` ({other tool's name: ours or why there is none}) turn another tool's flag into an
+error that names ours.
 """
 
 from __future__ import annotations
@@ -200,12 +202,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{name} does not exist")
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{name} is {size:,} bytes, over the {MAX_CONFIG_BYTES:,} a config may hold: "
-                              "give a YAML file of key: value settings")  # fmt: skip
         with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)  # a file that grew since stat() is still read no further
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # a larger file is not read further than this
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(
@@ -214,7 +212,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{name} cannot be read ({e.strerror or e})") from None
     if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{name} is over the {MAX_CONFIG_BYTES:,} bytes a config may hold")
+        raise ConfigError(f"{name} is over the {MAX_CONFIG_BYTES:,} bytes a config may hold: give a YAML "
+                          "file of key: value settings")  # fmt: skip
     try:
         data = safe_yaml(text) or {}
     except ConfigError as e:

@@ -66,6 +66,8 @@ def is_main_process() -> bool:
 def one_line(prog: str, error: BaseException) -> str:
     """``prog: error: message``, a message of several lines (one per problem) prefixed line by line."""
     lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    if "Original Traceback (most recent call last):" in lines:  # a DataLoader worker's, re-raised by torch
+        lines = [lines[-1].removeprefix(f"{type(error).__module__}.{type(error).__qualname__}: ")]
     return "\n".join(f"{prog}: error: {line.strip()}" for line in lines)
 
 

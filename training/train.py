@@ -392,6 +392,8 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """Parse the flags and train. Errors propagate to the caller; run as a script, training/errors.py
+    ends those sdlite raises on purpose with one line (``--debug``: the traceback)."""
     return train(parse_config(TrainConfig, argv))
 
 

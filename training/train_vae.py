@@ -253,6 +253,8 @@ def train(cfg: VAETrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Parse the flags and train. Errors propagate to the caller; run as a script, training/errors.py
+    ends those sdlite raises on purpose with one line (``--debug``: the traceback)."""
     return train(parse_config(VAETrainConfig, argv))
 
 
