@@ -4,9 +4,11 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors import safe_open
 
@@ -15,6 +17,7 @@ from sdlite.data.shapes import write_dataset
 from sdlite.fidelity import GENERATOR_DATA
 from sdlite.lora import LoraSettings, adapter_parameters, add_lora, save_lora
 from sdlite.models import build_components, load_components, save_components
+from sdlite.presets import get_preset
 from training import cli
 from training.cli import main
 from training.schedulers import SCHEDULERS, make_scheduler
@@ -229,6 +232,39 @@ def test_generate_applies_several_loras_each_at_its_scale(model, tmp_path):
     assert generate(model, tmp_path / "a1b0.png", "--lora", f"{a}:1", "--lora", f"{b_file}:0") == only_a
     both = generate(model, tmp_path / "a1b1.png", "--lora", f"{a}:1", "--lora", f"{b_file}:1")
     assert both not in (base, only_a)
+
+
+def recipe_model(folder):
+    """A model folder of the shape configs/tiny-shapes.yaml (the demo's recipe) trains, read from that
+    file: its U-Net's layers_per_block is a list, one count per level."""
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny-shapes.yaml").read_text())
+    preset = get_preset(recipe["preset"]).with_text_encoder_layers(recipe["text_encoder_layers"])
+    preset = preset.with_unet_channels(recipe["unet_block_out_channels"])
+    preset = preset if recipe["unet_mid_block"] else preset.without_unet_mid_block()
+    parts = build_components(preset.with_unet_layers(recipe["unet_layers_per_block"]), seed=0)
+    assert isinstance(parts.unet.config.layers_per_block, list)
+    return save_components(parts, folder)
+
+
+def unet_lora(model, folder, seed: int) -> Path:
+    """The .safetensors file of a random U-Net-only LoRA of ``model`` (as configs/tiny-lora.yaml trains)."""
+    parts = load_components(model)
+    add_lora(parts.unet, None, LoraSettings(rank=4))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(parts.unet):
+            p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    return save_lora(folder, parts.unet)
+
+
+def test_generate_scales_a_lora_on_a_model_of_the_shipped_recipe(tmp_path):
+    model = recipe_model(tmp_path / "model")
+    lora = unet_lora(model, tmp_path / "lora", seed=1)
+    base = generate(model, tmp_path / "base.png")
+    assert generate(model, tmp_path / "s0.png", "--lora", f"{lora}:0") == base
+    full = generate(model, tmp_path / "s1.png", "--lora", f"{lora}:1")
+    assert full != base and generate(model, tmp_path / "plain.png", "--lora", str(lora)) == full
+    assert generate(model, tmp_path / "s08.png", "--lora", f"{lora}:0.8") not in (base, full)
 
 
 # ---- data and evaluate ---------------------------------------------------------------------------
