@@ -111,7 +111,7 @@ def test_a_lora_that_cannot_be_read_fails_with_a_message(model, tmp_path, capsys
 
 def test_lora_spec_reads_a_scale_after_the_last_colon(tmp_path):
     (tmp_path / "a:b").mkdir()
-    assert cli.lora_spec(str(tmp_path / "a:b")) == (str(tmp_path / "a:b"), 1.0)
+    assert cli.lora_spec(str(tmp_path / "a:b")) == (str(tmp_path / "a:b"), None)  # generate's --scale
     assert cli.lora_spec(f"{tmp_path / 'a:b'}:0.25") == (str(tmp_path / "a:b"), 0.25)
     assert cli.lora_spec(f"{tmp_path}:-1") == (str(tmp_path), -1.0)
 
@@ -148,7 +148,7 @@ def test_a_command_runs_on_the_default_threads_and_restores_them(model, tmp_path
 def test_generate_writes_a_grid_png_of_the_right_size(model, tmp_path):
     generate(model, tmp_path / "four.png", "--num_images", "4")
     assert Image.open(tmp_path / "four.png").size == (4 * 32, 32)
-    generate(model, tmp_path / "one.png", "--scale", "2")
+    generate(model, tmp_path / "one.png", "--upscale", "2")
     assert Image.open(tmp_path / "one.png").size == (64, 64)
     generate(model, tmp_path / "tall.png", "--height", "64", "--width", "32")
     assert Image.open(tmp_path / "tall.png").size == (32, 64)
@@ -234,6 +234,14 @@ def test_generate_applies_several_loras_each_at_its_scale(model, tmp_path):
     assert both not in (base, only_a)
 
 
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """(model folder, LoRA file) of the shipped recipe's shape."""
+    folder = tmp_path_factory.mktemp("recipe")
+    model = recipe_model(folder / "model")
+    return model, unet_lora(model, folder / "lora", seed=1)
+
+
 def recipe_model(folder):
     """A model folder of the shape configs/tiny-shapes.yaml (the demo's recipe) trains, read from that
     file: its U-Net's layers_per_block is a list, one count per level."""
@@ -257,14 +265,44 @@ def unet_lora(model, folder, seed: int) -> Path:
     return save_lora(folder, parts.unet)
 
 
-def test_generate_scales_a_lora_on_a_model_of_the_shipped_recipe(tmp_path):
-    model = recipe_model(tmp_path / "model")
-    lora = unet_lora(model, tmp_path / "lora", seed=1)
+def test_generate_scales_a_lora_on_a_model_of_the_shipped_recipe(recipe, tmp_path):
+    model, lora = recipe
     base = generate(model, tmp_path / "base.png")
     assert generate(model, tmp_path / "s0.png", "--lora", f"{lora}:0") == base
     full = generate(model, tmp_path / "s1.png", "--lora", f"{lora}:1")
     assert full != base and generate(model, tmp_path / "plain.png", "--lora", str(lora)) == full
     assert generate(model, tmp_path / "s08.png", "--lora", f"{lora}:0.8") not in (base, full)
+
+
+def test_generate_takes_diffusers_argument_names_and_the_earlier_ones_alike(model):
+    names = ["--num_inference_steps", "3", "--guidance_scale", "2.5", "--negative_prompt", "blue"]
+    names += ["--width", "64", "--height", "32", "--seed", "7"]
+    earlier = ["--steps", "3", "--guidance", "2.5", "--negative_prompt", "blue"]
+    earlier += ["--width", "64", "--height", "32", "--seed", "7"]
+    parsed = [
+        vars(cli.build_parser().parse_args(["generate", "x", "--model", "m", *a])) for a in (names, earlier)
+    ]
+    assert {k: v for k, v in parsed[0].items() if k != "check"} == {
+        k: v for k, v in parsed[1].items() if k != "check"
+    }
+    assert parsed[0]["num_inference_steps"] == 3 and parsed[0]["guidance_scale"] == 2.5
+
+
+def test_scale_is_the_lora_scale_of_loras_given_without_one(recipe, tmp_path):
+    model, lora = recipe
+    base = generate(model, tmp_path / "base.png")
+    full = generate(model, tmp_path / "full.png", "--lora", f"{lora}:1")
+    assert generate(model, tmp_path / "s0.png", "--lora", str(lora), "--scale", "0") == base
+    assert generate(model, tmp_path / "own.png", "--lora", f"{lora}:1", "--scale", "0") == full
+    assert generate(model, tmp_path / "s08.png", "--lora", str(lora), "--scale", "0.8") == generate(
+        model, tmp_path / "08.png", "--lora", f"{lora}:0.8"
+    )
+
+
+def test_scale_without_a_lora_is_refused_naming_lora_and_upscale(model, capsys):
+    err = usage_error(["generate", "x", "--model", str(model), "--scale", "2"], capsys)
+    assert "--lora FILE:SCALE" in err and "--upscale" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
 
 
 # ---- data and evaluate ---------------------------------------------------------------------------
