@@ -26,6 +26,7 @@ import os
 import sys
 from pathlib import Path
 
+from training.quiet import quiet_third_party
 from training.schedulers import SCHEDULERS
 
 DEFAULT_STEPS = 50
@@ -326,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_third_party()  # before any command imports diffusers, transformers or accelerate
     if argv[:1] == ["launch"] and argv[1:2] not in ([], ["-h"], ["--help"]):
         # Everything after "launch" is accelerate's and the script's: argparse would take their options.
         from training import launch

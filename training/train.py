@@ -53,6 +53,10 @@ import torch
 
 if __package__ in (None, ""):  # run as a script (accelerate launch training/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # an entry point: third-party noise dropped before diffusers is imported
+    from training.quiet import quiet_third_party
+
+    quiet_third_party()
 
 from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
 from sdlite.lora import AdapterWeights, lora_param_groups, save_lora, target_problems  # noqa: E402
