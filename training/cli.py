@@ -23,6 +23,7 @@ import argparse
 import functools
 import importlib
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -248,6 +249,37 @@ def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             "--scale is the scale of LoRA weights given by --lora FILE (or set each with --lora "
             "FILE:SCALE), and no --lora was given; to enlarge the PNG, use --upscale"
         )
+
+
+FIRST_LORA_SCALE = 0.8  # the usual first try with a new LoRA: most of its effect, less of its overfitting
+WRITTEN = {  # what a training run's final folder holds, for the line that names it
+    "pytorch_lora_weights.safetensors": "the LoRA: sdlite generate --lora, diffusers' load_lora_weights",
+    "lora_kohya.safetensors": "the LoRA in kohya's layout: A1111, ComfyUI",
+    "train_config.yaml": "this run's settings",
+    "sdlite_final.json": "which run wrote the folder",
+}
+
+
+def final_message(final: str | Path, base: str | None, prompt: str, lora: bool) -> str:
+    """What a training run wrote in ``final``, and a ready-to-paste ``sdlite generate`` line drawing
+    ``prompt`` with it: the LoRA on its ``base`` folder at FIRST_LORA_SCALE, or the model folder itself."""
+    final = Path(final)
+    entries = sorted(final.iterdir(), key=lambda p: p.name)
+    names = [
+        f"{p.name}/" if p.is_dir() else f"{p.name} ({WRITTEN[p.name]})" if p.name in WRITTEN else p.name
+        for p in entries
+        if not p.name.startswith(".")  # the run folder's own marks
+    ]
+    written = f"saved {final}: {', '.join(names)}"
+    if not lora:
+        return (
+            f"{written}\ngenerate with: {shlex.join(['sdlite', 'generate', '--model', str(final), prompt])}"
+        )
+    if base is None:
+        return f"{written}\n(its base was a preset's random weights, read from no folder: no generate line)"
+    spec = f"{final / 'pytorch_lora_weights.safetensors'}:{FIRST_LORA_SCALE:g}"
+    line = shlex.join(["sdlite", "generate", "--model", str(base), "--lora", spec, prompt])
+    return f"{written}\ngenerate with: {line}"
 
 
 def add_evaluate(commands) -> None:
