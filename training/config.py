@@ -9,7 +9,9 @@ every key belongs to exactly one section, so ``max_steps: 200`` needs no section
 hold the only copy of the defaults; the YAML file and then the command line override them, in that
 order. A key's type comes from its annotation, so a misspelt key or a value of the wrong type fails at
 start-up naming it; its ``--help`` text is the field's ``metadata["help"]`` (``option``), and its
-section's ``title`` and ``about`` head its group in ``--help``. A config's ``FOREIGN_FLAGS`` ({other
+section's ``title`` and ``about`` head its group in ``--help``. A config file is UTF-8 YAML of at most
+1 MiB, read without Python tags (as ``yaml.safe_load``) and without aliases, so that a few hundred bytes
+cannot stand for billions of values. A config's ``FOREIGN_FLAGS`` ({other
 tool's name: ours or why there is none}) turn another tool's flag into an error that names ours.
 A plain dataclass of keys (no sections) loads the same way.
 
@@ -30,11 +32,10 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
+from training.checks import SEEDS, ConfigError, counts_below, load_yaml, numbers_outside, safe_yaml
+from training.errors import DEBUG_ENV, DEBUG_FLAG
+
 C = TypeVar("C")
-
-
-class ConfigError(ValueError):
-    """A config key that does not exist or a value of the wrong type."""
 
 
 def option(default: Any, help: str) -> Any:
@@ -76,9 +77,10 @@ class Config:
         return problems + self.cross_problems()
 
     def check(self) -> None:
+        """ConfigError listing every problem, one a line, before anything is built or read."""
         problems = self.problems()
         if problems:
-            raise ValueError("bad training config: " + "; ".join(problems))
+            raise ConfigError("\n".join(f"bad training config: {problem}" for problem in problems))
 
 
 def section(kind: type[Section]):
@@ -100,6 +102,21 @@ DIFFUSERS_FLAGS = {
 }
 
 
+# kohya's sd-scripts' names for what sdlite has (reported as sd-scripts' names).
+SD_SCRIPTS_FLAGS = {
+    "sample_prompts": "sd-scripts: --validation_prompts_file",
+    "sample_every_n_steps": "sd-scripts: --validation_every",
+}
+UNET_FLAGS = {
+    "pretrained_model_name_or_path": "--pretrained (a local diffusers-layout folder)",
+    "rank": "--lora_rank (with --lora true)",
+    "validation_prompt": "--validation_prompts (a comma-separated list)",
+    "validation_epochs": "--validation_every (in optimizer steps)",
+    "use_ema": "--ema_decay (a decay such as 0.9999; none turns the EMA off)",
+    "center_crop": "--random_crop false (the centre crop is the default)",
+}
+
+
 # ---- the sections every trainer takes -------------------------------------------------------------------
 
 
@@ -117,9 +134,10 @@ class DataBase(Section):
     )
 
     def problems(self) -> list[str]:
+        problems = counts_below(self, 1, "resolution")
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
-            return [f"max_image_pixels={self.max_image_pixels} must be >= 1 (or none: the default)"]
-        return []
+            problems.append(f"max_image_pixels={self.max_image_pixels} must be >= 1 (or none: the default)")
+        return problems
 
 
 @dataclasses.dataclass
@@ -143,9 +161,21 @@ class OptimizerBase(Section):
         problems = []
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             problems.append(f"mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16")
-        if min(self.max_steps, self.train_batch_size) < 1:
-            problems.append("max_steps and train_batch_size must be >= 1")
-        return problems
+        problems += counts_below(self, 1, "max_steps", "train_batch_size")
+        problems += counts_below(self, 0, "lr_warmup_steps")
+        if self.seed not in SEEDS:
+            problems.append(f"seed={self.seed}: use a whole number from 0 to {SEEDS[-1]} (default 0)")
+        problems += numbers_outside(self, "learning_rate", above=True)
+        problems += numbers_outside(self, "adam_weight_decay", "max_grad_norm")
+        return problems + self.lr_scheduler_problems()
+
+    def lr_scheduler_problems(self) -> list[str]:
+        from diffusers.optimization import SchedulerType  # here: this module imports no torch
+
+        names = [kind.value for kind in SchedulerType]
+        return (
+            [] if self.lr_scheduler in names else [f"lr_scheduler={self.lr_scheduler!r}: use one of {names}"]
+        )
 
 
 @dataclasses.dataclass
@@ -165,9 +195,9 @@ class RunBase(Section):
     allow_config_change: list[str] = option([], "keys --resume may also change")
 
     def problems(self) -> list[str]:
-        problems = []
-        if self.log_every < 1:
-            problems.append("log_every must be >= 1")
+        problems = counts_below(self, 1, "log_every")
+        problems += counts_below(self, 1, "checkpoints_total_limit")  # 0 read as "keep all", -1 deleted
+        problems += counts_below(self, 0, "checkpoint_every")
         if self.nonfinite_loss not in ("skip", "stop"):
             problems.append(f"nonfinite_loss={self.nonfinite_loss!r}: use skip or stop")
         return problems
@@ -246,7 +276,7 @@ def _list_items(value: Any) -> list:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            items = yaml.safe_load(text)
+            items = safe_yaml(text)
             if not isinstance(items, list):
                 raise ValueError(f"{value!r} is not a list")
             return items
@@ -256,6 +286,17 @@ def _list_items(value: Any) -> list:
     return [value]
 
 
+# What a key of each type holds, for the error of a value of another shape.
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def _shape(value: Any) -> str | None:
+    """'a list' or 'a mapping' for a YAML collection; None for a scalar."""
+    if isinstance(value, dict):
+        return "a mapping"
+    return "a list" if isinstance(value, (list, tuple)) else None
+
+
 def _convert(name: str, annotation: Any, value: Any) -> Any:
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
         if annotation is not None and annotation is not Any and not _allows_none(annotation):
@@ -263,19 +304,31 @@ def _convert(name: str, annotation: Any, value: Any) -> Any:
         return None
     kind, is_list = _base_type(annotation)
     try:
-        if is_list:
-            return [_convert(name, kind, v) for v in _list_items(value)]
-        if kind is bool:
-            return _to_bool(value)
-        if kind in (int, float, str):
-            if kind in (int, float) and isinstance(value, bool):
-                raise ValueError(f"{value} is a boolean, not a number")
-            if kind is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"{value} is not an integer")
-            return kind(value)
-        return value
-    except (TypeError, ValueError) as e:
+        if not is_list:
+            return _scalar(kind, value)
+        if isinstance(value, dict):
+            raise ValueError("a mapping where a list belongs; write a list of values (- item)")
+        items = _list_items(value)
+        if any(_shape(v) for v in items):  # a list of lists: its items are not one value each
+            raise ValueError(f"a list within the list; write each item as {_KINDS.get(kind, 'a value')}")
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: float() of a 400-digit integer
         raise ConfigError(f"config key {name!r}: {e}") from None
+    return [_convert(name, kind, v) for v in items]
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    """``value`` (not None) as a ``kind``; ValueError or TypeError says why it is not one."""
+    if kind in _KINDS and _shape(value):  # str() would make a folder named "{'a': 1}"
+        raise ValueError(f"{_shape(value)} where {_KINDS[kind]} belongs; write a single value")
+    if kind is bool:
+        return _to_bool(value)
+    if kind in (int, float, str):
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(f"{value} is a boolean, not a number")
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{value} is not an integer")
+        return kind(value)
+    return value
 
 
 def foreign_flag(cls: type, name: str) -> str | None:
@@ -294,6 +347,10 @@ def foreign_flag(cls: type, name: str) -> str | None:
 def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
     """Build ``cls`` from flat key: value pairs, each converted to its key's type; unknown keys fail."""
     known = keys(cls)
+    for key in values:  # YAML reads `1:`, `on:` or `null:` as a number, a boolean or None
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: key {key!r} ({type(key).__name__}) is not a setting name: write "
+                              "the setting's name, quoted if it reads as a number or true/false")  # fmt: skip
     unknown = sorted(set(values) - set(known))
     if unknown:
         foreign = [message for message in map(lambda k: foreign_flag(cls, k), unknown) if message]
@@ -333,16 +390,6 @@ def get(cfg: Any, name: str) -> Any:
 # ---- files and flags --------------------------------------------------------------------------------------
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of key: value")
-    return data
-
-
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -357,6 +404,8 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     parser = argparse.ArgumentParser(description=description or cls.__doc__, allow_abbrev=False,
                                      usage="%(prog)s [--config FILE] [--key value ...]")  # fmt: skip
     parser.add_argument("--config", help="YAML file of key: value pairs; flags override it")
+    debug = f"show an error's traceback, not only its one-line message (or set {DEBUG_ENV}=1)"
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=debug)  # training/errors.py reads it
     groups = {}
     for key in keys(cls).values():
         if key.group not in groups:
@@ -376,6 +425,7 @@ def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
         if message:
             parser.error(message)
     args = vars(parser.parse_args(argv))
+    args.pop("debug")
     path = args.pop("config", None)
     values = load_yaml(path) if path else {}
     values.update(args)

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from sdlite.presets import PRESETS, Preset, PresetXL
+from training.checks import counts_below, numbers_outside, text_problems
 from training.config import (
     DIFFUSERS_FLAGS,
+    SD_SCRIPTS_FLAGS,
+    UNET_FLAGS,
     Config,
     DataBase,
     OptimizerBase,
@@ -34,21 +37,6 @@ from training.sample_prompts import prompts_file_problems
 # here (tests/test_train.py keeps them equal): the attention projections LoRA adapts by default.
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-
-# kohya's sd-scripts' names for what sdlite has (reported as sd-scripts' names).
-SD_SCRIPTS_FLAGS = {
-    "sample_prompts": "sd-scripts: --validation_prompts_file",
-    "sample_every_n_steps": "sd-scripts: --validation_every",
-}
-UNET_FLAGS = {
-    "pretrained_model_name_or_path": "--pretrained (a local diffusers-layout folder)",
-    "rank": "--lora_rank (with --lora true)",
-    "validation_prompt": "--validation_prompts (a comma-separated list)",
-    "validation_epochs": "--validation_every (in optimizer steps)",
-    "use_ema": "--ema_decay (a decay such as 0.9999; none turns the EMA off)",
-    "center_crop": "--random_crop false (the centre crop is the default)",
-}
-
 
 # ---- the U-Net trainer ------------------------------------------------------------------------------------
 
@@ -160,7 +148,8 @@ class DataSection(DataBase):
             problems.append(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
         if self.bad_data not in ("skip", "error"):
             problems.append(f"bad_data={self.bad_data!r}: use skip or error")
-        return problems
+        problems += counts_below(self, 0, "dataloader_num_workers")
+        return problems + counts_below(self, 1, "shuffle_buffer")
 
 
 @dataclass
@@ -192,8 +181,7 @@ class CaptionSection(Section):
     )
 
     @property
-    def read_first(self) -> bool:
-        """Whether these settings read every row before training (so not with streaming)."""
+    def read_first(self) -> bool:  # every row read before training: not with streaming
         return bool(
             self.aspect_buckets
             or self.shuffle_caption
@@ -232,7 +220,9 @@ class OptimizerSection(OptimizerBase):
         problems = super().problems()
         if self.gradient_accumulation_steps < 1:
             problems.append("gradient_accumulation_steps must be >= 1")
-        return problems
+        problems += numbers_outside(self, "adam_beta1", "adam_beta2", "ema_decay", high=1)
+        problems += numbers_outside(self, "adam_epsilon", "snr_gamma", above=True)
+        return problems + numbers_outside(self, "noise_offset")
 
 
 @dataclass
@@ -271,7 +261,7 @@ class LoraSection(Section):
             )
         if self.lora_save_format not in ("diffusers", "kohya"):
             problems.append(f"lora_save_format={self.lora_save_format!r}: use diffusers or kohya")
-        return problems
+        return problems + numbers_outside(self, "lora_alpha", "text_encoder_lr", above=True)
 
 
 @dataclass
@@ -304,9 +294,9 @@ class DreamBoothSection(Section):
             problems.append("instance_data_dir without instance_prompt: e.g. 'a photo of sks dog'")
         if self.class_data_dir and not self.class_prompt.strip():
             problems.append("class_data_dir without class_prompt: e.g. --class_prompt 'a photo of a dog'")
-        if self.num_class_images < 0 or self.sample_batch_size < 1 or self.prior_loss_weight < 0:
-            problems.append("num_class_images and prior_loss_weight must be >= 0, sample_batch_size >= 1")
-        return problems
+        if self.num_class_images < 0 or self.sample_batch_size < 1:
+            problems.append("num_class_images must be >= 0, sample_batch_size >= 1")
+        return problems + numbers_outside(self, "prior_loss_weight")
 
 
 @dataclass
@@ -328,7 +318,21 @@ class ValidationSection(Section):
     val_timesteps: list[int] = option([100, 300, 500, 700, 900], "validation loss t")
 
     def problems(self) -> list[str]:
-        return prompts_file_problems(self.validation_prompts_file)
+        """Also what would only show at the first validation."""
+        problems = counts_below(self, 0, "validation_every") + counts_below(self, 1, "val_count")
+        problems += numbers_outside(self, "validation_guidance")
+        empty = [i + 1 for i, prompt in enumerate(self.validation_prompts) if not prompt.strip()]
+        if empty:
+            problems.append(f"validation_prompts item(s) {empty} empty: remove them (or the stray comma)")
+        if not 1 <= self.validation_inference_steps <= 1000:  # as a prompts file's --s
+            problems.append(
+                f"validation_inference_steps={self.validation_inference_steps}: use 1 to 1000 (default 50)"
+            )
+        if not self.val_timesteps or not all(0 <= t < 1000 for t in self.val_timesteps):
+            problems.append(
+                f"val_timesteps={self.val_timesteps}: use timesteps from 0 to 999, e.g. 100,500,900"
+            )
+        return problems + prompts_file_problems(self.validation_prompts_file)
 
 
 @dataclass
@@ -366,7 +370,10 @@ class TrainConfig(Config):
 
     def cross_problems(self) -> list[str]:
         model, lora, data, dreambooth = self.model, self.adapters, self.data, self.dreambooth
-        problems = []
+        # Prompt texts a command line that was not UTF-8 left with a stray byte, in one place and order.
+        problems = text_problems(self.validation, "validation_prompts")
+        problems += text_problems(dreambooth, "instance_prompt", "class_prompt")
+        problems += text_problems(self.captions, "caption_prefix")
         if lora.lora and model.train_text_encoder:
             problems.append("lora with train_text_encoder: LoRA trains no base weight; use lora_text_encoder")
         if model.text_encoder_layers == 0 and not model.pretrained and lora.lora and lora.lora_text_encoder:
@@ -414,6 +421,9 @@ class VAEDataSection(DataBase):
     eval_data_dir: str | None = option(None, "held-out images for PSNR; None: hold out eval_count of train")
     eval_count: int = option(256, "images held out of train_data_dir when eval_data_dir is None")
 
+    def problems(self) -> list[str]:
+        return super().problems() + counts_below(self, 1, "eval_count")
+
 
 @dataclass
 class VAEOptimizerSection(OptimizerBase):
@@ -431,7 +441,7 @@ class VAEOptimizerSection(OptimizerBase):
         problems = super().problems()
         if self.reconstruction_loss not in ("mse", "l1"):
             problems.append(f"reconstruction_loss={self.reconstruction_loss!r}: use mse or l1")
-        return problems
+        return problems + numbers_outside(self, "kl_weight")
 
 
 @dataclass
@@ -442,6 +452,9 @@ class VAERunSection(RunBase):
     checkpoints_total_limit: int | None = 2
     scale_count: int = option(1024, "training images encoded to measure the latents' std")
     eval_every: int = option(0, "steps between held-out PSNR reports; 0: only at the end")
+
+    def problems(self) -> list[str]:
+        return super().problems() + counts_below(self, 1, "scale_count") + counts_below(self, 0, "eval_every")
 
 
 @dataclass

@@ -210,10 +210,13 @@ def rows_for(cfg: TrainConfig, source: str):
     data, db = cfg.data, cfg.dreambooth
     if db.instance_data_dir and source == db.instance_data_dir:  # DreamBooth's subject and class images
         rows = dreambooth_rows(db.instance_data_dir, db.instance_prompt, db.class_data_dir,
-                               db.class_prompt, data.image_column, data.caption_column)  # fmt: skip
+                               db.class_prompt, data.image_column, data.caption_column,
+                               allow_outside=data.allow_outside_paths)  # fmt: skip
         return rows, []
     if is_caption_folder(source):
-        return caption_rows(source, data.image_column, data.caption_column)
+        return caption_rows(
+            source, data.image_column, data.caption_column, allow_outside=data.allow_outside_paths
+        )
     rows = load_rows(source, data.image_column, data.caption_column, bad_data=data.bad_data,
                      allow_outside=data.allow_outside_paths)  # fmt: skip
     return rows, []

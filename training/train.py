@@ -53,12 +53,18 @@ import torch
 
 if __package__ in (None, ""):  # run as a script (accelerate launch training/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # an entry point: third-party noise dropped before diffusers is imported
+    from training.quiet import quiet_third_party
 
+    quiet_third_party()
+
+from sdlite.cli import final_message  # noqa: E402
 from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
 from sdlite.lora import AdapterWeights, lora_param_groups, target_problems  # noqa: E402
 from training.accelerator import setup_accelerator  # noqa: E402
 from training.config import parse_config, save_yaml  # noqa: E402
 from training.config_sections import TrainConfig  # noqa: E402
+from training.errors import reported_errors  # noqa: E402
 from training.examples import top_up_class_images, training_data  # noqa: E402
 from training.families import family_of  # noqa: E402
 from training.family import lora_settings, weight_dtype  # noqa: E402
@@ -358,7 +364,10 @@ class UNetTrainer(Trainer):
                     with self.ema_weights():
                         parts.save_pretrained(tmp)  # a diffusers SD or SDXL folder (sdlite.models, models_xl)
                 save_yaml(cfg, tmp / "train_config.yaml")
-            acc.print(f"saved {self.final}")
+            prompt = next(
+                iter(cfg.validation.validation_prompts), cfg.dreambooth.instance_prompt or "a prompt"
+            )
+            acc.print(final_message(self.final, cfg.model.pretrained, prompt, cfg.adapters.lora))
         acc.wait_for_everyone()
         return self.final
 
@@ -369,12 +378,15 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """Parse the flags and train. Errors propagate to the caller; run as a script, training/errors.py
+    ends those sdlite raises on purpose with one line (``--debug``: the traceback)."""
     return train(parse_config(TrainConfig, argv))
 
 
 if __name__ == "__main__":
     follow_launcher()  # one-process accelerate launch: if the launcher dies, checkpoint and stop
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    trainer = UNetTrainer(parse_config(TrainConfig))
-    trainer.train()
+    with reported_errors("train.py"):  # one line for an error of ours; --debug: the traceback
+        trainer = UNetTrainer(parse_config(TrainConfig))
+        trainer.train()
     leave()  # the trainer still held: its DDP model is never freed (see leave)
