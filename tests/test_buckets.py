@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from sdlite.data.buckets import (
-    BucketSampler,
     BucketTransform,
     assign_bucket,
     bucket_counts,
@@ -26,6 +25,7 @@ from sdlite.data.buckets import (
 )
 from sdlite.data.cache import TensorCache
 from sdlite.data.dataset import TrainingExamples
+from sdlite.data.samplers import BucketSampler
 
 
 def png(size, color=(10, 120, 240)) -> bytes:

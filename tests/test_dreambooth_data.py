@@ -7,10 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlite.data.buckets import BucketSampler
 from sdlite.data.dataset import DataError
 from sdlite.data.dreambooth import (
-    PriorPairSampler,
     apportion,
     class_image_sizes,
     class_images_needed,
@@ -18,6 +16,7 @@ from sdlite.data.dreambooth import (
     generate_class_images,
     prior_preservation_loss,
 )
+from sdlite.data.samplers import BucketSampler, PriorPairSampler
 
 
 def images(folder: Path, n: int, size=(16, 16)) -> None:

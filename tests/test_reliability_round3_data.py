@@ -24,12 +24,13 @@ from safetensors import SafetensorError
 from pipelines import TextToImagePipeline
 from sdlite.cli import main as cli
 from sdlite.data import cache as cache_module
-from sdlite.data.buckets import BucketSampler, BucketTransform, make_buckets
+from sdlite.data.buckets import BucketTransform, make_buckets
 from sdlite.data.cache import CacheWriteError, TensorCache, cache_latents
 from sdlite.data.captions import MAX_REPEATS, append_problems, caption_rows
 from sdlite.data.cleaning import check_image, clean_rows
 from sdlite.data.dataset import DataError, ImageTransform, TrainingExamples, load_rows
 from sdlite.data.dreambooth import dreambooth_rows
+from sdlite.data.samplers import BucketSampler
 from sdlite.models import build_components, save_components
 from sdlite.presets import get_preset
 from sdlite.tokenizer import clip_tokenizer, token_ids

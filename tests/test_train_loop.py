@@ -1,4 +1,4 @@
-"""The loop's machinery (sdlite/data/steps.py, training/optim.py, metrics.py): data order,
+"""The loop's machinery (sdlite/data/samplers.py, training/optim.py, metrics.py): data order,
 learning-rate schedule, EMA, checkpoints, metrics."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from sdlite.data.steps import StepSampler
+from sdlite.data.samplers import StepSampler
 from training import checkpoint
 from training.checkpoint import checkpoints, find_resume, load_checkpoint, save_checkpoint
 from training.metrics import Metrics

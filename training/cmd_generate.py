@@ -14,9 +14,8 @@ from safetensors import SafetensorError
 from transformers.utils import logging as transformers_logging
 
 from pipelines.text_to_image import TextToImagePipeline
-from pipelines.text_to_image_xl import TextToImageXLPipeline
 from sdlite.images import grid
-from sdlite.models_xl import is_xl_folder
+from training.families import family_of_folder
 from training.schedulers import make_scheduler
 
 
@@ -30,10 +29,8 @@ def load_pipeline(model: str, model_config: str = "sd15") -> TextToImagePipeline
     if path.is_file() or path.suffix == ".safetensors":  # the loader refuses pickles and says why
         config = model_config if Path(model_config).is_dir() else model_config.lower()
         pipe = TextToImagePipeline.from_single_file(path, config=config)
-    elif is_xl_folder(path):
-        pipe = TextToImageXLPipeline.from_pretrained(path)
-    else:
-        pipe = TextToImagePipeline.from_pretrained(path)
+    else:  # SD's or SDXL's pipeline: the folder's model family says which
+        pipe = family_of_folder(path).pipeline_class().from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

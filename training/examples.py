@@ -35,14 +35,14 @@ from sdlite.data.captions import (
     is_caption_folder,
 )
 from sdlite.data.cleaning import clean_rows
-from sdlite.data.dataset import ImageTransform, TrainingExamples, caption_text, load_rows
+from sdlite.data.dataset import ImageTransform, caption_text, load_rows
 from sdlite.data.dreambooth import (
     class_image_sizes,
     class_images_needed,
     dreambooth_rows,
     generate_class_images,
 )
-from sdlite.data.steps import seeded_generator
+from sdlite.data.samplers import seeded_generator
 from sdlite.latents import vae_factor
 from training.sampling import DataLayout, sampler_for
 
@@ -83,103 +83,139 @@ class TrainingData:
 def training_data(cfg: TrainConfig, acc, family: StableDiffusion) -> TrainingData:
     """The training examples (cached as configured) and their sampler, the empty caption, the latent
     shape and the held-out batch: everything the step reads of the data, in the family's terms."""
-    data, captions, opt, run, validation = cfg.data, cfg.captions, cfg.optimizer, cfg.run, cfg.validation
-    parts = family.parts
-    vae = parts.vae.config
+    data, captions, opt, validation = cfg.data, cfg.captions, cfg.optimizer, cfg.validation
+    vae = family.parts.vae.config
     resolution = data.resolution or vae.sample_size
     factor = vae_factor(vae)
     if resolution % factor:
         raise ValueError(f"resolution {resolution} is not a multiple of the VAE's factor {factor}")
     latent_shape = (vae.latent_channels, resolution // factor, resolution // factor)
     transform = ImageTransform(resolution, data.random_crop, opt.seed, max_pixels=data.max_image_pixels)
-    cache = TensorCache(Path(data.cache_dir).expanduser())
     options = caption_options(captions)
-    # A stream is encoded as it comes (no cache): its batches carry token ids, so the empty caption must too;
-    # a caption drawn anew at every draw (shuffle_caption, tag dropout) has no one embedding to cache.
-    embeds_cached = (
-        data.cache_text and not cfg.text_encoder_trains and not data.streaming and not options.per_draw
-    )
-    tokenizer = parts.tokenizer
     layout = DataLayout(transform, vae.latent_channels, factor, options)
     if captions.aspect_buckets:  # the training rows only: the held-out batch stays square (one tensor)
         sides = make_buckets(
             resolution, bucket_multiple(vae), captions.bucket_min_side, captions.bucket_max_side
         )
         layout.transform = BucketTransform(resolution, tuple(sides), data.random_crop, opt.seed)
+    # A stream is encoded as it comes (no cache): its batches carry token ids, so the empty caption must too;
+    # a caption drawn anew at every draw (shuffle_caption, tag dropout) has no one embedding to cache.
+    embeds_cached = (
+        data.cache_text and not cfg.text_encoder_trains and not data.streaming and not options.per_draw
+    )
+    reader = ExampleReader(cfg, acc, family, resolution, transform, layout, embeds_cached)
+    if data.streaming:  # its own sampler; its DataLoader comes from examples.loader(start_step, ...)
+        examples = sampler = streamed_examples(cfg, acc, transform, family.parts.tokenizer)
+    else:
+        examples = reader.examples(training_source(cfg), (False, True) if data.random_flip else (False,))
+    empty = family.empty_condition(embeds_cached, acc.device)  # c of the empty caption, or its ids
+    held_out = None
+    if validation.val_data_dir and validation.val_count > 0:
+        held_out = reader.held_out_batch(latent_shape)
+    if not data.streaming:
+        sampler, examples = sampler_for(cfg, acc, examples, layout, family.parts.tokenizer)
+    return TrainingData(examples, sampler, empty, latent_shape, held_out, layout)
 
-    def examples_of(source: str, flips: tuple[bool, ...], limit: int | None = None) -> TrainingExamples:
-        rows, listed = rows_for(cfg, source)
-        rows = rows.select(range(min(limit, len(rows)))) if limit else rows
-        # Every image checked now (decoded, unless an earlier run did): a bad one is skipped or stops the
-        # run before step 0, never in the middle of an epoch.
-        report = Path(run.output_dir) / ("bad_files_val.txt" if limit else "bad_files.txt")
-        rows = clean_rows(rows, data.image_column, data.caption_column, resolution, tokenizer, data.bad_data,
-                          report if acc.is_main_process else None, acc.print,
-                          DecodedImages(cache.root) if data.cache_latents else None,
-                          max_pixels=data.max_image_pixels)  # fmt: skip
-        if acc.is_main_process:  # what caption_rows found odd joins clean_rows' report
-            append_problems(report, listed)
-        written = [caption_text(c) for c in rows[data.caption_column]]  # the captions as written
+
+@dataclass
+class ExampleReader:
+    """Reads a data source into examples the family's way: its rows listed and checked, its captions
+    tokenized, its latents and text embeddings cached as configured."""
+
+    cfg: TrainConfig
+    acc: object  # accelerate.Accelerator
+    family: StableDiffusion
+    resolution: int
+    transform: ImageTransform  # the square one; the training rows' is the layout's
+    layout: DataLayout
+    embeds_cached: bool
+
+    def examples(self, source: str, flips: tuple[bool, ...], limit: int | None = None):
+        """The examples of a source: the training rows (``limit`` None; the layout reads them) or the
+        first ``limit`` held-out rows (square, their captions never drawn)."""
+        cfg, acc, family, layout = self.cfg, self.acc, self.family, self.layout
+        data, opt = cfg.data, cfg.optimizer
         trained = not limit
-        texts = fixed_captions(written, options if trained else held_out_options(options), opt.seed)
-        ids = family.token_ids(texts)  # one (N, L) tensor per tokenizer
-        buckets = trained and isinstance(layout.transform, BucketTransform)
+        rows, written, report = self.checked_rows(source, limit)
+        options = layout.options if trained else held_out_options(layout.options)
+        ids = family.token_ids(fixed_captions(written, options, opt.seed))  # one (N, L) tensor per tokenizer
         if trained:
             layout.read(rows, written, data.image_column)
-        transform_here = layout.transform if trained else transform
+        transform = layout.transform if trained else self.transform
         # Split misses among one machine's processes: a cache folder local to each machine fills too.
         rank, world_size = acc.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+        cache = TensorCache(Path(data.cache_dir).expanduser())
         latent_files = embed_files = None
         if data.cache_latents:
-            with tqdm(desc="encoding latents", unit="image", disable=not acc.is_local_main_process) as bar:
-                if buckets:  # one bucket at a time: a VAE batch holds images of one size
-                    latent_files, missing = cache_bucket_latents(
-                        cache, rows, data.image_column, layout.transform, layout.bucket_of_rows, parts.vae,
-                        flips, opt.train_batch_size, rank, world_size, bar.update,
-                    )  # fmt: skip
-                else:
-                    latent_files, missing = cache_latents(
-                        cache, rows, data.image_column, transform, parts.vae, flips, opt.train_batch_size,
-                        rank, world_size, bar.update,
-                    )  # fmt: skip
-            acc.print(f"{source}: {len(rows)} images x {len(flips)} flips, {missing} latents computed")
-        if embeds_cached:
+            latent_files = self.cache_latents(cache, rows, source, transform, flips, rank, world_size)
+        if self.embeds_cached:
             embed_files, missing = family.cache_text(cache, ids, rank, world_size)
             acc.print(f"{source}: {len(rows)} captions, {missing} text embeddings computed")
         acc.wait_for_everyone()  # every process's share of the cache is written
-        return family.examples(rows, data.image_column, transform_here, ids, latent_files, embed_files,
+        return family.examples(rows, data.image_column, transform, ids, latent_files, embed_files,
                                report=report if acc.is_main_process else None, log=acc.print,
                                groups=layout.groups(len(rows)) if trained else None)  # fmt: skip
 
-    if data.streaming:  # the DataLoader comes from examples.loader(start_step, ...) in setup()
-        from sdlite.data.streaming import StreamingExamples, load_stream, parquet_rows
+    def checked_rows(self, source: str, limit: int | None):
+        """(rows, their captions as written, the bad-files report): every image checked now (decoded,
+        unless an earlier run did), so that a bad one is skipped or stops the run before step 0, never
+        in the middle of an epoch."""
+        data, acc = self.cfg.data, self.acc
+        rows, listed = rows_for(self.cfg, source)
+        rows = rows.select(range(min(limit, len(rows)))) if limit else rows
+        report = Path(self.cfg.run.output_dir) / ("bad_files_val.txt" if limit else "bad_files.txt")
+        decoded = DecodedImages(Path(data.cache_dir).expanduser()) if data.cache_latents else None
+        rows = clean_rows(rows, data.image_column, data.caption_column, self.resolution,
+                          self.family.parts.tokenizer, data.bad_data, report if acc.is_main_process else None,
+                          acc.print, decoded, max_pixels=data.max_image_pixels)  # fmt: skip
+        if acc.is_main_process:  # what caption_rows found odd joins clean_rows' report
+            append_problems(report, listed)
+        return rows, [caption_text(c) for c in rows[data.caption_column]], report
 
-        stream = load_stream(data.train_data_dir, data.image_column, data.caption_column,
-                             allow_outside=data.allow_outside_paths)  # fmt: skip
-        examples = StreamingExamples(stream, data.image_column, data.caption_column, transform, tokenizer,
-                                     opt.train_batch_size, opt.seed, acc.num_processes, acc.process_index,
-                                     opt.gradient_accumulation_steps, data.random_flip, data.shuffle_buffer,
-                                     num_items=parquet_rows(data.train_data_dir))  # fmt: skip
-    else:
-        examples = examples_of(training_source(cfg), (False, True) if data.random_flip else (False,))
-    empty = family.empty_condition(embeds_cached, acc.device)  # c of the empty caption, or its ids
-    val = None
-    if validation.val_data_dir and validation.val_count > 0:
-        held_out = examples_of(validation.val_data_dir, (False,), validation.val_count)
+    def cache_latents(self, cache, rows, source: str, transform, flips, rank: int, world_size: int):
+        """Each row's cached latent files, [unflipped, flipped]; with buckets one bucket at a time (a VAE
+        batch holds images of one size)."""
+        data, acc, vae = self.cfg.data, self.acc, self.family.parts.vae
+        batch = self.cfg.optimizer.train_batch_size
+        with tqdm(desc="encoding latents", unit="image", disable=not acc.is_local_main_process) as bar:
+            if isinstance(transform, BucketTransform):
+                files, missing = cache_bucket_latents(cache, rows, data.image_column, transform,
+                                                      self.layout.bucket_of_rows, vae, flips, batch, rank,
+                                                      world_size, bar.update)  # fmt: skip
+            else:
+                files, missing = cache_latents(cache, rows, data.image_column, transform, vae, flips, batch,
+                                               rank, world_size, bar.update)  # fmt: skip
+        acc.print(f"{source}: {len(rows)} images x {len(flips)} flips, {missing} latents computed")
+        return files
+
+    def held_out_batch(self, latent_shape: tuple[int, int, int]) -> dict:
+        """The held-out rows as one batch on the device, with the validation loss's timesteps and its
+        noise, both fixed for the whole run."""
+        cfg, acc, validation = self.cfg, self.acc, self.cfg.validation
+        held_out = self.examples(validation.val_data_dir, (False,), validation.val_count)
         batch = torch.utils.data.default_collate([held_out[(i, False)] for i in range(len(held_out))])
-        T, n = parts.scheduler.config.num_train_timesteps, len(held_out)
-        generator = seeded_generator(opt.seed, "validation", device=acc.device)
+        T, n = self.family.parts.scheduler.config.num_train_timesteps, len(held_out)
+        generator = seeded_generator(cfg.optimizer.seed, "validation", device=acc.device)
         timesteps = sorted({min(t, T - 1) for t in validation.val_timesteps})
-        val = {
+        return {
             "batch": {k: v.to(acc.device) for k, v in batch.items()},
             "timesteps": timesteps,
             "noise": torch.randn((len(timesteps), n, *latent_shape), generator=generator, device=acc.device),
             "latent_noise": torch.randn((n, *latent_shape), generator=generator, device=acc.device),
         }
-    sampler = examples  # a stream is its own sampler
-    if not data.streaming:
-        sampler, examples = sampler_for(cfg, acc, examples, layout, parts.tokenizer)
-    return TrainingData(examples, sampler, empty, latent_shape, val, layout)
+
+
+def streamed_examples(cfg: TrainConfig, acc, transform: ImageTransform, tokenizer):
+    """train_data_dir's shards as a stream (sdlite/data/streaming.py): nothing cached, its own sampler."""
+    from sdlite.data.streaming import StreamingExamples, load_stream, parquet_rows
+
+    data, opt = cfg.data, cfg.optimizer
+    stream = load_stream(data.train_data_dir, data.image_column, data.caption_column,
+                         allow_outside=data.allow_outside_paths)  # fmt: skip
+    return StreamingExamples(stream, data.image_column, data.caption_column, transform, tokenizer,
+                             opt.train_batch_size, opt.seed, acc.num_processes, acc.process_index,
+                             opt.gradient_accumulation_steps, data.random_flip, data.shuffle_buffer,
+                             num_items=parquet_rows(data.train_data_dir))  # fmt: skip
 
 
 # ---- photo sets: caption folders, repeats, caption handling, aspect buckets -----------------------------

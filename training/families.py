@@ -6,13 +6,11 @@ that differ, and a line here; the most specific families come first, the fallbac
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
 
+from training.config_sections import ModelSection
 from training.family import StableDiffusion
 from training.family_sdxl import StableDiffusionXL
-
-if TYPE_CHECKING:
-    from training.config_sections import ModelSection
 
 FAMILIES: tuple[type[StableDiffusion], ...] = (
     StableDiffusionXL,
@@ -23,3 +21,8 @@ FAMILIES: tuple[type[StableDiffusion], ...] = (
 def family_of(model: ModelSection) -> type[StableDiffusion]:
     """The family of the run's model (its pretrained folder or its preset), from the config alone."""
     return next(family for family in FAMILIES if family.claims(model))
+
+
+def family_of_folder(path: str | Path) -> type[StableDiffusion]:
+    """The family of a model folder (``sdlite generate`` asks it which pipeline loads the folder)."""
+    return family_of(ModelSection(pretrained=str(path)))

@@ -183,7 +183,9 @@ class StableDiffusion:
 
     # ---- sampling --------------------------------------------------------------------------------------
 
-    def pipeline_class(self):
+    @classmethod
+    def pipeline_class(cls):
+        """sdlite's pipeline class of this family (``sdlite generate`` loads a folder with it)."""
         from pipelines import TextToImagePipeline  # training may use pipelines; sdlite never does
 
         return TextToImagePipeline

@@ -184,7 +184,8 @@ class StableDiffusionXL(StableDiffusion):
 
     # ---- sampling --------------------------------------------------------------------------------------
 
-    def pipeline_class(self):
+    @classmethod
+    def pipeline_class(cls):
         from pipelines import TextToImageXLPipeline
 
         return TextToImageXLPipeline

@@ -1,9 +1,9 @@
 """How a U-Net run draws its training rows: ``DataLayout`` says what the rows need (one square size or
 aspect buckets, repeats, captions drawn per step, DreamBooth's class images) and ``sampler_for`` composes
-the one batch sampler that does it from sdlite's: ``StepSampler`` (plain epochs), ``BucketSampler``
-(buckets, repeats and per-draw captions as its options) and ``PriorPairSampler`` (a class half after
-each micro-batch). Every one draws a step's global batch from (seed, step) alone, so a resumed run and
-any split into processes and micro-steps see the same items.
+the one batch sampler that does it from sdlite/data/samplers.py: ``StepSampler`` (plain epochs),
+``BucketSampler`` (buckets, repeats and per-draw captions as its options) and ``PriorPairSampler`` (a
+class half after each micro-batch). Every one draws a step's global batch from (seed, step) alone, so
+a resumed run and any split into processes and micro-steps see the same items.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from sdlite.data.buckets import (
-    BucketSampler,
     BucketTransform,
     bucket_counts,
     bucket_summary,
@@ -25,8 +24,7 @@ from sdlite.data.buckets import (
 )
 from sdlite.data.captions import CaptionOptions, DrawnCaptions
 from sdlite.data.dataset import DataError, ImageTransform, TrainingExamples
-from sdlite.data.dreambooth import PriorPairSampler
-from sdlite.data.steps import StepSampler
+from sdlite.data.samplers import BucketSampler, PriorPairSampler, StepSampler
 from sdlite.tokenizer import token_ids
 
 if TYPE_CHECKING:

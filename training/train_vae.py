@@ -16,7 +16,7 @@ Output: ``output_dir/vae`` in diffusers' layout (``AutoencoderKL.from_pretrained
 it, so that scaled latents have unit variance, as the diffusion's prior N(0, I) assumes. The loop
 (log, checkpoint, signal and non-finite cadence) is ``training/trainer.py``'s, as the U-Net trainer's;
 its machinery is training/accelerator.py, optim.py (optimizer, schedule, EMA) and metrics.py; its data
-order is sdlite.data.steps.StepSampler.
+order is sdlite.data.samplers.StepSampler.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ if __name__ == "__main__":  # an entry point: third-party noise dropped before d
     quiet_third_party()
 
 from sdlite.data.dataset import ImageTransform, image_bytes, load_rows  # noqa: E402
-from sdlite.data.steps import StepSampler  # noqa: E402
+from sdlite.data.samplers import StepSampler  # noqa: E402
 from sdlite.presets import get_preset  # noqa: E402
 from training.accelerator import setup_accelerator  # noqa: E402
 from training.config import parse_config  # noqa: E402

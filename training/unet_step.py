@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from sdlite.data.cache import sample_latents
-from sdlite.data.steps import seeded_generator
+from sdlite.data.samplers import seeded_generator
 
 
 class Denoiser(torch.nn.Module):

@@ -12,9 +12,9 @@ about the same pixel count as resolution² (so a step costs about the same whate
   side (centred, or a random offset from (seed, index), the same every epoch so that latents cache).
   It stands in for ``ImageTransform`` (same ``crop_box`` and call), and gives SDXL's size and crop
   conditioning (the image's real size and the crop's top-left);
-- ``BucketSampler``: every optimizer step's global batch comes from one bucket, so every process and
-  every accumulation micro-step of a step holds images of one size. It stands in for
-  ``sdlite.data.steps.StepSampler``, with the same exact resume and DDP slicing.
+- ``BucketSampler`` (sdlite/data/samplers.py): every optimizer step's global batch comes from one
+  bucket, so every process and every accumulation micro-step of a step holds images of one size. It
+  stands in for ``StepSampler``, with the same exact resume and DDP slicing.
 
 A bucket with fewer images than the global batch G (even one image) is not merged into another bucket,
 which would crop its images to another aspect: its step is filled by repeating its images (each at
@@ -35,9 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdlite.data.captions import MAX_REPEATS
 from sdlite.data.decoding import check_aspect, decode_image, pixel_limit
-from sdlite.data.steps import StepBatches, seeded_generator
 from sdlite.latents import vae_factor
 
 Size = tuple[int, int]  # (width, height) in pixels, as PIL
@@ -148,113 +146,6 @@ def bucket_summary(counts: dict[str, int], global_batch: int) -> str:
     note = (f" ({small} with fewer images than the global batch {global_batch}: repeated within their step)"
             if small else "")  # fmt: skip
     return f"aspect buckets: {sum(counts.values())} images in {len(counts)} buckets: {listed}{note}"
-
-
-class BucketSampler(StepBatches):
-    """A batch sampler for the optimizer steps ``start_step`` .. ``max_steps - 1``, each from one bucket.
-
-    Items: row r appears ``repeats[r]`` times per epoch (1 each without ``repeats``), as items
-    first[r] .. first[r + 1] - 1 (``first``: the running sum of the counts, so that a row's repeats
-    are a count, never a list). Epoch e: each bucket's items in an order drawn from (seed, e, bucket),
-    its last short run filled by repeating them from its start, cut into runs of
-    G = batch_size * num_processes * accumulation_steps; the runs of all buckets then in an order drawn
-    from (seed, e). Step s takes the next run; micro-step a of process r takes positions
-    (a * num_processes + r) * batch_size onward, as StepSampler. Items come as (row, flip), the flip
-    drawn from (seed, step) when ``random_flip``; with ``draw_keys`` as (row, flip, epoch, item), item
-    being the row's place among the epoch's items (for draw_caption). ``bucket_of_rows`` None: one
-    bucket (a StepSampler with repeats that drops no image).
-    """
-
-    def __init__(
-        self,
-        bucket_of_rows: Sequence[int] | None,
-        batch_size: int,
-        seed: int,
-        max_steps: int,
-        start_step: int = 0,
-        num_processes: int = 1,
-        process_index: int = 0,
-        accumulation_steps: int = 1,
-        random_flip: bool = False,
-        repeats: Sequence[int] | None = None,
-        num_rows: int | None = None,
-        draw_keys: bool = False,
-    ):
-        if bucket_of_rows is None:
-            bucket_of_rows = [0] * (num_rows if num_rows is not None else len(repeats or []))
-        self.bucket_of_rows = list(bucket_of_rows)
-        counts = (
-            np.ones(len(self.bucket_of_rows), np.int64) if repeats is None else np.asarray(repeats, np.int64)
-        )
-        if counts.shape != (len(self.bucket_of_rows),) or (counts < 0).any():
-            raise ValueError("repeats must give a count >= 0 for every row")
-        if (counts > MAX_REPEATS).any():
-            raise ValueError(f"a row repeats {counts.max()} times, over the limit of {MAX_REPEATS}")
-        self.first = np.concatenate([[0], np.cumsum(counts)])  # row r's items: first[r] .. first[r + 1] - 1
-        self.num_items, self.batch_size, self.seed = int(self.first[-1]), batch_size, seed
-        if self.num_items == 0:
-            raise ValueError("no training items: every row repeats 0 times")
-        self.max_steps, self.start_step = max_steps, start_step
-        self.num_processes, self.process_index = num_processes, process_index
-        self.accumulation_steps, self.random_flip, self.draw_keys = accumulation_steps, random_flip, draw_keys
-        self.global_batch = batch_size * num_processes * accumulation_steps
-        # bucket -> its rows that have items, in row order (so its items in item order), and where each
-        # row's items start among the bucket's.
-        self.items_of_bucket: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        of_rows = np.asarray(self.bucket_of_rows, np.int64)
-        for bucket in sorted(set(of_rows[counts > 0].tolist())):
-            rows = np.flatnonzero((of_rows == bucket) & (counts > 0))
-            self.items_of_bucket[bucket] = (rows, np.concatenate([[0], np.cumsum(counts[rows])]))
-        G = self.global_batch
-        runs = [-(-int(starts[-1]) // G) for _, starts in self.items_of_bucket.values()]
-        # The runs (steps) of an epoch, numbered bucket after bucket: the i-th bucket's start at first_run[i].
-        self.bucket_ids, self.first_run = list(self.items_of_bucket), np.concatenate([[0], np.cumsum(runs)])
-        self.steps_per_epoch = int(self.first_run[-1])
-        self._epoch, self._plan = -1, None
-
-    def epoch_plan(self, epoch: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """Each bucket's order of its items in the epoch, and the epoch's steps in order as runs: run
-        first_run[i] + k is the k-th run of the i-th bucket."""
-        if epoch != self._epoch:
-            orders = {
-                bucket: torch.randperm(
-                    int(starts[-1]), generator=seeded_generator(self.seed, "bucket", epoch, bucket)
-                )
-                for bucket, (_, starts) in self.items_of_bucket.items()
-            }
-            steps = torch.randperm(
-                self.steps_per_epoch, generator=seeded_generator(self.seed, "steps", epoch)
-            )
-            self._epoch, self._plan = epoch, (orders, steps)
-        return self._plan
-
-    def _run(self, step: int) -> tuple[int, int, int]:
-        """(epoch, bucket, run of the bucket) of a step."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        run = int(self.epoch_plan(epoch)[1][k])
-        i = int(np.searchsorted(self.first_run, run, side="right")) - 1
-        return epoch, self.bucket_ids[i], run - int(self.first_run[i])
-
-    def step_bucket(self, step: int) -> int:
-        """The bucket of a step (its latent shape for the step's noise draws)."""
-        return self._run(step)[1]
-
-    def step_items(self, step: int) -> list[tuple]:
-        """The global batch of one optimizer step, in position order."""
-        epoch, bucket, run = self._run(step)
-        rows, starts = self.items_of_bucket[bucket]
-        G, order = self.global_batch, self.epoch_plan(epoch)[0][bucket].numpy()
-        places = order[(run * G + np.arange(G)) % len(order)]  # the short run filled from the start
-        j = np.searchsorted(starts, places, side="right") - 1  # which of the bucket's rows holds each
-        row_of = rows[j]
-        items = self.first[row_of] + places - starts[j]
-        if self.random_flip:
-            flips = torch.rand(G, generator=seeded_generator(self.seed, "flip", step)) < 0.5
-        else:
-            flips = torch.zeros(G, dtype=torch.bool)
-        if self.draw_keys:
-            return [(r, f, epoch, i) for r, f, i in zip(row_of.tolist(), flips.tolist(), items.tolist())]
-        return list(zip(row_of.tolist(), flips.tolist()))
 
 
 class _RowsOf:

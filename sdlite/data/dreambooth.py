@@ -4,10 +4,10 @@ for the prior-preservation loss.
 - Instance rows: every image of ``instance_data_dir``, captioned ``instance_prompt`` ("a photo of sks
   dog"). Class rows: every image of ``class_data_dir``, captioned ``class_prompt`` ("a photo of a dog").
   ``dreambooth_rows`` gives both in one table, instance rows first, with an ``is_prior`` flag.
-- ``PriorPairSampler`` wraps the sampler of the instance rows (StepSampler or BucketSampler): each
-  micro-batch of B instance items is followed by B class items, so every process's batch holds both
-  halves and ``flags`` (the last B) marks the class half. With buckets, the class items of a step come
-  from the class images of the step's bucket.
+- ``PriorPairSampler`` (sdlite/data/samplers.py) wraps the sampler of the instance rows (StepSampler
+  or BucketSampler): each micro-batch of B instance items is followed by B class items, so every
+  process's batch holds both halves and ``flags`` (the last B) marks the class half. With buckets,
+  the class items of a step come from the class images of the step's bucket.
 - ``prior_preservation_loss``: Ruiz et al. eq. 2, the instance examples' mean loss plus
   prior_loss_weight times the class examples' mean loss.
 - ``class_images_needed`` and ``generate_class_images``: top the class folder up to
@@ -36,7 +36,6 @@ from sdlite.data.buckets import (
 from sdlite.data.captions import IMAGE_EXTENSIONS
 from sdlite.data.dataset import PROBLEM, WHERE, DataError
 from sdlite.data.files import listed_file_problem, shown
-from sdlite.data.steps import StepBatches, seeded_generator
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -113,102 +112,6 @@ def prior_preservation_loss(
     instance = losses[~is_prior].mean() if has_instance else zero
     prior = losses[is_prior].mean() if has_prior else zero
     return instance + prior_loss_weight * prior, instance, prior
-
-
-class PriorPairSampler(StepBatches):
-    """The instance sampler's micro-batches, each followed by as many class items (see module docstring).
-
-    Class items: a step's G class items (G: the instance sampler's global batch) are a run of the class
-    rows (of the step's bucket, with buckets) in an order drawn from (seed, cycle), a cycle being the
-    n // G steps that take disjoint runs of n class rows (n < G: each step takes them all, repeated).
-    So they are deterministic in (seed, step): resume and DDP slicing stay exact. The flip of a class
-    item is drawn from (seed, step) too. ``global_batch`` and ``positions`` count both halves (2G, 2B);
-    ``draw_positions`` places a micro-batch's random draws so that every split of a step draws alike.
-    """
-
-    def __init__(
-        self,
-        instance_sampler,
-        class_rows: Sequence[int],
-        seed: int,
-        class_buckets: Sequence[int] | None = None,
-    ):
-        if not class_rows:
-            raise ValueError("prior preservation needs class rows")
-        self.inner, self.seed = instance_sampler, seed
-        self.batch_size = 2 * instance_sampler.batch_size
-        self.global_batch = 2 * instance_sampler.global_batch
-        self.num_items = instance_sampler.num_items
-        self.max_steps, self.start_step = instance_sampler.max_steps, instance_sampler.start_step
-        self.num_processes, self.process_index = (
-            instance_sampler.num_processes,
-            instance_sampler.process_index,
-        )
-        self.accumulation_steps = instance_sampler.accumulation_steps
-        self.by_bucket = class_buckets is not None
-        self.class_of_bucket: dict[int, list[int]] = {}
-        for row, bucket in zip(class_rows, class_buckets or [0] * len(class_rows)):
-            self.class_of_bucket.setdefault(bucket, []).append(row)
-        if class_buckets is not None:
-            needed = set(getattr(instance_sampler, "items_of_bucket", {})) - set(self.class_of_bucket)
-            if needed:
-                raise DataError(
-                    f"aspect buckets {sorted(needed)} hold instance images but no class images: "
-                    "generate class images in those sizes or turn aspect_buckets off"
-                )
-
-    @property
-    def flags(self) -> torch.Tensor:
-        """(2B,) True at the class items of every micro-batch."""
-        b = self.inner.batch_size
-        return torch.arange(2 * b) >= b
-
-    def class_items(self, step: int, count: int, arity: int) -> list[tuple]:
-        """The ``count`` class items of a step: distinct rows while the bucket has that many."""
-        bucket = self.step_bucket(step) if self.by_bucket else 0
-        rows = self.class_of_bucket[bucket]
-        n = len(rows)
-        if n >= count:  # a cycle is n // count steps, each a disjoint run of one order
-            cycle, k = divmod(step, n // count)
-            order = torch.randperm(n, generator=seeded_generator(self.seed, "class", bucket, cycle))
-            chosen = order[k * count : (k + 1) * count].tolist()
-        else:  # fewer class images than a step holds: each step repeats them all
-            cycle = step
-            order = torch.randperm(n, generator=seeded_generator(self.seed, "class", bucket, cycle)).tolist()
-            chosen = [order[p % n] for p in range(count)]
-        if getattr(self.inner, "random_flip", False):
-            flips = (
-                torch.rand(count, generator=seeded_generator(self.seed, "class-flip", step)) < 0.5
-            ).tolist()
-        else:
-            flips = [False] * count
-        # The same shape as the instance items: (row, flip) or (row, flip, cycle, place) with draw_keys.
-        return [(rows[c], f, cycle, c)[:arity] for c, f in zip(chosen, flips)]
-
-    def step_items(self, step: int) -> list[tuple]:
-        """The global batch (2 G) in position order: each micro-batch's instances, then its class items."""
-        instances = self.inner.step_items(step)
-        arity = len(instances[0])
-        classes = self.class_items(step, len(instances), arity)
-        b, out = self.inner.batch_size, []
-        for start in range(0, len(instances), b):
-            out += instances[start : start + b] + classes[start : start + b]
-        return out
-
-    def step_bucket(self, step: int) -> int:
-        return self.inner.step_bucket(step) if hasattr(self.inner, "step_bucket") else 0
-
-    def positions(self, micro_step: int) -> slice:
-        start = (micro_step * self.num_processes + self.process_index) * self.batch_size
-        return slice(start, start + self.batch_size)
-
-    def draw_positions(self, micro_step: int) -> torch.Tensor:
-        """Where this process's micro-batch takes its random draws in the step's 2G: instance item k of
-        the step at k, class item k at G + k. So an item's noise and timestep do not depend on how the
-        step is split into processes and micro-steps (``positions`` interleaves the halves by B)."""
-        inner = self.inner.positions(micro_step)
-        mine = torch.arange(inner.start, inner.stop)
-        return torch.cat([mine, self.inner.global_batch + mine])
 
 
 def class_images_needed(class_data_dir: str | Path, num_class_images: int) -> int:

@@ -19,7 +19,7 @@ The order of one process's examples:
   a full global batch. The processes' shares may differ in length, so they may change epochs at
   different steps; each still sees each of its rows once per epoch.
 
-What differs from the map-style path (``TrainingExamples`` with ``sdlite.data.steps.StepSampler``):
+What differs from the map-style path (``TrainingExamples`` with ``sdlite.data.samplers.StepSampler``):
 latents and text embeddings are encoded every step (no cache: the data may not fit on the disk);
 which rows form a step's global batch depends on the number of processes; and resuming at step s
 re-reads (without decoding) the s x accumulation x batch rows each process had consumed, to land on
@@ -147,7 +147,7 @@ def parquet_rows(source: str | Path) -> int | None:
 class StreamingExamples(torch.utils.data.IterableDataset):
     """This process's micro-batches, ``{"pixels": (B, 3, R, R), "input_ids": (B, L)}``, from a stream.
 
-    It stands in for ``sdlite.data.steps.StepSampler`` too: ``global_batch`` and ``positions(micro)`` say
+    It stands in for ``sdlite.data.samplers.StepSampler`` too: ``global_batch`` and ``positions(micro)`` say
     which slice of a step's global random draws (noise, timesteps) this process's micro-batch takes.
     Build the DataLoader with ``loader``; micro-batch k of the process comes from worker k mod W, in
     order, so the batches do not depend on the number of workers.
