@@ -88,6 +88,10 @@ def test_a_bucket_step_off_the_vae_factor_is_refused_with_the_nearest_choices():
 def test_a_resolution_off_the_multiple_is_refused_with_the_nearest_choices():
     with pytest.raises(ValueError, match="choose 512 or 576"):
         make_buckets(520, 64)
+    with pytest.raises(
+        ValueError, match="resolution 32 is not a multiple of the bucket step 64.*choose 64, or a"
+    ):
+        make_buckets(32, 64)
 
 
 def test_images_go_to_the_bucket_of_the_nearest_aspect_ratio():

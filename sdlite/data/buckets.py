@@ -77,10 +77,11 @@ def make_buckets(
     resolution / 2 to resolution * 2, as kohya's min/max_bucket_reso at its defaults; unlike kohya's, a
     width whose tallest h would pass max_side is left out rather than kept with fewer pixels."""
     if resolution % multiple:
+        below, above = resolution // multiple * multiple, (resolution // multiple + 1) * multiple
+        choices = f"{below} or {above}" if below else f"{above}"
         raise ValueError(
             f"resolution {resolution} is not a multiple of the bucket step {multiple}, which aspect "
-            f"buckets need: choose {resolution // multiple * multiple or multiple} or "
-            f"{(resolution // multiple + 1) * multiple}, or another bucket_step"
+            f"buckets need: choose {choices}, or a bucket_step that divides it"
         )
     lo = max(multiple, (min_side or resolution // 2) // multiple * multiple)
     hi = (max_side or resolution * 2) // multiple * multiple
