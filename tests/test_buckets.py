@@ -85,6 +85,13 @@ def test_a_bucket_step_off_the_vae_factor_is_refused_with_the_nearest_choices():
     assert bucket_transform(32, vae).step == 4 and bucket_transform(32, vae, step=8).step == 8
 
 
+def test_the_default_step_is_kohyas_64_px_at_real_sizes_and_an_eighth_of_a_small_resolution():
+    sd, tiny = {"block_out_channels": [128, 256, 512, 512]}, {"block_out_channels": [16, 32, 32]}
+    assert bucket_transform(512, sd).step == 64 and bucket_transform(1024, sd).step == 64  # SD, SDXL
+    assert bucket_transform(256, sd).step == 32  # an eighth of the resolution
+    assert bucket_transform(32, tiny).step == 4 and bucket_transform(128, tiny).step == 16
+
+
 def test_a_resolution_off_the_multiple_is_refused_with_the_nearest_choices():
     with pytest.raises(ValueError, match="choose 512 or 576"):
         make_buckets(520, 64)

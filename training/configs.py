@@ -202,7 +202,7 @@ class TrainConfig(RunConfig):
     bucket_min_side: int | None = None  # the shortest bucket side in pixels; None: resolution / 2
     bucket_max_side: int | None = None  # the longest bucket side in pixels; None: resolution * 2
     bucket_step: int | None = None  # bucket sides step by this many pixels (kohya's bucket_reso_steps), a
-    # multiple of the VAE factor; None: the VAE factor, the finest the model takes (docs/data.md)
+    # multiple of the VAE factor; None: 8 latent pixels, at most resolution / 8 (docs/data.md)
     bucket_no_upscale: bool = False  # each image's bucket is its own size, scaled down to resolution² pixels
     # if larger, sides rounded down to bucket_step: never enlarged (kohya's; min/max sides unused)
     shuffle_caption: bool = False  # shuffle a caption's comma-separated tags at every draw (no text cache)

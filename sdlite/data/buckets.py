@@ -54,18 +54,28 @@ def bucket_multiple(vae_config) -> int:
     return vae_factor(vae_config)
 
 
-def bucket_step(vae_config, step: int | None = None) -> int:
+def bucket_step(vae_config, step: int | None = None, resolution: int | None = None) -> int:
     """The step of bucket sides: ``step`` (the bucket_step setting), refused unless a multiple of
-    ``bucket_multiple``; None: that multiple, so small images too get buckets of their shape."""
+    ``bucket_multiple``. None: ``default_bucket_step``."""
     multiple = bucket_multiple(vae_config)
     if step is None:
-        return multiple
+        return default_bucket_step(multiple, resolution)
     if step < 1 or step % multiple:
         below = max(multiple, step // multiple * multiple)
         raise ValueError(
             f"bucket_step {step} is not a multiple of {multiple}, the VAE factor (a bucket side must be "
             f"whole latent pixels): use {below} or {below + multiple}"
         )
+    return step
+
+
+def default_bucket_step(factor: int, resolution: int | None) -> int:
+    """Eight latent pixels (64 px on SD and SDXL, kohya's default: latents that halve cleanly through the
+    U-Net's downsampling), but no coarser than an eighth of the resolution, so that a small model's
+    images get buckets of their own shape too (at 32 px, a step of 32 would leave one square bucket)."""
+    step = factor * 8
+    while resolution is not None and step > factor and step > resolution // 8:
+        step //= 2
     return step
 
 
@@ -180,7 +190,7 @@ def bucket_transform(resolution: int, vae_config, step: int | None = None, min_s
                      seed: int = 0) -> BucketTransform:  # fmt: skip
     """The BucketTransform of these settings (bucket_step, bucket_min_side, bucket_max_side,
     bucket_no_upscale) for a model of this VAE: training and DreamBooth's class images use this one."""
-    step = bucket_step(vae_config, step)
+    step = bucket_step(vae_config, step, resolution)
     sizes = make_buckets(resolution, step, min_side, max_side)
     return BucketTransform(resolution, tuple(sizes), random_crop, seed, no_upscale, step)
 
