@@ -83,6 +83,7 @@ class RunConfig:
     resume: str | None = None  # "latest" (output_dir's newest checkpoint, if any) or a checkpoint folder
     # Faults (README: Reliability)
     nonfinite_loss: str = "skip"  # a NaN/inf loss or gradient: "skip" the step, or "stop" the run
+    collective_timeout: float = 600.0  # seconds a process waits for the others (start-up: >= 30 min)
     # Run-folder safety and data reliability (README: Reliability): what a resume may change, where
     # images may live, how large they may be.
     allow_config_change: list[str] = field(default_factory=list)  # keys --resume may also change
@@ -98,6 +99,8 @@ class RunConfig:
             problems.append("max_steps, train_batch_size and log_every must be >= 1")
         if self.nonfinite_loss not in ("skip", "stop"):
             problems.append(f"nonfinite_loss={self.nonfinite_loss!r}: use skip or stop")
+        if not 0 < self.collective_timeout < float("inf"):  # NaN too
+            problems.append(f"collective_timeout={self.collective_timeout} must be a number of seconds > 0")
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             problems.append(f"max_image_pixels={self.max_image_pixels} must be >= 1 (or none: the default)")
         return problems
