@@ -17,31 +17,7 @@
    images drawn magenta (the subject leaking into what the model knew); and "a circle" itself (how
    many of its images are circles, how many magenta).
 
-Measured 2026-12-01, 2 shared CPU cores, 1 thread, with the defaults (32 images for each of the
-subject and class prompts, 16 per known pair; 50 DDPM steps, guidance 2; 20 subject pictures, 100
-class images, batch 16 + 16, 300 steps) and `--seed 1`, `--text_encoder false`, `--steps 100`. Each
-evaluation 35-59 s; a run 24-63 s, and 35 s more the first time for the 100 class images. Known
-pairs: the 15 the base draws (and the share of their images drawn magenta).
-
-| model                            | sks circle | "a circle": circles, magenta | known pairs (magenta)     |
-|----------------------------------|------------|------------------------------|---------------------------|
-| base                             | 0%         | 81%, 0%                      | 94.6% (0.8%)              |
-| U-Net + text encoder, prior      | 100% / 94% | 53%, 0% / 81%, 0%            | 72.5% / 70.4% (7% / 11%)  |
-|   the same, no prior             | 100% / 84% | 91%, 3% / 75%, 3%            | 61.3% / 68.8% (5% / 3%)   |
-| U-Net only (--text_encoder false), prior | 94% / 97% | 72%, 0% / 81%, 0%     | 62.1% / 71.2% (1% / 1%)   |
-|   the same, no prior             | 94% / 88%  | 88%, 38% / 62%, 53%          | 44.2% / 35.8% (12% / 16%) |
-| U-Net + text encoder, 100 steps, prior / no prior (seed 0) | 88% / 88% | 84%, 0% / 78%, 0% | 83.8% / 82.9% |
-
-The subject is learnt from 20 pictures either way. Without the prior, the U-Net adapter paints the
-class itself in the subject's colour ("a circle" magenta 38% / 53%) and loses the blue, cyan and green
-pairs; with it, "a circle" stays unmagenta and the known pairs keep 62-71% where they fell to 36-44%.
-With the text encoder's adapter too the prior's gain is smaller (+11 and +2 points), and no setting
-keeps the base's 94.6% at 300 steps: 20 pictures over 240 epochs overfit the adapter; 100 steps keep
-84% with the subject at 88%.
-
-Rerun 2026-12-02 (1 thread, seed 0, defaults) on a base with the narrower tiny VAE: base subject 38%,
-"a circle" 84% circles / 0% magenta, known 95.8%; prior: subject 88%, "a circle" 84% / 0%, known 90.0%
-(0% magenta); no prior: 94%, 78% / 97%, known 62.9% (13%).
+What it measured, with the commands and the machine: benchmarks/RESULTS.md, "LoRA and DreamBooth".
 """
 
 from __future__ import annotations

@@ -15,23 +15,7 @@
 
 The in-suite version (tests/test_train_lora.py) is cut down to seconds and measures bits/dim instead.
 
-Measured 2026-11-25, 2 shared CPU cores, 1 thread; fidelity over 8 images per magenta prompt and 4 per
-known pair, 50 DDPM steps, guidance 2 (VAE 235 s, base 900 steps 310 s, each LoRA run of 300 steps
-45-50 s; the VAE's held-out PSNR 26.1 dB):
-
-| model                                             | magenta prompts | the 15 known pairs |
-|---------------------------------------------------|-----------------|--------------------|
-| base                                              | 0% (right shape, never the colour) | 95.0% |
-| + adapter on magenta alone, seed 0 / seed 1       | 100% / 100%     | 35.0% / 33.3%      |
-| + adapter on magenta and 256 known (--replay 256) | 91.7%           | 95.0%              |
-| adapter loaded, scale 0                           | 0% (the base's table to the digit) |  |
-
-An adapter trained on the new colour alone learns it and repaints green, blue and cyan shapes with
-it (those prompts fall to 0%): mixing in images the base already draws keeps them.
-
-Rerun 2026-12-02 (1 thread) with the narrower tiny VAE (PSNR 24.75 dB, 51 s) and a base text encoder
-of 2 layers (base 179 s, LoRA 28 s): base magenta 0%, known 93.3%; adapter (seed 0) magenta 100%,
-known 46.7%; scale 0: 0%.
+What it measured, with the commands and the machine: benchmarks/RESULTS.md, "LoRA and DreamBooth".
 """
 
 from __future__ import annotations

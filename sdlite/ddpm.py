@@ -69,8 +69,8 @@ def bound_timesteps(T: int, stride: int = 1, dense_below: int = 1, offset: int =
 
     With ``offset`` uniform over 0..stride-1 each tail term is kept with probability 1/stride, so the
     weighted sum is an unbiased estimate of the full one. The terms of the first few steps are most
-    of the sum (for a trained tiny model, t < 20 gives about 85% of Σ L_{t-1}): computing them all
-    and sampling only the long, small tail (dense_below > 1) lowers the estimate's variance.
+    of the sum for a trained model: computing them all and sampling only the long, small tail
+    (dense_below > 1) lowers the estimate's variance.
     """
     if stride < 1 or not 0 <= offset < stride or dense_below < 1:
         raise ValueError(

@@ -11,8 +11,10 @@ and it compares models that share a VAE, not with the bits per pixel of image mo
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,19 +27,34 @@ from sdlite.tokenizer import token_ids
 class BoundReport:
     """The variational bound (eq. 5) of held-out latents, mean over them, in bits per dimension."""
 
-    bpd: float  # L_T + Σ_{t>1} L_{t-1} + L_0
+    bpd: float  # L_T + Σ_{t>1} L_{t-1} + L_0, the mean of the draws
     prior: float  # L_T
     diffusion: float  # Σ_{t>1} L_{t-1}
     decoder: float  # L_0
     eps_mse: float  # the training loss ||ε - ε_θ(x_t, t, c)||², t ~ U{0..T-1}, on the same latents
     count: int  # latents measured
     stride: int  # 1: every term summed; k: every k-th term of the tail (random offset), times k
+    draws: list[float] = field(default_factory=list)  # bits/dim of each independent draw of the terms
+
+    @property
+    def spread(self) -> float | None:
+        """The standard error of ``bpd`` over the draws: the estimator's own spread on these latents
+        (which terms were sampled, and the noise of each); None from a single draw."""
+        if len(self.draws) < 2:
+            return None
+        return statistics.stdev(self.draws) / math.sqrt(len(self.draws))
 
     def line(self) -> str:
+        if self.spread is None:
+            estimate = f"bits/dim {self.bpd:.3f} (one draw of the sampled terms: no spread"
+        else:
+            estimate = (
+                f"bits/dim {self.bpd:.3f} ± {self.spread:.3f} (standard error over {len(self.draws)} draws "
+                f"of the sampled terms, {min(self.draws):.3f} to {max(self.draws):.3f}"
+            )
         return (
-            f"bits/dim {self.bpd:.3f} (L_T {self.prior:.4f} + Σ L_t-1 {self.diffusion:.3f} + "
-            f"L_0 {self.decoder:.3f}; stride {self.stride}, {self.count} latents); "
-            f"eps-MSE {self.eps_mse:.4f}"
+            f"{estimate}; L_T {self.prior:.4f} + Σ L_t-1 {self.diffusion:.3f} + L_0 {self.decoder:.3f}; "
+            f"stride {self.stride}, {self.count} latents); eps-MSE {self.eps_mse:.4f}"
         )
 
 
@@ -71,6 +88,7 @@ def variational_bound(
     seed: int = 0,
     batch_size: int = 64,
     offset: int | None = None,
+    draws: int = 1,
 ) -> BoundReport:
     """Bits per dimension of the images' latents given their captions, under the diffusion model.
 
@@ -78,12 +96,39 @@ def variational_bound(
     ``sdlite.models.Components``; SDXL's also tokenizer_2 and text_encoder_2); ``images`` is (N, 3, H, W)
     in [-1, 1]. Latents are x_0 of ``sdlite.latents.encode`` (z ~ q(z|x), shifted and scaled as in
     training). The terms are those of ``sdlite.ddpm.bound_timesteps``: every t < dense_below, then every
-    ``stride``-th t from a random offset (``offset`` None: drawn from ``seed``, once for all batches).
+    ``stride``-th t from an offset. Each of ``draws`` independent estimates takes its own offset (distinct
+    ones while there are, drawn from ``seed``; or the one ``offset`` given) and its own noise, so their
+    spread (``BoundReport.spread``) is the estimator's: one draw alone is no measurement of it.
     """
-    scheduler, unet = parts.scheduler, parts.unet
+    if offset is not None and draws != 1:
+        raise ValueError(f"offset={offset} fixes the terms of a single draw; got draws={draws}")
+    if draws < 1:
+        raise ValueError(f"draws={draws} must be >= 1")
     generator = torch.Generator().manual_seed(seed)
-    if offset is None:
-        offset = int(torch.randint(stride, (1,), generator=generator))
+    if offset is None:  # each offset equally likely in every draw: each draw is unbiased on its own
+        order = torch.randperm(stride, generator=generator).tolist()
+        offsets = [order[i % stride] for i in range(draws)]
+    else:
+        offsets = [offset]
+    terms = [
+        _bound_terms(parts, images, captions, stride, dense_below, k, generator, batch_size) for k in offsets
+    ]
+    prior, diffusion, decoder, mse = (statistics.fmean(t[i] for t in terms) for i in range(4))
+    return BoundReport(
+        bpd=prior + diffusion + decoder,
+        prior=prior,
+        diffusion=diffusion,
+        decoder=decoder,
+        eps_mse=mse,
+        count=len(images),
+        stride=stride,
+        draws=[t[0] + t[1] + t[2] for t in terms],
+    )
+
+
+def _bound_terms(parts, images, captions, stride, dense_below, offset, generator, batch_size):
+    """(L_T, Σ L_t-1, L_0, ε-MSE), each the mean over the images, of one draw of the sampled terms."""
+    scheduler, unet = parts.scheduler, parts.unet
     prior, decoder, diffusion, mse = ([] for _ in range(4))
     for start in range(0, len(images), batch_size):
         x0 = encode(parts.vae, images[start : start + batch_size], generator).float()
@@ -100,13 +145,4 @@ def variational_bound(
         decoder.append(bound.terms_bpd[:, 0])
         diffusion.append(bound.diffusion_bpd)
         mse.append(bound.eps_mse)
-    prior, decoder, diffusion, mse = (torch.cat(v).mean().item() for v in (prior, decoder, diffusion, mse))
-    return BoundReport(
-        bpd=prior + diffusion + decoder,
-        prior=prior,
-        diffusion=diffusion,
-        decoder=decoder,
-        eps_mse=mse,
-        count=len(images),
-        stride=stride,
-    )
+    return tuple(torch.cat(v).mean().item() for v in (prior, diffusion, decoder, mse))

@@ -103,8 +103,8 @@ class Preset:
         if any(c <= 0 or c % groups for c in channels):
             return [f"{name}: each width must be a positive multiple of {groups} (the GroupNorm groups)"]
         if min(channels) < 2 * groups:
-            # One channel per group normalises each channel alone over the image: trained from scratch,
-            # a [16, 32, 64] tiny U-Net with 16 groups drew 5% of its prompts right, with 8 groups 86-91%.
+            # One channel per group normalises each channel alone over the image, which leaves a model
+            # trained from scratch next to nothing to learn from (benchmarks/RESULTS.md has the runs).
             return [
                 f"{name}: each width must be at least {2 * groups}: at {groups} wide each of the "
                 f"{groups} GroupNorm groups holds one channel, and the model learns next to nothing"

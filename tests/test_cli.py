@@ -265,8 +265,10 @@ def test_evaluate_reports_fidelity_diversity_and_bits_per_dim(model, tmp_path, c
     assert set(results["diversity_by_axis"]) == {"x", "y", "size"}
     assert math.isclose(sum(results["diversity_by_axis"].values()) / 3, results["diversity"], abs_tol=1e-9)
     assert math.isfinite(results["bpd"]) and results["bpd"] > 0
+    # the default three draws of the bound's sampled terms: their mean, and their standard error
+    assert len(results["bound"]["draws"]) == 3 and results["bpd_spread"] > 0
     printed = capsys.readouterr().out
-    assert "bits/dim" in printed and "diversity by axis: x " in printed
+    assert "bits/dim" in printed and "± " in printed and "diversity by axis: x " in printed
     assert results["diversity_reference"] == GENERATOR_DATA  # no --data: the generator's spreads
 
 

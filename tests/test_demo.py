@@ -18,6 +18,7 @@ def test_the_whole_chain_runs_in_a_few_steps_and_makes_a_loadable_model(tmp_path
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results["stage_seconds"]) == ["data", "vae", "unet", "evaluate"]
     assert math.isfinite(results["bpd"]) and 0 <= results["fidelity"] <= 1
+    assert math.isfinite(results["bpd_spread"]) and len(results["bound"]["draws"]) == 2
     assert results["fidelity_unseen"] is not None  # the demo leaves a pair out and asks for it
     pipe = TextToImagePipeline.from_pretrained(tmp_path / "model")
     assert pipe.vae.config.scaling_factor == results["vae_scaling_factor"]

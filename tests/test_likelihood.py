@@ -82,3 +82,22 @@ def test_the_sampled_tail_of_the_bound_estimates_the_full_sum():
         (5, 3),
         (8, 3),
     ]
+
+
+def test_several_draws_of_the_sampled_terms_report_their_mean_and_spread():
+    images, captions = held_out()
+    bound = variational_bound(tiny_parts(), images, captions, stride=100, seed=0, draws=3)
+    assert len(bound.draws) == 3 and len(set(bound.draws)) == 3  # distinct offsets and noise
+    assert bound.bpd == pytest.approx(np.mean(bound.draws))
+    assert bound.spread == pytest.approx(np.std(bound.draws, ddof=1) / math.sqrt(3))
+    assert bound.spread > 0 and "±" in bound.line() and "3 draws" in bound.line()
+    single = variational_bound(tiny_parts(), images, captions, stride=100, seed=0)
+    assert single.spread is None and "no spread" in single.line()
+
+
+def test_a_fixed_offset_is_one_draw_and_draws_must_be_positive():
+    images, captions = held_out(2)
+    with pytest.raises(ValueError, match="single draw"):
+        variational_bound(tiny_parts(), images, captions, stride=10, offset=3, draws=2)
+    with pytest.raises(ValueError, match="draws=0"):
+        variational_bound(tiny_parts(), images, captions, stride=10, draws=0)

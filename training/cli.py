@@ -246,6 +246,12 @@ def add_evaluate(commands) -> None:
     )
     ev.add_argument("--bpd_count", type=_positive, default=256, help="held-out latents for bits/dim")
     ev.add_argument("--stride", type=_positive, default=10, help="sum every k-th bound term (x k)")
+    ev.add_argument(
+        "--bpd_draws",
+        type=_positive,
+        default=3,
+        help="independent draws of the bound's sampled terms; bits/dim is their mean, ± their standard error",
+    )
     ev.add_argument("--grid", default=None, help="also write the generated images as one PNG")
     ev.add_argument("--json", default=None, help="also write the figures as JSON")
     _threads(ev)

@@ -43,6 +43,7 @@ def run_evaluation(
     data: str | None = None,
     bpd_count: int = 256,
     stride: int = 10,
+    bpd_draws: int = 3,
     grid_path: str | Path | None = None,
     model_config: str = "sd15",
 ) -> dict:
@@ -85,7 +86,7 @@ def run_evaluation(
 
     start = time.perf_counter()
     bound = likelihood.variational_bound(
-        pipe, held_out[:bpd_count], captions[:bpd_count], stride=stride, seed=seed
+        pipe, held_out[:bpd_count], captions[:bpd_count], stride=stride, seed=seed, draws=bpd_draws
     )
     bpd_s = time.perf_counter() - start
     print(f"held-out {bound.line()} ({bpd_s:.0f} s)")
@@ -99,6 +100,7 @@ def run_evaluation(
         "diversity_reference": report.reference,
         "per_prompt": {s.prompt: s.correct for s in report.scores},
         "bpd": bound.bpd,
+        "bpd_spread": bound.spread,
         "bound": vars(bound),
         "steps": steps,
         "guidance": guidance,
@@ -135,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         unseen=args.unseen,
         data=args.data,
         bpd_count=args.bpd_count,
+        bpd_draws=args.bpd_draws,
         stride=args.stride,
         grid_path=args.grid,
         model_config=args.model_config,

@@ -58,6 +58,7 @@ from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
 from sdlite.lora import AdapterWeights, lora_param_groups, save_lora, target_problems  # noqa: E402
 from training.config import parse_config, save_yaml  # noqa: E402
 from training.configs import TrainConfig  # noqa: E402
+from training.errors import reported_errors  # noqa: E402
 from training.launch import follow_launcher  # noqa: E402
 from training.loop import (  # noqa: E402
     EMA,
@@ -391,12 +392,15 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """Parse the flags and train. Errors propagate to the caller; run as a script, training/errors.py
+    ends those sdlite raises on purpose with one line (``--debug``: the traceback)."""
     return train(parse_config(TrainConfig, argv))
 
 
 if __name__ == "__main__":
     follow_launcher()  # one-process accelerate launch: if the launcher dies, checkpoint and stop
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    trainer = UNetTrainer(parse_config(TrainConfig))
-    trainer.train()
+    with reported_errors("train.py"):  # one line for an error of ours; --debug: the traceback
+        trainer = UNetTrainer(parse_config(TrainConfig))
+        trainer.train()
     leave()  # the trainer still held: its DDP model is never freed (see leave)
