@@ -342,7 +342,7 @@ def test_a_stopped_process_ends_the_run_in_bounded_time_naming_it_and_the_resume
 
 @pytest.mark.parametrize("seconds", ["0", "-5", "nan", "inf"])
 def test_a_collective_timeout_that_is_not_a_positive_number_of_seconds_is_refused(seconds, tmp_path):
-    with pytest.raises(ValueError, match=r"collective_timeout=\S+ must be a number of seconds > 0"):
+    with pytest.raises(ValueError, match=r"collective_timeout=\S+: use a finite number > 0 \(default 600\)"):
         main(flags(tmp_path / "data", tmp_path / "run", collective_timeout=seconds))
     assert not (tmp_path / "run").exists()
 

@@ -107,8 +107,7 @@ class RunConfig:
         problems += self.lr_scheduler_problems()
         if self.nonfinite_loss not in ("skip", "stop"):
             problems.append(f"nonfinite_loss={self.nonfinite_loss!r}: use skip or stop")
-        if not 0 < self.collective_timeout < float("inf"):  # NaN too
-            problems.append(f"collective_timeout={self.collective_timeout} must be a number of seconds > 0")
+        problems += numbers_outside(self, "collective_timeout", above=True)  # seconds
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             problems.append(f"max_image_pixels={self.max_image_pixels} must be >= 1 (or none: the default)")
         return problems
