@@ -85,6 +85,7 @@ class RunConfig:
     resume: str | None = None  # "latest" (output_dir's newest checkpoint, if any) or a checkpoint folder
     # Faults (README: Reliability)
     nonfinite_loss: str = "skip"  # a NaN/inf loss or gradient: "skip" the step, or "stop" the run
+    collective_timeout: float = 600.0  # seconds a process waits for the others (start-up: >= 30 min)
     # Run-folder safety and data reliability (README: Reliability): what a resume may change, where
     # images may live, how large they may be.
     allow_config_change: list[str] = field(default_factory=list)  # keys --resume may also change
@@ -106,6 +107,7 @@ class RunConfig:
         problems += self.lr_scheduler_problems()
         if self.nonfinite_loss not in ("skip", "stop"):
             problems.append(f"nonfinite_loss={self.nonfinite_loss!r}: use skip or stop")
+        problems += numbers_outside(self, "collective_timeout", above=True)  # seconds
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             problems.append(f"max_image_pixels={self.max_image_pixels} must be >= 1 (or none: the default)")
         return problems
