@@ -192,12 +192,14 @@ class RunBase(Section):
         None, '"latest" (output_dir\'s newest checkpoint, if any) or a checkpoint folder'
     )
     nonfinite_loss: str = option("skip", 'a NaN/inf loss or gradient: "skip" the step, or "stop" the run')
+    collective_timeout: float = option(600.0, "seconds a process waits for the others (start-up: >= 30 min)")
     allow_config_change: list[str] = option([], "keys --resume may also change")
 
     def problems(self) -> list[str]:
         problems = counts_below(self, 1, "log_every")
         problems += counts_below(self, 1, "checkpoints_total_limit")  # 0 read as "keep all", -1 deleted
         problems += counts_below(self, 0, "checkpoint_every")
+        problems += numbers_outside(self, "collective_timeout", above=True)  # seconds
         if self.nonfinite_loss not in ("skip", "stop"):
             problems.append(f"nonfinite_loss={self.nonfinite_loss!r}: use skip or stop")
         return problems

@@ -166,6 +166,16 @@ class CaptionSection(Section):
     )
     bucket_min_side: int | None = option(None, "the shortest bucket side in pixels; None: resolution / 2")
     bucket_max_side: int | None = option(None, "the longest bucket side in pixels; None: resolution * 2")
+    bucket_step: int | None = option(
+        None,
+        "bucket sides step by this many pixels (kohya's bucket_reso_steps), a multiple of the VAE factor; "
+        "None: 8 latent pixels, at most resolution / 8 (docs/data.md)",
+    )
+    bucket_no_upscale: bool = option(
+        False,
+        "each image's bucket is its own size, scaled down to resolution² pixels if larger, sides rounded "
+        "down to bucket_step: never enlarged (kohya's; min/max sides unused)",
+    )
     shuffle_caption: bool = option(
         False, "shuffle a caption's comma-separated tags at every draw (no text cache)"
     )
@@ -200,7 +210,7 @@ class CaptionSection(Section):
         for name in ("bucket_min_side", "bucket_max_side"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (or none)")
-        return problems
+        return problems + counts_below(self, 1, "bucket_step")
 
 
 @dataclass
@@ -385,6 +395,11 @@ class TrainConfig(Config):
             )
         if data.streaming and dreambooth.instance_data_dir:
             problems.append("instance_data_dir (DreamBooth) reads a folder of photos: not with streaming")
+        if self.captions.bucket_no_upscale and dreambooth.class_data_dir and self.captions.aspect_buckets:
+            problems.append(
+                "bucket_no_upscale with class_data_dir: each subject photo's bucket is its own size, which "
+                "the class images need not share; use bucket_step / bucket_min_side without it"
+            )
         return problems
 
 

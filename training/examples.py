@@ -20,12 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from sdlite.data.buckets import (
-    BucketTransform,
-    bucket_multiple,
-    cache_bucket_latents,
-    make_buckets,
-)
+from sdlite.data.buckets import BucketTransform, bucket_transform, cache_bucket_latents
 from sdlite.data.cache import DecodedImages, TensorCache, cache_latents
 from sdlite.data.captions import (
     CaptionOptions,
@@ -94,10 +89,9 @@ def training_data(cfg: TrainConfig, acc, family: StableDiffusion) -> TrainingDat
     options = caption_options(captions)
     layout = DataLayout(transform, vae.latent_channels, factor, options)
     if captions.aspect_buckets:  # the training rows only: the held-out batch stays square (one tensor)
-        sides = make_buckets(
-            resolution, bucket_multiple(vae), captions.bucket_min_side, captions.bucket_max_side
-        )
-        layout.transform = BucketTransform(resolution, tuple(sides), data.random_crop, opt.seed)
+        layout.transform = bucket_transform(resolution, vae, captions.bucket_step, captions.bucket_min_side,
+                                            captions.bucket_max_side, captions.bucket_no_upscale,
+                                            data.random_crop, opt.seed)  # fmt: skip
     # A stream is encoded as it comes (no cache): its batches carry token ids, so the empty caption must too;
     # a caption drawn anew at every draw (shuffle_caption, tag dropout) has no one embedding to cache.
     embeds_cached = (
@@ -293,7 +287,7 @@ def top_up_class_images(cfg: TrainConfig, acc, family: StableDiffusion) -> None:
                 data.resolution or vae.sample_size,
                 (captions.bucket_min_side, captions.bucket_max_side),
             )
-            buckets = make_buckets(resolution, bucket_multiple(vae), *sides)
+            buckets = bucket_transform(resolution, vae, captions.bucket_step, *sides).buckets
             sizes = class_image_sizes(
                 db.instance_data_dir,
                 db.class_data_dir,

@@ -18,8 +18,10 @@ import torch
 from sdlite.data.buckets import (
     BucketTransform,
     bucket_counts,
+    bucket_rows,
     bucket_summary,
-    image_buckets,
+    image_sizes,
+    one_bucket_warning,
     write_buckets_json,
 )
 from sdlite.data.captions import CaptionOptions, DrawnCaptions
@@ -45,6 +47,7 @@ class DataLayout:
     repeats: list[int] | None = None
     captions: list[str] | None = None
     class_rows: list[int] | None = None  # DreamBooth's class images (prior preservation), if any
+    bucket_warning: str | None = None  # all images in one bucket of another shape: why, and what to change
 
     def read(self, rows, captions: list[str], image_column: str) -> None:
         """Take what the sampler needs from the cleaned training rows."""
@@ -55,7 +58,9 @@ class DataLayout:
             self.class_rows = [r for r, prior in enumerate(rows["is_prior"]) if prior]
             self.repeats = [0 if prior else 1 for prior in rows["is_prior"]]  # a step's own items: instances
         if isinstance(self.transform, BucketTransform):
-            self.bucket_of_rows = image_buckets(rows, image_column, self.transform)
+            sizes = image_sizes(rows, image_column)
+            self.transform, self.bucket_of_rows = bucket_rows(sizes, self.transform)
+            self.bucket_warning = one_bucket_warning(sizes, self.transform, self.factor)
 
     def groups(self, count: int) -> list[tuple] | None:
         """Which rows may stand in for each other when an image breaks mid-run: those of one bucket
@@ -99,6 +104,8 @@ def sampler_for(cfg: TrainConfig, acc, examples: TrainingExamples, layout: DataL
         if acc.is_main_process:
             write_buckets_json(Path(run.output_dir) / "buckets.json", counts)
         acc.print(bucket_summary(counts, sampler.global_batch))
+        if layout.bucket_warning:
+            acc.print(layout.bucket_warning)
     if layout.class_rows:  # each micro-batch: B instance items, then B class items
         buckets = layout.bucket_of_rows
         class_buckets = None if buckets is None else [buckets[r] for r in layout.class_rows]
