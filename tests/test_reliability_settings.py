@@ -73,9 +73,9 @@ def test_a_bad_setting_is_refused_before_the_model_is_built_naming_it(key, value
 @pytest.mark.parametrize(
     ("prompts", "expected"),
     [
-        ("a red circle,  ,a blue square", r"validation_prompts item\(s\) \[2\] empty"),
+        (["a red circle", "  ", "a blue square"], r"validation_prompts item\(s\) \[2\] empty"),
         (
-            "a red circle, a \udcff square",
+            ["a red circle", "a \udcff square"],
             r"validation_prompts item 2: character 2, '\\udcff', is a byte that is not UTF-8",
         ),
     ],
@@ -84,7 +84,7 @@ def test_validation_prompts_that_are_not_text_are_refused_before_the_model(
     prompts, expected, tmp_path, nothing_built
 ):
     with pytest.raises(ConfigError, match=expected):
-        main([*argv(tmp_path), "--validation_prompts", prompts])
+        main([*argv(tmp_path), "--validation_prompts", *prompts])  # each value one prompt
 
 
 def test_prompt_keys_read_from_a_command_line_that_is_not_utf8_are_refused(tmp_path, nothing_built):

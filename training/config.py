@@ -294,11 +294,13 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
 
 def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
     """Defaults of ``cls``, then the ``--config`` YAML file, then the ``--key value`` flags."""
+    from training.foreign_flags import read_as_ours  # diffusers' and kohya's flags, every problem at once
+
     parser = build_parser(cls)
-    for arg in sys.argv[1:] if argv is None else argv:
-        message = foreign_flag(cls, arg[2:].partition("=")[0]) if arg.startswith("--") else None
-        if message:
-            parser.error(message)
+    try:
+        argv = read_as_ours(cls, sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        parser.error(str(e))
     args = vars(parser.parse_args(argv))
     args.pop("debug")
     path = args.pop("config", None)

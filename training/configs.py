@@ -47,7 +47,7 @@ SD_SCRIPTS_FLAGS = {
 UNET_FLAGS = {
     "pretrained_model_name_or_path": "--pretrained (a local diffusers-layout folder)",
     "rank": "--lora_rank (with --lora true)",
-    "validation_prompt": "--validation_prompts (a comma-separated list)",
+    "validation_prompt": "--validation_prompts (each flag value one prompt)",
     "validation_epochs": "--validation_every (in optimizer steps)",
     "use_ema": "--ema_decay (a decay such as 0.9999; none turns the EMA off)",
     "center_crop": "--random_crop false (the centre crop is the default)",
@@ -169,7 +169,9 @@ class TrainConfig(RunConfig):
     channels_last: bool = False  # the U-Net's activations in channels-last memory layout
     # Validation, output
     final_dir: str | None = None  # the trained model's folder; None: output_dir/final
-    validation_prompts: list[str] = field(default_factory=list)  # prompts sampled into validation/step-N.png
+    validation_prompts: list[str] = field(  # prompts sampled into validation/step-N.png; on the command line
+        default_factory=list  # each value is one prompt, commas and all: give several, or repeat the flag
+    )
     validation_prompts_file: str | None = (  # a text file of prompts sampled after validation_prompts, one a
         None  # line, sd-scripts' format: "a red circle --n blurry --s 30 --l 4.5 --d 7 --w 64 --h 32"
     )
