@@ -16,7 +16,7 @@ import pytest
 
 from training import errors
 from training.config import ConfigError, _base_type, parse_config
-from training.configs import TrainConfig, VAETrainConfig
+from training.configs import LORA_KEYS, TrainConfig, VAETrainConfig
 from training.train import main
 from training.train_vae import main as train_vae
 
@@ -64,8 +64,9 @@ UNET_SETTINGS = [
 
 @pytest.mark.parametrize(("key", "value"), UNET_SETTINGS)
 def test_a_bad_setting_is_refused_before_the_model_is_built_naming_it(key, value, tmp_path, nothing_built):
+    lora = dict(lora="true", lora_from_scratch="true") if key in LORA_KEYS else {}  # read with lora only
     with pytest.raises(ConfigError, match=f"^bad training config: {key}=.*: use ") as refused:
-        main(argv(tmp_path, **{key: value}))
+        main(argv(tmp_path, **{key: value}, **lora))
     assert len(str(refused.value).splitlines()) == 1
     assert not (tmp_path / "run").exists()  # not even the run folder was made
 
