@@ -101,7 +101,13 @@ def test_the_mapping_is_one_line_and_each_difference_is_said_once(capsys):
     )
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("diffusers/kohya flags read as sdlite's: --center_crop -> --random_crop false")
-    assert len(lines) == 3 and sum("resume is exact" in line for line in lines) == 1
+    assert len(lines) == 2 and sum("resume is exact" in line for line in lines) == 1
+    out = io.StringIO()  # a diffusers line without --center_crop: their scripts would crop at random
+    read_as_ours(TrainConfig, ["--checkpointing_steps", "5", "--rank", "4"], out=out)
+    assert out.getvalue().count("diffusers' scripts crop at random unless --center_crop") == 1
+    out = io.StringIO()
+    read_as_ours(TrainConfig, ["--checkpointing_steps", "5", "--random_crop", "true"], out=out)
+    assert "crop" not in out.getvalue()
 
 
 def test_nothing_is_printed_for_sdlites_own_flags_nor_by_the_other_processes(monkeypatch):
@@ -259,3 +265,14 @@ def test_help_says_each_validation_prompt_value_is_one_prompt(capsys):
     with pytest.raises(SystemExit):
         parse_config(TrainConfig, ["--help"])
     assert "each value is one prompt, commas and all" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_diffusers_checkpoint_name_is_read_in_output_dir(tmp_path):
+    """diffusers' --resume_from_checkpoint takes "latest" or a checkpoint's name in output_dir."""
+    out = ["--output_dir", str(tmp_path)]
+    assert parse_config(TrainConfig, [*out, "--resume_from_checkpoint", "latest"]).resume == "latest"
+    named = parse_config(TrainConfig, ["--resume_from_checkpoint", "checkpoint-500", *out])
+    assert named.resume == str(tmp_path / "checkpoint-500")
+    (tmp_path / "elsewhere").mkdir()
+    path = parse_config(TrainConfig, [*out, "--resume_from_checkpoint", str(tmp_path / "elsewhere")])
+    assert path.resume == str(tmp_path / "elsewhere")

@@ -327,8 +327,7 @@ def test_the_script_prints_its_help_with_descriptions():
 @pytest.mark.parametrize(
     "flag, ours",
     [("--max_train_steps", "max_steps"), ("--pretrained_model_name_or_path", "pretrained"),
-     ("--rank", "lora_rank"), ("--resume_from_checkpoint", "resume"),
-     ("--checkpointing_steps", "checkpoint_every")],
+     ("--rank", "lora_rank"), ("--checkpointing_steps", "checkpoint_every")],
 )  # fmt: skip
 def test_a_diffusers_flag_reads_as_ours(flag, ours, capsys):
     for argv in ([flag, "10"], [f"{flag}=10"]):

@@ -36,7 +36,16 @@ from collections.abc import Callable
 from typing import Any
 
 from training import epochs, kohya_dataset
-from training.foreign_names import LORA_MODULES, NOTES, REFUSED, RENAMED, SAFE_FORMATS, SWITCHES
+from training.errors import is_main_process
+from training.foreign_names import (
+    DIFFUSERS_ONLY,
+    LORA_MODULES,
+    NOTES,
+    REFUSED,
+    RENAMED,
+    SAFE_FORMATS,
+    SWITCHES,
+)
 
 BOOLEANS = ("true", "false", "1", "0", "yes", "no", "on", "off")
 PROMPT_LISTS = ("validation_prompts",)  # list keys whose every flag value is one item
@@ -139,7 +148,7 @@ def read_as_ours(cls: type, argv: list[str], processes: int | None = None, out=N
     _finish(reading)
     if reading.problems:
         raise ValueError("; ".join(reading.problems))
-    if reading.renamed and _is_main_process():
+    if reading.renamed and is_main_process():
         out = out or sys.stderr
         print(f"diffusers/kohya flags read as sdlite's: {', '.join(reading.renamed)}", file=out)
         for note in reading.notes:
@@ -160,7 +169,6 @@ def _read(reading: Reading, name: str, values: list[str]) -> None:
         else:
             reading.argv += [f"--{name}", *values] if name else values
         reading.note(name)
-        return
     elif (handler := SPECIAL.get(name)) is not None:
         handler(reading, name, values)
     elif name in RENAMED:
@@ -185,7 +193,6 @@ def _read(reading: Reading, name: str, values: list[str]) -> None:
         close = difflib.get_close_matches(name, list(reading.fields), n=1)
         hint = f" (did you mean --{close[0]}?)" if close else " (see --help)"
         reading.problems.append(f"--{name} is not a setting of this trainer{hint}")
-    return
 
 
 def _prompts(reading: Reading, name: str, values: list[str]) -> None:
@@ -221,14 +228,12 @@ def _finish(reading: Reading) -> None:
         if given and reading.setting("text_encoder_lr") is None:
             reading.later.append(f"--text_encoder_lr={reading.setting('learning_rate')}")
         reading.later.append(f"--learning_rate={reading.unet_lr}")
-    if any(r.startswith("--with_prior_preservation") for r in reading.renamed) and not reading.setting(
-        "class_data_dir"
-    ):
+    theirs = {r.split()[0].removeprefix("--") for r in reading.renamed}
+    if "with_prior_preservation" in theirs and not reading.setting("class_data_dir"):
         reading.problems.append("--with_prior_preservation needs --class_data_dir (and --class_prompt)")
-
-
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0").strip() in ("", "0")
+    crop = any(arg.startswith(("--random_crop=", "--center_crop")) for arg in reading.argv)
+    if theirs & DIFFUSERS_ONLY and "center_crop" not in theirs and not crop:
+        reading.note("diffusers_crop")
 
 
 # ---- flags whose value is read -------------------------------------------------------------------
@@ -305,6 +310,17 @@ def _output_name(reading: Reading, name: str, values: list[str]) -> None:
         reading.renamed.append(f"--output_name {value} -> --final_dir {folder}")
 
 
+def _resume_from_checkpoint(reading: Reading, name: str, values: list[str]) -> None:
+    """diffusers' value is "latest" or a checkpoint folder's name in output_dir; sdlite's a path."""
+    if (value := _one(reading, name, values)) is None:
+        return
+    folder = value
+    if value != "latest" and os.sep not in value and not os.path.isdir(value):
+        folder = os.path.join(str(reading.setting("output_dir")), value)
+    reading.set("resume", folder, name, shown=None if folder == value else folder)
+    reading.note(name)
+
+
 def _train_text_encoder(reading: Reading, name: str, values: list[str]) -> None:
     """diffusers' LoRA scripts' switch means the text encoder's adapter; the full scripts' the weights."""
     if values and values[0].lower() not in BOOLEANS:
@@ -362,6 +378,7 @@ SPECIAL: dict[str, Callable[[Reading, str, list[str]], None]] = {
     "resolution": _resolution,
     "caption_extension": _caption_extension,
     "output_name": _output_name,
+    "resume_from_checkpoint": _resume_from_checkpoint,
     "train_text_encoder": _train_text_encoder,
     "unet_lr": _unet_lr,
     "optimizer_type": _optimizer_type,
@@ -371,4 +388,5 @@ SPECIAL: dict[str, Callable[[Reading, str, list[str]], None]] = {
 }
 SPECIAL_OURS = ("resolution", "train_text_encoder")  # our flags that also read their values
 # Read after the others: they depend on the data, the batch, the output folder or --lora.
-DEPENDENT = ("num_train_epochs", "max_train_epochs", "validation_epochs", "output_name", "train_text_encoder")
+DEPENDENT = ("num_train_epochs", "max_train_epochs", "validation_epochs", "output_name", "train_text_encoder",
+             "resume_from_checkpoint")  # fmt: skip

@@ -13,7 +13,6 @@ RENAMED = {
     "max_train_steps": "max_steps",
     "checkpointing_steps": "checkpoint_every",
     "save_every_n_steps": "checkpoint_every",
-    "resume_from_checkpoint": "resume",
     "rank": "lora_rank",
     "network_alpha": "lora_alpha",
     "network_dropout": "lora_dropout",
@@ -61,8 +60,8 @@ NOTES = {
     "max_train_epochs": "sdlite counts optimizer steps, not epochs",
     "network_dim": "kohya trains the text encoder's LoRA too unless --network_train_unet_only; sdlite "
     "only with --lora_text_encoder true",
-    "center_crop": "without --center_crop diffusers crops at random; sdlite crops at the centre unless "
-    "--random_crop true",
+    "diffusers_crop": "diffusers' scripts crop at random unless --center_crop; sdlite crops at the centre "
+    "unless --random_crop true",
 }
 # Their flag -> what to use instead (sdlite has no equivalent).
 REFUSED = {
@@ -86,6 +85,23 @@ REFUSED = {
     "sample_every_n_epochs": "give --validation_every (in optimizer steps)",
     "lr_num_cycles": "not supported: use --lr_scheduler cosine",
     "lr_power": "not supported: use --lr_scheduler polynomial with its default power",
+    "non_ema_revision": "give --pretrained a local folder holding the weights you want",
+    "network_args": "LoRA variants are not supported: sdlite trains plain LoRA (--lora_target_modules picks "
+    "the modules)",
+    "network_train_text_encoder_only": "sdlite's LoRA always adapts the U-Net",
+    "optimizer_args": "sdlite's AdamW takes --adam_beta1, --adam_beta2, --adam_weight_decay, --adam_epsilon",
+    "clip_skip": "not supported: the text encoder's last layer is used",
+    "v2": "give --pretrained a diffusers-layout folder: its config says what model it is",
+    "full_fp16": "give --mixed_precision fp16 (the trained weights stay fp32)",
+    "full_bf16": "give --mixed_precision bf16 (the trained weights stay fp32)",
+    "persistent_data_loader_workers": "not supported: workers start once an epoch",
+    "color_aug": "not supported: colours are kept as they are",
+    "max_token_length": "not supported: prompts are cut at the text encoder's length",
+    "in_json": "give --train_data_dir a folder with metadata.jsonl, or captions beside the images",
 }
 LORA_MODULES = ("networks.lora",)
 SAFE_FORMATS = {"safetensors": "kohya", "diffusers": "diffusers"}  # kohya's --save_model_as -> ours
+# Flags of diffusers' scripts that kohya's do not share: a command line holding one is diffusers'.
+DIFFUSERS_ONLY = {"checkpointing_steps", "validation_prompt", "rank", "use_ema",
+                  "proportion_empty_prompts", "pretrained_vae_model_name_or_path", "num_train_epochs",
+                  "validation_epochs", "resume_from_checkpoint"}  # fmt: skip
