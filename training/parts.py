@@ -294,10 +294,13 @@ def rows_for(cfg: TrainConfig, source: str):
     folders) through ``caption_rows``, anything else through ``load_rows`` (nothing listed)."""
     if cfg.instance_data_dir and source == cfg.instance_data_dir:  # DreamBooth's subject and class images
         rows = dreambooth_rows(cfg.instance_data_dir, cfg.instance_prompt, cfg.class_data_dir,
-                               cfg.class_prompt, cfg.image_column, cfg.caption_column)  # fmt: skip
+                               cfg.class_prompt, cfg.image_column, cfg.caption_column,
+                               allow_outside=cfg.allow_outside_paths)  # fmt: skip
         return rows, []
     if is_caption_folder(source):
-        return caption_rows(source, cfg.image_column, cfg.caption_column)
+        return caption_rows(
+            source, cfg.image_column, cfg.caption_column, allow_outside=cfg.allow_outside_paths
+        )
     rows = load_rows(source, cfg.image_column, cfg.caption_column, bad_data=cfg.bad_data,
                      allow_outside=cfg.allow_outside_paths)  # fmt: skip
     return rows, []

@@ -32,6 +32,10 @@ from diffusers import AutoencoderKL
 
 if __package__ in (None, ""):  # run as a script (accelerate launch training/train_vae.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # an entry point: third-party noise dropped before diffusers is imported
+    from training.quiet import quiet_third_party
+
+    quiet_third_party()
 
 from sdlite.data.dataset import ImageTransform, image_bytes, load_rows  # noqa: E402
 from sdlite.presets import get_preset  # noqa: E402

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdlite.data.decoding import decode_image, pixel_limit
+from sdlite.data.captions import MAX_REPEATS
+from sdlite.data.decoding import check_aspect, decode_image, pixel_limit
 from sdlite.data.steps import StepBatches, seeded_generator
 from sdlite.latents import vae_factor
 
@@ -115,6 +116,7 @@ class BucketTransform:
         """(image in its bucket, its original (w, h), the crop's top-left (top, left))."""
         size, box = image.size, self.crop_box(image.size, index)
         resized = self.resized_size(size)
+        check_aspect(size)  # before the resize: a thin strip would be scaled to a huge one
         if resized != size:
             image = image.resize(resized, Image.BICUBIC)
         if box != (0, 0, *resized):
@@ -151,14 +153,16 @@ def bucket_summary(counts: dict[str, int], global_batch: int) -> str:
 class BucketSampler(StepBatches):
     """A batch sampler for the optimizer steps ``start_step`` .. ``max_steps - 1``, each from one bucket.
 
-    Items: row r appears ``repeats[r]`` times per epoch (1 each without ``repeats``). Epoch e: each
-    bucket's items in an order drawn from (seed, e, bucket), its last short run filled by repeating them
-    from its start, cut into runs of G = batch_size * num_processes * accumulation_steps; the runs of all
-    buckets then in an order drawn from (seed, e). Step s takes the next run; micro-step a of process r
-    takes positions (a * num_processes + r) * batch_size onward, as StepSampler. Items come as
-    (row, flip), the flip drawn from (seed, step) when ``random_flip``; with ``draw_keys`` as
-    (row, flip, epoch, item), item being the row's place among the epoch's items (for draw_caption).
-    ``bucket_of_rows`` None: one bucket (a StepSampler with repeats that drops no image).
+    Items: row r appears ``repeats[r]`` times per epoch (1 each without ``repeats``), as items
+    first[r] .. first[r + 1] - 1 (``first``: the running sum of the counts, so that a row's repeats
+    are a count, never a list). Epoch e: each bucket's items in an order drawn from (seed, e, bucket),
+    its last short run filled by repeating them from its start, cut into runs of
+    G = batch_size * num_processes * accumulation_steps; the runs of all buckets then in an order drawn
+    from (seed, e). Step s takes the next run; micro-step a of process r takes positions
+    (a * num_processes + r) * batch_size onward, as StepSampler. Items come as (row, flip), the flip
+    drawn from (seed, step) when ``random_flip``; with ``draw_keys`` as (row, flip, epoch, item), item
+    being the row's place among the epoch's items (for draw_caption). ``bucket_of_rows`` None: one
+    bucket (a StepSampler with repeats that drops no image).
     """
 
     def __init__(
@@ -179,59 +183,78 @@ class BucketSampler(StepBatches):
         if bucket_of_rows is None:
             bucket_of_rows = [0] * (num_rows if num_rows is not None else len(repeats or []))
         self.bucket_of_rows = list(bucket_of_rows)
-        repeats = [1] * len(self.bucket_of_rows) if repeats is None else [int(n) for n in repeats]
-        if len(repeats) != len(self.bucket_of_rows) or any(n < 0 for n in repeats):
+        counts = (
+            np.ones(len(self.bucket_of_rows), np.int64) if repeats is None else np.asarray(repeats, np.int64)
+        )
+        if counts.shape != (len(self.bucket_of_rows),) or (counts < 0).any():
             raise ValueError("repeats must give a count >= 0 for every row")
-        self.rows_of_items = [row for row, n in enumerate(repeats) for _ in range(n)]  # item -> row
-        self.num_items, self.batch_size, self.seed = len(self.rows_of_items), batch_size, seed
+        if (counts > MAX_REPEATS).any():
+            raise ValueError(f"a row repeats {counts.max()} times, over the limit of {MAX_REPEATS}")
+        self.first = np.concatenate([[0], np.cumsum(counts)])  # row r's items: first[r] .. first[r + 1] - 1
+        self.num_items, self.batch_size, self.seed = int(self.first[-1]), batch_size, seed
         if self.num_items == 0:
             raise ValueError("no training items: every row repeats 0 times")
         self.max_steps, self.start_step = max_steps, start_step
         self.num_processes, self.process_index = num_processes, process_index
         self.accumulation_steps, self.random_flip, self.draw_keys = accumulation_steps, random_flip, draw_keys
         self.global_batch = batch_size * num_processes * accumulation_steps
-        self.items_of_bucket: dict[int, list[int]] = {}
-        for item, row in enumerate(self.rows_of_items):
-            self.items_of_bucket.setdefault(self.bucket_of_rows[row], []).append(item)
+        # bucket -> its rows that have items, in row order (so its items in item order), and where each
+        # row's items start among the bucket's.
+        self.items_of_bucket: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        of_rows = np.asarray(self.bucket_of_rows, np.int64)
+        for bucket in sorted(set(of_rows[counts > 0].tolist())):
+            rows = np.flatnonzero((of_rows == bucket) & (counts > 0))
+            self.items_of_bucket[bucket] = (rows, np.concatenate([[0], np.cumsum(counts[rows])]))
         G = self.global_batch
-        self.steps_per_epoch = sum(-(-len(items) // G) for items in self.items_of_bucket.values())
+        runs = [-(-int(starts[-1]) // G) for _, starts in self.items_of_bucket.values()]
+        # The runs (steps) of an epoch, numbered bucket after bucket: the i-th bucket's start at first_run[i].
+        self.bucket_ids, self.first_run = list(self.items_of_bucket), np.concatenate([[0], np.cumsum(runs)])
+        self.steps_per_epoch = int(self.first_run[-1])
         self._epoch, self._plan = -1, None
 
-    def epoch_plan(self, epoch: int) -> list[tuple[int, list[int]]]:
-        """The epoch's steps in order: (bucket, the G items of the step)."""
+    def epoch_plan(self, epoch: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Each bucket's order of its items in the epoch, and the epoch's steps in order as runs: run
+        first_run[i] + k is the k-th run of the i-th bucket."""
         if epoch != self._epoch:
-            G, runs = self.global_batch, []
-            for bucket, items in sorted(self.items_of_bucket.items()):
-                order = torch.randperm(
-                    len(items), generator=seeded_generator(self.seed, "bucket", epoch, bucket)
+            orders = {
+                bucket: torch.randperm(
+                    int(starts[-1]), generator=seeded_generator(self.seed, "bucket", epoch, bucket)
                 )
-                steps = -(-len(items) // G)
-                cycle = [items[i] for i in order.tolist()]
-                filled = [
-                    cycle[i % len(cycle)] for i in range(steps * G)
-                ]  # the short run filled from the start
-                runs += [(bucket, filled[k * G : (k + 1) * G]) for k in range(steps)]
-            order = torch.randperm(len(runs), generator=seeded_generator(self.seed, "steps", epoch)).tolist()
-            self._epoch, self._plan = epoch, [runs[i] for i in order]
+                for bucket, (_, starts) in self.items_of_bucket.items()
+            }
+            steps = torch.randperm(
+                self.steps_per_epoch, generator=seeded_generator(self.seed, "steps", epoch)
+            )
+            self._epoch, self._plan = epoch, (orders, steps)
         return self._plan
+
+    def _run(self, step: int) -> tuple[int, int, int]:
+        """(epoch, bucket, run of the bucket) of a step."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        run = int(self.epoch_plan(epoch)[1][k])
+        i = int(np.searchsorted(self.first_run, run, side="right")) - 1
+        return epoch, self.bucket_ids[i], run - int(self.first_run[i])
 
     def step_bucket(self, step: int) -> int:
         """The bucket of a step (its latent shape for the step's noise draws)."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        return self.epoch_plan(epoch)[k][0]
+        return self._run(step)[1]
 
     def step_items(self, step: int) -> list[tuple]:
         """The global batch of one optimizer step, in position order."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        items = self.epoch_plan(epoch)[k][1]
+        epoch, bucket, run = self._run(step)
+        rows, starts = self.items_of_bucket[bucket]
+        G, order = self.global_batch, self.epoch_plan(epoch)[0][bucket].numpy()
+        places = order[(run * G + np.arange(G)) % len(order)]  # the short run filled from the start
+        j = np.searchsorted(starts, places, side="right") - 1  # which of the bucket's rows holds each
+        row_of = rows[j]
+        items = self.first[row_of] + places - starts[j]
         if self.random_flip:
-            flips = torch.rand(self.global_batch, generator=seeded_generator(self.seed, "flip", step)) < 0.5
+            flips = torch.rand(G, generator=seeded_generator(self.seed, "flip", step)) < 0.5
         else:
-            flips = torch.zeros(self.global_batch, dtype=torch.bool)
-        rows = [self.rows_of_items[i] for i in items]
+            flips = torch.zeros(G, dtype=torch.bool)
         if self.draw_keys:
-            return [(r, f, epoch, i) for r, f, i in zip(rows, flips.tolist(), items)]
-        return list(zip(rows, flips.tolist()))
+            return [(r, f, epoch, i) for r, f, i in zip(row_of.tolist(), flips.tolist(), items.tolist())]
+        return list(zip(row_of.tolist(), flips.tolist()))
 
 
 class _RowsOf:
