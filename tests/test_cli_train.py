@@ -136,3 +136,14 @@ def test_help_lists_the_launcher_options_the_recipes_and_the_settings(capsys, mo
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "train-vae" in capsys.readouterr().out
+
+
+def test_a_config_file_of_yours_has_its_missing_paths_named_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("pretrained: models/base\nval_data_dir: none\n")
+    with pytest.raises(ValueError) as missing:
+        cmd_train.prepare("train", ["--config=mine.yaml", "--train_data_dir", "."])
+    assert str(missing.value) == (
+        f"recipe mine: pretrained 'models/base' is not in {str(Path.cwd())!r} (paths are relative to the "
+        "folder you run in): or give --pretrained PATH"
+    )

@@ -100,3 +100,15 @@ def test_a_missing_dataset_config_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_config(TrainConfig, ["--dataset_config", str(tmp_path / "none.toml")])
     assert "none.toml' cannot be read" in capsys.readouterr().err
+
+
+def test_a_subset_with_class_tokens_and_caption_files_reads_the_captions(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (8, 8)).save(photos / "0.png")
+    (photos / "0.txt").write_text("mystar, orange")  # sd-scripts reads it rather than class_tokens
+    path = toml(
+        tmp_path, f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{photos}"\nclass_tokens = "mystar"\n'
+    )
+    cfg = parse_config(TrainConfig, ["--dataset_config", path])
+    assert cfg.train_data_dir == str(photos) and cfg.instance_data_dir is None

@@ -96,19 +96,19 @@ def accelerate_flags(options: dict[str, str]) -> list[str]:
 
 
 def with_recipe(argv: list[str]) -> tuple[list[str], Path | None]:
-    """argv with a recipe named by --config as its file's path, and that path (None: not a name)."""
-    out, recipe = list(argv), None
+    """argv with a recipe named by --config as its file's path, and the config file (None: none)."""
+    out, config = list(argv), None
     for i, arg in enumerate(out):
-        if arg.startswith("--config="):
-            found = named_recipes.find(arg.partition("=")[2])
-            out[i] = f"--config={found}" if found else arg
-        elif arg == "--config" and i + 1 < len(out):
-            found = named_recipes.find(out[i + 1])
-            out[i + 1] = str(found) if found else out[i + 1]
-        else:
+        joined = arg.startswith("--config=")
+        if not joined and not (arg == "--config" and i + 1 < len(out)):
             continue
-        recipe = found or recipe
-    return out, recipe
+        value = arg.partition("=")[2] if joined else out[i + 1]
+        config = named_recipes.find(value) or Path(value)
+        if joined:
+            out[i] = f"--config={config}"
+        else:
+            out[i + 1] = str(config)
+    return out, config
 
 
 def prepare(command: str, argv: list[str]) -> tuple[list[str], list[str]]:
@@ -124,7 +124,7 @@ def prepare(command: str, argv: list[str]) -> tuple[list[str], list[str]]:
     cls = config_class(command)
     ours = read_as_ours(cls, rest, processes=processes)
     parse_config(cls, ours)  # every setting's type, before accelerate starts
-    if recipe is not None:
+    if recipe is not None:  # parse_config has read it: it is a YAML file
         given = {name for name, _ in split_flags(ours)}
         problems = named_recipes.missing_paths(recipe, load_yaml(recipe), given)
         if problems:

@@ -23,7 +23,9 @@ What sdlite has a setting for is read as kohya's own flag of that name would be 
 then reads it as ours, so ``batch_size`` is ``--train_batch_size`` and ``enable_bucket`` is
 ``--aspect_buckets true``); a key sdlite has no behaviour for is refused naming it. sdlite trains one
 data set: one subset of images (a folder of captioned images, or with class_tokens the DreamBooth
-subject), and at most one ``is_reg`` subset of class images. A lone subset's ``num_repeats`` only
+subject, every image captioned with them unless caption files lie beside them, which sd-scripts then
+reads, as sdlite does a caption folder), and at most one ``is_reg`` subset of class images (DreamBooth's
+prior). A lone subset's ``num_repeats`` only
 lengthens kohya's epoch, which matters here only where epochs are turned into steps. Options of
 ``[general]`` apply to every data set and subset, a data set's to its subsets, as in sd-scripts.
 """
@@ -83,6 +85,12 @@ def _options(table: dict, where: str, problems: list[str]) -> Items:
     return items
 
 
+def _has_captions(folder: str) -> bool:
+    """Whether caption files lie in the folder: sd-scripts then reads them rather than class_tokens."""
+    root = Path(folder).expanduser()
+    return root.is_dir() and any(next(root.rglob(f"*{ext}"), None) for ext in (".txt", ".caption"))
+
+
 def read(path: str) -> tuple[Items, list[str], int]:
     """(kohya flags, problems, the lone subset's num_repeats) of the dataset config at ``path``."""
     name = f"dataset config {path!r}"
@@ -125,7 +133,7 @@ def read(path: str) -> tuple[Items, list[str], int]:
     subject, repeats = regular[0], regular[0].get("num_repeats", 1)
     if "image_dir" not in subject:
         problems.append(f"{name}: the subset has no image_dir")
-    elif subject.get("class_tokens"):  # sd-scripts' DreamBooth subset: its images captioned so
+    elif subject.get("class_tokens") and not _has_captions(subject["image_dir"]):  # DreamBooth's subset
         items += [
             ("instance_data_dir", [subject["image_dir"]]),
             ("instance_prompt", [subject["class_tokens"]]),

@@ -54,13 +54,15 @@ def needs(recipe: Path) -> dict[str, str]:
 
 
 def missing_paths(recipe: Path, values: dict[str, Any], given: set[str]) -> list[str]:
-    """One line for each path of the recipe's (not overridden by a flag in ``given``) that is not here,
-    naming what makes it and the flag that replaces it."""
+    """One line for each path of a recipe (or any config file: ``values`` are its settings) that a flag in
+    ``given`` does not replace and that is not here, naming what makes it and the flag that replaces it."""
     made_by = needs(recipe)
     problems = []
     for key in PATH_KEYS:
         value = values.get(key)
-        if key in given or not isinstance(value, str) or Path(value).expanduser().exists():
+        if key in given or not isinstance(value, str) or value.lower() in ("none", "null"):
+            continue
+        if Path(value).expanduser().exists():
             continue
         how = next((c for p, c in made_by.items() if value == p or value.startswith(p + "/")), None)
         make = f"make it with: {how}; " if how else ""
