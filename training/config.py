@@ -8,9 +8,10 @@ a misspelt key or a value of the wrong type fails at start-up with a message nam
 is UTF-8 YAML of at most 1 MiB, read without Python tags (as ``yaml.safe_load``) and without aliases,
 so that a few hundred bytes cannot stand for billions of values. The flag's ``--help`` text is the
 field's trailing comment in the dataclass source, and a comment line above a run of fields titles
-their section (``field_docs``): the description is written once, where the field is. A class's
-``FOREIGN_FLAGS`` ({other tool's name: ours or why there is none}) turn another tool's flag into an
-error that names ours.
+their section (``field_docs``): the description is written once, where the field is. diffusers' and
+kohya's flags are read as ours first (training/foreign_flags.py); a class's ``FOREIGN_FLAGS`` ({other
+tool's name: ours or why there is none}) turn another tool's key in a YAML file into an error that
+names ours.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
 ``TrainConfig`` (training/train.py, the latent U-Net) and ``VAETrainConfig`` (training/train_vae.py)
 add their own and may give a shared field another default. Each field's trailing comment is its
 ``--help`` text and each comment line above a run of fields its section (training/config.py reads
-them), so a field's description lives only here. ``FOREIGN_FLAGS`` maps the flags of diffusers'
-training scripts (examples/text_to_image) to ours, so that ``--max_train_steps`` fails naming
-``--max_steps`` instead of "unrecognized arguments".
+them), so a field's description lives only here. ``FOREIGN_FLAGS`` maps the keys of diffusers'
+training scripts (examples/text_to_image) to ours, so that ``max_train_steps:`` in a YAML file fails
+naming ``--max_steps`` (on the command line their flags are read as ours: training/foreign_flags.py).
 
 This module imports neither torch nor any model library, so that a command line can parse and print
 ``--help`` in a fraction of a second.
