@@ -95,6 +95,7 @@ class RunConfig:
     resume: str | None = None  # "latest" (output_dir's newest checkpoint, if any) or a checkpoint folder
     # Faults (README: Reliability)
     nonfinite_loss: str = "skip"  # a NaN/inf loss or gradient: "skip" the step, or "stop" the run
+    collective_timeout: float = 600.0  # seconds a process waits for the others (start-up: >= 30 min)
     # Run-folder safety and data reliability (README: Reliability): what a resume may change, where
     # images may live, how large they may be.
     allow_config_change: list[str] = field(default_factory=list)  # keys --resume may also change
@@ -116,6 +117,7 @@ class RunConfig:
         problems += self.lr_scheduler_problems()
         if self.nonfinite_loss not in ("skip", "stop"):
             problems.append(f"nonfinite_loss={self.nonfinite_loss!r}: use skip or stop")
+        problems += numbers_outside(self, "collective_timeout", above=True)  # seconds
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             problems.append(f"max_image_pixels={self.max_image_pixels} must be >= 1 (or none: the default)")
         return problems
@@ -214,6 +216,10 @@ class TrainConfig(RunConfig):
     aspect_buckets: bool = False  # group images by aspect ratio into buckets of about resolution² pixels
     bucket_min_side: int | None = None  # the shortest bucket side in pixels; None: resolution / 2
     bucket_max_side: int | None = None  # the longest bucket side in pixels; None: resolution * 2
+    bucket_step: int | None = None  # bucket sides step by this many pixels (kohya's bucket_reso_steps), a
+    # multiple of the VAE factor; None: 8 latent pixels, at most resolution / 8 (docs/data.md)
+    bucket_no_upscale: bool = False  # each image's bucket is its own size, scaled down to resolution² pixels
+    # if larger, sides rounded down to bucket_step: never enlarged (kohya's; min/max sides unused)
     shuffle_caption: bool = False  # shuffle a caption's comma-separated tags at every draw (no text cache)
     keep_tokens: int = 0  # with shuffle_caption: the caption's first N tags stay in place
     caption_prefix: str = ""  # a trigger word put first in every caption (the validation loss captions too)
@@ -373,6 +379,12 @@ class TrainConfig(RunConfig):
         for name in ("bucket_min_side", "bucket_max_side"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (or none)")
+        problems += counts_below(self, 1, "bucket_step")
+        if self.bucket_no_upscale and self.class_data_dir and self.aspect_buckets:
+            problems.append(
+                "bucket_no_upscale with class_data_dir: each subject photo's bucket is its own size, which "
+                "the class images need not share; use bucket_step / bucket_min_side without it"
+            )
         return problems
 
 
