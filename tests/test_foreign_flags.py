@@ -149,8 +149,8 @@ def test_every_problem_of_a_command_line_is_one_line_at_once(capsys):
         "--push_to_hub",
         "--max_stepz",
         "3",
-        "--bucket_reso_steps",
-        "64",
+        "--clip_skip",
+        "2",
         "--save_model_as",
         "ckpt",
         "--network_module",
@@ -164,7 +164,7 @@ def test_every_problem_of_a_command_line_is_one_line_at_once(capsys):
     assert len(error) == 1
     for expected in ("--dataset_name: give --train_data_dir", "--push_to_hub: sdlite uploads nothing",
                      "--max_stepz is not a setting of this trainer (did you mean --max_steps?)",
-                     "--bucket_reso_steps: not supported yet",
+                     "--clip_skip: not supported",
                      "--save_model_as ckpt: sdlite writes safetensors",
                      "--network_module lycoris.kohya: sdlite trains networks.lora"):  # fmt: skip
         assert expected in error[0]
@@ -174,7 +174,8 @@ def test_kohya_train_network_flags_read_as_ours(tmp_path, capsys):
     argv = shlex.split(
         "--pretrained_model_name_or_path base --network_module networks.lora --network_dim 16 "
         "--network_alpha 8 --save_model_as safetensors --enable_bucket --min_bucket_reso 256 "
-        "--max_bucket_reso 1024 --resolution 512,512 --caption_extension .txt --keep_tokens 1 "
+        "--max_bucket_reso 1024 --bucket_reso_steps 64 --bucket_no_upscale --resolution 512,512 "
+        "--caption_extension .txt --keep_tokens 1 "
         "--shuffle_caption --save_every_n_steps 100 --output_dir out --output_name mylora "
         "--learning_rate 1e-4 --unet_lr 2e-4 --network_train_unet_only --mixed_precision bf16 "
         "--max_train_steps 10 --sample_prompts p.txt --sample_every_n_steps 5 --min_snr_gamma 5"
@@ -188,13 +189,14 @@ def test_kohya_train_network_flags_read_as_ours(tmp_path, capsys):
         512,
     )
     assert (cfg.keep_tokens, cfg.shuffle_caption, cfg.checkpoint_every) == (1, True, 100)
+    assert (cfg.bucket_step, cfg.bucket_no_upscale) == (64, True)
     assert cfg.final_dir == str(Path("out") / "mylora") and not cfg.lora_text_encoder
     assert (cfg.learning_rate, cfg.text_encoder_lr) == (2e-4, 1e-4)  # --unet_lr wins; the rest the encoder's
     assert (cfg.validation_prompts_file, cfg.validation_every, cfg.snr_gamma) == ("p.txt", 5, 5.0)
     refused = [
         ("--resolution 512,768", "give one number"),
         ("--caption_extension .cap", "rename"),
-        ("--bucket_no_upscale", "not supported yet"),
+        ("--network_args conv_dim=4", "LoRA variants are not supported"),
         ("--save_model_as pt", "use safetensors"),
     ]
     for bad, says in refused:

@@ -29,6 +29,8 @@ batch_size = 4
 enable_bucket = true
 min_bucket_reso = 256
 max_bucket_reso = 1024
+bucket_reso_steps = 64
+bucket_no_upscale = true
 
   [[datasets.subsets]]
   image_dir = "photos"
@@ -37,6 +39,7 @@ max_bucket_reso = 1024
     cfg = parse_config(TrainConfig, ["--dataset_config", path])
     assert (cfg.train_data_dir, cfg.resolution, cfg.train_batch_size) == ("photos", 512, 4)
     assert (cfg.aspect_buckets, cfg.bucket_min_side, cfg.bucket_max_side) == (True, 256, 1024)
+    assert (cfg.bucket_step, cfg.bucket_no_upscale) == (64, True)
     assert (cfg.shuffle_caption, cfg.keep_tokens) == (True, 1)
     flagged = parse_config(TrainConfig, ["--dataset_config", path, "--train_batch_size", "2"])
     assert flagged.train_batch_size == 2  # a flag of the command line wins over the file
@@ -79,7 +82,6 @@ ONE = '[[datasets.subsets]]\nimage_dir = "a"\n'
     ("text", "says"),
     [
         (f'[[datasets]]\ncolor_aug = true\n{ONE}', "'color_aug' is not supported"),
-        (f'[[datasets]]\nbucket_no_upscale = true\n{ONE}', "not supported yet"),
         ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\n[[datasets.subsets]]\nimage_dir = "b"\n',
          "one subset of images"),
         ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\n[[datasets]]\n', "one [[datasets]], not 2"),

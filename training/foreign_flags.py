@@ -12,7 +12,7 @@ own flags before they are parsed, so that the one parser (training/config.py) se
 - their switches take no value (``--center_crop``, ``--random_flip``, ``--use_ema``, ``--enable_bucket``);
 - a few need their value read (``--network_dim`` turns LoRA on, ``--resolution 512,512``, epochs);
 - a flag with no equivalent is refused naming what to use, and one whose behaviour sdlite lacks yet
-  (``--bucket_reso_steps``) says so rather than being ignored.
+  (``--clip_skip``) says so rather than being ignored.
 
 Every problem of the command line is found in one pass and reported together, in one line, before
 anything is imported or built. What was renamed is printed once, in one line, and so is each way
