@@ -156,10 +156,10 @@ def test_every_problem_of_a_command_line_is_one_line_at_once(capsys):
         "--network_module",
         "lycoris.kohya",
     ]
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: the machine's other work does not count
     with pytest.raises(SystemExit) as failed:
         parse_config(TrainConfig, argv)
-    assert time.perf_counter() - start < 0.5 and failed.value.code == 2
+    assert time.process_time() - start < 0.5 and failed.value.code == 2
     error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(error) == 1
     for expected in ("--dataset_name: give --train_data_dir", "--push_to_hub: sdlite uploads nothing",
