@@ -117,7 +117,8 @@ def run_lora_ours(args) -> dict:
 
     a = train_args(args, args.px)
     cfg = bench_train.ours_config(a, args.warmup + args.steps)
-    cfg.adapters.lora, cfg.run.gradient_checkpointing = True, True
+    cfg.adapters.lora, cfg.adapters.lora_from_scratch = True, True  # random weights: a timing
+    cfg.run.gradient_checkpointing = True
     trainer = UNetTrainer(cfg)
     seconds = bench_train.timed_steps(trainer.optimizer_step, a, trainer.accelerator.device)
     return {"seconds": seconds, "device": trainer.accelerator.device}

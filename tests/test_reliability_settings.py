@@ -14,7 +14,7 @@ import pytest
 
 from training import errors
 from training.config import ConfigError, _base_type, from_dict, keys, parse_config
-from training.config_sections import TrainConfig, VAETrainConfig
+from training.config_sections import LORA_KEYS, TrainConfig, VAETrainConfig
 from training.train import main
 from training.train_vae import main as train_vae
 
@@ -62,8 +62,9 @@ UNET_SETTINGS = [
 
 @pytest.mark.parametrize(("key", "value"), UNET_SETTINGS)
 def test_a_bad_setting_is_refused_before_the_model_is_built_naming_it(key, value, tmp_path, nothing_built):
+    lora = dict(lora="true", lora_from_scratch="true") if key in LORA_KEYS else {}  # read with lora only
     with pytest.raises(ConfigError, match=f"^bad training config: {key}=.*: use ") as refused:
-        main(argv(tmp_path, **{key: value}))
+        main(argv(tmp_path, **{key: value}, **lora))
     assert len(str(refused.value).splitlines()) == 1
     assert not (tmp_path / "run").exists()  # not even the run folder was made
 
@@ -71,9 +72,9 @@ def test_a_bad_setting_is_refused_before_the_model_is_built_naming_it(key, value
 @pytest.mark.parametrize(
     ("prompts", "expected"),
     [
-        ("a red circle,  ,a blue square", r"validation_prompts item\(s\) \[2\] empty"),
+        (["a red circle", "  ", "a blue square"], r"validation_prompts item\(s\) \[2\] empty"),
         (
-            "a red circle, a \udcff square",
+            ["a red circle", "a \udcff square"],
             r"validation_prompts item 2: character 2, '\\udcff', is a byte that is not UTF-8",
         ),
     ],
@@ -82,7 +83,7 @@ def test_validation_prompts_that_are_not_text_are_refused_before_the_model(
     prompts, expected, tmp_path, nothing_built
 ):
     with pytest.raises(ConfigError, match=expected):
-        main([*argv(tmp_path), "--validation_prompts", prompts])
+        main([*argv(tmp_path), "--validation_prompts", *prompts])  # each value one prompt
 
 
 def test_prompt_keys_read_from_a_command_line_that_is_not_utf8_are_refused(tmp_path, nothing_built):
@@ -126,9 +127,8 @@ def numeric_fields(cls) -> list[tuple[str, object]]:
     [(cls, name, value) for cls in (TrainConfig, VAETrainConfig) for name, value in numeric_fields(cls)],
 )
 def test_every_numeric_field_refuses_nan_or_a_negative_naming_itself(cls, name, value):
-    cfg = from_dict(
-        cls, {name: value, **({"lora": True} if cls is TrainConfig else {})}
-    )  # the LoRA keys are read
+    lora = {"lora": True} if cls is TrainConfig else {}  # the LoRA keys are read
+    cfg = from_dict(cls, {name: value, **lora})
     assert any(name in problem for problem in cfg.problems()), name
 
 

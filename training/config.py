@@ -11,8 +11,9 @@ order. A key's type comes from its annotation, so a misspelt key or a value of t
 start-up naming it; its ``--help`` text is the field's ``metadata["help"]`` (``option``), and its
 section's ``title`` and ``about`` head its group in ``--help``. A config file is UTF-8 YAML of at most
 1 MiB, read without Python tags (as ``yaml.safe_load``) and without aliases, so that a few hundred bytes
-cannot stand for billions of values. A config's ``FOREIGN_FLAGS`` ({other
-tool's name: ours or why there is none}) turn another tool's flag into an error that names ours.
+cannot stand for billions of values. diffusers' and kohya's flags are read as ours first
+(training/foreign_flags.py); a config's ``FOREIGN_FLAGS`` ({other tool's name: ours or why there is
+none}) turn another tool's key in a YAML file into an error that names ours.
 A plain dataclass of keys (no sections) loads the same way.
 
 This module imports neither torch nor any model library, so that a command line parses and prints
@@ -110,7 +111,7 @@ SD_SCRIPTS_FLAGS = {
 UNET_FLAGS = {
     "pretrained_model_name_or_path": "--pretrained (a local diffusers-layout folder)",
     "rank": "--lora_rank (with --lora true)",
-    "validation_prompt": "--validation_prompts (a comma-separated list)",
+    "validation_prompt": "--validation_prompts (each flag value one prompt)",
     "validation_epochs": "--validation_every (in optimizer steps)",
     "use_ema": "--ema_decay (a decay such as 0.9999; none turns the EMA off)",
     "center_crop": "--random_crop false (the centre crop is the default)",
@@ -421,11 +422,13 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
 
 def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
     """Defaults of ``cls``, then the ``--config`` YAML file, then the ``--key value`` flags."""
+    from training.foreign_flags import read_as_ours  # diffusers' and kohya's flags, every problem at once
+
     parser = build_parser(cls)
-    for arg in sys.argv[1:] if argv is None else argv:
-        message = foreign_flag(cls, arg[2:].partition("=")[0]) if arg.startswith("--") else None
-        if message:
-            parser.error(message)
+    try:
+        argv = read_as_ours(cls, sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        parser.error(str(e))
     args = vars(parser.parse_args(argv))
     args.pop("debug")
     path = args.pop("config", None)

@@ -14,7 +14,7 @@ This module imports neither torch nor any model library (see training/config.py)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar
 
 from sdlite.presets import PRESETS, Preset, PresetXL
@@ -37,6 +37,11 @@ from training.sample_prompts import prompts_file_problems
 # here (tests/test_train.py keeps them equal): the attention projections LoRA adapts by default.
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _default(f) -> object:
+    return f.default_factory() if f.default is MISSING else f.default
+
 
 # ---- the U-Net trainer ------------------------------------------------------------------------------------
 
@@ -257,6 +262,9 @@ class LoraSection(Section):
     text_encoder_lr: float | None = option(
         None, "the text encoder adapter's learning rate; None: learning_rate"
     )
+    lora_from_scratch: bool = option(
+        False, "with lora and no pretrained: adapt a preset's random weights (tests)"
+    )
     lora_save_format: str = option(
         "diffusers",
         '"kohya": also final_dir/lora_kohya.safetensors (A1111, ComfyUI); the diffusers layout is '
@@ -272,6 +280,10 @@ class LoraSection(Section):
         if self.lora_save_format not in ("diffusers", "kohya"):
             problems.append(f"lora_save_format={self.lora_save_format!r}: use diffusers or kohya")
         return problems + numbers_outside(self, "lora_alpha", "text_encoder_lr", above=True)
+
+
+# The settings that shape an adapter: one changed without lora true is a contradiction.
+LORA_KEYS = tuple(f.name for f in fields(LoraSection) if f.name != "lora")
 
 
 @dataclass
@@ -314,7 +326,11 @@ class ValidationSection(Section):
     title = "Validation"
     about = "sample images and a held-out loss, every validation_every steps and at the end"
 
-    validation_prompts: list[str] = option([], "prompts sampled into validation/step-N.png")
+    validation_prompts: list[str] = option(
+        [],
+        "prompts sampled into validation/step-N.png; on the command line each value is one prompt, commas "
+        "and all: give several, or repeat the flag",
+    )
     validation_prompts_file: str | None = option(
         None,
         "a text file of prompts sampled after validation_prompts, one a line, sd-scripts' format: "
@@ -400,7 +416,24 @@ class TrainConfig(Config):
                 "bucket_no_upscale with class_data_dir: each subject photo's bucket is its own size, which "
                 "the class images need not share; use bucket_step / bucket_min_side without it"
             )
-        return problems
+        return problems + self.lora_contradictions()
+
+    def lora_contradictions(self) -> list[str]:
+        """LoRA settings on a run that trains no adapter, and an adapter on random weights not asked for."""
+        lora = self.adapters
+        if not lora.lora:
+            given = [
+                f.name for f in fields(lora) if f.name != "lora" and getattr(lora, f.name) != _default(f)
+            ]
+            if given:
+                return [f"{', '.join(given)} set without lora: a run without it trains the weights "
+                        "themselves, not an adapter: add --lora true, or leave them out"]  # fmt: skip
+        elif not self.model.pretrained and not lora.lora_from_scratch:
+            return [
+                f"lora without pretrained: adapters on the {self.model.preset} preset's random weights "
+                "teach nothing to keep: give --pretrained FOLDER (--lora_from_scratch true: a test)"
+            ]
+        return []
 
 
 # ---- the VAE trainer --------------------------------------------------------------------------------------
