@@ -330,7 +330,7 @@ def test_the_script_prints_its_help_with_descriptions():
 )  # fmt: skip
 def test_a_diffusers_flag_reads_as_ours(flag, ours, capsys):
     for argv in ([flag, "10"], [f"{flag}=10"]):
-        assert str(getattr(parse_config(TrainConfig, argv), ours)) == "10"
+        assert str(get(parse_config(TrainConfig, argv), ours)) == "10"
         assert f"{flag} -> --{ours}" in capsys.readouterr().err
 
 
@@ -344,7 +344,7 @@ def test_a_diffusers_key_in_a_yaml_file_fails_naming_ours(tmp_path):
 @pytest.mark.parametrize(("flag", "ours"), [("sample_prompts", "--validation_prompts_file"),
                                             ("sample_every_n_steps", "--validation_every")])  # fmt: skip
 def test_an_sd_scripts_flag_reads_as_ours_and_its_yaml_key_fails_naming_ours(flag, ours, tmp_path):
-    assert str(getattr(parse_config(TrainConfig, [f"--{flag}", "1"]), ours[2:])) == "1"
+    assert str(get(parse_config(TrainConfig, [f"--{flag}", "1"]), ours[2:])) == "1"
     (tmp_path / "recipe.yaml").write_text(f"{flag}: 1\n")  # a key in a YAML file: refused, naming ours
     with pytest.raises(ConfigError, match=f"--{flag} is sd-scripts' name; sdlite's is {ours}"):
         parse_config(TrainConfig, ["--config", str(tmp_path / "recipe.yaml")])

@@ -140,7 +140,7 @@ def test_nonfinite_loss_stop_stops_before_the_next_checkpoint(shapes, tmp_path, 
 
 
 def test_a_diffusers_flag_reads_as_ours_or_fails_naming_why(capsys):
-    assert parse_config(VAETrainConfig, ["--max_train_steps", "10"]).max_steps == 10
+    assert parse_config(VAETrainConfig, ["--max_train_steps", "10"]).optimizer.max_steps == 10
     assert "--max_train_steps -> --max_steps" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--pretrained_model_name_or_path", "runs/sd"])
