@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from sdlite.data.captions import IMAGE_EXTENSIONS
 from sdlite.models import build_components
 from training import epochs
-from training.config import parse_config
-from training.config_sections import TrainConfig, VAETrainConfig
+from training.config import VAETrainConfig, parse_config
+from training.config_sections import TrainConfig
 from training.foreign_flags import read_as_ours
 
 ROOT = Path(__file__).resolve().parents[1]

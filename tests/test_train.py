@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 
 from sdlite.models import build_components, load_components
 from training import config_sections as configs
-from training.config import ConfigError, field_docs, get, keys, parse_config
-from training.config_sections import TrainConfig, VAETrainConfig
+from training.config import ConfigError, VAETrainConfig, field_docs, get, keys, parse_config
+from training.config_sections import TrainConfig
 from training.train import UNetTrainer, main
 from training.unet_step import min_snr_weight
 

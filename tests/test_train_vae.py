@@ -9,8 +9,7 @@ from sdlite.data.dataset import DataError
 from sdlite.data.shapes import write_dataset
 from training import train_vae
 from training.checkpoint import NonFiniteLossError, checkpoints
-from training.config import ConfigError, parse_config
-from training.config_sections import VAETrainConfig
+from training.config import ConfigError, VAETrainConfig, parse_config
 from training.train_vae import build_vae, latent_std, load_images, main, psnr
 
 TINY_RUN = dict(max_steps=3, train_batch_size=8, lr_warmup_steps=1, report_to="none")

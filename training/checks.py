@@ -1,5 +1,6 @@
-"""What a config must be: its file a bounded UTF-8 YAML mapping without aliases (``load_yaml``), and
-its fields in range, checked by kind for the sections' ``problems()``: each check returns one line per
+"""What a config must be: its file a bounded UTF-8 YAML mapping without aliases (``load_yaml``), each
+value of its key's type (``convert``: a misspelt or mistyped value fails naming the key), and its
+fields in range, checked by kind for the sections' ``problems()``: each check returns one line per
 field at fault, naming it, its value and the fix (the range it must lie in and its default), so that a
 setting that would fail only when first used (a NaN guidance at the first validation, a seed no
 generator takes) is refused at start-up, with every other problem, before anything is built or read.
@@ -10,6 +11,8 @@ This module imports neither torch nor any model library.
 from __future__ import annotations
 
 import math
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +134,94 @@ def text_problems(cfg: Any, *names: str) -> list[str]:
                 bad = f"character {e.start}, {text[e.start]!r}, is a byte that is not UTF-8"
                 problems.append(f"{where}: {bad}: write the text in UTF-8")
     return problems
+
+
+# ---- a value as its key's type ----------------------------------------------------------------------
+
+
+def _allows_none(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """(type, is_list) of a field annotation such as ``int``, ``str | None`` or ``list[str]``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    if origin in (list, tuple):
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean (use true or false)")
+
+
+def _list_items(value: Any) -> list:
+    """A list value: a YAML list, a flag's "a,b,c", or a flag's YAML list '["a, b", "c"]' (for items
+    that hold commas), or a single item."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            items = safe_yaml(text)
+            if not isinstance(items, list):
+                raise ValueError(f"{value!r} is not a list")
+            return items
+        return [v.strip() for v in text.split(",")] if text else []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+# What a key of each type holds, for the error of a value of another shape.
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def _shape(value: Any) -> str | None:
+    """'a list' or 'a mapping' for a YAML collection; None for a scalar."""
+    if isinstance(value, dict):
+        return "a mapping"
+    return "a list" if isinstance(value, (list, tuple)) else None
+
+
+def convert(name: str, annotation: Any, value: Any) -> Any:
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if annotation is not None and annotation is not Any and not _allows_none(annotation):
+            raise ConfigError(f"config key {name!r} cannot be none")
+        return None
+    kind, is_list = _base_type(annotation)
+    try:
+        if not is_list:
+            return _scalar(kind, value)
+        if isinstance(value, dict):
+            raise ValueError("a mapping where a list belongs; write a list of values (- item)")
+        items = _list_items(value)
+        if any(_shape(v) for v in items):  # a list of lists: its items are not one value each
+            raise ValueError(f"a list within the list; write each item as {_KINDS.get(kind, 'a value')}")
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: float() of a 400-digit integer
+        raise ConfigError(f"config key {name!r}: {e}") from None
+    return [convert(name, kind, v) for v in items]
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    """``value`` (not None) as a ``kind``; ValueError or TypeError says why it is not one."""
+    if kind in _KINDS and _shape(value):  # str() would make a folder named "{'a': 1}"
+        raise ValueError(f"{_shape(value)} where {_KINDS[kind]} belongs; write a single value")
+    if kind is bool:
+        return _to_bool(value)
+    if kind in (int, float, str):
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(f"{value} is a boolean, not a number")
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{value} is not an integer")
+        return kind(value)
+    return value

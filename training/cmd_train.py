@@ -47,7 +47,7 @@ LAUNCHER_HELP = """launcher options (before or among the trainer's):
 
 def config_class(command: str) -> type:
     if command == "train-vae":
-        from training.config_sections import VAETrainConfig
+        from training.config import VAETrainConfig
 
         return VAETrainConfig
     from training.config_sections import TrainConfig

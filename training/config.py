@@ -16,6 +16,11 @@ cannot stand for billions of values. diffusers' and kohya's flags are read as ou
 none}) turn another tool's key in a YAML file into an error that names ours.
 A plain dataclass of keys (no sections) loads the same way.
 
+Here too: the sections both trainers share (``DataBase``, ``OptimizerBase``, ``RunBase``) and the VAE
+trainer's config, which is those sections with some other defaults and a few keys of its own; the
+U-Net trainer's config, with its own sections, is training/config_sections.py. Reading a config file
+and converting each value to its key's type are training/checks.py's.
+
 This module imports neither torch nor any model library, so that a command line parses and prints
 ``--help`` in a fraction of a second.
 """
@@ -26,14 +31,14 @@ import argparse
 import dataclasses
 import functools
 import sys
-import types
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import yaml
 
-from training.checks import SEEDS, ConfigError, counts_below, load_yaml, numbers_outside, safe_yaml
+from sdlite.presets import PRESETS, Preset
+from training.checks import SEEDS, ConfigError, convert, counts_below, load_yaml, numbers_outside
 from training.errors import DEBUG_ENV, DEBUG_FLAG
 
 C = TypeVar("C")
@@ -206,6 +211,89 @@ class RunBase(Section):
         return problems
 
 
+# ---- the VAE trainer --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class VAEModelSection(Section):
+    title = "The model"
+
+    preset: str = option("tiny", "the sdlite.presets VAE to build with random weights")
+    vae_block_out_channels: list[int] | None = option(
+        None, "the preset's VAE with these level widths (same f)"
+    )
+    vae_mid_block_attention: bool = option(True, "false: the middle blocks without their self-attention")
+
+    def problems(self) -> list[str]:
+        preset = PRESETS.get(self.preset)  # an unknown one is refused when built
+        if preset is not None and self.vae_block_out_channels is not None:
+            return preset.channels_problems("vae", self.vae_block_out_channels)
+        return []
+
+    def shaped_preset(self, preset: Preset) -> Preset:
+        """The preset with this section's VAE shape keys applied: what train_vae.py builds."""
+        if self.vae_block_out_channels is not None:
+            preset = preset.with_vae_channels(self.vae_block_out_channels)
+        if not self.vae_mid_block_attention:
+            preset = preset.without_vae_mid_attention()
+        return preset
+
+
+@dataclasses.dataclass
+class VAEDataSection(DataBase):
+    eval_data_dir: str | None = option(None, "held-out images for PSNR; None: hold out eval_count of train")
+    eval_count: int = option(256, "images held out of train_data_dir when eval_data_dir is None")
+
+    def problems(self) -> list[str]:
+        return super().problems() + counts_below(self, 1, "eval_count")
+
+
+@dataclasses.dataclass
+class VAEOptimizerSection(OptimizerBase):
+    about = "a VAE at a constant rate can end on a loss spike; cosine decays to 0 at max_steps"
+
+    max_steps: int = 600
+    learning_rate: float = 2e-3
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 50
+    adam_weight_decay: float = 0.0
+    reconstruction_loss: str = option("mse", '"mse" or "l1"')
+    kl_weight: float = option(1e-6, "the weight of KL(q(z|x) ‖ N(0, I)) against the reconstruction loss")
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.reconstruction_loss not in ("mse", "l1"):
+            problems.append(f"reconstruction_loss={self.reconstruction_loss!r}: use mse or l1")
+        return problems + numbers_outside(self, "kl_weight")
+
+
+@dataclasses.dataclass
+class VAERunSection(RunBase):
+    output_dir: str = "runs/tiny-vae"
+    log_every: int = 100
+    checkpoint_every: int = 0
+    checkpoints_total_limit: int | None = 2
+    scale_count: int = option(1024, "training images encoded to measure the latents' std")
+    eval_every: int = option(0, "steps between held-out PSNR reports; 0: only at the end")
+
+    def problems(self) -> list[str]:
+        return super().problems() + counts_below(self, 1, "scale_count") + counts_below(self, 0, "eval_every")
+
+
+@dataclasses.dataclass
+class VAETrainConfig(Config):
+    """Train the preset's AutoencoderKL from scratch on an image folder."""
+
+    FOREIGN_FLAGS: ClassVar[dict[str, str]] = DIFFUSERS_FLAGS | {
+        "pretrained_model_name_or_path": "train_vae.py trains the --preset's VAE from random weights",
+    }
+
+    model: VAEModelSection = section(VAEModelSection)
+    data: VAEDataSection = section(VAEDataSection)
+    optimizer: VAEOptimizerSection = section(VAEOptimizerSection)
+    run: VAERunSection = section(VAERunSection)
+
+
 # ---- the keys of a config -------------------------------------------------------------------------------
 
 
@@ -246,94 +334,6 @@ def keys(cls: type) -> dict[str, Key]:
     return found
 
 
-def _allows_none(annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
-
-
-def _base_type(annotation: Any) -> tuple[type, bool]:
-    """(type, is_list) of a field annotation such as ``int``, ``str | None`` or ``list[str]``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _base_type(args[0])
-    if origin in (list, tuple):
-        return typing.get_args(annotation)[0], True
-    return annotation, False
-
-
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{value!r} is not a boolean (use true or false)")
-
-
-def _list_items(value: Any) -> list:
-    """A list value: a YAML list, a flag's "a,b,c", or a flag's YAML list '["a, b", "c"]' (for items
-    that hold commas), or a single item."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            items = safe_yaml(text)
-            if not isinstance(items, list):
-                raise ValueError(f"{value!r} is not a list")
-            return items
-        return [v.strip() for v in text.split(",")] if text else []
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]
-
-
-# What a key of each type holds, for the error of a value of another shape.
-_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
-
-
-def _shape(value: Any) -> str | None:
-    """'a list' or 'a mapping' for a YAML collection; None for a scalar."""
-    if isinstance(value, dict):
-        return "a mapping"
-    return "a list" if isinstance(value, (list, tuple)) else None
-
-
-def _convert(name: str, annotation: Any, value: Any) -> Any:
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-        if annotation is not None and annotation is not Any and not _allows_none(annotation):
-            raise ConfigError(f"config key {name!r} cannot be none")
-        return None
-    kind, is_list = _base_type(annotation)
-    try:
-        if not is_list:
-            return _scalar(kind, value)
-        if isinstance(value, dict):
-            raise ValueError("a mapping where a list belongs; write a list of values (- item)")
-        items = _list_items(value)
-        if any(_shape(v) for v in items):  # a list of lists: its items are not one value each
-            raise ValueError(f"a list within the list; write each item as {_KINDS.get(kind, 'a value')}")
-    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: float() of a 400-digit integer
-        raise ConfigError(f"config key {name!r}: {e}") from None
-    return [_convert(name, kind, v) for v in items]
-
-
-def _scalar(kind: type, value: Any) -> Any:
-    """``value`` (not None) as a ``kind``; ValueError or TypeError says why it is not one."""
-    if kind in _KINDS and _shape(value):  # str() would make a folder named "{'a': 1}"
-        raise ValueError(f"{_shape(value)} where {_KINDS[kind]} belongs; write a single value")
-    if kind is bool:
-        return _to_bool(value)
-    if kind in (int, float, str):
-        if kind in (int, float) and isinstance(value, bool):
-            raise ValueError(f"{value} is a boolean, not a number")
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{value} is not an integer")
-        return kind(value)
-    return value
-
-
 def foreign_flag(cls: type, name: str) -> str | None:
     """The error for a flag or key ``name`` of another tool (cls.FOREIGN_FLAGS); None if it is not one."""
     hint = getattr(cls, "FOREIGN_FLAGS", {}).get(name)
@@ -365,7 +365,7 @@ def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C
     flat, by_section = {}, {}
     for name, value in values.items():
         key = known[name]
-        converted = _convert(name, key.annotation, value)
+        converted = convert(name, key.annotation, value)
         if key.section is None:
             flat[name] = converted
         else:

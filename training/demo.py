@@ -17,8 +17,8 @@ from typing import Any
 from sdlite.data.shapes import write_dataset
 from training import train, train_vae
 from training.cmd_evaluate import run_evaluation
-from training.config import from_dict, load_yaml
-from training.config_sections import TrainConfig, VAETrainConfig
+from training.config import VAETrainConfig, from_dict, load_yaml
+from training.config_sections import TrainConfig
 
 # The demo's data: every colour-shape pair but one, which the model is then asked for.
 DEMO_UNSEEN = ["red circle"]

@@ -197,7 +197,7 @@ def _read(reading: Reading, name: str, values: list[str]) -> None:
 
 def _prompts(reading: Reading, name: str, values: list[str]) -> None:
     """Each value one prompt; a value written as a YAML list ``[...]`` its items."""
-    from training.config import ConfigError, safe_yaml
+    from training.checks import ConfigError, safe_yaml
 
     prompts = reading.prompts if reading.prompts is not None else []
     for value in values:

@@ -42,8 +42,7 @@ from sdlite.data.dataset import ImageTransform, image_bytes, load_rows  # noqa: 
 from sdlite.data.samplers import StepSampler  # noqa: E402
 from sdlite.presets import get_preset  # noqa: E402
 from training.accelerator import setup_accelerator  # noqa: E402
-from training.config import parse_config  # noqa: E402
-from training.config_sections import VAETrainConfig  # noqa: E402
+from training.config import VAETrainConfig, parse_config  # noqa: E402
 from training.errors import reported_errors  # noqa: E402
 from training.launch import follow_launcher  # noqa: E402
 from training.optim import make_lr_schedule, make_optimizer  # noqa: E402
