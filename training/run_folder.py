@@ -194,7 +194,8 @@ def open_run_folder(
     """The main process checks output_dir (``check_output_dir``; with ``max_steps``, also ``check_resume``),
     locks it and removes what killed runs of ours left half-written; returns the lock (None on the other
     processes: one run, one lock). If it cannot, every process raises RunFolderError at once (an
-    all-reduce), instead of the others waiting for a main process that is gone. Call it (every process) before anything is written to output_dir."""
+    all-reduce), instead of the others waiting for a main process that is gone. Call it (every process)
+    before anything is written to output_dir."""
     lock, error = None, None
     if accelerator.is_main_process:
         try:
