@@ -1,8 +1,15 @@
-"""Pipelines built on sdlite's parts: text to image (SD 1.x, 2.x and SDXL)."""
+"""Pipelines built on sdlite's parts: text to image and image to image (SD 1.x, 2.x and SDXL)."""
 
+from pipelines.image_to_image import ImageToImagePipeline
 from pipelines.inputs import Limits
 from pipelines.sampling import NonFiniteSampleError
 from pipelines.text_to_image import TextToImagePipeline
 from pipelines.text_to_image_xl import TextToImageXLPipeline
 
-__all__ = ["Limits", "NonFiniteSampleError", "TextToImagePipeline", "TextToImageXLPipeline"]
+__all__ = [
+    "ImageToImagePipeline",
+    "Limits",
+    "NonFiniteSampleError",
+    "TextToImagePipeline",
+    "TextToImageXLPipeline",
+]
