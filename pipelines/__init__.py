@@ -1,6 +1,7 @@
-"""Pipelines built on sdlite's parts: text to image and image to image (SD 1.x, 2.x and SDXL)."""
+"""Pipelines built on sdlite's parts: text to image, image to image and inpainting (SD 1.x, 2.x and SDXL)."""
 
 from pipelines.image_to_image import ImageToImagePipeline
+from pipelines.inpaint import InpaintPipeline
 from pipelines.inputs import Limits
 from pipelines.sampling import NonFiniteSampleError
 from pipelines.text_to_image import TextToImagePipeline
@@ -8,6 +9,7 @@ from pipelines.text_to_image_xl import TextToImageXLPipeline
 
 __all__ = [
     "ImageToImagePipeline",
+    "InpaintPipeline",
     "Limits",
     "NonFiniteSampleError",
     "TextToImagePipeline",
