@@ -43,13 +43,12 @@ def check_image(name: str, image, latent_channels: int | None = None) -> None:
             )
 
 
-def check_strength(strength, num_inference_steps, timesteps=None, sigmas=None) -> None:
-    """strength in [0, 1], leaving at least one of the schedule's steps to run (strength x steps >= 1)."""
+def check_strength(strength, steps: int | None) -> None:
+    """strength in [0, 1], leaving at least one of the schedule's ``steps`` to run (steps x strength
+    >= 1); None: the schedule's start is set otherwise (SDXL's denoising_start)."""
     if not _is_real(strength, 0, 1):
         raise ValueError(f"strength must be a number in [0, 1], got {_describe(strength)}")
-    custom = timesteps if timesteps is not None else sigmas
-    steps = len(custom) if custom is not None else num_inference_steps
-    if int(steps * strength) < 1:
+    if steps is not None and int(steps * strength) < 1:
         raise ValueError(
             f"strength={strength:g} of {steps} steps leaves no step to run (int(steps x strength) = 0): "
             f"raise strength to at least {1 / steps:.3g} or the number of steps"

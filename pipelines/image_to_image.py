@@ -36,10 +36,16 @@ class ImageStart:
 
     @property
     def image_processor(self) -> VaeImageProcessor:
-        """diffusers' resizing and [0, 1] -> [-1, 1] scaling of PIL images, arrays and tensors."""
-        return VaeImageProcessor(
+        """diffusers' resizing and [0, 1] -> [-1, 1] scaling of PIL images, arrays and tensors (the
+        VAE's factor's, unless one was set, as diffusers' tests and users may)."""
+        default = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, vae_latent_channels=self._vae_channels()
         )
+        return self.__dict__.get("_image_processor") or default
+
+    @image_processor.setter
+    def image_processor(self, processor: VaeImageProcessor) -> None:
+        self.__dict__["_image_processor"] = processor
 
     def _vae_channels(self) -> int:
         return self.vae.config.latent_channels if getattr(self, "vae", None) is not None else 4
@@ -54,17 +60,28 @@ class ImageStart:
     def check_inputs(self, args: dict) -> int:
         """The text-to-image checks, then strength and the number of images."""
         num_prompts = super().check_inputs(args)
-        image_inputs.check_strength(
-            args["strength"], args["num_inference_steps"], args["timesteps"], args["sigmas"]
-        )
+        custom = args["timesteps"] if args["timesteps"] is not None else args["sigmas"]
+        steps = len(custom) if custom is not None else args["num_inference_steps"]
+        image_inputs.check_strength(args["strength"], None if self._hands_off(args) else steps)
         num_images = num_prompts * args["num_images_per_prompt"]
         image_inputs.check_image_count("image", len(args["image"]), num_prompts, num_images)
         return num_prompts
 
+    @staticmethod
+    def _hands_off(args: dict) -> bool:
+        """Whether the call continues another model's denoising (SDXL's ensemble of experts: its
+        ``denoising_start``), so that the image is x_t already, not an x_0 to noise."""
+        return args.get("denoising_start") is not None
+
     def start(self, c: SimpleNamespace, num_images: int, dtype, device) -> Start:
-        """x_t ~ q(x_t | x_0) (eq. 4) at the first of the last ``strength`` share of the timesteps."""
+        """x_t ~ q(x_t | x_0) (eq. 4) at the first of the last ``strength`` share of the timesteps;
+        given latents, or a handed-off image's latents, are x_t as they are."""
         timesteps = self.strength_timesteps(c)
+        if getattr(c, "latents", None) is not None:
+            return Start(timesteps, c.latents.to(device=device, dtype=dtype))
         x0 = self.image_latents(c.image, num_images, dtype, device, c.generator)
+        if self._hands_off(vars(c)):
+            return Start(timesteps, x0)
         noise = randn_tensor(x0.shape, generator=c.generator, device=device, dtype=dtype)
         return Start(timesteps, self.scheduler.add_noise(x0, noise, timesteps[:1].repeat(num_images)))
 

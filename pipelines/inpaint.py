@@ -41,12 +41,17 @@ class InpaintStart(ImageStart):
     @property
     def mask_processor(self) -> VaeImageProcessor:
         """diffusers' mask preparation: one grey channel in [0, 1], binarized at 0.5 (and ``blur``)."""
-        return VaeImageProcessor(
+        default = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor,
             do_normalize=False,
             do_binarize=True,
             do_convert_grayscale=True,
         )
+        return self.__dict__.get("_mask_processor") or default
+
+    @mask_processor.setter
+    def mask_processor(self, processor: VaeImageProcessor) -> None:
+        self.__dict__["_mask_processor"] = processor
 
     @property
     def num_channels_latents(self) -> int:
@@ -85,13 +90,14 @@ class InpaintStart(ImageStart):
         return num_prompts
 
     def start(self, c: SimpleNamespace, num_images: int, dtype, device) -> Start:
-        """x_T ~ N(0, I) at strength 1 (or the given latents), else the image's q(x_t | x_0); the
-        mask and masked image's latents for an inpainting U-Net, or the known region's put-back."""
+        """x_T ~ N(0, I) at strength 1 (or the given latents), else the image's q(x_t | x_0) (or a
+        handed-off image's latents as they are); the mask and masked image's latents for an
+        inpainting U-Net, or the known region's put-back for an ordinary one."""
         timesteps = self.strength_timesteps(c)
         per_prompt = num_images // (len(c.image) if len(c.image) > 1 else num_images)
         ordinary = self.unet.config.in_channels == self._vae_channels()
-        x0 = None
-        if ordinary or (c.latents is None and c.strength < 1):
+        x0, hands_off = None, self._hands_off(vars(c))
+        if ordinary or hands_off or (c.latents is None and c.strength < 1):
             x0 = self._per_image(self._image_x0(c.image, dtype, device, c.generator), num_images, per_prompt)
         shape = (
             num_images,
@@ -103,7 +109,9 @@ class InpaintStart(ImageStart):
             noise = c.latents.to(device=device, dtype=dtype)
         else:
             noise = randn_tensor(shape, generator=c.generator, device=device, dtype=dtype)
-        if c.latents is not None or c.strength == 1:
+        if hands_off:
+            latents = x0
+        elif c.latents is not None or c.strength == 1:
             latents = noise * self.scheduler.init_noise_sigma
         else:
             latents = self.scheduler.add_noise(x0, noise, timesteps[:1].repeat(num_images))  # eq. 4

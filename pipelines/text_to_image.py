@@ -219,12 +219,11 @@ class TextToImagePipeline(
             args["num_inference_steps"], args["timesteps"], args["sigmas"], self.limits,
             num_train_timesteps=self.scheduler.config.get("num_train_timesteps"),
         )  # fmt: skip
-        text = self.text_encoder
         inputs.check_guidance(
             args["guidance_scale"], args["eta"], args["guidance_rescale"], args["clip_skip"],
             text_layers=self.clip_skip_limit(), interval=args["guidance_interval"],
         )  # fmt: skip
-        if text is None and (args["prompt"] is not None or args["negative_prompt"] is not None):
+        if not self._encoders() and (args["prompt"] is not None or args["negative_prompt"] is not None):
             raise ValueError(
                 "prompt needs a text encoder and this pipeline has none: pass prompt_embeds "
                 "(and negative_prompt_embeds)"
@@ -239,6 +238,10 @@ class TextToImagePipeline(
             has_image_encoder=getattr(self, "image_encoder", None) is not None,
         )  # fmt: skip
         return num_prompts
+
+    def _encoders(self) -> list:
+        """The text encoders held (none in a pipeline built for prompt_embeds alone)."""
+        return [self.text_encoder] if self.text_encoder is not None else []
 
     @property
     def num_channels_latents(self) -> int:

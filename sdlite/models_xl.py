@@ -224,7 +224,8 @@ def _check_widths(where: str, unet, te1, te2) -> None:
             "text encoders come from different models"
         )
     added = SIZE_CONDITIONS * unet["addition_time_embed_dim"] + te2["projection_dim"]
-    if unet["projection_class_embeddings_input_dim"] != added:
+    refiner = added - unet["addition_time_embed_dim"]  # (size, crop, aesthetic score): five numbers
+    if unet["projection_class_embeddings_input_dim"] not in (added, refiner):
         raise ModelFolderError(
             f"{where}: unet.projection_class_embeddings_input_dim is "
             f"{unet['projection_class_embeddings_input_dim']} but {SIZE_CONDITIONS} size/crop numbers x "
