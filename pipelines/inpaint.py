@@ -123,6 +123,10 @@ class InpaintStart(ImageStart):
             return Start(timesteps, latents, after_step=self._put_back_known(x0, noise, mask, timesteps))
         return Start(timesteps, latents, extra_channels=torch.cat([mask, masked], dim=1))
 
+    def _encode_vae_image(self, image: torch.Tensor, generator=None) -> torch.Tensor:
+        """``encode_image`` under diffusers' name, which code written for its inpainting pipelines calls."""
+        return self.encode_image(image, generator)
+
     def _image_x0(self, image: torch.Tensor, dtype, device, generator) -> torch.Tensor:
         """Latents of each given image, the i-th drawn with generator i when a list (as diffusers)."""
         image = image.to(device=device, dtype=dtype)

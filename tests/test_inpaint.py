@@ -153,3 +153,12 @@ def test_unet_of_another_width_names_the_two_kinds(parts):
     pipe = InpaintPipeline(**{**parts.as_dict(), "unet": unet})
     with pytest.raises(ValueError, match="an ordinary U-Net"):
         run(pipe)
+
+
+def test_the_four_image_pipelines_are_sdlites_public_api():
+    import pipelines
+    import sdlite
+
+    names = ("ImageToImagePipeline", "ImageToImageXLPipeline", "InpaintPipeline", "InpaintXLPipeline")
+    assert all(getattr(sdlite, n) is getattr(pipelines, n) for n in names)
+    assert set(names) <= set(sdlite.__all__) & set(pipelines.__all__)
