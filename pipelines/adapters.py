@@ -2,7 +2,8 @@
 
 - LoRA (``sdlite.lora``, or any file in diffusers' layout) loads through diffusers'
   ``StableDiffusionLoraLoaderMixin``; ``ExactLoraFuse`` makes ``unfuse_lora`` restore each weight bit
-  for bit instead of subtracting the update again (which rounds).
+  for bit instead of subtracting the update again (which rounds), and lets ``set_adapters`` weigh
+  adapters on a U-Net whose ``layers_per_block`` is a list (one count per level).
 - IP-Adapter (Ye et al. 2023, "IP-Adapter: Text Compatible Image Prompt Adapter") loads through
   diffusers' ``IPAdapterMixin`` (``load_ip_adapter``, ``set_ip_adapter_scale``); ``ImagePrompts``
   turns ``ip_adapter_image`` (through the CLIP image encoder) or ``ip_adapter_image_embeds`` into the
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from diffusers.models import ImageProjection
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
+from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from sdlite.kohya import kohya_lora_state
@@ -55,6 +57,24 @@ class ExactLoraFuse:
             if layer in originals and not layer.merged:
                 layer.get_base_layer().weight.data.copy_(originals.pop(layer))
 
+    def set_adapters(self, adapter_names, adapter_weights=None):
+        """diffusers' ``set_adapters``, also on a U-Net with one ``layers_per_block`` count per level.
+
+        diffusers' U-Net reads every weight through ``_maybe_expand_lora_scales``, which takes
+        ``layers_per_block`` for one number (it adds 1 for the up blocks) even when the weight is a
+        plain number that needs no expansion, and fails on a list. Here such a U-Net gets its numbers
+        set as they are; per-block weights (a dict) would need the per-level counts that helper lacks,
+        so they are refused before anything changes."""
+        unet = getattr(self, "unet", None)
+        if unet is None or isinstance(unet.config.layers_per_block, int):
+            return super().set_adapters(adapter_names, adapter_weights)
+        _refuse_block_weights(adapter_weights, unet.config.layers_per_block)
+        unet.set_adapters = lambda names, weights=None: _set_unet_weights(unet, names, weights)
+        try:
+            super().set_adapters(adapter_names, adapter_weights)
+        finally:
+            del unet.set_adapters  # the instance attribute: the class's method is back
+
     def unload_lora_weights(self, *args, **kwargs):
         super().unload_lora_weights(*args, **kwargs)
         self.__dict__.pop("_weights_before_fuse", None)  # a fused update stays in: nothing to undo
@@ -62,6 +82,25 @@ class ExactLoraFuse:
     def _lora_layers(self, components) -> list[BaseTunerLayer]:
         models = [model for model in (getattr(self, name, None) for name in components) if model is not None]
         return [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _refuse_block_weights(adapter_weights, layers_per_block) -> None:
+    weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights]
+    for weight in weights:
+        unet_weight = weight.get("unet") if isinstance(weight, dict) else weight
+        if isinstance(unet_weight, dict):
+            raise ValueError(
+                f"per-block LoRA weights ({unet_weight}) need one layers_per_block for every level, and this "
+                f"U-Net has {list(layers_per_block)}: give one number per adapter (or per component, "
+                "{'unet': 0.8, 'text_encoder': 1.0})"
+            )
+
+
+def _set_unet_weights(unet, names, weights) -> None:
+    """What the U-Net's own ``set_adapters`` does with plain numbers, without its block expansion."""
+    names = [names] if isinstance(names, str) else list(names)
+    weights = weights if isinstance(weights, list) else [weights] * len(names)
+    set_weights_and_activate_adapters(unet, names, [1.0 if w is None else w for w in weights])
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sdlite.tokenizer import check_text
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 LIMITS_HELP = (
     "raise it with pipe.limits = Limits({name}=...) (from pipelines), or lift every limit with "
@@ -46,6 +48,7 @@ def check_prompts(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds
     if prompt is not None:
         if not _is_text(prompt):
             raise ValueError(f"prompt must be a str or a non-empty list of str, got {_describe(prompt)}")
+        check_encodable("prompt", prompt)
         num_prompts = 1 if isinstance(prompt, str) else len(prompt)
     else:
         if not (
@@ -65,6 +68,7 @@ def check_prompts(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds
             raise ValueError(
                 f"negative_prompt must be a str or a list of str, got {_describe(negative_prompt)}"
             )
+        check_encodable("negative_prompt", negative_prompt)
         if isinstance(negative_prompt, list) and len(negative_prompt) != num_prompts:
             raise ValueError(
                 f"negative_prompt has {len(negative_prompt)} entries but there are {num_prompts} "
@@ -256,6 +260,7 @@ def check_prompts_xl(args: dict, num_prompts: int) -> None:
             raise ValueError(f"pass {name} or {embeds} (the embeddings it would make), not both")
         if not _is_text(value):
             raise ValueError(f"{name} must be a str or a non-empty list of str, got {_describe(value)}")
+        check_encodable(name, value)
         if isinstance(value, list) and len(value) != num_prompts:
             raise ValueError(
                 f"{name} has {len(value)} entries but there are {num_prompts} prompts: pass one str for "
@@ -319,6 +324,13 @@ def _is_text(value) -> bool:
     return isinstance(value, str) or (
         isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) for v in value)
     )
+
+
+def check_encodable(name: str, value: str | list[str]) -> None:
+    """ValueError naming ``name`` (and the entry of a list) for a text that is not valid Unicode
+    (``sdlite.tokenizer.check_text``: a byte that is not UTF-8 in a command-line argument)."""
+    for i, text in enumerate([value] if isinstance(value, str) else value):
+        check_text(text, name if isinstance(value, str) else f"{name}[{i}]")
 
 
 def _describe(value) -> str:

@@ -361,7 +361,7 @@ def kohya_lora_state(source) -> tuple[dict, dict] | None:
 
 def write_lora(modules: Modules, file: str | Path, to: str, base_model: str | None = None) -> Path:
     """Write ``modules`` to ``file`` in layout ``to`` ("kohya" or "diffusers"), via a temporary file so
-    that a failure leaves no half-written file behind."""
+    that a failure (a full disk: LoraFileError saying what to free) leaves no half-written file behind."""
     import safetensors.torch
 
     if to not in ("kohya", "diffusers"):
@@ -372,8 +372,17 @@ def write_lora(modules: Modules, file: str | Path, to: str, base_model: str | No
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     partial = file.with_name(file.name + ".partial")
-    safetensors.torch.save_file(tensors, partial, metadata={**_header(base_model), **header})
-    partial.replace(file)
+    try:
+        safetensors.torch.save_file(tensors, partial, metadata={**_header(base_model), **header})
+        partial.replace(file)
+    except (OSError, safetensors.SafetensorError) as e:  # a full disk, a read-only folder
+        partial.unlink(missing_ok=True)  # gives the space back
+        kept = f"the existing {file.name} is unchanged" if file.exists() else "no file was written"
+        size = sum(t.nbytes for t in tensors.values()) / 1e6
+        raise LoraFileError(
+            f"could not write {str(file)!r} ({type(e).__name__}: {str(e)[:200]}); nothing was lost: "
+            f"{kept}. Free at least {size:,.1f} MB on its disk, then run again"
+        ) from e
     return file
 
 

@@ -54,14 +54,32 @@ def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
 
 def token_ids(tokenizer, texts) -> torch.Tensor:
     """(N, model_max_length) token ids of ``texts``, padded and truncated to the tokenizer's length: the
-    text encoder's input everywhere (training, its cache, streaming, evaluation)."""
+    text encoder's input everywhere (training, its cache, streaming, evaluation). ValueError naming
+    the text for one that is not valid Unicode (see ``check_text``)."""
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        check_text(text, f"text {i} of {len(texts)}")
     return tokenizer(
-        list(texts),
+        texts,
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids
+
+
+def check_text(text: str, name: str) -> None:
+    """ValueError naming ``name`` when ``text`` holds a lone surrogate (what Python makes of a byte that
+    is not UTF-8 in an argument or a file name): the tokenizer would raise a TypeError naming nothing."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{name} ({text[:40].encode('utf-8', 'backslashreplace').decode()!r}) is not valid text: "
+            f"character {e.start} is a lone surrogate (a byte that is not UTF-8); pass UTF-8 text"
+        ) from None
+    except AttributeError:  # not a str: the tokenizer says what it wants
+        pass
 
 
 def load_tokenizer(path: str | Path | None = None, model_max_length: int = 77) -> CLIPTokenizer:

@@ -16,15 +16,18 @@ from sdlite.data.buckets import (
     assign_bucket,
     bucket_counts,
     bucket_multiple,
+    bucket_rows,
     bucket_summary,
+    bucket_transform,
     cache_bucket_latents,
     covering_size,
     image_buckets,
     image_sizes,
     make_buckets,
+    one_bucket_warning,
     write_buckets_json,
 )
-from sdlite.data.cache import TensorCache
+from sdlite.data.cache import TensorCache, latent_key
 from sdlite.data.dataset import TrainingExamples
 
 
@@ -49,14 +52,53 @@ def test_buckets_have_about_the_pixels_of_the_square_and_sides_of_the_multiple()
         assert ratios == sorted(ratios) and ratios[0] <= 0.5 and ratios[-1] >= 2
 
 
-def test_bucket_sides_are_multiples_of_eight_latent_pixels():
-    assert bucket_multiple({"block_out_channels": [128, 256, 512, 512]}) == 64  # SD and SDXL: factor 8
-    assert bucket_multiple({"block_out_channels": [32, 64]}) == 16
+def test_bucket_sides_are_multiples_of_the_vae_factor_whole_latent_pixels():
+    # Was the factor x 8 (latent sides multiples of 8), a 32-pixel grid on the tiny model: one square
+    # bucket for 3:2 photos at resolution 32. The U-Net needs no multiple (the next test).
+    assert bucket_multiple({"block_out_channels": [128, 256, 512, 512]}) == 8  # SD and SDXL: factor 8
+    assert bucket_multiple({"block_out_channels": [32, 64]}) == 2
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-sdxl"])
+def test_the_unets_run_at_latent_sides_no_downsampling_divides(name):
+    from diffusers import UNet2DConditionModel
+
+    from sdlite.presets import get_preset
+
+    config = get_preset(name).config("unet")
+    unet = UNet2DConditionModel(**config).eval()
+    extra = {}
+    if config.get("addition_embed_type") == "text_time":  # SDXL's pooled text and size/crop ids
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        extra["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, pooled), "time_ids": torch.zeros(1, 6)}
+    for h, w in [(5, 7), (9, 6), (10, 6)]:  # 3 levels halve twice: none of these is a multiple of 4
+        latents = torch.randn(1, config["in_channels"], h, w)
+        with torch.no_grad():
+            out = unet(latents, 10, torch.randn(1, 4, config["cross_attention_dim"]), **extra).sample
+        assert out.shape == latents.shape
+
+
+def test_a_bucket_step_off_the_vae_factor_is_refused_with_the_nearest_choices():
+    vae = {"block_out_channels": [16, 32, 32]}  # factor 4
+    with pytest.raises(ValueError, match="bucket_step 6 is not a multiple of 4, .* use 4 or 8"):
+        bucket_transform(32, vae, step=6)
+    assert bucket_transform(32, vae).step == 4 and bucket_transform(32, vae, step=8).step == 8
+
+
+def test_the_default_step_is_kohyas_64_px_at_real_sizes_and_an_eighth_of_a_small_resolution():
+    sd, tiny = {"block_out_channels": [128, 256, 512, 512]}, {"block_out_channels": [16, 32, 32]}
+    assert bucket_transform(512, sd).step == 64 and bucket_transform(1024, sd).step == 64  # SD, SDXL
+    assert bucket_transform(256, sd).step == 32  # an eighth of the resolution
+    assert bucket_transform(32, tiny).step == 4 and bucket_transform(128, tiny).step == 16
 
 
 def test_a_resolution_off_the_multiple_is_refused_with_the_nearest_choices():
     with pytest.raises(ValueError, match="choose 512 or 576"):
         make_buckets(520, 64)
+    with pytest.raises(
+        ValueError, match="resolution 32 is not a multiple of the bucket step 64.*choose 64, or a"
+    ):
+        make_buckets(32, 64)
 
 
 def test_images_go_to_the_bucket_of_the_nearest_aspect_ratio():
@@ -217,3 +259,47 @@ def test_a_photo_that_clean_rows_accepts_at_the_resolution_fits_its_bucket():
     # clean_rows checked: the transform must read it too, not fail at the first step that draws it.
     transform = BucketTransform(1024, tuple(make_buckets(1024, 64)))
     assert transform(png((4100, 4100)), 0).shape == (3, 1024, 1024)
+
+
+def test_a_3_by_2_image_gets_a_non_square_bucket_at_the_default_step_on_a_32_pixel_model():
+    vae = {"block_out_channels": [16, 32, 32]}  # the tiny preset's: factor 4, resolution 32
+    fine, coarse = bucket_transform(32, vae), bucket_transform(32, vae, step=32)
+    assert fine.bucket((48, 32)) == (40, 24) and fine.bucket((32, 48)) == (24, 40)
+    assert coarse.buckets == ((32, 32),)  # the old grid: every image square
+    warning = one_bucket_warning([(48, 32), (32, 48)], coarse, multiple=4)
+    assert "all 2 images fell into one bucket, 32x32" in warning
+    assert "0.67..1.50" in warning and "bucket_step (this model takes multiples of 4)" in warning
+    assert one_bucket_warning([(48, 32), (32, 48)], fine, multiple=4) is None
+    assert one_bucket_warning([(64, 64), (32, 32)], coarse, multiple=4) is None  # square images: nothing lost
+
+
+def test_no_upscale_gives_each_image_a_bucket_no_larger_than_itself():
+    transform = bucket_transform(64, {"block_out_channels": [16, 32, 32]}, step=8, no_upscale=True)
+    sizes = [(50, 35), (40, 40), (300, 100), (64, 64), (3, 50)]
+    transform, of_rows = bucket_rows(sizes, transform)
+    # Under resolution² pixels: the size rounded down to the step; over it: scaled down to about
+    # 64x64 pixels first (300x100 -> 110.9x36.9); a side under one step gets one step.
+    assert [transform.buckets[b] for b in of_rows] == [(48, 32), (40, 40), (104, 32), (64, 64), (8, 48)]
+    assert len(transform.buckets) == 5
+    for size in sizes[:4]:  # the resize that covers the bucket never enlarges the image
+        resized = transform.resized_size(size)
+        assert resized[0] <= size[0] and resized[1] <= size[1]
+    w, h = transform.bucket((50, 35))
+    assert transform(png((50, 35)), 0).shape == (3, h, w)
+    plain = bucket_transform(64, {"block_out_channels": [16, 32, 32]}, step=8)
+    assert plain.bucket((50, 35)) == (72, 56)  # without no_upscale: enlarged to about 64x64 pixels
+
+
+def test_cache_keys_differ_when_the_bucket_set_changes_an_images_pixels():
+    vae = {"block_out_channels": [16, 32, 32]}
+    transforms = [bucket_transform(32, vae), bucket_transform(32, vae, step=32),
+                  bucket_transform(32, vae, no_upscale=True)]  # fmt: skip
+
+    def key(transform, size):
+        return latent_key("digest", transform.resolution, transform.crop_box(size, 0), False, "vae")
+
+    assert [t.bucket((28, 20)) for t in transforms] == [(36, 28), (32, 32), (28, 20)]
+    assert len({key(t, (28, 20)) for t in transforms}) == 3
+    # An image whose bucket stays shares its entry: the pixels are the same.
+    assert key(transforms[0], (32, 32)) == key(transforms[1], (32, 32))
+    assert torch.equal(transforms[0](png((32, 32)), 0), transforms[1](png((32, 32)), 0))

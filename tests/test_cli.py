@@ -4,9 +4,11 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors import safe_open
 
@@ -15,6 +17,7 @@ from sdlite.data.shapes import write_dataset
 from sdlite.fidelity import GENERATOR_DATA
 from sdlite.lora import LoraSettings, adapter_parameters, add_lora, save_lora
 from sdlite.models import build_components, load_components, save_components
+from sdlite.presets import get_preset
 from training import cli
 from training.cli import main
 from training.schedulers import SCHEDULERS, make_scheduler
@@ -108,7 +111,7 @@ def test_a_lora_that_cannot_be_read_fails_with_a_message(model, tmp_path, capsys
 
 def test_lora_spec_reads_a_scale_after_the_last_colon(tmp_path):
     (tmp_path / "a:b").mkdir()
-    assert cli.lora_spec(str(tmp_path / "a:b")) == (str(tmp_path / "a:b"), 1.0)
+    assert cli.lora_spec(str(tmp_path / "a:b")) == (str(tmp_path / "a:b"), None)  # generate's --scale
     assert cli.lora_spec(f"{tmp_path / 'a:b'}:0.25") == (str(tmp_path / "a:b"), 0.25)
     assert cli.lora_spec(f"{tmp_path}:-1") == (str(tmp_path), -1.0)
 
@@ -145,7 +148,7 @@ def test_a_command_runs_on_the_default_threads_and_restores_them(model, tmp_path
 def test_generate_writes_a_grid_png_of_the_right_size(model, tmp_path):
     generate(model, tmp_path / "four.png", "--num_images", "4")
     assert Image.open(tmp_path / "four.png").size == (4 * 32, 32)
-    generate(model, tmp_path / "one.png", "--scale", "2")
+    generate(model, tmp_path / "one.png", "--upscale", "2")
     assert Image.open(tmp_path / "one.png").size == (64, 64)
     generate(model, tmp_path / "tall.png", "--height", "64", "--width", "32")
     assert Image.open(tmp_path / "tall.png").size == (32, 64)
@@ -229,6 +232,77 @@ def test_generate_applies_several_loras_each_at_its_scale(model, tmp_path):
     assert generate(model, tmp_path / "a1b0.png", "--lora", f"{a}:1", "--lora", f"{b_file}:0") == only_a
     both = generate(model, tmp_path / "a1b1.png", "--lora", f"{a}:1", "--lora", f"{b_file}:1")
     assert both not in (base, only_a)
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """(model folder, LoRA file) of the shipped recipe's shape."""
+    folder = tmp_path_factory.mktemp("recipe")
+    model = recipe_model(folder / "model")
+    return model, unet_lora(model, folder / "lora", seed=1)
+
+
+def recipe_model(folder):
+    """A model folder of the shape configs/tiny-shapes.yaml (the demo's recipe) trains, read from that
+    file: its U-Net's layers_per_block is a list, one count per level."""
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny-shapes.yaml").read_text())
+    preset = get_preset(recipe["preset"]).with_text_encoder_layers(recipe["text_encoder_layers"])
+    preset = preset.with_unet_channels(recipe["unet_block_out_channels"])
+    preset = preset if recipe["unet_mid_block"] else preset.without_unet_mid_block()
+    parts = build_components(preset.with_unet_layers(recipe["unet_layers_per_block"]), seed=0)
+    assert isinstance(parts.unet.config.layers_per_block, list)
+    return save_components(parts, folder)
+
+
+def unet_lora(model, folder, seed: int) -> Path:
+    """The .safetensors file of a random U-Net-only LoRA of ``model`` (as configs/tiny-lora.yaml trains)."""
+    parts = load_components(model)
+    add_lora(parts.unet, None, LoraSettings(rank=4))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(parts.unet):
+            p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    return save_lora(folder, parts.unet)
+
+
+def test_generate_scales_a_lora_on_a_model_of_the_shipped_recipe(recipe, tmp_path):
+    model, lora = recipe
+    base = generate(model, tmp_path / "base.png")
+    assert generate(model, tmp_path / "s0.png", "--lora", f"{lora}:0") == base
+    full = generate(model, tmp_path / "s1.png", "--lora", f"{lora}:1")
+    assert full != base and generate(model, tmp_path / "plain.png", "--lora", str(lora)) == full
+    assert generate(model, tmp_path / "s08.png", "--lora", f"{lora}:0.8") not in (base, full)
+
+
+def test_generate_takes_diffusers_argument_names_and_the_earlier_ones_alike(model):
+    names = ["--num_inference_steps", "3", "--guidance_scale", "2.5", "--negative_prompt", "blue"]
+    names += ["--width", "64", "--height", "32", "--seed", "7"]
+    earlier = ["--steps", "3", "--guidance", "2.5", "--negative_prompt", "blue"]
+    earlier += ["--width", "64", "--height", "32", "--seed", "7"]
+    parsed = [
+        vars(cli.build_parser().parse_args(["generate", "x", "--model", "m", *a])) for a in (names, earlier)
+    ]
+    assert {k: v for k, v in parsed[0].items() if k != "check"} == {
+        k: v for k, v in parsed[1].items() if k != "check"
+    }
+    assert parsed[0]["num_inference_steps"] == 3 and parsed[0]["guidance_scale"] == 2.5
+
+
+def test_scale_is_the_lora_scale_of_loras_given_without_one(recipe, tmp_path):
+    model, lora = recipe
+    base = generate(model, tmp_path / "base.png")
+    full = generate(model, tmp_path / "full.png", "--lora", f"{lora}:1")
+    assert generate(model, tmp_path / "s0.png", "--lora", str(lora), "--scale", "0") == base
+    assert generate(model, tmp_path / "own.png", "--lora", f"{lora}:1", "--scale", "0") == full
+    assert generate(model, tmp_path / "s08.png", "--lora", str(lora), "--scale", "0.8") == generate(
+        model, tmp_path / "08.png", "--lora", f"{lora}:0.8"
+    )
+
+
+def test_scale_without_a_lora_is_refused_naming_lora_and_upscale(model, capsys):
+    err = usage_error(["generate", "x", "--model", str(model), "--scale", "2"], capsys)
+    assert "--lora FILE:SCALE" in err and "--upscale" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
 
 
 # ---- data and evaluate ---------------------------------------------------------------------------

@@ -1,3 +1,4 @@
+import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -162,3 +163,86 @@ def test_a_foreign_flag_fails_naming_ours_or_why_there_is_none(tmp_path, capsys)
     path.write_text("num_steps: 3\n")
     with pytest.raises(ConfigError, match="sdlite's is --steps"):
         parse_config(Derived, ["--config", str(path)])
+
+
+# ---- hostile config files (issue 33, items 6 and 12) ------------------------------------------------
+
+
+def alias_bomb(depth: int) -> str:
+    """A list key whose items alias the item before, nine times each: 9**depth strings in a few hundred
+    bytes."""
+    lines = ["prompts:", "  - &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, depth)]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_naming_the_alias(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(6))  # 531,441 strings; the issue's 523-byte one has 9**9
+    assert len(path.read_bytes()) < 523
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"bomb.yaml': line 3: YAML alias \*a0 refused"):
+        parse_config(Example, ["--config", str(path)])
+    assert time.perf_counter() - started < 1
+
+
+def test_a_yaml_list_on_the_command_line_may_not_alias_either():
+    with pytest.raises(ConfigError, match=r"'prompts'.*alias \*x refused"):
+        parse_config(Example, ["--prompts", "[&x a red circle, *x]"])
+
+
+def test_a_config_file_over_one_mebibyte_is_refused_unread(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("steps: 3\n" + "# padding\n" * 110_000)  # 1.1 MB of comments: valid YAML
+    with pytest.raises(ConfigError, match=r"big.yaml' is over the 1,048,576 bytes"):
+        parse_config(Example, ["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("path: {a: 1}\n", "'path': a mapping where a string belongs"),
+        ("name: [runs, x]\n", "'name': a list where a string belongs"),
+        ("steps: {a: 1}\n", "'steps': a mapping where a whole number belongs"),
+        ("rate: [1]\n", "'rate': a list where a number belongs"),
+        ("flag: [true]\n", "'flag': a list where true or false belongs"),
+        ("prompts: [[a, b], c]\n", "'prompts': a list within the list"),
+        ("prompts: [{a: 1}]\n", "'prompts': a list within the list"),
+        ("prompts: {a: 1}\n", "'prompts': a mapping where a list belongs"),
+    ],
+)
+def test_a_list_or_mapping_where_a_single_value_belongs_is_refused_naming_the_key(text, expected, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        parse_config(Example, ["--config", str(path)])
+
+
+def test_a_config_file_that_is_not_utf8_is_named_in_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml' is not UTF-8 text \(byte 9: invalid") as refused:
+        parse_config(Example, ["--config", str(path)])
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"), [("1: x\nstepz: 2\n", "1"), ("on: 3\n", "True"), ("null: 3\n", "None")]
+)
+def test_a_yaml_key_that_is_not_a_name_is_refused_naming_it(text, key, tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"keys.yaml: key {key} .* is not a setting name"):
+        parse_config(Example, ["--config", str(path)])
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_the_file_and_place(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("steps: 3\nname: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml': line 3, column 1: not valid YAML") as refused:
+        parse_config(Example, ["--config", str(path)])
+    assert "\n" not in str(refused.value)
+
+
+def test_the_debug_flag_is_accepted_and_is_not_a_setting():
+    assert parse_config(Example, ["--debug", "--steps", "3"]) == Example(steps=3)

@@ -156,7 +156,7 @@ def draw_argv(rng: random.Random, model, tmp) -> list[str]:
         argv = ["generate", rng.choice(["a red circle", "", "word " * 100])]
         argv += ["--model", str(rng.choice([model, tmp / "missing", tmp]))] if rng.random() < 0.9 else []
         pools = {"--steps": ["1", "2", "0", "-1", "x"], "--seed": numbers, "--guidance": numbers + ["7.5"],
-                 "--num_images": ["1", "3", "0", "-1"], "--scale": ["1", "2", "0", "-1"],
+                 "--num_images": ["1", "3", "0", "-1"], "--upscale": ["1", "2", "0", "-1"],
                  "--out": [str(tmp / "o.png"), str(tmp / "sub" / "o.png")]}  # fmt: skip
         argv += ["--out", str(tmp / "default.png")]  # not the default, out.png in the working folder
         least = ["--steps", "1"]  # unless drawn: 50 steps would only take time

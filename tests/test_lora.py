@@ -6,11 +6,13 @@ weight ``W + w * (alpha / r) * B @ A`` computed by hand from the file, independe
 """
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
+import yaml
 from diffusers import StableDiffusionPipeline
 
 from pipelines import TextToImagePipeline
@@ -26,6 +28,7 @@ from sdlite.lora import (
     save_lora,
 )
 from sdlite.models import build_components
+from sdlite.presets import get_preset
 
 
 @pytest.fixture(scope="module")
@@ -319,3 +322,63 @@ def test_lora_load_into_a_pipeline_prints_no_load_report(base, tmp_path, caplog,
     out = caplog.text + "".join(capfd.readouterr())
     assert "LOAD REPORT" not in out and "MISSING" not in out and "newly initialized" not in out
     assert pipe.get_list_adapters() == {"unet": ["default_0"], "text_encoder": ["default_0"]}
+
+
+# ---- a U-Net of the shipped recipe's shape: one layers_per_block count per level ----------------
+
+
+def recipe_preset():
+    """The model configs/tiny-shapes.yaml (the demo's recipe) trains from scratch; its U-Net's
+    ``layers_per_block`` is a list, one count per level."""
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny-shapes.yaml").read_text())
+    preset = get_preset(recipe["preset"]).with_text_encoder_layers(recipe["text_encoder_layers"])
+    preset = preset.with_unet_channels(recipe["unet_block_out_channels"])
+    preset = preset if recipe["unet_mid_block"] else preset.without_unet_mid_block()
+    return preset.with_unet_layers(recipe["unet_layers_per_block"])
+
+
+@pytest.fixture(scope="module")
+def recipe_base():
+    parts = build_components(recipe_preset(), seed=0)
+    assert isinstance(parts.unet.config.layers_per_block, list)
+    return parts
+
+
+@pytest.fixture(scope="module")
+def recipe_lora(recipe_base, tmp_path_factory):
+    """A U-Net-only adapter (the recipe's text encoder has no layers to adapt), as configs/tiny-lora.yaml."""
+    path = tmp_path_factory.mktemp("recipe-lora")
+    save_lora(path, _adapted(recipe_base, LoraSettings(rank=4, alpha=8.0)).unet)
+    return path
+
+
+def test_set_adapters_scales_a_lora_on_a_unet_with_a_count_per_level(recipe_base, recipe_lora):
+    pipe = _pipe(copy.deepcopy(recipe_base))
+    plain = _images(pipe)
+    pipe.load_lora_weights(recipe_lora, adapter_name="a")
+    full = _images(pipe)
+    assert np.abs(full - plain).max() > 1e-3, "the adapter changed nothing"
+    for weight in (0.0, 0.5, 1.0):
+        pipe.set_adapters(["a"], adapter_weights=[weight])
+        # W + weight * (alpha / r) B A in every adapted layer: the update in proportion to the weight.
+        expected = _unet_out(_merged_unet(recipe_base.unet, [(recipe_lora, weight)]))
+        assert (_unet_out(pipe.unet) - expected).abs().max() <= 1e-5
+    pipe.set_adapters("a", 0.0)
+    assert np.abs(_images(pipe) - plain).max() == 0
+    pipe.set_adapters("a", {"unet": 1.0})
+    assert np.abs(_images(pipe) - full).max() <= 1e-6
+    pipe.set_adapters("a", 0.5)
+    half = _images(pipe)
+    assert 0 < np.abs(half - plain).max() and 0 < np.abs(half - full).max()
+
+
+def test_per_block_weights_on_such_a_unet_are_refused_in_one_line_changing_nothing(recipe_base, recipe_lora):
+    pipe = _pipe(copy.deepcopy(recipe_base))
+    pipe.load_lora_weights(recipe_lora, adapter_name="a")
+    pipe.set_adapters("a", 0.5)
+    before = _unet_out(pipe.unet)
+    with pytest.raises(ValueError, match=r"per-block LoRA weights .* \[1, 1, 0\]: give one number") as e:
+        pipe.set_adapters("a", {"unet": {"down": 0.2, "up": {"block_1": [1.0, 0.5]}}})
+    assert "\n" not in str(e.value)
+    assert torch.equal(_unet_out(pipe.unet), before)
+    assert "set_adapters" not in vars(pipe.unet)  # the class's own method is back after the call

@@ -89,7 +89,8 @@ def test_a_dreambooth_run_resumes_exactly(subject, tmp_path, monkeypatch):
 
 
 def wide_subject(subject: Path, folder: Path) -> Path:
-    """The subject's photos and a panorama: at resolution 64, buckets 64x64 (3 photos) and 96x32 (1)."""
+    """The subject's photos and a panorama: at resolution 64 and bucket_step 32, buckets 64x64 (3 photos)
+    and 96x32 (1)."""
     folder.mkdir()
     for photo in subject.iterdir():
         (folder / photo.name).write_bytes(photo.read_bytes())
@@ -99,7 +100,9 @@ def wide_subject(subject: Path, folder: Path) -> Path:
 
 def test_class_images_are_generated_in_the_subject_photos_bucket_shapes(subject, tmp_path):
     wide = wide_subject(subject, tmp_path / "wide")
-    argv = flags(wide, tmp_path / "blobs", tmp_path / "run", resolution=64, aspect_buckets="true")
+    # bucket_step 32, not the default: the class images must be made in the buckets of the setting
+    argv = flags(wide, tmp_path / "blobs", tmp_path / "run", resolution=64, aspect_buckets="true",
+                 bucket_step=32)  # fmt: skip
     trainer = UNetTrainer(parse_config(TrainConfig, argv))
     sizes = sorted(Image.open(p).size for p in (tmp_path / "blobs").glob("*.png"))
     assert sizes == [(64, 64)] * 3 + [(96, 32)]  # num_class_images 4 in the subject's 3:1
@@ -116,7 +119,7 @@ def test_a_bucket_of_subject_photos_without_class_images_is_named_before_trainin
     for i in range(4):
         Image.new("RGB", (32, 32), (0, 0, 200)).save(blobs / f"{i}.png")
     argv = flags(wide_subject(subject, tmp_path / "wide"), blobs, tmp_path / "run", resolution=64,
-                 aspect_buckets="true")  # fmt: skip
+                 aspect_buckets="true", bucket_step=32)  # fmt: skip
     with pytest.raises(ValueError, match=r"aspect buckets 96x32 hold subject photos but no class image"):
         UNetTrainer(parse_config(TrainConfig, argv))
 

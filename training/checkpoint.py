@@ -10,6 +10,7 @@ is a CorruptCheckpointError naming it (training.resume then tries an older check
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -32,7 +33,14 @@ if TYPE_CHECKING:
     from training.loop import EMA
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)(|\.tmp|\.old)$")
-MARKER = "COMPLETE"  # written last: a checkpoint folder without it is not one
+MARKER = "COMPLETE"  # written last, with each file's sha256: a checkpoint folder without it is not one
+OWNED = ".sdlite-checkpoint"  # written first into checkpoint-N.tmp: the folder is ours to remove
+# The files a checkpoint holds. A folder of a checkpoint's name holding only these (a kill may have left
+# any subset, the mark included) is a leftover of ours; one holding anything else is not ours to delete.
+OUR_FILES = re.compile(
+    r"^(COMPLETE|\.sdlite-checkpoint|state\.json|config\.json|optimizer\.pt|ema\.safetensors|"
+    r"rng-\d+\.safetensors|(unet|text_encoder|text_encoder_2|vae)(_lora)?\.safetensors)$"
+)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
@@ -41,7 +49,9 @@ MARKER = "COMPLETE"  # written last: a checkpoint folder without it is not one
 # checkpoint-N; an existing checkpoint-N is first renamed to checkpoint-N.old. A process killed at any
 # moment (SIGKILL, power loss) so leaves at most one half-written .tmp folder, which has no marker and
 # is never read. Killed between the two renames, it leaves checkpoint-N.old (and a complete .tmp) but
-# no checkpoint-N: ``checkpoints`` then takes the complete .tmp, else the .old, in its place.
+# no checkpoint-N: ``checkpoints`` then takes the complete .tmp, else the .old, in its place. The
+# marker records each file's sha256, checked before the file is read on resume: bytes damaged after
+# the write (a disk, a copy) are found even where the safetensors header is intact.
 
 
 class CheckpointError(RuntimeError):
@@ -89,17 +99,54 @@ def fsync_tree(folder: Path) -> None:
 
 
 def remove_dir(path: Path) -> None:
-    """Delete a published folder, its marker first: a kill midway leaves an incomplete folder, never a
-    "complete" one with files missing."""
+    """Delete a folder of ours, its marker first and its ownership mark last: a kill midway leaves an
+    incomplete folder that is still recognisably ours, never a "complete" one with files missing."""
     (path / MARKER).unlink(missing_ok=True)
+    for entry in path.iterdir() if path.is_dir() else ():
+        if entry.name != OWNED:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
 
 
+def is_ours(path: Path) -> bool:
+    """Whether sdlite wrote this folder of a checkpoint's name: it holds one of our marks, or only files
+    of the names a checkpoint has (what a kill leaves of one; an empty folder too)."""
+    if not path.is_dir():
+        return False
+    if (path / OWNED).is_file() or (path / MARKER).is_file():
+        return True
+    return all(entry.is_file() and OUR_FILES.match(entry.name) for entry in path.iterdir())
+
+
+def foreign_folders(output_dir: str | Path) -> list[Path]:
+    """The entries of output_dir named like our checkpoints that sdlite did not write (another trainer's
+    checkpoint-500/, a user's checkpoint-3.tmp/notes.txt): never deleted, and the run refuses them."""
+    found = Path(output_dir).glob("checkpoint-*") if Path(output_dir).is_dir() else ()
+    return sorted(p for p in found if CHECKPOINT.match(p.name) and not is_ours(p))
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def recorded_checksums(folder: Path) -> dict[str, str] | None:
+    """The sha256 of each file, as the marker recorded them; None for a checkpoint of an sdlite before
+    checksums (its marker says only "ok")."""
+    try:
+        sums = json.loads((folder / MARKER).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return sums if isinstance(sums, dict) else None
+
+
 def publish_dir(tmp: Path, final: Path) -> None:
-    """Mark ``tmp`` complete, then rename it to ``final`` (replacing an old one): never half-written."""
+    """Mark ``tmp`` complete, with each file's sha256, then rename it to ``final`` (replacing an old one):
+    never half-written."""
     fsync_tree(tmp)  # on disk before the marker says so, in case the power goes
+    sums = {p.name: sha256_of(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != OWNED}
     with open(tmp / MARKER, "w") as f:
-        f.write("ok\n")
+        f.write(json.dumps({"sha256": sums}, indent=1) + "\n")
         f.flush()
         os.fsync(f.fileno())
     old = final.with_name(final.name + ".old")
@@ -129,16 +176,17 @@ def _agree(accelerator: Accelerator, ok: bool) -> bool:
 def remove_leftovers(output_dir: str | Path, before: int | None = None) -> list[Path]:
     """Remove the checkpoint folders a killed process left half-written or half-deleted (no marker) and
     marked .tmp/.old copies that a checkpoint of their step supersedes; only those of steps < ``before``
-    (None: all, safe only while the run holds output_dir's lock, as then no other process writes one)."""
+    (None: all, safe only while the run holds output_dir's lock, as then no other process writes one).
+    Only folders of ours (``is_ours``): whatever else carries a checkpoint's name is left alone."""
     by_step, removed = {}, []
     for path in Path(output_dir).glob("checkpoint-*"):
         match = CHECKPOINT.match(path.name)
-        if not (match and path.is_dir()) or (before is not None and int(match[1]) >= before):
+        if not (match and is_ours(path)) or (before is not None and int(match[1]) >= before):
             continue
         if (path / MARKER).is_file():
             by_step.setdefault(int(match[1]), []).append(path)
         else:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_dir(path)
             removed.append(path)
     for paths in by_step.values():  # keep the one ``checkpoints`` takes: "" before .tmp before .old
         paths.sort(key=lambda p: ("", ".tmp", ".old").index(CHECKPOINT.match(p.name)[2]))
@@ -172,8 +220,10 @@ def save_checkpoint(
     error = None
     try:
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
+            if is_ours(tmp):  # left by a crash (a folder not ours there makes mkdir fail: nothing deleted)
+                remove_dir(tmp)
             tmp.mkdir(parents=True)
+            (tmp / OWNED).write_text("sdlite writes a checkpoint here, then renames it\n")
     except OSError as e:
         error = e
     if _agree(accelerator, error is None):
@@ -248,10 +298,15 @@ def load_tensors_pickle(path: Path):
         ) from None
 
 
-def read_file(path: Path, reader: Callable):
-    """``reader(path)``, with any failure to read it as a CorruptCheckpointError naming the file."""
+def read_file(path: Path, reader: Callable, sums: dict[str, str] | None = None):
+    """``reader(path)``, with any failure to read it, or bytes that differ from the sha256 in ``sums``
+    (the marker's), as a CorruptCheckpointError naming the file."""
     if not path.is_file():
         raise CorruptCheckpointError(f"{str(path)!r} is missing: the checkpoint is incomplete")
+    if sums and path.name in sums and sha256_of(path) != sums[path.name]:
+        raise CorruptCheckpointError(
+            f"{str(path)!r} is corrupt: its bytes no longer match the sha256 recorded when it was written"
+        )
     try:
         return reader(path)
     except CheckpointError:
@@ -285,6 +340,20 @@ def check_shapes(module: torch.nn.Module, path: Path) -> None:
         )
 
 
+def nonfinite_count(tensors) -> int:
+    """How many values of these tensors are NaN or inf (one host sync)."""
+    counts = [(~torch.isfinite(t)).sum() for t in tensors if t.is_floating_point()]
+    return int(torch.stack(counts).sum()) if counts else 0
+
+
+def check_finite(state: dict[str, torch.Tensor], file: Path) -> None:
+    """CorruptCheckpointError if loaded weights hold NaN or inf: garbage bytes under an intact header (a
+    checkpoint without checksums), or weights a run diverged to; a run never saves them on purpose."""
+    bad = nonfinite_count(state.values())
+    if bad:
+        raise CorruptCheckpointError(f"{str(file)!r} holds {bad:,} NaN or inf weights")
+
+
 def load_checkpoint(
     accelerator: Accelerator,
     path: str | Path,
@@ -296,22 +365,24 @@ def load_checkpoint(
     """Restore what ``save_checkpoint`` wrote (every process calls it); returns state.json. A missing or
     unreadable file: CorruptCheckpointError naming it; a model that does not fit: CheckpointError."""
     path = Path(path)
-    device = str(accelerator.device)
-    state = read_file(path / "state.json", lambda p: json.loads(p.read_text()))
+    device, sums = str(accelerator.device), recorded_checksums(path)
+    state = read_file(path / "state.json", lambda p: json.loads(p.read_text()), sums)
     for name, module in modules.items():
-        file = path / f"{name}.safetensors"
-        check_shapes(accelerator.unwrap_model(module), file)
-        read_file(file, lambda p, m=module: load_model(accelerator.unwrap_model(m), str(p), device=device))
-    optimizer.load_state_dict(read_file(path / "optimizer.pt", load_tensors_pickle))
+        file, model = path / f"{name}.safetensors", accelerator.unwrap_model(module)
+        check_shapes(model, file)
+        read_file(file, lambda p, m=model: load_model(m, str(p), device=device), sums)
+        check_finite(model.state_dict(), file)
+    optimizer.load_state_dict(read_file(path / "optimizer.pt", load_tensors_pickle, sums))
     lr_schedule.load_state_dict(state["lr_schedule"])
     if accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
     if ema is not None:
-        shadow = read_file(path / "ema.safetensors", lambda p: load_file(p, device=device))
+        shadow = read_file(path / "ema.safetensors", lambda p: load_file(p, device=device), sums)
+        check_finite(shadow, path / "ema.safetensors")
         ema.load_state_dict(shadow, state["ema_updates"])
     rng_file = path / f"rng-{accelerator.process_index}.safetensors"
     if rng_file.is_file():  # absent when resuming with more processes than the run had
-        rng = read_file(rng_file, load_file)
+        rng = read_file(rng_file, load_file, sums)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])

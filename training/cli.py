@@ -1,8 +1,9 @@
 """The ``sdlite`` command: make the shapes data, generate, evaluate, and run the whole demo.
 
     sdlite data shapes --out data/shapes --count 2000 --exclude "red circle" --holdout 256
-    sdlite generate "a red circle" --model runs/demo/model --num_images 4 --out out.png
-    sdlite generate "a cat" --model sd15.safetensors --scheduler euler_a --negative_prompt "blurry"
+    sdlite generate "a red circle" --model runs/demo/model --num_images 4 --out out.png --upscale 4
+    sdlite generate "a cat" --model sd15.safetensors --scheduler euler_a --negative_prompt "blurry" \
+        --num_inference_steps 30 --guidance_scale 7 --width 512 --height 768 --seed 1
     sdlite generate "a magenta circle" --model runs/tiny-shapes/final --lora runs/tiny-lora/final:0.8
     sdlite evaluate --model runs/demo/model --n 8
     sdlite demo --out runs/demo [--fast]
@@ -19,11 +20,14 @@ in ``training/`` because the demo sits on everything else.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
+import shlex
 import sys
 from pathlib import Path
 
+from training.quiet import quiet_third_party
 from training.schedulers import SCHEDULERS
 
 DEFAULT_STEPS = 50
@@ -109,11 +113,12 @@ def _guidance_interval(parser, default) -> None:
     )
 
 
-def lora_spec(text: str) -> tuple[str, float]:
+def lora_spec(text: str) -> tuple[str, float | None]:
     """argparse type of --lora: ``PATH`` or ``PATH:SCALE`` -> (path, scale); the path must exist here.
 
-    The scale is what follows the last colon when it reads as a number, so a path may hold colons."""
-    path, scale = text, 1.0
+    The scale is what follows the last colon when it reads as a number, so a path may hold colons;
+    None without one (generate's ``--scale`` then, else 1)."""
+    path, scale = text, None
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:
@@ -192,12 +197,19 @@ def add_model(parser: argparse.ArgumentParser) -> None:
 
 def add_generate(commands) -> None:
     gen = _parser(commands, "generate", "generate images for a prompt", "training.cmd_generate:run")
+    gen.set_defaults(check=functools.partial(_check_generate, gen))
     gen.add_argument("prompt")
     add_model(gen)
+    # diffusers' argument names first; --steps and --guidance stay as the same flags' earlier names.
     gen.add_argument("--negative_prompt", default=None, help="what to steer away from (default: nothing)")
-    gen.add_argument("--steps", type=_positive, default=DEFAULT_STEPS)
+    gen.add_argument(
+        "--num_inference_steps", "--steps", type=_positive, default=DEFAULT_STEPS, help="denoising steps"
+    )
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    gen.add_argument(
+        "--guidance_scale", "--guidance", type=float, default=DEFAULT_GUIDANCE,
+        help="classifier-free guidance weight (1: none)",
+    )  # fmt: skip
     _guidance_interval(gen, None)
     gen.add_argument("--height", type=_positive, default=None, help="pixels (default: the model's size)")
     gen.add_argument("--width", type=_positive, default=None, help="pixels (default: the model's size)")
@@ -208,7 +220,7 @@ def add_generate(commands) -> None:
         help="the sampler, made from the model's scheduler config (default ddpm: the model's own)",
     )
     gen.add_argument("--num_images", type=_positive, default=1)
-    gen.add_argument("--scale", type=_positive, default=1, help="enlarge the PNG this many times (nearest)")
+    gen.add_argument("--upscale", type=_positive, default=1, help="enlarge the PNG this many times (nearest)")
     gen.add_argument("--out", default="out.png", help="PNG to write; a grid when several images")
     gen.add_argument(
         "--lora",
@@ -217,9 +229,57 @@ def add_generate(commands) -> None:
         default=[],
         metavar="PATH[:SCALE]",
         help="LoRA weights (a training run's final/ folder or a .safetensors file) at a scale "
-        "(default 1; 0 is the base model); repeat for several, e.g. --lora a:0.8 --lora b:0.5",
+        "(default --scale; 0 is the base model); repeat for several, e.g. --lora a:0.8 --lora b:0.5",
+    )
+    gen.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        metavar="LORA_SCALE",
+        help="the scale of each --lora given without :SCALE (default 1), as in diffusers and A1111; "
+        "it does not resize the image: that is --upscale",
     )
     _threads(gen)
+
+
+def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What no single flag can check: ``--scale`` used, as before, to enlarge the PNG."""
+    if args.scale is not None and not args.lora:
+        parser.error(
+            "--scale is the scale of LoRA weights given by --lora FILE (or set each with --lora "
+            "FILE:SCALE), and no --lora was given; to enlarge the PNG, use --upscale"
+        )
+
+
+FIRST_LORA_SCALE = 0.8  # the usual first try with a new LoRA: most of its effect, less of its overfitting
+WRITTEN = {  # what a training run's final folder holds, for the line that names it
+    "pytorch_lora_weights.safetensors": "the LoRA: sdlite generate --lora, diffusers' load_lora_weights",
+    "lora_kohya.safetensors": "the LoRA in kohya's layout: A1111, ComfyUI",
+    "train_config.yaml": "this run's settings",
+    "sdlite_final.json": "which run wrote the folder",
+}
+
+
+def final_message(final: str | Path, base: str | None, prompt: str, lora: bool) -> str:
+    """What a training run wrote in ``final``, and a ready-to-paste ``sdlite generate`` line drawing
+    ``prompt`` with it: the LoRA on its ``base`` folder at FIRST_LORA_SCALE, or the model folder itself."""
+    final = Path(final)
+    entries = sorted(final.iterdir(), key=lambda p: p.name)
+    names = [
+        f"{p.name}/" if p.is_dir() else f"{p.name} ({WRITTEN[p.name]})" if p.name in WRITTEN else p.name
+        for p in entries
+        if not p.name.startswith(".")  # the run folder's own marks
+    ]
+    written = f"saved {final}: {', '.join(names)}"
+    if not lora:
+        return (
+            f"{written}\ngenerate with: {shlex.join(['sdlite', 'generate', '--model', str(final), prompt])}"
+        )
+    if base is None:
+        return f"{written}\n(its base was a preset's random weights, read from no folder: no generate line)"
+    spec = f"{final / 'pytorch_lora_weights.safetensors'}:{FIRST_LORA_SCALE:g}"
+    line = shlex.join(["sdlite", "generate", "--model", str(base), "--lora", spec, prompt])
+    return f"{written}\ngenerate with: {line}"
 
 
 def add_evaluate(commands) -> None:
@@ -305,12 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_third_party()  # before any command imports diffusers, transformers or accelerate
     if argv[:1] == ["launch"] and argv[1:2] not in ([], ["-h"], ["--help"]):
         # Everything after "launch" is accelerate's and the script's: argparse would take their options.
         from training import launch
 
         return launch.main(argv[1:])
     args = build_parser().parse_args(argv)
+    if "check" in args:  # checks across a command's flags, still before torch is imported
+        args.check(args)
     module, _, function = args.run.partition(":")
     run = getattr(importlib.import_module(module), function)
     import torch  # only now: a command runs

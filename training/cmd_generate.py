@@ -1,5 +1,6 @@
 """``sdlite generate``: images for a prompt, from a model folder or a single-file checkpoint, with any
-of diffusers' samplers and any number of LoRA adapters, each at its own scale."""
+of diffusers' samplers and any number of LoRA adapters, each at its own scale (``--lora FILE:SCALE``,
+or ``--scale`` for those given without one)."""
 
 from __future__ import annotations
 
@@ -66,21 +67,22 @@ def run(args: argparse.Namespace) -> int:
     if scheduler is not None:
         pipe.scheduler = scheduler
     if args.lora:
-        load_loras(pipe, args.lora)
+        default = 1.0 if args.scale is None else args.scale
+        load_loras(pipe, [(path, default if scale is None else scale) for path, scale in args.lora])
     images = pipe(
         args.prompt,
         negative_prompt=args.negative_prompt,
         height=args.height,
         width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
         guidance_interval=args.guidance_interval,
         num_images_per_prompt=args.num_images,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="np",
     ).images
     rows = 1 if len(images) <= 8 else int(len(images) ** 0.5)
-    image = grid(images, rows=rows, scale=args.scale)
+    image = grid(images, rows=rows, scale=args.upscale)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)

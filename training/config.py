@@ -4,11 +4,13 @@
 
 The dataclass holds the only copy of the defaults; the YAML file and then the command line override
 them, in that order. Every field becomes a ``--name`` flag whose type comes from its annotation, so
-a misspelt key or a value of the wrong type fails at start-up with a message naming it. The flag's
-``--help`` text is the field's trailing comment in the dataclass source, and a comment line above a
-run of fields titles their section (``field_docs``): the description is written once, where the field
-is. A class's ``FOREIGN_FLAGS`` ({other tool's name: ours or why there is none}) turn another tool's
-flag into an error that names ours.
+a misspelt key or a value of the wrong type fails at start-up with a message naming it. A config file
+is UTF-8 YAML of at most 1 MiB, read without Python tags (as ``yaml.safe_load``) and without aliases,
+so that a few hundred bytes cannot stand for billions of values. The flag's ``--help`` text is the
+field's trailing comment in the dataclass source, and a comment line above a run of fields titles
+their section (``field_docs``): the description is written once, where the field is. A class's
+``FOREIGN_FLAGS`` ({other tool's name: ours or why there is none}) turn another tool's flag into an
+error that names ours.
 """
 
 from __future__ import annotations
@@ -28,11 +30,45 @@ from typing import Any, TypeVar
 
 import yaml
 
+from training.errors import DEBUG_ENV, DEBUG_FLAG
+
 C = TypeVar("C")
 
 
 class ConfigError(ValueError):
-    """A config key that does not exist or a value of the wrong type."""
+    """A config key that does not exist, a value of the wrong type, or a config file that cannot be read."""
+
+
+# Config files are a few kilobytes; past this one is not a config (and PyYAML's reader would take seconds).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses aliases (``*name``): a few hundred bytes of nested aliases stand for
+    billions of nodes, which any later walk (a copy, a str(), a comparison) expands. Without aliases a
+    file's nodes are bounded by its size. A config has no need of them: each value is written out."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(
+                f"line {event.start_mark.line + 1}: YAML alias *{event.anchor} refused (aliases can expand "
+                "a small file into billions of values): write the value out in full"
+            )
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str) -> Any:
+    """The value of YAML text, read without Python tags (as safe_load) and without aliases; ConfigError
+    says in one line where text is not YAML."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)
+    except yaml.MarkedYAMLError as e:  # its str() spans lines: say where, and what
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{where}not valid YAML ({e.problem or e.context})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML ({' '.join(str(e).split())})") from None
 
 
 def _allows_none(annotation: Any) -> bool:
@@ -68,7 +104,7 @@ def _list_items(value: Any) -> list:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            items = yaml.safe_load(text)
+            items = safe_yaml(text)
             if not isinstance(items, list):
                 raise ValueError(f"{value!r} is not a list")
             return items
@@ -78,6 +114,17 @@ def _list_items(value: Any) -> list:
     return [value]
 
 
+# What a key of each type holds, for the error of a value of another shape.
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def _shape(value: Any) -> str | None:
+    """'a list' or 'a mapping' for a YAML collection; None for a scalar."""
+    if isinstance(value, dict):
+        return "a mapping"
+    return "a list" if isinstance(value, (list, tuple)) else None
+
+
 def _convert(name: str, annotation: Any, value: Any) -> Any:
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
         if annotation is not None and annotation is not Any and not _allows_none(annotation):
@@ -85,19 +132,31 @@ def _convert(name: str, annotation: Any, value: Any) -> Any:
         return None
     kind, is_list = _base_type(annotation)
     try:
-        if is_list:
-            return [_convert(name, kind, v) for v in _list_items(value)]
-        if kind is bool:
-            return _to_bool(value)
-        if kind in (int, float, str):
-            if kind in (int, float) and isinstance(value, bool):
-                raise ValueError(f"{value} is a boolean, not a number")
-            if kind is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"{value} is not an integer")
-            return kind(value)
-        return value
-    except (TypeError, ValueError) as e:
+        if not is_list:
+            return _scalar(kind, value)
+        if isinstance(value, dict):
+            raise ValueError("a mapping where a list belongs; write a list of values (- item)")
+        items = _list_items(value)
+        if any(_shape(v) for v in items):  # a list of lists: its items are not one value each
+            raise ValueError(f"a list within the list; write each item as {_KINDS.get(kind, 'a value')}")
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: float() of a 400-digit integer
         raise ConfigError(f"config key {name!r}: {e}") from None
+    return [_convert(name, kind, v) for v in items]
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    """``value`` (not None) as a ``kind``; ValueError or TypeError says why it is not one."""
+    if kind in _KINDS and _shape(value):  # str() would make a folder named "{'a': 1}"
+        raise ValueError(f"{_shape(value)} where {_KINDS[kind]} belongs; write a single value")
+    if kind is bool:
+        return _to_bool(value)
+    if kind in (int, float, str):
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(f"{value} is a boolean, not a number")
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{value} is not an integer")
+        return kind(value)
+    return value
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -121,6 +180,10 @@ def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C
     """Build ``cls`` from a dict, converting each value to its field's type; unknown keys fail."""
     hints = _hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:  # YAML reads `1:`, `on:` or `null:` as a number, a boolean or None
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: key {key!r} ({type(key).__name__}) is not a setting name: write "
+                              "the setting's name, quoted if it reads as a number or true/false")  # fmt: skip
     unknown = sorted(set(values) - known)
     if unknown:
         foreign = [message for message in map(lambda k: foreign_flag(cls, k), unknown) if message]
@@ -133,12 +196,30 @@ def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The key: value mapping of a config file: UTF-8 YAML of at most MAX_CONFIG_BYTES, no aliases."""
     path = Path(path)
+    name = f"config file {str(path)!r}"
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"{name} does not exist")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # a larger file is not read further than this
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{name} is not UTF-8 text (byte {e.start}: {e.reason}): save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{name} cannot be read ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{name} is over the {MAX_CONFIG_BYTES:,} bytes a config may hold: give a YAML "
+                          "file of key: value settings")  # fmt: skip
+    try:
+        data = safe_yaml(text) or {}
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of key: value")
+        raise ConfigError(f"{name} must hold a mapping of key: value")
     return data
 
 
@@ -197,6 +278,8 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     parser = argparse.ArgumentParser(description=description or cls.__doc__, allow_abbrev=False,
                                      usage="%(prog)s [--config FILE] [--key value ...]")  # fmt: skip
     parser.add_argument("--config", help="YAML file of key: value pairs; flags override it")
+    debug = f"show an error's traceback, not only its one-line message (or set {DEBUG_ENV}=1)"
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=debug)  # training/errors.py reads it
     docs, groups = field_docs(cls), {}
     for f in dataclasses.fields(cls):
         section, text = docs.get(f.name, ("", ""))
@@ -217,6 +300,7 @@ def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
         if message:
             parser.error(message)
     args = vars(parser.parse_args(argv))
+    args.pop("debug")
     path = args.pop("config", None)
     values = load_yaml(path) if path else {}
     values.update(args)

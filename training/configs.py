@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from sdlite.presets import PRESETS, Preset, PresetXL
+from training.checks import SEEDS, counts_below, numbers_outside, text_problems
+from training.config import ConfigError
 from training.sample_prompts import prompts_file_problems
 
 # sdlite.lora's UNET_TARGETS and TEXT_ENCODER_TARGETS, written out so as not to import torch and peft
@@ -83,6 +85,7 @@ class RunConfig:
     resume: str | None = None  # "latest" (output_dir's newest checkpoint, if any) or a checkpoint folder
     # Faults (README: Reliability)
     nonfinite_loss: str = "skip"  # a NaN/inf loss or gradient: "skip" the step, or "stop" the run
+    collective_timeout: float = 600.0  # seconds a process waits for the others (start-up: >= 30 min)
     # Run-folder safety and data reliability (README: Reliability): what a resume may change, where
     # images may live, how large they may be.
     allow_config_change: list[str] = field(default_factory=list)  # keys --resume may also change
@@ -94,18 +97,34 @@ class RunConfig:
         problems = []
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             problems.append(f"mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16")
-        if min(self.max_steps, self.train_batch_size, self.log_every) < 1:
-            problems.append("max_steps, train_batch_size and log_every must be >= 1")
+        problems += counts_below(self, 1, "max_steps", "train_batch_size", "log_every", "resolution")
+        problems += counts_below(self, 1, "checkpoints_total_limit")  # 0 read as "keep all", -1 deleted
+        problems += counts_below(self, 0, "lr_warmup_steps", "checkpoint_every")
+        if self.seed not in SEEDS:
+            problems.append(f"seed={self.seed}: use a whole number from 0 to {SEEDS[-1]} (default 0)")
+        problems += numbers_outside(self, "learning_rate", above=True)
+        problems += numbers_outside(self, "adam_weight_decay", "max_grad_norm")
+        problems += self.lr_scheduler_problems()
         if self.nonfinite_loss not in ("skip", "stop"):
             problems.append(f"nonfinite_loss={self.nonfinite_loss!r}: use skip or stop")
+        problems += numbers_outside(self, "collective_timeout", above=True)  # seconds
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             problems.append(f"max_image_pixels={self.max_image_pixels} must be >= 1 (or none: the default)")
         return problems
 
+    def lr_scheduler_problems(self) -> list[str]:
+        from diffusers.optimization import SchedulerType  # here: this module imports no torch
+
+        names = [kind.value for kind in SchedulerType]
+        return (
+            [] if self.lr_scheduler in names else [f"lr_scheduler={self.lr_scheduler!r}: use one of {names}"]
+        )
+
     def check(self) -> None:
+        """ConfigError listing every problem, one a line, before anything is built or read."""
         problems = self.problems()
         if problems:
-            raise ValueError("bad training config: " + "; ".join(problems))
+            raise ConfigError("\n".join(f"bad training config: {problem}" for problem in problems))
 
 
 @dataclass
@@ -184,6 +203,10 @@ class TrainConfig(RunConfig):
     aspect_buckets: bool = False  # group images by aspect ratio into buckets of about resolution² pixels
     bucket_min_side: int | None = None  # the shortest bucket side in pixels; None: resolution / 2
     bucket_max_side: int | None = None  # the longest bucket side in pixels; None: resolution * 2
+    bucket_step: int | None = None  # bucket sides step by this many pixels (kohya's bucket_reso_steps), a
+    # multiple of the VAE factor; None: 8 latent pixels, at most resolution / 8 (docs/data.md)
+    bucket_no_upscale: bool = False  # each image's bucket is its own size, scaled down to resolution² pixels
+    # if larger, sides rounded down to bucket_step: never enlarged (kohya's; min/max sides unused)
     shuffle_caption: bool = False  # shuffle a caption's comma-separated tags at every draw (no text cache)
     keep_tokens: int = 0  # with shuffle_caption: the caption's first N tags stay in place
     caption_prefix: str = ""  # a trigger word put first in every caption (the validation loss captions too)
@@ -212,6 +235,14 @@ class TrainConfig(RunConfig):
             problems.append(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
         if self.gradient_accumulation_steps < 1:
             problems.append("gradient_accumulation_steps must be >= 1")
+        problems += counts_below(self, 0, "dataloader_num_workers", "validation_every")
+        problems += counts_below(self, 1, "shuffle_buffer", "val_count")
+        problems += numbers_outside(self, "adam_beta1", "adam_beta2", "ema_decay", high=1)
+        problems += numbers_outside(
+            self, "adam_epsilon", "snr_gamma", "lora_alpha", "text_encoder_lr", above=True
+        )
+        problems += numbers_outside(self, "noise_offset", "validation_guidance", "prior_loss_weight")
+        problems += self.validation_problems()
         problems += self.text_encoder_layers_problems() + self.unet_shape_problems()
         if self.lora and self.train_text_encoder:
             problems.append("lora with train_text_encoder: LoRA trains no base weight; use lora_text_encoder")
@@ -225,6 +256,24 @@ class TrainConfig(RunConfig):
             problems.append(f"lora_save_format={self.lora_save_format!r}: use diffusers or kohya")
         problems += prompts_file_problems(self.validation_prompts_file)
         return problems + self.photo_set_problems()
+
+    def validation_problems(self) -> list[str]:
+        """What is wrong with the validation keys that would only show at the first validation."""
+        problems = text_problems(
+            self, "validation_prompts", "instance_prompt", "class_prompt", "caption_prefix"
+        )
+        empty = [i + 1 for i, prompt in enumerate(self.validation_prompts) if not prompt.strip()]
+        if empty:
+            problems.append(f"validation_prompts item(s) {empty} empty: remove them (or the stray comma)")
+        if not 1 <= self.validation_inference_steps <= 1000:  # as a prompts file's --s
+            problems.append(
+                f"validation_inference_steps={self.validation_inference_steps}: use 1 to 1000 (default 50)"
+            )
+        if not self.val_timesteps or not all(0 <= t < 1000 for t in self.val_timesteps):
+            problems.append(
+                f"val_timesteps={self.val_timesteps}: use timesteps from 0 to 999, e.g. 100,500,900"
+            )
+        return problems
 
     def text_encoder_layers_problems(self) -> list[str]:
         layers = self.text_encoder_layers
@@ -291,8 +340,8 @@ class TrainConfig(RunConfig):
             problems.append("instance_data_dir without instance_prompt: e.g. 'a photo of sks dog'")
         if self.class_data_dir and not self.class_prompt.strip():
             problems.append("class_data_dir without class_prompt: e.g. --class_prompt 'a photo of a dog'")
-        if self.num_class_images < 0 or self.sample_batch_size < 1 or self.prior_loss_weight < 0:
-            problems.append("num_class_images and prior_loss_weight must be >= 0, sample_batch_size >= 1")
+        if self.num_class_images < 0 or self.sample_batch_size < 1:
+            problems.append("num_class_images must be >= 0, sample_batch_size >= 1")
         if self.keep_tokens < 0:
             problems.append(f"keep_tokens={self.keep_tokens} must be >= 0")
         if not 0 <= self.caption_tag_dropout_rate < 1:
@@ -302,6 +351,12 @@ class TrainConfig(RunConfig):
         for name in ("bucket_min_side", "bucket_max_side"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (or none)")
+        problems += counts_below(self, 1, "bucket_step")
+        if self.bucket_no_upscale and self.class_data_dir and self.aspect_buckets:
+            problems.append(
+                "bucket_no_upscale with class_data_dir: each subject photo's bucket is its own size, which "
+                "the class images need not share; use bucket_step / bucket_min_side without it"
+            )
         return problems
 
 
@@ -340,6 +395,8 @@ class VAETrainConfig(RunConfig):
         problems = super().problems()
         if self.reconstruction_loss not in ("mse", "l1"):
             problems.append(f"reconstruction_loss={self.reconstruction_loss!r}: use mse or l1")
+        problems += counts_below(self, 1, "eval_count", "scale_count") + counts_below(self, 0, "eval_every")
+        problems += numbers_outside(self, "kl_weight")
         preset = PRESETS.get(self.preset)  # an unknown one is refused when built
         if preset is not None and self.vae_block_out_channels is not None:
             problems += preset.channels_problems("vae", self.vae_block_out_channels)

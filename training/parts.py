@@ -24,11 +24,12 @@ from sdlite.data.buckets import (
     BucketSampler,
     BucketTransform,
     bucket_counts,
-    bucket_multiple,
+    bucket_rows,
     bucket_summary,
+    bucket_transform,
     cache_bucket_latents,
-    image_buckets,
-    make_buckets,
+    image_sizes,
+    one_bucket_warning,
     write_buckets_json,
 )
 from sdlite.data.cache import (
@@ -177,8 +178,9 @@ def build_examples(cfg: TrainConfig, acc, parts):
     tokenize = functools.partial(token_ids, tokenizer)  # captions -> (B, L) ids; picklable for workers
     layout = DataLayout(transform, vae.latent_channels, factor, options)
     if cfg.aspect_buckets:  # the training rows only: the held-out batch stays square (one tensor)
-        sides = make_buckets(resolution, bucket_multiple(vae), cfg.bucket_min_side, cfg.bucket_max_side)
-        layout.transform = BucketTransform(resolution, tuple(sides), cfg.random_crop, cfg.seed)
+        layout.transform = bucket_transform(resolution, vae, cfg.bucket_step, cfg.bucket_min_side,
+                                            cfg.bucket_max_side, cfg.bucket_no_upscale, cfg.random_crop,
+                                            cfg.seed)  # fmt: skip
 
     def examples_of(source: str, flips: tuple[bool, ...], limit: int | None = None) -> TrainingExamples:
         rows, listed = rows_for(cfg, source)
@@ -294,10 +296,13 @@ def rows_for(cfg: TrainConfig, source: str):
     folders) through ``caption_rows``, anything else through ``load_rows`` (nothing listed)."""
     if cfg.instance_data_dir and source == cfg.instance_data_dir:  # DreamBooth's subject and class images
         rows = dreambooth_rows(cfg.instance_data_dir, cfg.instance_prompt, cfg.class_data_dir,
-                               cfg.class_prompt, cfg.image_column, cfg.caption_column)  # fmt: skip
+                               cfg.class_prompt, cfg.image_column, cfg.caption_column,
+                               allow_outside=cfg.allow_outside_paths)  # fmt: skip
         return rows, []
     if is_caption_folder(source):
-        return caption_rows(source, cfg.image_column, cfg.caption_column)
+        return caption_rows(
+            source, cfg.image_column, cfg.caption_column, allow_outside=cfg.allow_outside_paths
+        )
     rows = load_rows(source, cfg.image_column, cfg.caption_column, bad_data=cfg.bad_data,
                      allow_outside=cfg.allow_outside_paths)  # fmt: skip
     return rows, []
@@ -317,6 +322,7 @@ class DataLayout:
     repeats: list[int] | None = None
     captions: list[str] | None = None
     class_rows: list[int] | None = None  # DreamBooth's class images (prior preservation), if any
+    bucket_warning: str | None = None  # all images in one bucket of another shape: why, and what to change
 
     def read(self, rows, captions: list[str], image_column: str) -> None:
         """Take what the sampler needs from the cleaned training rows."""
@@ -327,7 +333,9 @@ class DataLayout:
             self.class_rows = [r for r, prior in enumerate(rows["is_prior"]) if prior]
             self.repeats = [0 if prior else 1 for prior in rows["is_prior"]]  # a step's own items: instances
         if isinstance(self.transform, BucketTransform):
-            self.bucket_of_rows = image_buckets(rows, image_column, self.transform)
+            sizes = image_sizes(rows, image_column)
+            self.transform, self.bucket_of_rows = bucket_rows(sizes, self.transform)
+            self.bucket_warning = one_bucket_warning(sizes, self.transform, self.factor)
 
     def groups(self, count: int) -> list[tuple] | None:
         """Which rows may stand in for each other when an image breaks mid-run: those of one bucket
@@ -370,6 +378,8 @@ def sampler_for(
         if acc.is_main_process:
             write_buckets_json(Path(cfg.output_dir) / "buckets.json", counts)
         acc.print(bucket_summary(counts, sampler.global_batch))
+        if layout.bucket_warning:
+            acc.print(layout.bucket_warning)
     if layout.class_rows:  # each micro-batch: B instance items, then B class items
         buckets = layout.bucket_of_rows
         class_buckets = None if buckets is None else [buckets[r] for r in layout.class_rows]
@@ -414,7 +424,7 @@ def top_up_class_images(cfg: TrainConfig, acc, parts) -> None:
         if cfg.aspect_buckets:  # the bucket set build_examples makes
             vae = parts.vae.config
             resolution, sides = cfg.resolution or vae.sample_size, (cfg.bucket_min_side, cfg.bucket_max_side)
-            buckets = make_buckets(resolution, bucket_multiple(vae), *sides)
+            buckets = bucket_transform(resolution, vae, cfg.bucket_step, *sides).buckets
             sizes = class_image_sizes(
                 cfg.instance_data_dir, cfg.class_data_dir, buckets, cfg.num_class_images
             )

@@ -29,6 +29,7 @@ from training.checkpoint import (
     find_resume,
     load_checkpoint,
     read_file,
+    recorded_checksums,
 )
 
 # May change on resume: they set how long the run goes, what it reports and where, and how fast it runs;
@@ -40,7 +41,7 @@ RESUMABLE = frozenset({
     "val_data_dir", "val_count", "val_timesteps", "eval_every", "scale_count",
     "output_dir", "final_dir", "resume", "allow_config_change", "cache_dir", "cache_latents", "cache_text",
     "dataloader_num_workers", "compile", "allow_tf32", "gradient_checkpointing", "channels_last",
-    "bad_data", "nonfinite_loss", "lora_save_format",
+    "bad_data", "nonfinite_loss", "lora_save_format", "collective_timeout",
 })  # fmt: skip
 # Refused unless allowed; when allowed, set in the loaded optimizer and schedule (set_learning_rates).
 LEARNING_RATES = ("learning_rate", "text_encoder_lr")
@@ -146,8 +147,9 @@ def resume(
     log: Callable[[str], None] = print,
 ) -> Resumed | None:
     """Load the checkpoint ``resume_from`` names ("latest" or a folder; None: none) after checking the
-    config against the checkpoint's; with "latest", a checkpoint with a corrupt file is passed over for
-    the newest one that loads (and the log says so); a named checkpoint that is corrupt is an error.
+    config against the checkpoint's; with "latest", a checkpoint with a corrupt file (unreadable, not
+    matching its recorded sha256, or of NaN or inf weights) is passed over for the newest one that loads
+    (and the log says so); a named checkpoint that is corrupt is an error.
     ``base_lrs``: the new config's learning rates, applied when a learning rate change is allowed."""
     if not resume_from:
         return None
@@ -180,6 +182,9 @@ def resume(
         changed = compare_configs(saved, config, allow).allowed if saved is not None else {}
         if base_lrs is not None and any(key in LEARNING_RATES for key in changed):
             set_learning_rates(optimizer, lr_schedule, base_lrs)
+        if recorded_checksums(checkpoint) is None:
+            lines.append(f"{checkpoint.name} has no checksums (an earlier sdlite wrote it): its files were "
+                         "checked for being readable and finite only")  # fmt: skip
         for line in lines:
             log(line)
         return Resumed(checkpoint, state, lines)

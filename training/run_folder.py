@@ -28,7 +28,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from training.checkpoint import CHECKPOINT, _agree, fsync_tree, remove_leftovers
+from training.checkpoint import CHECKPOINT, _agree, foreign_folders, fsync_tree, remove_leftovers
 
 LOCK_FILE = "run.lock"
 FINAL_MARKER = "sdlite_final.json"  # in every final folder a run published: whose it is
@@ -37,6 +37,10 @@ STAGING_MARKER = ".sdlite_staging"  # in a staging folder while it is being writ
 
 class RunFolderError(RuntimeError):
     """An output_dir or final_dir this run must not use (in use by another run, or holding other files)."""
+
+
+class FinalSaveError(RuntimeError):
+    """The final model could not be written (a full disk, a read-only folder); the earlier final is intact."""
 
 
 # ---- the lock -------------------------------------------------------------------------------------------
@@ -128,16 +132,39 @@ def lock_run(output_dir: str | Path, log: Callable[[str], None] = print) -> RunL
     return RunLock(path, file)
 
 
+def check_output_dir(output_dir: str | Path) -> None:
+    """RunFolderError, before anything is written or deleted, for an output_dir the run would harm: the
+    current folder ("" or ".") unless an earlier run made it its run folder, or one holding folders named
+    like our checkpoints that sdlite did not write (start-up removes unfinished checkpoints of ours)."""
+    folder = Path(output_dir)
+    if folder.resolve() == Path.cwd().resolve() and not (folder / LOCK_FILE).is_file():
+        raise RunFolderError(
+            f"output_dir {str(output_dir)!r} is the current folder, which is not a run folder: a run writes "
+            "checkpoints, logs and its final model there; name a folder for the run, e.g. runs/my-run"
+        )
+    foreign = foreign_folders(folder)
+    if foreign:
+        sample = ", ".join(sorted(p.name for p in foreign[0].iterdir())[:4]) if foreign[0].is_dir() else ""
+        raise RunFolderError(
+            f"output_dir {str(folder)!r} holds {foreign[0].name}"
+            + (f" ({sample})" if sample else "")
+            + f", which sdlite did not write{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}: "
+            "sdlite would take it for a checkpoint of its own; move it out of output_dir, or choose another "
+            "output_dir"
+        )
+
+
 def open_run_folder(
     output_dir: str | Path, accelerator, log: Callable[[str], None] = print
 ) -> RunLock | None:
-    """The main process locks output_dir and removes what killed runs left half-written; returns the lock
-    (None on the other processes: one run, one lock). If it cannot, every process raises RunFolderError
-    at once (an all-reduce), instead of the others waiting for a main process that is gone. Call it
-    (every process) before anything is written to output_dir."""
+    """The main process checks output_dir (``check_output_dir``), locks it and removes what killed runs of
+    ours left half-written; returns the lock (None on the other processes: one run, one lock). If it
+    cannot, every process raises RunFolderError at once (an all-reduce), instead of the others waiting
+    for a main process that is gone. Call it (every process) before anything is written to output_dir."""
     lock, error = None, None
     if accelerator.is_main_process:
         try:
+            check_output_dir(output_dir)
             lock = lock_run(output_dir, log)
         except RunFolderError as e:
             error = e
@@ -208,6 +235,37 @@ def final_staging(final: Path, output_dir: str | Path) -> Path:
     staging.mkdir(parents=True)
     (staging / STAGING_MARKER).write_text("sdlite writes the final model here, then renames it\n")
     return staging
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error`` says the disk is full: OSError's errno, or the text of safetensors' and tokenizers'
+    errors (a SafetensorError, a bare Exception) that carry the OS message."""
+    text = str(error)
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "os error 28" in text
+
+
+def final_save_error(
+    error: BaseException, final: Path, staging: Path, needed_bytes: int, resume_point: Path | None
+) -> FinalSaveError:
+    """The error of a failed final save, after removing the partial copy (it gives the space back): what
+    was being written, that the earlier final is intact, where the weights are, and what to free."""
+    shutil.rmtree(staging, ignore_errors=True)
+    earlier = "the final folder there is as it was" if final.is_dir() else "no final folder was written"
+    if resume_point is not None:
+        kept = f"the trained weights are in {resume_point}"
+        then = "then run again with --resume latest, which publishes them"
+    else:
+        kept = "no checkpoint holds the trained weights (checkpoint_every 0), so they end with this run"
+        then = "then train again"
+    if disk_full(error):
+        fix = f"Free at least {needed_bytes / 1e6:,.0f} MB on the disk of {str(final.parent)!r} (the "
+        fix += "trained weights; a full model folder also copies its frozen parts), "
+    else:
+        fix = f"Fix the cause (permissions of {str(final.parent)!r}?), "
+    return FinalSaveError(
+        f"could not write the final model to {str(final)!r} ({type(error).__name__}: {str(error)[:200]}); "
+        f"{earlier}, and {kept}. {fix}{then}"
+    )
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -7,7 +7,7 @@ may end with options, each a space, two dashes, a letter and its value (sd-scrip
     a red circle, studio light --n blurry, dark --s 30 --l 4.5 --d 7 --w 64 --h 32
 
     --n text   the negative prompt          --s N   sampling steps (1 to 1000)
-    --l x      classifier-free guidance     --d N   the seed (an integer >= 0)
+    --l x      classifier-free guidance     --d N   the seed (0 to 2**32 - 1)
     --w N      width in pixels              --h N   height in pixels (multiples of 8)
 
 An option left out takes the run's value: validation_inference_steps, validation_guidance, the model's
@@ -26,12 +26,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.checks import SEEDS
+
 # sd-scripts' options we read: letter -> (SamplePrompt field, what its value must be).
 OPTIONS = {
     "n": ("negative_prompt", "text"),
     "s": ("steps", "a whole number of sampling steps from 1 to 1000"),
     "l": ("guidance", "a guidance scale >= 0, e.g. 4.5"),
-    "d": ("seed", "a whole number >= 0"),
+    "d": ("seed", f"a whole number >= 0 and <= {SEEDS[-1]}"),
     "w": ("width", "a width in pixels, a multiple of 8"),
     "h": ("height", "a height in pixels, a multiple of 8"),
 }
@@ -73,6 +75,8 @@ def _value(letter: str, text: str) -> str | int | float:
         raise ValueError
     value = int(text)
     if (letter == "s" and not 1 <= value <= 1000) or (letter in "wh" and (value < 8 or value % 8)):
+        raise ValueError
+    if letter == "d" and value not in SEEDS:  # the run's seeds' range: torch refuses 2**64 and more
         raise ValueError
     return value
 

@@ -53,11 +53,17 @@ import torch
 
 if __package__ in (None, ""):  # run as a script (accelerate launch training/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # an entry point: third-party noise dropped before diffusers is imported
+    from training.quiet import quiet_third_party
+
+    quiet_third_party()
 
 from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
 from sdlite.lora import AdapterWeights, lora_param_groups, save_lora, target_problems  # noqa: E402
+from training.cli import final_message  # noqa: E402
 from training.config import parse_config, save_yaml  # noqa: E402
 from training.configs import TrainConfig  # noqa: E402
+from training.errors import reported_errors  # noqa: E402
 from training.launch import follow_launcher  # noqa: E402
 from training.loop import (  # noqa: E402
     EMA,
@@ -380,7 +386,8 @@ class UNetTrainer(Trainer):
                     with self.ema_weights():
                         parts.save_pretrained(tmp)  # a diffusers SD or SDXL folder (sdlite.models, models_xl)
                 save_yaml(cfg, tmp / "train_config.yaml")
-            acc.print(f"saved {self.final}")
+            prompt = next(iter(cfg.validation_prompts), cfg.instance_prompt or "a prompt")
+            acc.print(final_message(self.final, cfg.pretrained, prompt, cfg.lora))
         acc.wait_for_everyone()
         return self.final
 
@@ -391,12 +398,15 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """Parse the flags and train. Errors propagate to the caller; run as a script, training/errors.py
+    ends those sdlite raises on purpose with one line (``--debug``: the traceback)."""
     return train(parse_config(TrainConfig, argv))
 
 
 if __name__ == "__main__":
     follow_launcher()  # one-process accelerate launch: if the launcher dies, checkpoint and stop
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    trainer = UNetTrainer(parse_config(TrainConfig))
-    trainer.train()
+    with reported_errors("train.py"):  # one line for an error of ours; --debug: the traceback
+        trainer = UNetTrainer(parse_config(TrainConfig))
+        trainer.train()
     leave()  # the trainer still held: its DDP model is never freed (see leave)

@@ -32,11 +32,16 @@ from diffusers import AutoencoderKL
 
 if __package__ in (None, ""):  # run as a script (accelerate launch training/train_vae.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # an entry point: third-party noise dropped before diffusers is imported
+    from training.quiet import quiet_third_party
+
+    quiet_third_party()
 
 from sdlite.data.dataset import ImageTransform, image_bytes, load_rows  # noqa: E402
 from sdlite.presets import get_preset  # noqa: E402
 from training.config import parse_config  # noqa: E402
 from training.configs import VAETrainConfig  # noqa: E402
+from training.errors import reported_errors  # noqa: E402
 from training.launch import follow_launcher  # noqa: E402
 from training.loop import StepSampler, make_lr_schedule, make_optimizer, setup_accelerator  # noqa: E402
 from training.trainer import Trainer, leave  # noqa: E402
@@ -252,11 +257,14 @@ def train(cfg: VAETrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Parse the flags and train. Errors propagate to the caller; run as a script, training/errors.py
+    ends those sdlite raises on purpose with one line (``--debug``: the traceback)."""
     return train(parse_config(VAETrainConfig, argv))
 
 
 if __name__ == "__main__":
     follow_launcher()  # one-process accelerate launch: if the launcher dies, checkpoint and stop
-    trainer = VAETrainer(parse_config(VAETrainConfig))
-    trainer.train()
+    with reported_errors("train_vae.py"):  # one line for an error of ours; --debug: the traceback
+        trainer = VAETrainer(parse_config(VAETrainConfig))
+        trainer.train()
     leave()  # the trainer still held: its DDP model is never freed (see trainer.leave)

@@ -4,9 +4,9 @@ A trainer (``UNetTrainer`` in train.py, ``VAETrainer`` in train_vae.py) builds i
 data in ``setup``, then runs ``loop``: its own ``train_step`` once per optimizer step, and at the loop's
 host-sync points (log and checkpoint steps) everything that needs the host: the count of skipped
 non-finite steps, the logged means, the checkpoint and the stop signal. Every call into
-training/checkpoint.py, run_folder.py and resume.py is in this file (the run folder's lock, ``resume``,
-``save_checkpoint``, ``check_nonfinite``, the final folder), so that checkpoint policy changes in one
-place for both trainers.
+training/checkpoint.py, run_folder.py, resume.py and peers.py is in this file (the run folder's lock,
+``resume``, ``save_checkpoint``, ``check_nonfinite``, the final folder, the collective timeout), so that
+checkpoint policy changes in one place for both trainers.
 
 The run folder (README: Reliability): ``__init__`` locks output_dir before anything is written there
 (a second run on it fails naming the first's pid) and checks the final folder before any training
@@ -25,12 +25,27 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoint import NonFiniteLossError, StopSignals, checkpoints, save_checkpoint
+from training.checkpoint import (
+    NonFiniteLossError,
+    StopSignals,
+    checkpoints,
+    nonfinite_count,
+    save_checkpoint,
+)
 from training.config import save_yaml, to_dict
 from training.configs import RunConfig
 from training.loop import EMA, Metrics, progress_bar
+from training.peers import answering, set_collective_timeout, startup_timeout
 from training.resume import resume
-from training.run_folder import final_staging, open_run_folder, prepare_final_dir, publish_final
+from training.run_folder import (
+    final_save_error,
+    final_staging,
+    open_run_folder,
+    prepare_final_dir,
+    publish_final,
+)
+
+NONFINITE_IN_A_ROW = 10  # skipped steps in a row that end a run: a healthy run has at most a stray one
 
 
 class Trainer:
@@ -59,10 +74,12 @@ class Trainer:
         cfg.check()
         self.cfg = cfg
         self.accelerator = acc = self.make_accelerator()
+        set_collective_timeout(acc, startup_timeout(cfg.collective_timeout))  # training/peers.py
         self.lock = open_run_folder(cfg.output_dir, acc, log=acc.print)  # before anything is written there
         try:
             self.final = prepare_final_dir(self.final_path(), cfg.output_dir)  # fails before training
             self.setup()
+            set_collective_timeout(acc, cfg.collective_timeout)
         except BaseException:
             self.release()
             raise
@@ -159,11 +176,17 @@ class Trainer:
         metrics = Metrics(acc, images_per_step=self.global_batch)
         bar = progress_bar(acc, cfg.max_steps, self.start_step)
         nonfinite, since = torch.zeros((), device=acc.device), self.start_step  # skipped steps since `since`
-        with StopSignals() as stop, contextlib.closing(bar):
+        streak, done = torch.zeros((), device=acc.device), self.start_step  # skipped steps in a row
+        with (
+            StopSignals() as stop,
+            contextlib.closing(bar),
+            answering(acc, cfg.collective_timeout, lambda: done, cfg.output_dir),
+        ):
             for step in range(self.start_step, cfg.max_steps):
                 values, skipped = self.train_step(step)
                 metrics.add(**values)
                 nonfinite += skipped
+                streak = (streak + 1) * skipped
                 done = step + 1
                 bar.update(1)
                 logging = done % cfg.log_every == 0 or done == cfg.max_steps
@@ -172,7 +195,8 @@ class Trainer:
                     done % cfg.checkpoint_every == 0 or done == cfg.max_steps
                 )
                 if logging or saving:  # the loop's only host syncs
-                    self.check_nonfinite(int(acc.reduce(nonfinite, "max").item()), since, done)
+                    count, in_a_row = acc.reduce(torch.stack([nonfinite, streak]), "max").tolist()
+                    self.check_nonfinite(int(count), since, done, int(in_a_row))
                     nonfinite.zero_()
                     since = done
                 if logging:
@@ -193,12 +217,28 @@ class Trainer:
                 if self.eval_every and done % self.eval_every == 0 and done < cfg.max_steps:
                     self.evaluate(done)
 
-    def check_nonfinite(self, count: int, since: int, done: int) -> None:
-        """Report the steps since..done whose loss or gradients were NaN or inf (each skipped)."""
+    def check_nonfinite(self, count: int, since: int, done: int, in_a_row: int = 0) -> None:
+        """Report the steps since..done whose loss or gradients were NaN or inf (each skipped). Whatever
+        nonfinite_loss says, stop if the last ``in_a_row`` steps all were: every step since the start (or
+        the resume), or the last NONFINITE_IN_A_ROW, or at the run's end its later half. Such a model no
+        longer trains (a learning rate far too high, damaged weights), and its checkpoints would push the
+        good ones out; a short run's first step can still be finite while it breaks the weights."""
         if not count:
             return
         steps = f"step {done}" if done - since == 1 else f"steps {since + 1}..{done}"
         what = f"{count} step(s) of {steps} had a NaN or inf loss or gradients"
+        run = done - self.start_step
+        if in_a_row >= min(NONFINITE_IN_A_ROW, run if done < self.cfg.max_steps else max(1, (run + 1) // 2)):
+            last = checkpoints(self.cfg.output_dir)
+            first = f"the last {in_a_row} steps"
+            if in_a_row == done - self.start_step:
+                first = "every step since the " + ("resume" if self.start_step else "start")
+            raise NonFiniteLossError(
+                f"{first} (to step {done}) had a NaN or inf loss or gradients: the model no longer trains, "
+                "so the run stops and publishes nothing; the last checkpoint is "
+                f"{str(last[-1]) if last else 'none'} (weights from before these steps). Lower "
+                "learning_rate; if the run resumed, its checkpoint may be damaged: resume from an earlier one"
+            )
         if self.cfg.nonfinite_loss == "stop":
             last = checkpoints(self.cfg.output_dir)
             raise NonFiniteLossError(
@@ -264,9 +304,29 @@ class Trainer:
         """On the main process: an empty staging folder to write the result into; when the block ends
         without an error, it replaces ``self.final`` in one atomic step, marked as this run's (a folder
         of someone else's files there is refused, before anything is written)."""
+        self.check_finite_weights()
         staging = final_staging(self.final, self.cfg.output_dir)
-        yield staging
-        publish_final(staging, self.final, self.cfg.output_dir, step=self.cfg.max_steps)
+        try:
+            yield staging
+            publish_final(staging, self.final, self.cfg.output_dir, step=self.cfg.max_steps)
+        except Exception as e:  # not only WRITE_ERRORS: tokenizers' writer raises a bare Exception
+            end = f"checkpoint-{self.cfg.max_steps}"
+            done = [p for p in checkpoints(self.cfg.output_dir) if p.name == end]
+            weights = [t for m in self.checkpoint_modules().values() for t in m.state_dict().values()]
+            needed = sum(t.numel() * t.element_size() for t in weights) * (2 if self.ema else 1)
+            raise final_save_error(e, self.final, staging, needed, done[0] if done else None) from e
+
+    def check_finite_weights(self) -> None:
+        """NonFiniteLossError, before the final folder is touched, if the trained weights or their EMA hold
+        NaN or inf (a learning rate so high one step overflowed): such a model is never published."""
+        bad = nonfinite_count([p.detach() for p in self.params] + (self.ema.shadow if self.ema else []))
+        if bad:
+            last = checkpoints(self.cfg.output_dir)
+            raise NonFiniteLossError(
+                f"the trained weights hold {bad:,} NaN or inf values, so no final model is published "
+                f"({self.final} is as it was). The last checkpoint is {str(last[-1]) if last else 'none'}; "
+                "--resume latest passes over checkpoints whose weights are not finite. Lower learning_rate"
+            )
 
 
 def leave(status: int = 0) -> None:

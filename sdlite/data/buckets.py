@@ -3,11 +3,13 @@
 Instead of cropping every image to a square, images are grouped by aspect ratio into bucket sizes of
 about the same pixel count as resolution² (so a step costs about the same whatever its bucket):
 
-- ``make_buckets``: for each width w from min_side to max_side in steps of ``multiple`` (the VAE
-  factor times 8, so the latent sides are multiples of 8), the tallest h, a multiple too, with
-  w * h <= resolution², and each size's transpose;
+- ``make_buckets``: for each width w from min_side to max_side in steps of ``step`` (kohya's
+  bucket_reso_steps; by default ``bucket_multiple``, the finest the model takes), the tallest h, a
+  multiple too, with w * h <= resolution², and each size's transpose;
 - ``assign_bucket``: an image goes to the bucket of the nearest aspect ratio (in log scale, so 2:1
-  and 1:2 are equally far from 1:1);
+  and 1:2 are equally far from 1:1); with ``no_upscale`` (kohya's bucket_no_upscale) it instead gets
+  a bucket of its own: its size, scaled down to resolution² pixels if larger, each side rounded down
+  to the step, so that no image is enlarged (``bucket_rows`` gathers the set from the images);
 - ``BucketTransform``: scale the image so that it covers its bucket, then crop the small excess of one
   side (centred, or a random offset from (seed, index), the same every epoch so that latents cache).
   It stands in for ``ImageTransform`` (same ``crop_box`` and call), and gives SDXL's size and crop
@@ -28,14 +30,15 @@ import json
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from sdlite.data.decoding import decode_image, pixel_limit
+from sdlite.data.captions import MAX_REPEATS
+from sdlite.data.decoding import check_aspect, decode_image, pixel_limit
 from sdlite.data.steps import StepBatches, seeded_generator
 from sdlite.latents import vae_factor
 
@@ -43,21 +46,52 @@ Size = tuple[int, int]  # (width, height) in pixels, as PIL
 
 
 def bucket_multiple(vae_config) -> int:
-    """What bucket sides are multiples of: the VAE factor times 8 (latent sides multiples of 8)."""
-    return vae_factor(vae_config) * 8
+    """What bucket sides must be multiples of, and the default step: the VAE factor (whole latent
+    pixels). The U-Net asks for nothing more: diffusers' UNet2DConditionModel pads a side that one of
+    its downsamplers halves to an odd size and hands each upsampler the size of its skip, so a latent
+    of any side runs and comes back at that side (tests/test_buckets.py runs the tiny presets' U-Nets
+    at odd sides)."""
+    return vae_factor(vae_config)
+
+
+def bucket_step(vae_config, step: int | None = None, resolution: int | None = None) -> int:
+    """The step of bucket sides: ``step`` (the bucket_step setting), refused unless a multiple of
+    ``bucket_multiple``. None: ``default_bucket_step``."""
+    multiple = bucket_multiple(vae_config)
+    if step is None:
+        return default_bucket_step(multiple, resolution)
+    if step < 1 or step % multiple:
+        below = max(multiple, step // multiple * multiple)
+        raise ValueError(
+            f"bucket_step {step} is not a multiple of {multiple}, the VAE factor (a bucket side must be "
+            f"whole latent pixels): use {below} or {below + multiple}"
+        )
+    return step
+
+
+def default_bucket_step(factor: int, resolution: int | None) -> int:
+    """Eight latent pixels (64 px on SD and SDXL, kohya's default: latents that halve cleanly through the
+    U-Net's downsampling), but no coarser than an eighth of the resolution, so that a small model's
+    images get buckets of their own shape too (at 32 px, a step of 32 would leave one square bucket)."""
+    step = factor * 8
+    while resolution is not None and step > factor and step > resolution // 8:
+        step //= 2
+    return step
 
 
 def make_buckets(
     resolution: int, multiple: int, min_side: int | None = None, max_side: int | None = None
 ) -> list[Size]:
-    """Bucket sizes (w, h) with w, h multiples of ``multiple`` in [min_side, max_side], h the tallest
-    with w * h <= resolution² (so w * h > resolution² - multiple * max(w, h)). Defaults: resolution / 2 to
-    resolution * 2."""
+    """Bucket sizes (w, h) with w, h multiples of ``multiple`` (the step) in [min_side, max_side], h the
+    tallest with w * h <= resolution² (so w * h > resolution² - multiple * max(w, h)). Defaults:
+    resolution / 2 to resolution * 2, as kohya's min/max_bucket_reso at its defaults; unlike kohya's, a
+    width whose tallest h would pass max_side is left out rather than kept with fewer pixels."""
     if resolution % multiple:
+        below, above = resolution // multiple * multiple, (resolution // multiple + 1) * multiple
+        choices = f"{below} or {above}" if below else f"{above}"
         raise ValueError(
-            f"resolution {resolution} is not a multiple of {multiple} (the VAE factor x 8), which aspect "
-            f"buckets need: choose {resolution // multiple * multiple or multiple} or "
-            f"{(resolution // multiple + 1) * multiple}"
+            f"resolution {resolution} is not a multiple of the bucket step {multiple}, which aspect "
+            f"buckets need: choose {choices}, or a bucket_step that divides it"
         )
     lo = max(multiple, (min_side or resolution // 2) // multiple * multiple)
     hi = (max_side or resolution * 2) // multiple * multiple
@@ -68,7 +102,7 @@ def make_buckets(
         h = area // w // multiple * multiple
         if lo <= h <= hi:  # a narrower w would need h past max_side: that size would lose pixels, left out
             sizes.update({(w, h), (h, w)})
-    return sorted(sizes, key=lambda s: (s[0] / s[1], s))
+    return sorted_buckets(sizes)
 
 
 def assign_bucket(size: Size, buckets: Sequence[Size]) -> int:
@@ -76,6 +110,19 @@ def assign_bucket(size: Size, buckets: Sequence[Size]) -> int:
     aspect = math.log(size[0] / size[1])
     return min(range(len(buckets)), key=lambda b: (abs(math.log(buckets[b][0] / buckets[b][1]) - aspect),
                                                    -buckets[b][0] * buckets[b][1]))  # fmt: skip
+
+
+def own_bucket(size: Size, resolution: int, step: int) -> Size:
+    """An image's bucket without upscaling (kohya's bucket_no_upscale): its size, scaled down to
+    resolution² pixels if it has more, each side rounded down to the step (at least one step: a side
+    shorter than that is the one thing enlarged, as a latent needs a whole pixel)."""
+    scale = min(1.0, resolution / math.sqrt(size[0] * size[1]))
+    return tuple(max(step, int(side * scale) // step * step) for side in size)
+
+
+def sorted_buckets(sizes) -> list[Size]:
+    """Bucket sizes in the order make_buckets gives: by aspect ratio, then size."""
+    return sorted(set(sizes), key=lambda s: (s[0] / s[1], s))
 
 
 def covering_size(size: Size, bucket: Size) -> Size:
@@ -88,14 +135,24 @@ def covering_size(size: Size, bucket: Size) -> Size:
 @dataclass(frozen=True)
 class BucketTransform:
     """Encoded image -> (3, h, w) float tensor in [-1, 1] of its bucket's size (w, h): resize to cover
-    the bucket, crop the excess, optional flip. ``resolution`` names the bucket set in cache keys."""
+    the bucket, crop the excess, optional flip. With ``no_upscale`` an image's bucket is ``own_bucket``
+    (of ``step``), and ``buckets`` must hold those of the images (``bucket_rows`` makes it so).
+
+    A cache key holds ``resolution`` and the crop box, and that is enough whatever the bucket set, step
+    or no_upscale: the box's size is the bucket, the resize is covering_size of the image's size and the
+    bucket, so an image whose bucket changes gets a new key and one whose bucket stays shares its
+    entry, its pixels being the same."""
 
     resolution: int
     buckets: tuple[Size, ...]
     random_crop: bool = False
     seed: int = 0
+    no_upscale: bool = False
+    step: int = 1  # the sides' step (used with no_upscale; the buckets hold it otherwise)
 
     def bucket(self, size: Size) -> Size:
+        if self.no_upscale:
+            return own_bucket(size, self.resolution, self.step)
         return self.buckets[assign_bucket(size, self.buckets)]
 
     def resized_size(self, size: Size) -> Size:
@@ -115,6 +172,7 @@ class BucketTransform:
         """(image in its bucket, its original (w, h), the crop's top-left (top, left))."""
         size, box = image.size, self.crop_box(image.size, index)
         resized = self.resized_size(size)
+        check_aspect(size)  # before the resize: a thin strip would be scaled to a huge one
         if resized != size:
             image = image.resize(resized, Image.BICUBIC)
         if box != (0, 0, *resized):
@@ -125,6 +183,16 @@ class BucketTransform:
         image, _, _ = self.fit(decode_image(data, pixel_limit(self.resolution)), index)  # clean_rows' limit
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
         return pixels.flip(-1) if flip else pixels  # (3, h, w)
+
+
+def bucket_transform(resolution: int, vae_config, step: int | None = None, min_side: int | None = None,
+                     max_side: int | None = None, no_upscale: bool = False, random_crop: bool = False,
+                     seed: int = 0) -> BucketTransform:  # fmt: skip
+    """The BucketTransform of these settings (bucket_step, bucket_min_side, bucket_max_side,
+    bucket_no_upscale) for a model of this VAE: training and DreamBooth's class images use this one."""
+    step = bucket_step(vae_config, step, resolution)
+    sizes = make_buckets(resolution, step, min_side, max_side)
+    return BucketTransform(resolution, tuple(sizes), random_crop, seed, no_upscale, step)
 
 
 def bucket_counts(bucket_of_rows: Sequence[int], buckets: Sequence[Size]) -> dict[str, int]:
@@ -151,14 +219,16 @@ def bucket_summary(counts: dict[str, int], global_batch: int) -> str:
 class BucketSampler(StepBatches):
     """A batch sampler for the optimizer steps ``start_step`` .. ``max_steps - 1``, each from one bucket.
 
-    Items: row r appears ``repeats[r]`` times per epoch (1 each without ``repeats``). Epoch e: each
-    bucket's items in an order drawn from (seed, e, bucket), its last short run filled by repeating them
-    from its start, cut into runs of G = batch_size * num_processes * accumulation_steps; the runs of all
-    buckets then in an order drawn from (seed, e). Step s takes the next run; micro-step a of process r
-    takes positions (a * num_processes + r) * batch_size onward, as StepSampler. Items come as
-    (row, flip), the flip drawn from (seed, step) when ``random_flip``; with ``draw_keys`` as
-    (row, flip, epoch, item), item being the row's place among the epoch's items (for draw_caption).
-    ``bucket_of_rows`` None: one bucket (a StepSampler with repeats that drops no image).
+    Items: row r appears ``repeats[r]`` times per epoch (1 each without ``repeats``), as items
+    first[r] .. first[r + 1] - 1 (``first``: the running sum of the counts, so that a row's repeats
+    are a count, never a list). Epoch e: each bucket's items in an order drawn from (seed, e, bucket),
+    its last short run filled by repeating them from its start, cut into runs of
+    G = batch_size * num_processes * accumulation_steps; the runs of all buckets then in an order drawn
+    from (seed, e). Step s takes the next run; micro-step a of process r takes positions
+    (a * num_processes + r) * batch_size onward, as StepSampler. Items come as (row, flip), the flip
+    drawn from (seed, step) when ``random_flip``; with ``draw_keys`` as (row, flip, epoch, item), item
+    being the row's place among the epoch's items (for draw_caption). ``bucket_of_rows`` None: one
+    bucket (a StepSampler with repeats that drops no image).
     """
 
     def __init__(
@@ -179,59 +249,78 @@ class BucketSampler(StepBatches):
         if bucket_of_rows is None:
             bucket_of_rows = [0] * (num_rows if num_rows is not None else len(repeats or []))
         self.bucket_of_rows = list(bucket_of_rows)
-        repeats = [1] * len(self.bucket_of_rows) if repeats is None else [int(n) for n in repeats]
-        if len(repeats) != len(self.bucket_of_rows) or any(n < 0 for n in repeats):
+        counts = (
+            np.ones(len(self.bucket_of_rows), np.int64) if repeats is None else np.asarray(repeats, np.int64)
+        )
+        if counts.shape != (len(self.bucket_of_rows),) or (counts < 0).any():
             raise ValueError("repeats must give a count >= 0 for every row")
-        self.rows_of_items = [row for row, n in enumerate(repeats) for _ in range(n)]  # item -> row
-        self.num_items, self.batch_size, self.seed = len(self.rows_of_items), batch_size, seed
+        if (counts > MAX_REPEATS).any():
+            raise ValueError(f"a row repeats {counts.max()} times, over the limit of {MAX_REPEATS}")
+        self.first = np.concatenate([[0], np.cumsum(counts)])  # row r's items: first[r] .. first[r + 1] - 1
+        self.num_items, self.batch_size, self.seed = int(self.first[-1]), batch_size, seed
         if self.num_items == 0:
             raise ValueError("no training items: every row repeats 0 times")
         self.max_steps, self.start_step = max_steps, start_step
         self.num_processes, self.process_index = num_processes, process_index
         self.accumulation_steps, self.random_flip, self.draw_keys = accumulation_steps, random_flip, draw_keys
         self.global_batch = batch_size * num_processes * accumulation_steps
-        self.items_of_bucket: dict[int, list[int]] = {}
-        for item, row in enumerate(self.rows_of_items):
-            self.items_of_bucket.setdefault(self.bucket_of_rows[row], []).append(item)
+        # bucket -> its rows that have items, in row order (so its items in item order), and where each
+        # row's items start among the bucket's.
+        self.items_of_bucket: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        of_rows = np.asarray(self.bucket_of_rows, np.int64)
+        for bucket in sorted(set(of_rows[counts > 0].tolist())):
+            rows = np.flatnonzero((of_rows == bucket) & (counts > 0))
+            self.items_of_bucket[bucket] = (rows, np.concatenate([[0], np.cumsum(counts[rows])]))
         G = self.global_batch
-        self.steps_per_epoch = sum(-(-len(items) // G) for items in self.items_of_bucket.values())
+        runs = [-(-int(starts[-1]) // G) for _, starts in self.items_of_bucket.values()]
+        # The runs (steps) of an epoch, numbered bucket after bucket: the i-th bucket's start at first_run[i].
+        self.bucket_ids, self.first_run = list(self.items_of_bucket), np.concatenate([[0], np.cumsum(runs)])
+        self.steps_per_epoch = int(self.first_run[-1])
         self._epoch, self._plan = -1, None
 
-    def epoch_plan(self, epoch: int) -> list[tuple[int, list[int]]]:
-        """The epoch's steps in order: (bucket, the G items of the step)."""
+    def epoch_plan(self, epoch: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Each bucket's order of its items in the epoch, and the epoch's steps in order as runs: run
+        first_run[i] + k is the k-th run of the i-th bucket."""
         if epoch != self._epoch:
-            G, runs = self.global_batch, []
-            for bucket, items in sorted(self.items_of_bucket.items()):
-                order = torch.randperm(
-                    len(items), generator=seeded_generator(self.seed, "bucket", epoch, bucket)
+            orders = {
+                bucket: torch.randperm(
+                    int(starts[-1]), generator=seeded_generator(self.seed, "bucket", epoch, bucket)
                 )
-                steps = -(-len(items) // G)
-                cycle = [items[i] for i in order.tolist()]
-                filled = [
-                    cycle[i % len(cycle)] for i in range(steps * G)
-                ]  # the short run filled from the start
-                runs += [(bucket, filled[k * G : (k + 1) * G]) for k in range(steps)]
-            order = torch.randperm(len(runs), generator=seeded_generator(self.seed, "steps", epoch)).tolist()
-            self._epoch, self._plan = epoch, [runs[i] for i in order]
+                for bucket, (_, starts) in self.items_of_bucket.items()
+            }
+            steps = torch.randperm(
+                self.steps_per_epoch, generator=seeded_generator(self.seed, "steps", epoch)
+            )
+            self._epoch, self._plan = epoch, (orders, steps)
         return self._plan
+
+    def _run(self, step: int) -> tuple[int, int, int]:
+        """(epoch, bucket, run of the bucket) of a step."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        run = int(self.epoch_plan(epoch)[1][k])
+        i = int(np.searchsorted(self.first_run, run, side="right")) - 1
+        return epoch, self.bucket_ids[i], run - int(self.first_run[i])
 
     def step_bucket(self, step: int) -> int:
         """The bucket of a step (its latent shape for the step's noise draws)."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        return self.epoch_plan(epoch)[k][0]
+        return self._run(step)[1]
 
     def step_items(self, step: int) -> list[tuple]:
         """The global batch of one optimizer step, in position order."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        items = self.epoch_plan(epoch)[k][1]
+        epoch, bucket, run = self._run(step)
+        rows, starts = self.items_of_bucket[bucket]
+        G, order = self.global_batch, self.epoch_plan(epoch)[0][bucket].numpy()
+        places = order[(run * G + np.arange(G)) % len(order)]  # the short run filled from the start
+        j = np.searchsorted(starts, places, side="right") - 1  # which of the bucket's rows holds each
+        row_of = rows[j]
+        items = self.first[row_of] + places - starts[j]
         if self.random_flip:
-            flips = torch.rand(self.global_batch, generator=seeded_generator(self.seed, "flip", step)) < 0.5
+            flips = torch.rand(G, generator=seeded_generator(self.seed, "flip", step)) < 0.5
         else:
-            flips = torch.zeros(self.global_batch, dtype=torch.bool)
-        rows = [self.rows_of_items[i] for i in items]
+            flips = torch.zeros(G, dtype=torch.bool)
         if self.draw_keys:
-            return [(r, f, epoch, i) for r, f, i in zip(rows, flips.tolist(), items)]
-        return list(zip(rows, flips.tolist()))
+            return [(r, f, epoch, i) for r, f, i in zip(row_of.tolist(), flips.tolist(), items.tolist())]
+        return list(zip(row_of.tolist(), flips.tolist()))
 
 
 class _RowsOf:
@@ -277,5 +366,40 @@ def image_sizes(rows, image_column: str) -> list[Size]:
 
 
 def image_buckets(rows, image_column: str, transform: BucketTransform) -> list[int]:
-    """The bucket of every row (an index into ``transform.buckets``)."""
-    return [assign_bucket(size, transform.buckets) for size in image_sizes(rows, image_column)]
+    """The bucket of every row (an index into ``transform.buckets``; with no_upscale, see bucket_rows)."""
+    transform_of_rows, of_rows = bucket_rows(image_sizes(rows, image_column), transform)
+    if transform_of_rows != transform:
+        raise ValueError("a no_upscale transform's buckets come from its images: use bucket_rows")
+    return of_rows
+
+
+def bucket_rows(sizes: Sequence[Size], transform: BucketTransform) -> tuple[BucketTransform, list[int]]:
+    """The transform for images of these sizes and each one's bucket (an index into its buckets): with
+    no_upscale, its buckets are the images' own, as kohya's bucket_no_upscale makes its set from the
+    data; else the transform as it is."""
+    if not transform.no_upscale:
+        return transform, [assign_bucket(size, transform.buckets) for size in sizes]
+    own = [transform.bucket(size) for size in sizes]
+    buckets = sorted_buckets(own)
+    place = {bucket: b for b, bucket in enumerate(buckets)}
+    return replace(transform, buckets=tuple(buckets)), [place[bucket] for bucket in own]
+
+
+def one_bucket_warning(sizes: Sequence[Size], transform: BucketTransform, multiple: int) -> str | None:
+    """A warning when every image fell into one bucket but their shapes differ from it (so every image
+    is cropped to one aspect, as without buckets), naming why and what to change; else None."""
+    buckets = {transform.bucket(size) for size in sizes}
+    if len(buckets) != 1:
+        return None
+    (w, h), aspects = buckets.pop(), [a / b for a, b in sizes]
+    if all(abs(math.log(a * h / w)) < 0.01 for a in aspects):
+        return None  # the images have the bucket's shape: nothing is lost
+    step, resolution = transform.step, transform.resolution
+    finer = f"a smaller bucket_step (this model takes multiples of {multiple}), " if step > multiple else ""
+    own = "" if transform.no_upscale else ", or bucket_no_upscale (a bucket of each image's own size)"
+    return (
+        f"warning: aspect buckets: all {len(sizes)} images fell into one bucket, {w}x{h}, so their aspect "
+        f"ratios {min(aspects):.2f}..{max(aspects):.2f} are all cropped to {w / h:.2f}: at resolution "
+        f"{resolution} with bucket_step {step} no bucket of about {resolution}x{resolution} pixels is "
+        f"nearer their shape; for buckets of their shape use {finer}a larger resolution{own}"
+    )

@@ -18,7 +18,11 @@ Each entry is one safetensors file named by its key, the SHA-256 of everything t
 
 A key changes whenever anything that shapes the tensor changes, so a stale entry is never read, and
 unchanged data hits in every later run, whatever its output folder. Entries are never rewritten:
-changed inputs make new keys and the old files stay until the folder is deleted.
+changed inputs make new keys and the old files stay until the folder is deleted. The one exception is
+an entry that no longer reads (a power cut after an unsynced write, a disk error, a hand edit): ``fill``
+opens every entry it finds (safetensors checks the header and the sizes) and computes a bad one again
+over it, naming it, and a run that meets one later removes it (``TrainingExamples``). Writes are
+fsynced before the rename, so a rename that survives a power cut names a whole file.
 
 Why the mean and std rather than one sample: diffusers' script draws z ~ q(z|x) afresh at every step
 (``latent_dist.sample()``). Keeping the distribution keeps exactly that, so cached training optimises
@@ -33,14 +37,17 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sdlite.conditioning_xl import encode_ids_xl
 from sdlite.data.dataset import ImageTransform, image_bytes
 from sdlite.data.decoding import DECODER, image_size
+from sdlite.data.files import DataError, shown
 from sdlite.latents import to_latents
 
 # Config entries that do not change what a model computes from its input.
@@ -93,15 +100,31 @@ class DecodedImages:
 
     def add(self, data: bytes) -> None:
         path = self.path(data)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()  # empty: it exists whole or not at all
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()  # empty: it exists whole or not at all
+        except OSError:  # a full disk: a record not kept costs one decoding in a later run, not this run
+            pass
+
+
+class CacheWriteError(DataError, OSError):
+    """A cache entry could not be written (a full disk, a read-only folder): nothing was lost. An
+    OSError, as the failed write was, and a DataError, as every error of the data's preparation is."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class TensorCache:
     """Content-addressed safetensors files under ``root``: ``root/ab/abcdef....safetensors``."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, log: Callable[[str], None] = print):
+        self.root, self.log = Path(root), log
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -109,17 +132,53 @@ class TensorCache:
     def __contains__(self, key: str) -> bool:
         return self.path(key).is_file()
 
+    def readable(self, key: str) -> bool:
+        """Whether the entry is there and opens (safetensors checks its header against the file's size);
+        a bad one is named in the log."""
+        path = self.path(key)
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(path, "pt"):
+                return True
+        except (OSError, SafetensorError) as error:
+            self.log(f"cache: {shown(path)}: unreadable entry ({error}); computing it again")
+            return False
+
     def load(self, key: str) -> dict[str, torch.Tensor]:
         return load_file(self.path(key))
 
-    def save(self, key: str, tensors: dict[str, torch.Tensor]) -> Path:
-        """Write atomically: a reader sees the whole file or none (a crash leaves only a .tmp file)."""
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # unique across processes and machines
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-        return path
+    def save(self, key: str, tensors: dict[str, torch.Tensor], what: str = "cache entries") -> Path:
+        """Write one entry (see ``save_all``)."""
+        self.save_all([(key, tensors)], what)
+        return self.path(key)
+
+    def save_all(
+        self, entries: Sequence[tuple[str, dict[str, torch.Tensor]]], what: str = "cache entries"
+    ) -> None:
+        """Write (key, tensors) entries atomically and durably: a reader sees a whole file or none (a
+        crash leaves only .tmp files), and each file is on the disk before its name is. The fsyncs run
+        together, which a file system commits at once (one by one they cost a journal commit each).
+        CacheWriteError, naming ``what``, if they cannot be written."""
+        tmps = [(self.path(k).with_name(f"{k}.safetensors.{uuid.uuid4().hex}.tmp"), k, t) for k, t in entries]
+        try:
+            for tmp, _, tensors in tmps:  # names unique across processes and machines
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp)
+            with ThreadPoolExecutor(min(len(tmps), 16)) as pool:
+                list(pool.map(_fsync, [tmp for tmp, _, _ in tmps]))
+            for tmp, key, _ in tmps:
+                os.replace(tmp, self.path(key))
+        except (OSError, SafetensorError) as error:
+            for tmp, _, _ in tmps:
+                tmp.unlink(missing_ok=True)  # frees what the partial files took
+            raise CacheWriteError(
+                f"could not write {what} to the cache {shown(self.root)!r} ({type(error).__name__}: "
+                f"{error}). Nothing was lost: the cache is filled before the first training step, the "
+                "entries already written are whole and will be reused, and the partial files were removed. "
+                "Free disk space there (or fix the folder's permissions, or set cache_dir to a disk with "
+                "room), then start again"
+            ) from error
 
     def fill(
         self,
@@ -129,9 +188,10 @@ class TensorCache:
         rank: int = 0,
         world_size: int = 1,
         progress: Callable[[int], None] | None = None,
+        what: str = "cache entries",
     ) -> int:
-        """Compute and store the entries of ``keys`` that are missing; returns how many were missing
-        (as this process saw them).
+        """Compute and store the entries of ``keys`` that are missing or do not read; returns how many
+        (as this process saw them). ``what`` names the entries in an error ("latents").
 
         ``compute(positions)`` returns a dict of batched tensors for those positions of ``keys``. With
         several processes each computes its share of the missing entries; the caller waits for all
@@ -140,15 +200,19 @@ class TensorCache:
         first: dict[str, int] = {}
         for i, key in enumerate(keys):
             first.setdefault(key, i)
-        missing = [i for key, i in first.items() if key not in self]
+        # A bad entry is computed again by its owner over the old file (os.replace): none is deleted
+        # here, so no process can remove a file another has just rewritten.
+        missing = [i for key, i in first.items() if not self.readable(key)]
         # Each key has one owner, fixed by the key itself, so processes that look at different times
         # (while others write) still split the work without gaps or overlaps.
         mine = [i for i in missing if int(keys[i][:8], 16) % world_size == rank]
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
             batch = compute(chunk)
-            for j, i in enumerate(chunk):
-                self.save(keys[i], {name: value[j] for name, value in batch.items()})
+            self.save_all(
+                [(keys[i], {name: value[j] for name, value in batch.items()}) for j, i in enumerate(chunk)],
+                what,
+            )
             if progress is not None:
                 progress(len(chunk))
         return len(missing)
@@ -208,7 +272,7 @@ def cache_latents(
         ]
         return vae_moments(vae, torch.stack(pixels))
 
-    missing = cache.fill(keys, compute, batch_size, rank, world_size, progress)
+    missing = cache.fill(keys, compute, batch_size, rank, world_size, progress, "latents")
     files: list[list[str | None]] = [[None, None] for _ in range(len(images))]
     for key, (index, flip) in zip(keys, where):
         files[index][int(flip)] = str(cache.path(key))
@@ -232,6 +296,7 @@ def cache_text(
         batch_size,
         rank,
         world_size,
+        what="text embeddings",
     )
     return [str(cache.path(key)) for key in keys], missing
 
@@ -268,5 +333,6 @@ def cache_text_xl(
         batch_size,
         rank,
         world_size,
+        what="text embeddings",
     )
     return [str(cache.path(key)) for key in keys], missing

@@ -12,13 +12,16 @@ The layout most captioning tools write, read with no metadata file::
 Every image below the root (recursively) is a row; its caption is the first non-empty line of the
 ``.txt`` (else ``.caption``) file of the same stem beside it. The repeat count of an image is N of the
 nearest folder under the root named ``N_name``; other folders (and the root itself, whose name is the
-user's to choose) repeat once. What is odd is listed, never fatal: an image without a caption file or
-with an empty one trains with the empty caption; a caption file without its image is ignored; an
-``N_name`` folder with N = 0 leaves its images out; a folder whose prefix looks like a count but is not
-a whole number (``1.5_x``, ``10x_x``) trains once. What is odd about the folders and the files comes
-back as ``(file, problem, what was done)``, rows of ``bad_files.txt``; what is odd about a row's own
-caption file rides in the row (``CAPTION_PROBLEM``) for ``clean_rows`` to list with the row's other
-problems, so that a row without a caption is listed once, saying why.
+user's to choose) repeat once; a count over MAX_REPEATS stops the run, naming the folder (a name such
+as ``1000000000_big`` is a typo or worse). What is odd is listed, never fatal: an image without a
+caption file or with an empty one trains with the empty caption; a caption file without its image is
+ignored; an ``N_name`` folder with N = 0 leaves its images out; a folder whose prefix looks like a
+count but is not a whole number (``1.5_x``, ``10x_x``) trains once; an image whose file or caption
+file links out of the folder, or whose name is not UTF-8, is skipped (see ``caption_rows``). What is
+odd about the folders and the files comes back as ``(file, problem, what was done)``, rows of
+``bad_files.txt``; what is odd about a row's own caption file rides in the row (``CAPTION_PROBLEM``)
+for ``clean_rows`` to list with the row's other problems, so that a row without a caption is listed
+once, saying why.
 
 Caption handling per draw (``draw_caption``), as sd-scripts users know it: ``caption_prefix`` (a
 trigger word) becomes the first tag and stays first; ``shuffle_caption`` shuffles the comma-separated
@@ -41,11 +44,16 @@ import datasets
 import numpy as np
 import torch
 
+from sdlite.data.files import DataError, listed_file_problem, shown
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_EXTENSIONS = (".txt", ".caption")  # in order of preference
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.json")
 _REPEATS = re.compile(r"^(\d+)_(.+)$")
 _COUNT_LIKE = re.compile(r"^([^_]*\d[^_]*)_(.+)$")  # a prefix holding a digit: meant as a count?
+# The most times a folder's images may repeat per epoch. Photo sets use 1 to 100; a count past this is
+# a typo or a hostile name (``1000000000_x``), and every repeat is an item of each epoch's order.
+MAX_REPEATS = 10_000
 _CAPTION_STREAM = 0x63617074  # keeps caption draws apart from other draws seeded by (seed, ...)
 # A column of caption_rows' rows: what is wrong with the row's caption file (None when nothing), listed by
 # clean_rows in place of its own "no caption" (which would name the same row a second time) and removed.
@@ -64,10 +72,17 @@ def is_caption_folder(path: str | Path) -> bool:
 
 
 def folder_repeats(name: str) -> tuple[int, str | None]:
-    """The repeat count a folder's name gives (``10_mychar`` -> 10) and a problem with it, if any."""
+    """The repeat count a folder's name gives (``10_mychar`` -> 10) and a problem with it, if any;
+    DataError for a count over MAX_REPEATS."""
     match = _REPEATS.match(name)
     if match:
-        n = int(match.group(1))
+        digits = match.group(1).lstrip("0") or "0"
+        if len(digits) > len(str(MAX_REPEATS)) or int(digits) > MAX_REPEATS:  # int() of 5000 digits raises
+            raise DataError(
+                f"folder {shown(name)!r} repeats its images {digits[:20]}{'...' if len(digits) > 20 else ''} "
+                f"times, over the limit of {MAX_REPEATS}: rename it with a smaller count"
+            )
+        n = int(digits)
         return n, None if n > 0 else f"folder {name!r} repeats its images 0 times"
     if _COUNT_LIKE.match(name):
         return 1, f"folder {name!r}: {name.split('_')[0]!r} is not a whole repeat count"
@@ -95,11 +110,17 @@ def caption_rows(
     image_column: str = "image",
     caption_column: str = "text",
     repeats_column: str = "repeats",
+    allow_outside: bool = False,
 ) -> tuple[datasets.Dataset, list[Problem]]:
     """The rows of a caption folder, shaped as ``load_rows``' (images undecoded, by path) with a
     ``repeats_column`` and ``CAPTION_PROBLEM``, and the problems of the folders and files (not of the rows'
-    captions: clean_rows lists those). Raises DataError when no image is left to train."""
-    from sdlite.data.dataset import DataError
+    captions: clean_rows lists those). Raises DataError when no image is left to train.
+
+    An image whose file, or caption file, may not be read (a name that is not UTF-8, a link out of the
+    folder unless ``allow_outside``: ``sdlite.data.files.listed_file_problem``) stays a row marked as
+    ``load_rows`` marks a bad metadata line, for clean_rows to skip and list (or, with bad_data="error",
+    to stop the run), as tables do."""
+    from sdlite.data.dataset import PROBLEM, WHERE
 
     root = Path(root)
     if not root.is_dir():
@@ -111,9 +132,9 @@ def caption_rows(
     problems: list[Problem] = []
     for p in files:
         if p.suffix.lower() in CAPTION_EXTENSIONS and p.with_suffix("") not in stems:
-            problems.append((str(p), "caption file without an image of the same name", "ignored"))
+            problems.append((shown(p), "caption file without an image of the same name", "ignored"))
 
-    paths, captions, repeats, caption_problems = [], [], [], []
+    paths, captions, repeats, caption_problems, refused = [], [], [], [], []
     for image in images:
         n, why = 1, None
         for folder in reversed(image.relative_to(root).parents[:-1]):  # nearest N_name folder wins
@@ -121,11 +142,20 @@ def caption_rows(
             if _REPEATS.match(folder.name) or problem:
                 n, why = count, problem
         if why and n == 0:
-            problems.append((str(image), why, "skipped (rename the folder to 1_... to train it)"))
+            problems.append((shown(image), why, "skipped (rename the folder to 1_... to train it)"))
+            continue
+        found = [image.with_suffix(ext) for ext in CAPTION_EXTENSIONS if image.with_suffix(ext).is_file()]
+        why_not = ((shown(f), listed_file_problem(f, root, allow_outside)) for f in [image, *found[:1]])
+        unreadable = next(((name, w) for name, w in why_not if w), None)
+        if unreadable:  # a row of its own, which clean_rows skips and lists: nothing of it is read
+            paths.append(None)
+            captions.append(None)
+            repeats.append(n)
+            caption_problems.append(None)
+            refused.append(unreadable)
             continue
         if why:
             problems.append((str(image), why, "kept, trained once per epoch"))
-        found = [image.with_suffix(ext) for ext in CAPTION_EXTENSIONS if image.with_suffix(ext).is_file()]
         text, problem = ("", "no caption file (.txt or .caption)") if not found else _caption_of(found[0])
         for extra in found[1:]:
             problems.append((str(extra), f"a second caption file beside {found[0].name}", "ignored"))
@@ -133,17 +163,20 @@ def caption_rows(
         captions.append(text)
         repeats.append(n)
         caption_problems.append(problem)
+        refused.append((None, None))
     if not paths:
         raise DataError(
             f"caption folder {str(root)!r} holds no image to train (of {', '.join(IMAGE_EXTENSIONS)})"
         )
+    text = datasets.Value("string")
     features = datasets.Features(
-        {image_column: datasets.Image(decode=False), caption_column: datasets.Value("string"),
-         repeats_column: datasets.Value("int64"), CAPTION_PROBLEM: datasets.Value("string")}
+        {image_column: datasets.Image(decode=False), caption_column: text,
+         repeats_column: datasets.Value("int64"), CAPTION_PROBLEM: text, PROBLEM: text, WHERE: text}
     )  # fmt: skip
-    entries = [{"bytes": None, "path": p} for p in paths]
+    entries = [{"bytes": None, "path": p} if p else None for p in paths]
     columns = {image_column: entries, caption_column: captions, repeats_column: repeats,
-               CAPTION_PROBLEM: caption_problems}  # fmt: skip
+               CAPTION_PROBLEM: caption_problems, WHERE: [w for w, _ in refused],
+               PROBLEM: [p for _, p in refused]}  # fmt: skip
     rows = datasets.Dataset.from_dict(columns, features=features)
     return rows, problems
 

@@ -23,7 +23,7 @@ import datasets
 
 from sdlite.data.captions import CAPTION_PROBLEM
 from sdlite.data.dataset import PROBLEM, WHERE, DataError, caption_text, image_bytes, row_name
-from sdlite.data.decoding import decode_image, open_image, pixel_limit, why_unusable
+from sdlite.data.decoding import check_aspect, decode_image, open_image, pixel_limit, why_unusable
 
 
 def check_image(
@@ -39,6 +39,7 @@ def check_image(
         limit = pixel_limit(resolution, max_pixels)
         image = open_image(data, limit)
         mode, size = image.mode, image.size
+        check_aspect(size)  # the transforms refuse it too: here it is listed before training
         if decoded is None or data not in decoded:
             decode_image(data, limit)
             if decoded is not None:
@@ -90,7 +91,8 @@ def clean_rows(
         if problem:
             bad.append(index)
             problems.append((name, problem, action))
-            counts[f"unreadable metadata rows ({action})"] += 1
+            listed = not (where or "").rsplit(" line ", 1)[-1].isdigit()  # a folder's file, not a table line
+            counts[f"{'files refused when listed' if listed else 'unreadable metadata rows'} ({action})"] += 1
             continue
         unusable, fix = check_image(entry, resolution, decoded, max_pixels)
         text = caption_text(caption)

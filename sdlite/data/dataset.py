@@ -18,7 +18,8 @@ SDXL script does). Whether to flip is the sampler's choice per step; the cache h
 
 Scraped data has bad rows. ``load_rows`` reads metadata line by line (sdlite.data.files): a line
 that is not UTF-8 or not JSON, a caption that is not text, an image path outside the data folder is
-named by file and line. ``sdlite.data.cleaning.clean_rows`` then checks every row before training.
+named by file and line; so is, in a folder read without metadata, a file that links out of it or whose
+name is not UTF-8. ``sdlite.data.cleaning.clean_rows`` then checks every row before training.
 An image that breaks after that check (uncached runs read it again every epoch) is replaced and
 listed (``TrainingExamples``).
 """
@@ -32,11 +33,22 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from datasets.data_files import EmptyDatasetError
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from sdlite.data.decoding import decode_image, pixel_limit, why_unusable
-from sdlite.data.files import MAX_FILE_BYTES, DataError, metadata_table, read_file, resolve_in
+from sdlite.data.decoding import check_aspect, decode_image, pixel_limit, why_unusable
+from sdlite.data.files import (
+    MAX_FILE_BYTES,
+    DataError,
+    listed_file_problem,
+    metadata_table,
+    read_file,
+    resolve_in,
+    shown,
+)
 
 TABLE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 # Cached latents and embeddings kept in memory after their first read, per process (and per DataLoader
@@ -113,7 +125,7 @@ def load_rows(
                                         allow_outside, "file_name")  # fmt: skip
         _raise_for(problems, bad_data)
         if rows is None:
-            rows = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+            rows = _image_folder(path, image_column, bad_data, allow_outside)
     elif path.is_file() and path.suffix.lower() in TABLE_FORMATS:
         folder = path.resolve().parent  # relative image paths are relative to the table
         lines = path.suffix.lower() in (".csv", ".jsonl") or (
@@ -141,6 +153,47 @@ def load_rows(
     if len(rows) == 0:
         raise DataError(f"{str(path)!r} holds no rows")
     return rows.cast_column(image_column, datasets.Image(decode=False))
+
+
+def _image_folder(path: Path, image_column: str, bad_data: str, allow_outside: bool) -> datasets.Dataset:
+    """datasets' imagefolder of ``path``. It follows links and cannot hold a file name that is not
+    UTF-8 (pyarrow's strings are UTF-8), so without a metadata file (whose lines were checked) the
+    folder's files are listed first: those that may not be read (``listed_file_problem``) stop the run,
+    or with bad_data="skip" become marked rows that clean_rows skips and lists."""
+    readable = set(ImageFolder.EXTENSIONS)  # what imagefolder reads (not hidden files)
+    listed = [] if _metadata_files(path) else sorted(
+        p for p in path.rglob("*") if p.suffix.lower() in readable and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )  # fmt: skip
+    refused = [(shown(p), why) for p in listed if (why := listed_file_problem(p, path, allow_outside))]
+    _raise_for([f"{name}: {why}" for name, why in refused], bad_data)
+    good = [str(p) for p in listed if not listed_file_problem(p, path, allow_outside)]
+    if refused and not good:  # nothing to read: clean_rows lists them all and stops the run
+        rows: dict[str, list] = {"image": []}
+    else:
+        try:
+            files = {"data_files": good} if refused else {"data_dir": str(path)}
+            rows = datasets.load_dataset("imagefolder", split="train", **files).cast_column(
+                "image", datasets.Image(decode=False)
+            )
+        except EmptyDatasetError:
+            raise DataError(
+                f"data folder {str(path)!r} holds no images: put images there, each with a caption file "
+                'beside it (0001.png, 0001.txt) or named in a metadata.jsonl of lines {"file_name": '
+                '"0001.png", "text": "a caption"}'
+            ) from None
+        if not refused:
+            return rows
+        features = rows.features
+        rows = {c: list(rows[c]) for c in rows.column_names}
+    # The refused files as rows marked as _rows_of_lines marks bad lines, after the good ones.
+    text = datasets.Value("string")
+    features = datasets.Features({**(features if good else {"image": datasets.Image(decode=False)}),
+                                  PROBLEM: text, WHERE: text})  # fmt: skip
+    columns = {c: values + [None] * len(refused) for c, values in rows.items()}
+    columns[PROBLEM] = [None] * len(good) + [why for _, why in refused]
+    columns[WHERE] = [None] * len(good) + [name for name, _ in refused]
+    return datasets.Dataset.from_dict(columns, features=features)
 
 
 def _parquet_shards(folder: Path) -> list[str]:
@@ -208,6 +261,7 @@ class ImageTransform:
 
     def __call__(self, data: bytes, index: int, flip: bool = False) -> torch.Tensor:
         image = decode_image(data, pixel_limit(self.resolution, self.max_pixels))
+        check_aspect(image.size)  # before the resize: a thin strip would be scaled to a huge one
         box = self.crop_box(image.size, index)
         size = self.resized_size(image.size)
         if size != image.size:
@@ -216,6 +270,10 @@ class ImageTransform:
             image = image.crop(box)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
         return pixels.flip(-1) if flip else pixels  # (3, R, R)
+
+
+class BadCacheEntry(DataError):
+    """A cache file that does not read (sdlite.data.cache's entries): removed when met."""
 
 
 def row_name(entry, index: int) -> str:
@@ -238,7 +296,8 @@ class TrainingExamples(torch.utils.data.Dataset):
     stacks; with DreamBooth the same side). The step keeps its batch size; the replacement is a
     function of the index alone, so every run and every worker picks the same one. The file is listed
     in ``report`` (appended to, as clean_rows' rows are: "file, problem, what was done") and through
-    ``log``, once per file.
+    ``log``, once per file. A cache entry that no longer reads is met the same way: removed (the next
+    start computes it again), listed, and its row replaced by one whose entries read.
     """
 
     def __init__(
@@ -264,20 +323,28 @@ class TrainingExamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def pixels(self, index: int, flip: bool) -> torch.Tensor:
-        """(3, R, R) pixels of row ``index``, or of the next row that still reads."""
+    def rows_like(self, index: int):
+        """Row ``index``, then the rows that may stand in for it (its group's, not found broken), in order."""
         for k in range(len(self)):
             row = (index + k) % len(self)
             if row in self.broken or (self.groups is not None and self.groups[row] != self.groups[index]):
                 continue
+            yield row
+
+    def _gone(self, index: int, what: str) -> DataError:
+        alike = len(self) if self.groups is None else self.groups.count(self.groups[index])
+        return DataError(f"none of the {alike} {what} reads any more: the data changed after the start")
+
+    def pixels(self, index: int, flip: bool) -> torch.Tensor:
+        """(3, R, R) pixels of row ``index``, or of the next row that still reads."""
+        for row in self.rows_like(index):
             entry = self.images[row][self.image_column]
             try:
                 return self.transform(image_bytes(entry), row, flip)
             except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
                 self.broken.add(row)
                 self._list(row_name(entry, row), why_unusable(error))
-        alike = len(self) if self.groups is None else self.groups.count(self.groups[index])
-        raise DataError(f"none of the {alike} images reads any more: the data changed after the start")
+        raise self._gone(index, "images")
 
     def _list(self, name: str, problem: str) -> None:
         action = "skipped (broke after the start-up check), another row trained in its place"
@@ -289,6 +356,19 @@ class TrainingExamples(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, bool]) -> dict[str, torch.Tensor]:
         index, flip = item
+        if self.latent_files is None and self.embed_files is None:
+            return {"pixels": self.pixels(index, flip), "input_ids": self.input_ids[index]}
+        # A cache entry that no longer reads is removed (sdlite.data.cache: a later start computes it
+        # again) and its row replaced, as an image that broke, by one whose entries read.
+        for row in self.rows_like(index):
+            try:
+                return self.example(row, flip)
+            except BadCacheEntry as error:
+                self.broken.add(row)
+                self._list(row_name(self.images[row][self.image_column], row), str(error))
+        raise self._gone(index, "cache entries")
+
+    def example(self, index: int, flip: bool) -> dict[str, torch.Tensor]:
         if self.latent_files is not None:
             path = self.latent_files[index][int(flip)]
             if path is None:
@@ -305,10 +385,18 @@ class TrainingExamples(torch.utils.data.Dataset):
     def read_cached(self, path: str) -> dict[str, torch.Tensor]:
         """A cache file's tensors, from memory after the first read while CACHE_MEMORY_BYTES has room.
         The cache is written once at start-up and only read after, and the loader stacks each batch
-        into new tensors, so the kept ones are never changed."""
+        into new tensors, so the kept ones are never changed. BadCacheEntry (the file removed) for a
+        file that does not read."""
         tensors = self.memory.get(path)
         if tensors is None:
-            tensors = load_file(path)
+            try:
+                tensors = load_file(path)
+            except (OSError, SafetensorError) as error:
+                Path(path).unlink(missing_ok=True)  # ours: the next start computes it again
+                raise BadCacheEntry(
+                    f"cache entry {path} does not read ({type(error).__name__}: {error}); removed, it is "
+                    "computed again when a run starts"
+                ) from error
             size = sum(t.numel() * t.element_size() for t in tensors.values())
             if self.memory_bytes + size <= CACHE_MEMORY_BYTES:
                 self.memory[path] = tensors

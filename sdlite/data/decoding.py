@@ -7,7 +7,8 @@ transparent pixels white rather than whatever colour they hide.
 A small file can declare a huge image (a 329 KB 16-bit PNG of 13000 x 13000 pixels decodes to 338 MB,
 and took 4.6 GB through float64 copies), so the size is read from the header and checked against a
 limit relative to the training resolution before any pixel is decoded (``pixel_limit``), and the
-conversions work in place in 32-bit integers.
+conversions work in place in 32-bit integers. A thin strip of a few pixels is small as a file and huge
+once its short side is scaled up to the resolution, so its aspect ratio is bounded too (``check_aspect``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ DECODER = 3
 # way), and at least FLOOR_PIXELS (4096 x 4096: a 12-megapixel phone photo passes at any resolution).
 PIXELS_PER_TRAINING_PIXEL = 64
 FLOOR_PIXELS = 4096 * 4096
+# The most extreme aspect ratio trained (long side over short side): scaled to the training side, an
+# image within it holds at most PIXELS_PER_TRAINING_PIXEL x resolution² pixels; no photograph comes near.
+MAX_ASPECT = PIXELS_PER_TRAINING_PIXEL
 ORIENTATION = 0x0112  # the EXIF tag; values 5-8 turn the image a quarter, swapping width and height
 
 
@@ -66,6 +70,22 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             "raise it with max_image_pixels if the image is real)"
         )
     return image
+
+
+def check_aspect(size: tuple[int, int]) -> None:
+    """TooManyPixels for an image of ``size`` (w, h) more than MAX_ASPECT times longer than wide.
+
+    The limit on the file's own pixels does not bound what it is scaled to: a 1 x 10000 strip of a few
+    hundred bytes, its short side scaled up to 512, is 512 x 5,120,000 pixels. Within MAX_ASPECT the
+    scaled image holds at most MAX_ASPECT x resolution² pixels, inside pixel_limit; past it, what a
+    square or bucket crop keeps is a sliver at any resolution. Checked before any resize."""
+    w, h = size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise TooManyPixels(
+            f"aspect ratio too extreme ({w}x{h}, more than {MAX_ASPECT}:1): scaled to the training "
+            "resolution it would fill the memory, and a crop of it shows a sliver; crop it to a less "
+            "extreme shape"
+        )
 
 
 def image_size(data: bytes) -> tuple[int, int]:

@@ -34,7 +34,8 @@ from sdlite.data.buckets import (
     assign_bucket,
 )
 from sdlite.data.captions import IMAGE_EXTENSIONS
-from sdlite.data.dataset import DataError
+from sdlite.data.dataset import PROBLEM, WHERE, DataError
+from sdlite.data.files import listed_file_problem, shown
 from sdlite.data.steps import StepBatches, seeded_generator
 
 
@@ -55,9 +56,11 @@ def dreambooth_rows(
     class_prompt: str | None = None,
     image_column: str = "image",
     caption_column: str = "text",
+    allow_outside: bool = False,
 ) -> datasets.Dataset:
     """Instance rows then class rows, shaped as ``load_rows``' (images undecoded, by path) with a
-    boolean ``is_prior`` column (True: a class row)."""
+    boolean ``is_prior`` column (True: a class row). A file that may not be read (a name that is not
+    UTF-8, a link out of its folder unless ``allow_outside``) is a marked row, as in ``caption_rows``."""
     instances = image_files(instance_data_dir) if Path(instance_data_dir).is_dir() else []
     if not instances:
         raise DataError(f"instance_data_dir {str(instance_data_dir)!r} holds no images (files ending "
@@ -74,16 +77,23 @@ def dreambooth_rows(
         if not classes:
             raise DataError(f"class_data_dir {str(class_data_dir)!r} holds no images: generate them first "
                             "(num_class_images) or leave prior preservation off")  # fmt: skip
+    # A file that may not be read (a name that is not UTF-8, a link out of its folder) stays a row marked
+    # as load_rows marks a bad metadata line: clean_rows skips and lists it, or stops the run.
+    why = [listed_file_problem(p, Path(instance_data_dir), allow_outside) for p in instances]
+    why += [listed_file_problem(p, Path(class_data_dir), allow_outside) for p in classes]
     paths = instances + classes
+    text = datasets.Value("string")
     features = datasets.Features(
-        {image_column: datasets.Image(decode=False), caption_column: datasets.Value("string"),
-         "is_prior": datasets.Value("bool")}
+        {image_column: datasets.Image(decode=False), caption_column: text, "is_prior": datasets.Value("bool"),
+         PROBLEM: text, WHERE: text}
     )  # fmt: skip
     return datasets.Dataset.from_dict(
         {
-            image_column: [{"bytes": None, "path": str(p)} for p in paths],
+            image_column: [None if w else {"bytes": None, "path": str(p)} for p, w in zip(paths, why)],
             caption_column: [instance_prompt] * len(instances) + [class_prompt] * len(classes),
             "is_prior": [False] * len(instances) + [True] * len(classes),
+            PROBLEM: why,
+            WHERE: [shown(p) if w else None for p, w in zip(paths, why)],
         },
         features=features,
     )

@@ -5,7 +5,10 @@ A data source is the user's, but the files it names need not be: a table may hol
 ``/dev/zero`` (it never ends), and a metadata file written by a script may hold a caption that is a
 number, bytes that are not UTF-8 or a line that is not JSON. So:
 
-- ``resolve_in`` keeps image paths inside the data folder unless the user allows otherwise;
+- ``resolve_in`` keeps image paths inside the data folder unless the user allows otherwise, and
+  ``listed_file_problem`` does the same for the files a folder is listed into (caption and DreamBooth
+  folders), refusing names that are not UTF-8 too (a table of them cannot be built: pyarrow's
+  strings are UTF-8); ``shown`` prints such a name as its bytes;
 - ``read_file`` reads regular files only, and at most ``max_bytes`` of them;
 - ``metadata_lines`` reads JSON-lines and CSV metadata line by line and says what is wrong with each
   bad line (its file and line number), instead of the raw ``UnicodeDecodeError`` or ``ArrowInvalid``
@@ -69,6 +72,23 @@ def resolve_in(
     return path, (
         f"image path {name!r} is outside the data folder {str(within)!r} (allow it with allow_outside_paths)"
     )
+
+
+def shown(path: str | Path) -> str:
+    """A path as a report or a log line can print it: bytes of its name that are not UTF-8 as ``\\xNN``.
+    (A POSIX file name is bytes; Python keeps the ones that are not UTF-8 as lone surrogates, which
+    no UTF-8 writer accepts.)"""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def listed_file_problem(path: Path, folder: Path, allow_outside: bool = False) -> str | None:
+    """Why a file found by listing data folder ``folder`` may not be read, or None: a name that is not
+    UTF-8, or a link to a file outside the folder (unless ``allow_outside``, as tables allow)."""
+    if shown(path) != str(path):
+        return "file name is not UTF-8 text (rename the file to train it)"
+    if allow_outside or path.resolve().is_relative_to(folder.resolve()):
+        return None
+    return f"a link to a file outside the data folder {shown(folder)!r} (allow it with allow_outside_paths)"
 
 
 def metadata_table(
