@@ -76,18 +76,21 @@ class InpaintStart(ImageStart):
         return self.mask_processor.get_crop_region(mask_image, width, height, pad=padding), "fill"
 
     def check_inputs(self, args: dict) -> int:
-        """The image-to-image checks, then the mask, the U-Net's channels and given latents."""
+        """The image-to-image checks (the U-Net's channels among them), then the mask and given latents."""
         num_prompts = super().check_inputs(args)
         num_images = num_prompts * args["num_images_per_prompt"]
         image_inputs.check_image_count("mask_image", len(args["mask"]), num_prompts, num_images)
         image_inputs.check_strength_start(args["strength"], args["latents"])
+        return num_prompts
+
+    def check_unet_inputs(self) -> None:
+        """An ordinary U-Net (the VAE's C channels) or an inpainting one (2 C + 1)."""
         latent, unet = self._vae_channels(), self.unet.config.in_channels
         if unet not in (latent, 2 * latent + 1):
             raise ValueError(
                 f"the U-Net takes {unet} input channels: inpainting needs an ordinary U-Net ({latent}) or an "
                 f"inpainting one ({2 * latent + 1}: the latents, the mask and the masked image's latents)"
             )
-        return num_prompts
 
     def start(self, c: SimpleNamespace, num_images: int, dtype, device) -> Start:
         """x_T ~ N(0, I) at strength 1 (or the given latents), else the image's q(x_t | x_0) (or a

@@ -228,6 +228,7 @@ class TextToImagePipeline(
                 "prompt needs a text encoder and this pipeline has none: pass prompt_embeds "
                 "(and negative_prompt_embeds)"
             )
+        self.check_unet_inputs()
         shape = (num_images, self.num_channels_latents, height // f, width // f)
         inputs.check_noise(args["generator"], args["latents"], num_images, shape)
         inputs.check_output(
@@ -238,6 +239,17 @@ class TextToImagePipeline(
             has_image_encoder=getattr(self, "image_encoder", None) is not None,
         )  # fmt: skip
         return num_prompts
+
+    def check_unet_inputs(self) -> None:
+        """The U-Net reads x_t alone, as many channels as the VAE's latents; an inpainting U-Net (2 C + 1:
+        x_t, the mask, the masked image) fails naming the pipeline it runs in."""
+        latent = getattr(getattr(self, "vae", None), "config", {}).get("latent_channels")
+        reads = self.unet.config.in_channels
+        if latent is not None and reads != latent:
+            why = (
+                "an inpainting model: use InpaintPipeline" if reads == 2 * latent + 1 else "different models"
+            )
+            raise ValueError(f"the U-Net reads {reads} input channels and the VAE makes {latent}: {why}")
 
     def _encoders(self) -> list:
         """The text encoders held (none in a pipeline built for prompt_embeds alone)."""

@@ -1,9 +1,10 @@
 """Inpainting checkpoints (a 9-channel conv_in) load from and save to single files, SD and SDXL."""
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from pipelines import InpaintPipeline, InpaintXLPipeline
+from pipelines import InpaintPipeline, InpaintXLPipeline, TextToImagePipeline
 from sdlite.models import build_components
 from sdlite.models_xl import build_components_xl
 
@@ -40,3 +41,11 @@ def test_an_ordinary_checkpoint_still_loads_with_four_channels(tmp_path):
     pipe = InpaintPipeline(**build_components("tiny", seed=0).as_dict())
     path = pipe.save_single_file(tmp_path / "plain.safetensors")
     assert InpaintPipeline.from_single_file(path, config="tiny").unet.config.in_channels == 4
+
+
+def test_text_to_image_names_the_inpainting_pipeline_for_an_inpainting_checkpoint(tmp_path):
+    pipe = InpaintPipeline(**with_inpainting_unet(build_components("tiny", seed=0)))
+    path = pipe.save_single_file(tmp_path / "inpaint.safetensors")
+    text_to_image = TextToImagePipeline.from_single_file(path, config="tiny")
+    with pytest.raises(ValueError, match="an inpainting model: use InpaintPipeline"):
+        text_to_image("a red circle", num_inference_steps=1)
