@@ -113,6 +113,7 @@ class TextToImagePipeline(
         Returns StableDiffusionPipelineOutput(images, nsfw_content_detected), or that pair as a tuple
         when return_dict is False (nsfw_content_detected is None without a safety checker).
         """
+        # Every argument, by name: the one place the call's signature is written (see check_inputs).
         return self._generate({name: value for name, value in locals().items() if name != "self"})
 
     def _generate(self, call: dict):
@@ -126,7 +127,6 @@ class TextToImagePipeline(
         if isinstance(c.callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             c.callback_on_step_end_tensor_inputs = c.callback_on_step_end.tensor_inputs
         self.prepare_inputs(c)
-        # Every argument, by name: the one place the call's signature is written (see check_inputs).
         num_images = self.check_inputs(vars(c)) * c.num_images_per_prompt
         device = self._execution_device
         self._guidance_scale, self._guidance_rescale = c.guidance_scale, c.guidance_rescale
@@ -150,25 +150,15 @@ class TextToImagePipeline(
                 added_cond = {"image_embeds": image_embeds}
             self.set_schedule(c.num_inference_steps, c.timesteps, c.sigmas, device)
             start = self.start(c, num_images, context.dtype, device)
+            w_embedding = guidance_embedding(self.unet.config, c.guidance_scale, num_images, start.latents)
             latents = self.denoise(
-                start.latents,
-                context,
-                start.timesteps,
-                guidance_scale=c.guidance_scale if guided else None,
-                guidance_rescale=c.guidance_rescale,
-                guidance_interval=c.guidance_interval,
-                timestep_cond=guidance_embedding(
-                    self.unet.config, c.guidance_scale, num_images, start.latents
-                ),
-                step_kwargs=self.step_kwargs(c.generator, c.eta),
-                cross_attention_kwargs=cross_attention_kwargs or None,
-                added_cond_kwargs=added_cond,
-                callback=c.callback_on_step_end,
-                callback_inputs=c.callback_on_step_end_tensor_inputs,
-                progress=c.progress,
-                extra_channels=start.extra_channels,
-                after_step=start.after_step,
-            )
+                start.latents, context, start.timesteps, guidance_scale=c.guidance_scale if guided else None,
+                guidance_rescale=c.guidance_rescale, guidance_interval=c.guidance_interval,
+                timestep_cond=w_embedding, step_kwargs=self.step_kwargs(c.generator, c.eta),
+                cross_attention_kwargs=cross_attention_kwargs or None, added_cond_kwargs=added_cond,
+                callback=c.callback_on_step_end, callback_inputs=c.callback_on_step_end_tensor_inputs,
+                progress=c.progress, extra_channels=start.extra_channels, after_step=start.after_step,
+            )  # fmt: skip
             images, nsfw = self.decode_latents(latents, c.output_type, c.generator, with_safety_flags=True)
         if isinstance(images, torch.Tensor):
             images = images.clone()  # a normal tensor: callers may change it in place
