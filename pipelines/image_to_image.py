@@ -107,19 +107,17 @@ class ImageStart:
         A list of generators draws each image's z with its own generator, as diffusers does.
         """
         image = image.to(device=device, dtype=dtype)
-        per_prompt = num_images // (len(image) if len(image) > 1 else num_images)
         if isinstance(generator, list):
-            image = self._per_image(image, num_images, per_prompt)
+            image = self._per_image(image, num_images)
         x0 = image if image.shape[1] == self._vae_channels() else self.encode_image(image, generator)
-        return self._per_image(x0, num_images, per_prompt)
+        return self._per_image(x0, num_images)
 
     @staticmethod
-    def _per_image(batch: torch.Tensor, num_images: int, per_prompt: int) -> torch.Tensor:
-        if len(batch) == num_images:
-            return batch
+    def _per_image(batch: torch.Tensor, num_images: int) -> torch.Tensor:
+        """One entry per image made, from one for all, one per prompt or one per image."""
         if len(batch) == 1:
             return batch.repeat(num_images, *[1] * (batch.ndim - 1))
-        return batch.repeat_interleave(per_prompt, dim=0)  # each prompt's images after its image
+        return batch.repeat_interleave(num_images // len(batch), dim=0)  # each prompt's images after its own
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor, generator=None) -> torch.Tensor:

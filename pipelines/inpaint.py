@@ -97,11 +97,10 @@ class InpaintStart(ImageStart):
         handed-off image's latents as they are); the mask and masked image's latents for an
         inpainting U-Net, or the known region's put-back for an ordinary one."""
         timesteps = self.strength_timesteps(c)
-        per_prompt = num_images // (len(c.image) if len(c.image) > 1 else num_images)
         ordinary = self.unet.config.in_channels == self._vae_channels()
         x0, hands_off = None, self._hands_off(vars(c))
         if ordinary or hands_off or (c.latents is None and c.strength < 1):
-            x0 = self._per_image(self._image_x0(c.image, dtype, device, c.generator), num_images, per_prompt)
+            x0 = self._per_image(self._image_x0(c.image, dtype, device, c.generator), num_images)
         shape = (
             num_images,
             self._vae_channels(),
@@ -121,7 +120,7 @@ class InpaintStart(ImageStart):
         mask = F.interpolate(c.mask, size=shape[-2:]).to(device=device, dtype=dtype)  # nearest: stays 0 or 1
         masked = c.masked_image_latents if c.masked_image_latents is not None else c.image * (c.mask < 0.5)
         masked = self._image_x0(masked, dtype, device, c.generator)
-        mask, masked = (self._per_image(x, num_images, per_prompt) for x in (mask, masked))
+        mask, masked = (self._per_image(x, num_images) for x in (mask, masked))
         if ordinary:
             return Start(timesteps, latents, after_step=self._put_back_known(x0, noise, mask, timesteps))
         return Start(timesteps, latents, extra_channels=torch.cat([mask, masked], dim=1))

@@ -162,3 +162,17 @@ def test_the_four_image_pipelines_are_sdlites_public_api():
     names = ("ImageToImagePipeline", "ImageToImageXLPipeline", "InpaintPipeline", "InpaintXLPipeline")
     assert all(getattr(sdlite, n) is getattr(pipelines, n) for n in names)
     assert set(names) <= set(sdlite.__all__) & set(pipelines.__all__)
+
+
+def test_one_image_and_a_mask_per_prompt_keep_each_prompts_own_unmasked_region(parts):
+    pipe = InpaintPipeline(**parts.as_dict())  # an ordinary U-Net: x_0 itself outside the mask
+    pipe.set_progress_bar_config(disable=True)
+    masks, gens = [box_mask(), box_mask(box=(0, 0, 8, 8))], [seed(i) for i in range(4)]
+    both = run(pipe, mask_image=masks, num_images_per_prompt=2, generator=gens, output_type="latent")
+    f = pipe.vae_scale_factor
+    x0 = pipe.encode_image(pipe.image_processor.preprocess(picture()), seed(0))[0]  # with the first generator
+    painted = [torch.from_numpy(np.asarray(m)[::f, ::f] > 127) for m in masks]
+    only_first = painted[0] & ~painted[1]
+    assert both.shape[0] == 4
+    assert torch.allclose(both[2][:, only_first], x0[:, only_first], atol=1e-6)  # prompt 2 keeps it
+    assert not torch.allclose(both[0][:, only_first], x0[:, only_first], atol=1e-3)  # prompt 1 paints it
