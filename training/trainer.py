@@ -75,9 +75,9 @@ class Trainer:
         self.cfg = cfg
         self.accelerator = acc = self.make_accelerator()
         set_collective_timeout(acc, startup_timeout(cfg.run.collective_timeout))  # training/peers.py
-        self.lock = open_run_folder(
-            cfg.run.output_dir, acc, log=acc.print
-        )  # before anything is written there
+        # before anything is written there, and before the model is built
+        lock_args = dict(log=acc.print, resume=cfg.run.resume, max_steps=cfg.optimizer.max_steps)
+        self.lock = open_run_folder(cfg.run.output_dir, acc, **lock_args)
         try:
             self.final = prepare_final_dir(self.final_path(), cfg.run.output_dir)  # fails before training
             self.setup()
