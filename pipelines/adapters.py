@@ -106,10 +106,11 @@ class ExactLoraFuse:
                     f"this LyCORIS file adapts {part}.{module}, which this {self._lora_family} pipeline "
                     "lacks: a file for another model; nothing was loaded"
                 )
-            if m.delta().numel() != layer.weight.numel() or m.widths() != tuple(layer.weight.shape[1::-1]):
+            widths = (layer.weight[0].numel(), layer.weight.shape[0])  # in·kh·kw for a convolution
+            if m.widths() != widths:
                 raise ValueError(
                     f"{part}.{module}: the LyCORIS update is {m.widths()[0]} -> {m.widths()[1]} wide where "
-                    f"this layer is {layer.weight.shape[1]} -> {layer.weight.shape[0]}; nothing was loaded"
+                    f"this layer is {widths[0]} -> {widths[1]}; nothing was loaded"
                 )
             updates.append((layer, m))
         originals = self.__dict__.setdefault("_weights_before_lycoris", {})

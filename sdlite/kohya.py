@@ -210,7 +210,8 @@ def modules_from_kohya(tensors: dict, unet_config=None) -> Modules:
         down, up = group.get(".lora_down.weight"), group.get(".lora_up.weight")
         _pair(name, down, up)
         alpha = kohya_alpha(name, group.get(".alpha"), down.shape[0])
-        modules[place_module(name, down.shape[1], up.shape[0], unet_config)] = LoraModule(down, up, alpha)
+        place = place_module(name, down[0].numel(), up.shape[0], unet_config)  # in: in·kh·kw for a conv
+        modules[place] = LoraModule(down, up, alpha)
     return modules
 
 
@@ -252,7 +253,7 @@ def to_kohya(modules: Modules, unet_config=None) -> tuple[dict, dict[str, str]]:
     for (part, module), m in modules.items():
         prefix = "lora_te1" if part == "text_encoder" and sdxl else KOHYA_PREFIXES[part]
         if part == "unet" and sdxl:
-            name = f"{prefix}_{sgm_name(module, m.down.shape[1], m.up.shape[0], unet_config)}"
+            name = f"{prefix}_{sgm_name(module, m.down[0].numel(), m.up.shape[0], unet_config)}"
         else:
             name = f"{prefix}_{_kohya_path(part, module).replace('.', '_')}"
         tensors[f"{name}.lora_down.weight"] = m.down.contiguous()

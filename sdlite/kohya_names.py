@@ -31,7 +31,7 @@ SIMPLE_NAMES = set(
     "norm3 encoder layers mlp fc1 fc2 embeddings".split()
 )
 _COMPOUNDS = sorted((n.split("_") for n in COMPOUND_NAMES), key=len, reverse=True)
-SGM_BLOCK = re.compile(r"(input_blocks|middle_block|output_blocks)_\d")
+SGM_BLOCK = re.compile(r"^(?:lora_unet_)?(input_blocks|middle_block|output_blocks)_\d")
 
 
 class LoraFileError(ValueError):

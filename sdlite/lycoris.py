@@ -77,9 +77,9 @@ class LycorisModule:
         return (alpha if alpha is not None else rank) / rank
 
     def widths(self) -> tuple[int, int]:
-        """(in, out) of the layer (its input and output channels for a convolution)."""
+        """(in, out) of the layer; in counts in·kh·kw for a convolution."""
         d = self.delta()
-        return d.shape[1], d.shape[0]
+        return d[0].numel(), d.shape[0]
 
     def delta(self) -> torch.Tensor:
         """ΔW (out, in) or (out, in, kh, kw), alpha's scale included (the formulas at the top)."""

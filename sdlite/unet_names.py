@@ -86,7 +86,7 @@ def original_module(module: str, unet_config) -> str:
 
 def diffusers_modules(unet_config) -> dict[str, tuple[str, int, int]]:
     """{original module path: (diffusers module path, in, out)} for every linear and convolution of this
-    U-Net: the rules above run over the model's own weight names, then turned around."""
+    U-Net (a convolution's in counts in·kh·kw): the rules above run over its weight names, turned around."""
     return {original: (module, i, o) for original, module, i, o in _modules(_json(unet_config))}
 
 
@@ -112,5 +112,5 @@ def _modules(config_json: str) -> tuple[tuple[str, str, int, int], ...]:
         except ValueError:  # SDXL's add_embedding: named by single_file_xl's own table, never a LoRA's
             continue
         module = key.removesuffix(".weight")
-        rows.append((original.removesuffix(".weight"), module, weight.shape[1], weight.shape[0]))
+        rows.append((original.removesuffix(".weight"), module, weight[0].numel(), weight.shape[0]))
     return tuple(rows)

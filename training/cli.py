@@ -333,6 +333,11 @@ def add_lora(commands) -> None:
         "sdlite.lora_command:run",
     )  # fmt: skip
     lora_command.add_arguments(convert)
+    inspect = _parser(
+        lora, "inspect", "what a LoRA / LyCORIS / embedding file is, and whether it loads on --model",
+        "sdlite.lora_command:run_inspect",
+    )  # fmt: skip
+    lora_command.add_inspect_arguments(inspect)
 
 
 def add_launch(commands) -> None:
