@@ -117,7 +117,7 @@ def run_lora_ours(args) -> dict:
 
     a = train_args(args, args.px)
     cfg = bench_train.ours_config(a, args.warmup + args.steps)
-    cfg.lora, cfg.gradient_checkpointing = True, True
+    cfg.lora, cfg.lora_from_scratch, cfg.gradient_checkpointing = True, True, True  # random weights: a timing
     trainer = UNetTrainer(cfg)
     seconds = bench_train.timed_steps(trainer.optimizer_step, a, trainer.accelerator.device)
     return {"seconds": seconds, "device": trainer.accelerator.device}

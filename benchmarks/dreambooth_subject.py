@@ -110,7 +110,7 @@ def dreambooth(base: Path, subject: Path, classes: Path | None, out: Path, args)
                              output_dir=out, cache_dir=out.parent / "cache", max_steps=args.steps,
                              train_batch_size=args.batch, seed=args.seed, checkpoint_every=0, log_every=50,
                              lora_text_encoder=args.text_encoder,
-                             validation_prompts=f"{SUBJECT},{CLASS},a red circle,a blue square",
+                             validation_prompts=f'["{SUBJECT}", "{CLASS}", "a red circle", "a blue square"]',
                              report_to="none"))  # fmt: skip
     return final, {"train_seconds": time.perf_counter() - start, "class_images_generated": made}
 

@@ -18,7 +18,7 @@ from pipelines.single_file import load_single_file
 from sdlite.data.shapes import write_dataset
 from sdlite.models import ModelFolderError, build_components, check_folder, load_components
 from sdlite.presets import get_preset
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.checkpoint import MARKER, CheckpointError, load_checkpoint, save_checkpoint, sha256_of
 from training.loop import EMA, make_lr_schedule, make_optimizer, setup_accelerator
 from training.train import main
 
@@ -33,8 +33,16 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-def evil_pickle(path, marker):
+def evil_pickle(path, marker, *, rewrite_checksum=True):
+    """A pickle that would run code in place of a checkpoint's optimizer.pt. With ``rewrite_checksum``
+    the checkpoint's mark records the new file's sha256 too, as someone who rewrote the whole folder
+    would: then only the unpickling's own refusal stands between it and running."""
     torch.save({"state": {0: {"exp_avg": RunsCode(marker)}}, "param_groups": []}, path)
+    mark = path.parent / MARKER
+    if rewrite_checksum:
+        recorded = json.loads(mark.read_text())
+        recorded["sha256"][path.name] = sha256_of(path)
+        mark.write_text(json.dumps(recorded))
     return path
 
 
@@ -73,6 +81,9 @@ def test_resuming_from_a_checkpoint_whose_pickle_would_run_code_is_refused(tmp_p
     schedule, ema = make_lr_schedule(optimizer, "constant", 0, 10), EMA(model.parameters(), 0.9)
     path = save_checkpoint(accelerator, tmp_path, 1, {"net": model}, optimizer, schedule, ema)
     marker = tmp_path / "ran"
+    evil_pickle(path / "optimizer.pt", marker, rewrite_checksum=False)
+    with pytest.raises(CheckpointError, match=r"optimizer.pt.*corrupt.*sha256"):  # the checksum, first
+        load_checkpoint(accelerator, path, {"net": model}, optimizer, schedule, ema)
     evil_pickle(path / "optimizer.pt", marker)
     with pytest.raises(CheckpointError, match=r"optimizer.pt.*refused.*unpickling.*could run code"):
         load_checkpoint(accelerator, path, {"net": model}, optimizer, schedule, ema)

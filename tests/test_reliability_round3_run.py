@@ -190,10 +190,17 @@ def test_a_learning_rate_of_1e30_stops_the_run_after_ten_nonfinite_steps_in_a_ro
     assert not (out / "final").exists()
 
 
+def test_a_short_run_at_a_learning_rate_of_1e30_publishes_nothing(data, tmp_path):
+    out = tmp_path / "run"  # its first step is finite and makes the weights about 1e30; the rest are not
+    with pytest.raises(NonFiniteLossError, match=r"the last 2 steps \(to step 3\).*publishes nothing"):
+        main(flags(data, out, max_steps=3, learning_rate=1e30, checkpoint_every=0, log_every=1))
+    assert not (out / "final").exists()
+
+
 def test_weights_that_are_not_finite_are_never_published(data, tmp_path):
-    out = tmp_path / "run"  # 1e39 overflows float32: the first step makes the weights inf
-    with pytest.raises(NonFiniteLossError, match=r"trained weights hold .* NaN or inf.*checkpoint-2"):
-        main(flags(data, out, learning_rate=1e39))
+    out = tmp_path / "run"  # 1e39 overflows float32: the one step, its loss finite, makes the weights inf
+    with pytest.raises(NonFiniteLossError, match=r"trained weights hold .* NaN or inf.*checkpoint-1"):
+        main(flags(data, out, max_steps=1, learning_rate=1e39))
     assert not (out / "final").exists()
 
 

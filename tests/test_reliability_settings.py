@@ -16,7 +16,7 @@ import pytest
 
 from training import errors
 from training.config import ConfigError, _base_type, parse_config
-from training.configs import TrainConfig, VAETrainConfig
+from training.configs import LORA_KEYS, TrainConfig, VAETrainConfig
 from training.train import main
 from training.train_vae import main as train_vae
 
@@ -64,8 +64,9 @@ UNET_SETTINGS = [
 
 @pytest.mark.parametrize(("key", "value"), UNET_SETTINGS)
 def test_a_bad_setting_is_refused_before_the_model_is_built_naming_it(key, value, tmp_path, nothing_built):
+    lora = dict(lora="true", lora_from_scratch="true") if key in LORA_KEYS else {}  # read with lora only
     with pytest.raises(ConfigError, match=f"^bad training config: {key}=.*: use ") as refused:
-        main(argv(tmp_path, **{key: value}))
+        main(argv(tmp_path, **{key: value}, **lora))
     assert len(str(refused.value).splitlines()) == 1
     assert not (tmp_path / "run").exists()  # not even the run folder was made
 
@@ -73,9 +74,9 @@ def test_a_bad_setting_is_refused_before_the_model_is_built_naming_it(key, value
 @pytest.mark.parametrize(
     ("prompts", "expected"),
     [
-        ("a red circle,  ,a blue square", r"validation_prompts item\(s\) \[2\] empty"),
+        (["a red circle", "  ", "a blue square"], r"validation_prompts item\(s\) \[2\] empty"),
         (
-            "a red circle, a \udcff square",
+            ["a red circle", "a \udcff square"],
             r"validation_prompts item 2: character 2, '\\udcff', is a byte that is not UTF-8",
         ),
     ],
@@ -84,7 +85,7 @@ def test_validation_prompts_that_are_not_text_are_refused_before_the_model(
     prompts, expected, tmp_path, nothing_built
 ):
     with pytest.raises(ConfigError, match=expected):
-        main([*argv(tmp_path), "--validation_prompts", prompts])
+        main([*argv(tmp_path), "--validation_prompts", *prompts])  # each value one prompt
 
 
 def test_prompt_keys_read_from_a_command_line_that_is_not_utf8_are_refused(tmp_path, nothing_built):

@@ -36,7 +36,7 @@ from training.train import UNetTrainer, main
 # U-Net and text-encoder adapters, alpha / r = 2, at two learning rates; lr 1e-2 so that three steps
 # change the images visibly. ema_decay (0.9 in flags) is ignored by a LoRA run.
 LORA = dict(lora="true", lora_rank=4, lora_alpha=8, lora_text_encoder="true", learning_rate=1e-2,
-            text_encoder_lr=1e-3)  # fmt: skip
+            text_encoder_lr=1e-3, lora_from_scratch="true")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -183,7 +183,7 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_ends_with_the_same_weigh
 
 def test_a_lora_on_unet_and_both_encoders_gives_the_same_images_in_diffusers(data, cache, tmp_path):
     final = run(data, cache, tmp_path, lora="true", lora_rank=4, lora_alpha=8, lora_text_encoder="true",
-                learning_rate=1e-2, text_encoder_lr=1e-3)  # fmt: skip
+                learning_rate=1e-2, text_encoder_lr=1e-3, lora_from_scratch="true")  # fmt: skip
     state = load_file(final / "pytorch_lora_weights.safetensors")
     assert {k.split(".")[0] for k in state} == {"unet", "text_encoder", "text_encoder_2"}
     # every B moved from zero but those of encoder 1's last layer, whose output SDXL never reads (it
@@ -207,7 +207,10 @@ def test_a_lora_on_unet_and_both_encoders_gives_the_same_images_in_diffusers(dat
     [
         (dict(streaming="true"), "streaming with SDXL"),
         (dict(caption_tag_dropout_rate=0.1), "caption_tag_dropout_rate with SDXL"),
-        (dict(lora="true", lora_save_format="kohya"), "kohya is not written for SDXL"),
+        (
+            dict(lora="true", lora_save_format="kohya", lora_from_scratch="true"),
+            "kohya is not written for SDXL",
+        ),
         (dict(text_encoder_layers=0), "text_encoder_layers is for SD presets"),
         (dict(unet_block_out_channels="32,64,64"), "unet_block_out_channels is for SD presets"),
         (dict(unet_mid_block="false"), "unet_mid_block is for SD presets"),

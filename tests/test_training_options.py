@@ -112,7 +112,7 @@ def lora_run(shapes, tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
         logged = recording_logs(monkeypatch)
         main(flags(shapes, out, lora="true", lora_rank=4, lora_alpha=2, lora_text_encoder="true",
-                   text_encoder_lr=3e-4, lora_save_format="kohya"))  # fmt: skip
+                   text_encoder_lr=3e-4, lora_save_format="kohya", lora_from_scratch="true"))  # fmt: skip
     return out, logged
 
 

@@ -8,6 +8,8 @@
     sdlite evaluate --model runs/demo/model --n 8
     sdlite demo --out runs/demo [--fast]
     sdlite launch --num_processes 1 training/train.py --config configs/tiny-shapes.yaml
+    sdlite train --config tiny-lora [--num_processes N] [--key value ...]
+    sdlite train-vae --config tiny-vae
 
 This module is only the parser: it imports no torch, so ``--help`` and argument errors answer at once.
 Each command lives in a module of its own (cmd_data, cmd_generate, cmd_evaluate, demo), imported only
@@ -350,6 +352,24 @@ def add_launch(commands) -> None:
     launch.add_argument("argv", nargs=argparse.REMAINDER, help="accelerate options, the script, its flags")
 
 
+def add_train(commands) -> None:
+    for name, what in (("train", "the U-Net (or a LoRA)"), ("train-vae", "the VAE")):
+        train = _parser(
+            commands, name,
+            f"train {what} under accelerate, from any folder: --config a recipe's name or file, then "
+            f"settings (sdlite {name} --help lists them; diffusers' and kohya's flags are read too)",
+            "training.cli:run_train",
+        )  # fmt: skip
+        train.add_argument("argv", nargs=argparse.REMAINDER, help="launcher options, the trainer's settings")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Not reached: main passes ``sdlite train ...`` on unparsed (argparse would take the trainer's flags)."""
+    from training import cmd_train
+
+    return cmd_train.main(args.command, args.argv)
+
+
 def run_launch(args: argparse.Namespace) -> int:
     """Only ``sdlite launch`` with nothing after it comes here (main passes the rest on unparsed)."""
     from training import launch
@@ -360,7 +380,7 @@ def run_launch(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlite", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (add_data, add_generate, add_evaluate, add_demo, add_lora, add_launch):
+    for add in (add_data, add_generate, add_evaluate, add_demo, add_lora, add_launch, add_train):
         add(commands)
     return parser
 
@@ -376,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         from training import launch
 
         return launch.main(argv[1:])
+    if argv[:1] in (["train"], ["train-vae"]):  # the trainer's flags, and its --help, are its own
+        from training import cmd_train
+
+        return cmd_train.main(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     if "check" in args:  # checks across a command's flags, still before torch is imported
         args.check(args)

@@ -8,9 +8,10 @@ a misspelt key or a value of the wrong type fails at start-up with a message nam
 is UTF-8 YAML of at most 1 MiB, read without Python tags (as ``yaml.safe_load``) and without aliases,
 so that a few hundred bytes cannot stand for billions of values. The flag's ``--help`` text is the
 field's trailing comment in the dataclass source, and a comment line above a run of fields titles
-their section (``field_docs``): the description is written once, where the field is. A class's
-``FOREIGN_FLAGS`` ({other tool's name: ours or why there is none}) turn another tool's flag into an
-error that names ours.
+their section (``field_docs``): the description is written once, where the field is. diffusers' and
+kohya's flags are read as ours first (training/foreign_flags.py); a class's ``FOREIGN_FLAGS`` ({other
+tool's name: ours or why there is none}) turn another tool's key in a YAML file into an error that
+names ours.
 """
 
 from __future__ import annotations
@@ -294,11 +295,13 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
 
 def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
     """Defaults of ``cls``, then the ``--config`` YAML file, then the ``--key value`` flags."""
+    from training.foreign_flags import read_as_ours  # diffusers' and kohya's flags, every problem at once
+
     parser = build_parser(cls)
-    for arg in sys.argv[1:] if argv is None else argv:
-        message = foreign_flag(cls, arg[2:].partition("=")[0]) if arg.startswith("--") else None
-        if message:
-            parser.error(message)
+    try:
+        argv = read_as_ours(cls, sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        parser.error(str(e))
     args = vars(parser.parse_args(argv))
     args.pop("debug")
     path = args.pop("config", None)

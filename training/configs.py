@@ -4,9 +4,9 @@
 ``TrainConfig`` (training/train.py, the latent U-Net) and ``VAETrainConfig`` (training/train_vae.py)
 add their own and may give a shared field another default. Each field's trailing comment is its
 ``--help`` text and each comment line above a run of fields its section (training/config.py reads
-them), so a field's description lives only here. ``FOREIGN_FLAGS`` maps the flags of diffusers'
-training scripts (examples/text_to_image) to ours, so that ``--max_train_steps`` fails naming
-``--max_steps`` instead of "unrecognized arguments".
+them), so a field's description lives only here. ``FOREIGN_FLAGS`` maps the keys of diffusers'
+training scripts (examples/text_to_image) to ours, so that ``max_train_steps:`` in a YAML file fails
+naming ``--max_steps`` (on the command line their flags are read as ours: training/foreign_flags.py).
 
 This module imports neither torch nor any model library, so that a command line can parse and print
 ``--help`` in a fraction of a second.
@@ -14,7 +14,7 @@ This module imports neither torch nor any model library, so that a command line 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar
 
 from sdlite.presets import PRESETS, Preset, PresetXL
@@ -26,6 +26,16 @@ from training.sample_prompts import prompts_file_problems
 # here (tests/test_train.py keeps them equal): the attention projections LoRA adapts by default.
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# The settings that shape an adapter: one changed without lora true is a contradiction.
+LORA_KEYS = (
+    "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_text_encoder",
+    "lora_text_encoder_target_modules", "text_encoder_lr", "lora_save_format", "lora_from_scratch",
+)  # fmt: skip
+
+
+def _default(f) -> object:
+    return f.default_factory() if f.default is MISSING else f.default
+
 
 # diffusers' flag -> ours ("--name ..."), or why sdlite has none.
 DIFFUSERS_FLAGS = {
@@ -47,7 +57,7 @@ SD_SCRIPTS_FLAGS = {
 UNET_FLAGS = {
     "pretrained_model_name_or_path": "--pretrained (a local diffusers-layout folder)",
     "rank": "--lora_rank (with --lora true)",
-    "validation_prompt": "--validation_prompts (a comma-separated list)",
+    "validation_prompt": "--validation_prompts (each flag value one prompt)",
     "validation_epochs": "--validation_every (in optimizer steps)",
     "use_ema": "--ema_decay (a decay such as 0.9999; none turns the EMA off)",
     "center_crop": "--random_crop false (the centre crop is the default)",
@@ -171,7 +181,9 @@ class TrainConfig(RunConfig):
     channels_last: bool = False  # the U-Net's activations in channels-last memory layout
     # Validation, output
     final_dir: str | None = None  # the trained model's folder; None: output_dir/final
-    validation_prompts: list[str] = field(default_factory=list)  # prompts sampled into validation/step-N.png
+    validation_prompts: list[str] = field(  # prompts sampled into validation/step-N.png; on the command line
+        default_factory=list  # each value is one prompt, commas and all: give several, or repeat the flag
+    )
     validation_prompts_file: str | None = (  # a text file of prompts sampled after validation_prompts, one a
         None  # line, sd-scripts' format: "a red circle --n blurry --s 30 --l 4.5 --d 7 --w 64 --h 32"
     )
@@ -193,6 +205,7 @@ class TrainConfig(RunConfig):
         default_factory=lambda: list(TEXT_ENCODER_TARGETS)
     )
     text_encoder_lr: float | None = None  # the text encoder adapter's learning rate; None: learning_rate
+    lora_from_scratch: bool = False  # with lora and no pretrained: adapt a preset's random weights (tests)
     # Faults
     bad_data: str = "skip"  # unreadable images: "skip" them (listed in output_dir/bad_files.txt) or "error"
     # LoRA files (with --lora true): the diffusers layout is always written; kohya's too on request.
@@ -255,7 +268,7 @@ class TrainConfig(RunConfig):
         if self.lora_save_format not in ("diffusers", "kohya"):
             problems.append(f"lora_save_format={self.lora_save_format!r}: use diffusers or kohya")
         problems += prompts_file_problems(self.validation_prompts_file)
-        return problems + self.photo_set_problems()
+        return problems + self.photo_set_problems() + self.lora_contradictions()
 
     def validation_problems(self) -> list[str]:
         """What is wrong with the validation keys that would only show at the first validation."""
@@ -274,6 +287,21 @@ class TrainConfig(RunConfig):
                 f"val_timesteps={self.val_timesteps}: use timesteps from 0 to 999, e.g. 100,500,900"
             )
         return problems
+
+    def lora_contradictions(self) -> list[str]:
+        """LoRA settings on a run that trains no adapter, and an adapter on random weights not asked for."""
+        if not self.lora:
+            changed = [f for f in fields(self) if getattr(self, f.name) != _default(f)]
+            given = [f.name for f in changed if f.name in LORA_KEYS]
+            if given:
+                return [f"{', '.join(given)} set without lora: a run without it trains the weights "
+                        "themselves, not an adapter: add --lora true, or leave them out"]  # fmt: skip
+        elif not self.pretrained and not self.lora_from_scratch:
+            return [
+                f"lora without pretrained: adapters on the {self.preset} preset's random weights "
+                "teach nothing to keep: give --pretrained FOLDER (--lora_from_scratch true: a test)"
+            ]
+        return []
 
     def text_encoder_layers_problems(self) -> list[str]:
         layers = self.text_encoder_layers

@@ -220,13 +220,15 @@ class Trainer:
     def check_nonfinite(self, count: int, since: int, done: int, in_a_row: int = 0) -> None:
         """Report the steps since..done whose loss or gradients were NaN or inf (each skipped). Whatever
         nonfinite_loss says, stop if the last ``in_a_row`` steps all were: every step since the start (or
-        the resume), or the last NONFINITE_IN_A_ROW. Such a model no longer trains (a learning rate far
-        too high, damaged weights), and its checkpoints would push the good ones out."""
+        the resume), or the last NONFINITE_IN_A_ROW, or at the run's end its later half. Such a model no
+        longer trains (a learning rate far too high, damaged weights), and its checkpoints would push the
+        good ones out; a short run's first step can still be finite while it breaks the weights."""
         if not count:
             return
         steps = f"step {done}" if done - since == 1 else f"steps {since + 1}..{done}"
         what = f"{count} step(s) of {steps} had a NaN or inf loss or gradients"
-        if in_a_row >= min(NONFINITE_IN_A_ROW, done - self.start_step):
+        run = done - self.start_step
+        if in_a_row >= min(NONFINITE_IN_A_ROW, run if done < self.cfg.max_steps else max(1, (run + 1) // 2)):
             last = checkpoints(self.cfg.output_dir)
             first = f"the last {in_a_row} steps"
             if in_a_row == done - self.start_step:
