@@ -9,6 +9,8 @@ pipeline's ``_callback_tensor_inputs``.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -16,6 +18,22 @@ import torch
 
 class NonFiniteSampleError(FloatingPointError):
     """The latents stopped being finite during sampling; the message names the cause."""
+
+
+@dataclass
+class Start:
+    """Where one call's reverse process starts, and what each of its steps adds.
+
+    timesteps: the steps to run, in order (the whole schedule, or its last part for image to image);
+    latents: the first x_t; extra_channels: (N, C, h, w) the U-Net reads beside x_t at every step
+    (an inpainting U-Net's mask and masked image); after_step(i, x_{t-1}) -> x_{t-1}: run after
+    step i (inpainting with an ordinary U-Net puts the known region back there).
+    """
+
+    timesteps: torch.Tensor
+    latents: torch.Tensor
+    extra_channels: torch.Tensor | None = None
+    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None
 
 
 class SamplingState:

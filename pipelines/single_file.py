@@ -71,6 +71,7 @@ def load_single_file(path, config="sd15", torch_dtype: torch.dtype | None = None
             "checkpoints are supported (SD 2.x and SDXL use OpenCLIP)"
         )
     configs, folder = _architecture(config)
+    configs["unet"] = with_input_channels(configs["unet"], checkpoint)
     unet_sd = convert_ldm_unet_checkpoint(checkpoint, configs["unet"])
     vae_sd = convert_ldm_vae_checkpoint(checkpoint, configs["vae"])
     dtype = torch_dtype or torch.float32
@@ -92,8 +93,15 @@ def load_single_file(path, config="sd15", torch_dtype: torch.dtype | None = None
         unet=unet.eval(),
         scheduler=DDPMScheduler.from_config(configs["scheduler"]),
     )
-    check_compatible(parts)
+    check_compatible(parts, inpainting=True)  # an inpainting checkpoint loads as one
     return parts
+
+
+def with_input_channels(unet_config: dict, checkpoint: dict[str, torch.Tensor]) -> dict:
+    """The U-Net config with the checkpoint's own input channels, which a config for the model family
+    cannot know: 9 in an inpainting model (x_t, the mask, the masked image's latents), else 4."""
+    conv_in = checkpoint.get(LDM_UNET_KEY + "input_blocks.0.0.weight")
+    return unet_config if conv_in is None else {**unet_config, "in_channels": conv_in.shape[1]}
 
 
 def checked_path(path) -> Path:

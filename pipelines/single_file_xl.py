@@ -53,6 +53,7 @@ from pipelines.single_file import (
     checked_path,
     read_safetensors,
     to_original_layout,
+    with_input_channels,
 )
 from sdlite.ddpm import DDPMScheduler
 from sdlite.models import Components, ModelFolderError, check_compatible, read_header
@@ -185,6 +186,7 @@ def load_single_file_xl(path, config="sdxl", torch_dtype: torch.dtype | None = N
     _expect_layout(path, "SDXL")
     configs, folder = _architecture_xl(config)
     checkpoint = read_safetensors(path)
+    configs["unet"] = with_input_channels(configs["unet"], checkpoint)
     with init_empty_weights():  # no random init of weights about to be replaced
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
@@ -206,7 +208,7 @@ def load_single_file_xl(path, config="sdxl", torch_dtype: torch.dtype | None = N
         tokenizer_2=tokenizer_2,
         scheduler=DDPMScheduler.from_config(configs["scheduler"]),
     )
-    check_compatible_xl(parts)
+    check_compatible_xl(parts, inpainting=True)  # an inpainting checkpoint loads as one
     return parts
 
 
@@ -218,6 +220,7 @@ def load_single_file_sd2(path, config, torch_dtype: torch.dtype | None = None) -
     _expect_layout(path, "SD 2.x")
     configs, folder = _architecture(config)
     checkpoint = read_safetensors(path)
+    configs["unet"] = with_input_channels(configs["unet"], checkpoint)
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
@@ -235,7 +238,7 @@ def load_single_file_sd2(path, config, torch_dtype: torch.dtype | None = None) -
         tokenizer=load_tokenizer(folder, text_encoder.config.max_position_embeddings),
         scheduler=DDPMScheduler.from_config(configs["scheduler"]),
     )
-    check_compatible(parts)
+    check_compatible(parts, inpainting=True)  # an inpainting checkpoint loads as one
     return parts
 
 

@@ -20,6 +20,7 @@ adapter's update, in the U-Net and the text encoder, by s for one call. IP-Adapt
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -36,6 +37,7 @@ from pipelines.base import BasePipeline
 from pipelines.lora_check import check_lora_fits
 from pipelines.sampling import (
     SamplingState,
+    Start,
     conditional_half,
     guidance_embedding,
     in_interval,
@@ -112,55 +114,57 @@ class TextToImagePipeline(
         Returns StableDiffusionPipelineOutput(images, nsfw_content_detected), or that pair as a tuple
         when return_dict is False (nsfw_content_detected is None without a safety checker).
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        height, width = self.resolve_size(height, width)
         # Every argument, by name: the one place the call's signature is written (see check_inputs).
-        args = {name: value for name, value in locals().items() if name != "self"}
-        num_images = self.check_inputs(args) * num_images_per_prompt
+        return self._generate({name: value for name, value in locals().items() if name != "self"})
+
+    def _generate(self, call: dict):
+        """The recipe behind ``__call__``, over the call's arguments by name (``call``).
+
+        A pipeline that starts elsewhere (image to image, inpainting) runs this recipe with its own
+        ``prepare_inputs`` (sizes, images as tensors) and ``start`` (timesteps, first latents, and
+        what ``denoise`` adds at each step); everything else is shared.
+        """
+        c = SimpleNamespace(**call)
+        if isinstance(c.callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            c.callback_on_step_end_tensor_inputs = c.callback_on_step_end.tensor_inputs
+        self.prepare_inputs(c)
+        num_images = self.check_inputs(vars(c)) * c.num_images_per_prompt
         device = self._execution_device
-        self._guidance_scale, self._guidance_rescale = guidance_scale, guidance_rescale
-        self._clip_skip, self._cross_attention_kwargs = clip_skip, cross_attention_kwargs
+        self._guidance_scale, self._guidance_rescale = c.guidance_scale, c.guidance_rescale
+        self._clip_skip, self._cross_attention_kwargs = c.clip_skip, c.cross_attention_kwargs
         guided = self.do_classifier_free_guidance
-        cross_attention_kwargs = dict(cross_attention_kwargs or {})
+        cross_attention_kwargs = dict(c.cross_attention_kwargs or {})
         lora_scale = cross_attention_kwargs.pop("scale", None)  # for the text encoder too, not only the U-Net
 
         with torch.inference_mode(), adapter_scale(self.unet, self.text_encoder, scale=lora_scale):
             prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-                prompt, device, num_images_per_prompt, guided, negative_prompt, prompt_embeds,
-                negative_prompt_embeds, clip_skip=clip_skip,
+                c.prompt, device, c.num_images_per_prompt, guided, c.negative_prompt, c.prompt_embeds,
+                c.negative_prompt_embeds, clip_skip=c.clip_skip,
             )  # fmt: skip
             # One batch for both passes, built once: (2N, T, D) with the unconditional half first.
             context = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
             added_cond = None
-            if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            if c.ip_adapter_image is not None or c.ip_adapter_image_embeds is not None:
                 image_embeds = self.prepare_ip_adapter_image_embeds(
-                    ip_adapter_image, ip_adapter_image_embeds, device, num_images, guided
+                    c.ip_adapter_image, c.ip_adapter_image_embeds, device, num_images, guided
                 )
                 added_cond = {"image_embeds": image_embeds}
-            self.set_schedule(num_inference_steps, timesteps, sigmas, device)
-            dtype = context.dtype
-            latents = self.prepare_latents(num_images, height, width, dtype, device, generator, latents)
+            self.set_schedule(c.num_inference_steps, c.timesteps, c.sigmas, device)
+            start = self.start(c, num_images, context.dtype, device)
+            w_embedding = guidance_embedding(self.unet.config, c.guidance_scale, num_images, start.latents)
             latents = self.denoise(
-                latents,
-                context,
-                self.scheduler.timesteps,
-                guidance_scale=guidance_scale if guided else None,
-                guidance_rescale=guidance_rescale,
-                guidance_interval=guidance_interval,
-                timestep_cond=guidance_embedding(self.unet.config, guidance_scale, num_images, latents),
-                step_kwargs=self.step_kwargs(generator, eta),
-                cross_attention_kwargs=cross_attention_kwargs or None,
-                added_cond_kwargs=added_cond,
-                callback=callback_on_step_end,
-                callback_inputs=callback_on_step_end_tensor_inputs,
-                progress=progress,
-            )
-            images, nsfw = self.decode_latents(latents, output_type, generator, with_safety_flags=True)
+                start.latents, context, start.timesteps, guidance_scale=c.guidance_scale if guided else None,
+                guidance_rescale=c.guidance_rescale, guidance_interval=c.guidance_interval,
+                timestep_cond=w_embedding, step_kwargs=self.step_kwargs(c.generator, c.eta),
+                cross_attention_kwargs=cross_attention_kwargs or None, added_cond_kwargs=added_cond,
+                callback=c.callback_on_step_end, callback_inputs=c.callback_on_step_end_tensor_inputs,
+                progress=c.progress, extra_channels=start.extra_channels, after_step=start.after_step,
+            )  # fmt: skip
+            images, nsfw = self.decode_latents(latents, c.output_type, c.generator, with_safety_flags=True)
         if isinstance(images, torch.Tensor):
             images = images.clone()  # a normal tensor: callers may change it in place
         self.maybe_free_model_hooks()
-        if not return_dict:
+        if not c.return_dict:
             return images, nsfw
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
 
@@ -208,17 +212,17 @@ class TextToImagePipeline(
             args["num_inference_steps"], args["timesteps"], args["sigmas"], self.limits,
             num_train_timesteps=self.scheduler.config.get("num_train_timesteps"),
         )  # fmt: skip
-        text = self.text_encoder
         inputs.check_guidance(
             args["guidance_scale"], args["eta"], args["guidance_rescale"], args["clip_skip"],
             text_layers=self.clip_skip_limit(), interval=args["guidance_interval"],
         )  # fmt: skip
-        if text is None and (args["prompt"] is not None or args["negative_prompt"] is not None):
+        if not self._encoders() and (args["prompt"] is not None or args["negative_prompt"] is not None):
             raise ValueError(
                 "prompt needs a text encoder and this pipeline has none: pass prompt_embeds "
                 "(and negative_prompt_embeds)"
             )
-        shape = (num_images, unet.in_channels, height // f, width // f)
+        self.check_unet_inputs()
+        shape = (num_images, self.num_channels_latents, height // f, width // f)
         inputs.check_noise(args["generator"], args["latents"], num_images, shape)
         inputs.check_output(
             args["output_type"], args["callback_on_step_end_tensor_inputs"], self._callback_tensor_inputs
@@ -228,6 +232,26 @@ class TextToImagePipeline(
             has_image_encoder=getattr(self, "image_encoder", None) is not None,
         )  # fmt: skip
         return num_prompts
+
+    def check_unet_inputs(self) -> None:
+        """The U-Net reads x_t alone, as many channels as the VAE's latents; an inpainting U-Net (2 C + 1:
+        x_t, the mask, the masked image) fails naming the pipeline it runs in."""
+        latent = getattr(getattr(self, "vae", None), "config", {}).get("latent_channels")
+        reads = self.unet.config.in_channels
+        if latent is not None and reads != latent:
+            why = (
+                "an inpainting model: use InpaintPipeline" if reads == 2 * latent + 1 else "different models"
+            )
+            raise ValueError(f"the U-Net reads {reads} input channels and the VAE makes {latent}: {why}")
+
+    def _encoders(self) -> list:
+        """The text encoders held (none in a pipeline built for prompt_embeds alone)."""
+        return [self.text_encoder] if self.text_encoder is not None else []
+
+    @property
+    def num_channels_latents(self) -> int:
+        """Channels of x_t: the U-Net's input channels (an inpainting U-Net reads more than x_t)."""
+        return self.unet.config.in_channels
 
     def clip_skip_limit(self) -> int | None:
         """clip_skip must be below this: the text encoder's layers (None without one)."""
@@ -299,12 +323,21 @@ class TextToImagePipeline(
         final_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
         return final_norm(hidden[-(clip_skip + 1)])
 
+    def prepare_inputs(self, c: SimpleNamespace) -> None:
+        """Fill in what the call left to the pipeline: height and width default to the U-Net's size."""
+        c.height, c.width = self.resolve_size(c.height, c.width)
+
+    def start(self, c: SimpleNamespace, num_images: int, dtype, device) -> Start:
+        """Where the reverse process starts: every timestep of the schedule, from x_T ~ N(0, I)."""
+        latents = self.prepare_latents(num_images, c.height, c.width, dtype, device, c.generator, c.latents)
+        return Start(self.scheduler.timesteps, latents)
+
     def prepare_latents(
         self, num_images, height, width, dtype, device, generator=None, latents=None
     ) -> torch.Tensor:
         """x_T ~ N(0, I) (Algorithm 2, line 1), scaled by the scheduler's init_noise_sigma."""
         f = self.vae_scale_factor
-        shape = (num_images, self.unet.config.in_channels, height // f, width // f)
+        shape = (num_images, self.num_channels_latents, height // f, width // f)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         else:
@@ -327,6 +360,8 @@ class TextToImagePipeline(
         callback: Callable | None = None,
         callback_inputs=("latents",),
         progress: bool = True,
+        extra_channels: torch.Tensor | None = None,
+        after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Algorithm 2, lines 2-5: x_t -> x_{t-1} for each t, guided when guidance_scale is given.
 
@@ -335,6 +370,9 @@ class TextToImagePipeline(
         w is re-read from ``self._guidance_scale`` every step, where a callback may change it; a
         callback that sets ``self._interrupt`` ends the loop after its step. Raises NonFiniteSampleError
         naming the cause when the latents stop being finite.
+        extra_channels: (N, C, h, w) the U-Net reads beside the latents (an inpainting U-Net's mask
+        and masked image); after_step(i, x_{t-1}) -> latents runs after each step (before the
+        callback), where inpainting puts back the known region.
         """
         step_kwargs = step_kwargs or {}
         scheduler, unet = self.scheduler, self.unet
@@ -349,6 +387,8 @@ class TextToImagePipeline(
                 guide = guidance_scale is not None and in_interval(t, guidance_interval)
                 x = torch.cat([latents, latents]) if guide else latents
                 x = scheduler.scale_model_input(x, t)
+                if extra_channels is not None:  # after the scaling: they are not the noisy sample
+                    x = torch.cat([x, extra_channels.repeat(len(x) // len(extra_channels), 1, 1, 1)], dim=1)
                 skip = guidance_scale is not None and not guide
                 out = unet(
                     x,
@@ -368,6 +408,8 @@ class TextToImagePipeline(
                 before = latents
                 latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
                 self.check_finite(latents, i, t, before, out, eps)
+                if after_step is not None:
+                    latents = after_step(i, latents)
                 if callback is not None:
                     latents, context, added_cond_kwargs = self.run_callback(
                         callback, callback_inputs, i, t, latents, context, added_cond_kwargs

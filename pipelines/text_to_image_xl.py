@@ -29,6 +29,7 @@ import json
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
@@ -147,58 +148,59 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
         denoising_end: stop after this fraction of the schedule (an ensemble-of-experts base model).
         The rest is as in ``TextToImagePipeline.__call__``.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        height, width = self.resolve_size(height, width)
-        args = {name: value for name, value in locals().items() if name != "self"}
-        num_images = self.check_inputs(args) * num_images_per_prompt
+        return self._generate({name: value for name, value in locals().items() if name != "self"})
+
+    def _generate(self, call: dict):
+        """The SDXL recipe behind ``__call__``, over the call's arguments by name; the SD pipeline's
+        ``prepare_inputs`` and ``start`` hooks let image to image and inpainting share it."""
+        c = SimpleNamespace(**call)
+        if isinstance(c.callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            c.callback_on_step_end_tensor_inputs = c.callback_on_step_end.tensor_inputs
+        self.prepare_inputs(c)
+        num_images = self.check_inputs(vars(c)) * c.num_images_per_prompt
         device = self._execution_device
-        self._guidance_scale, self._guidance_rescale = guidance_scale, guidance_rescale
-        self._clip_skip, self._cross_attention_kwargs = clip_skip, cross_attention_kwargs
-        self._denoising_end = denoising_end
+        self._guidance_scale, self._guidance_rescale = c.guidance_scale, c.guidance_rescale
+        self._clip_skip, self._cross_attention_kwargs = c.clip_skip, c.cross_attention_kwargs
+        self._denoising_end = c.denoising_end
         guided = self.do_classifier_free_guidance
-        cross_attention_kwargs = dict(cross_attention_kwargs or {})
+        cross_attention_kwargs = dict(c.cross_attention_kwargs or {})
         lora_scale = cross_attention_kwargs.pop("scale", None)  # for the text encoders too
 
         with torch.inference_mode(), adapter_scale(self.unet, *self._encoders(), scale=lora_scale):
             embeds, negative, pooled, negative_pooled = self.encode_prompt(
-                prompt, prompt_2, device, num_images_per_prompt, guided, negative_prompt, negative_prompt_2,
-                prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-                clip_skip=clip_skip,
+                c.prompt, c.prompt_2, device, c.num_images_per_prompt, guided, c.negative_prompt,
+                c.negative_prompt_2, c.prompt_embeds, c.negative_prompt_embeds, c.pooled_prompt_embeds,
+                c.negative_pooled_prompt_embeds, clip_skip=c.clip_skip,
             )  # fmt: skip
-            sizes = (original_size or (height, width), crops_coords_top_left, target_size or (height, width))
-            cond, context = self._added_cond_kwargs(pooled, *sizes), embeds
+            cond, context = self._added_cond_kwargs(pooled, self.time_ids(c)), embeds
             if guided:  # one batch for both passes: the unconditional half first
-                if negative_original_size is not None and negative_target_size is not None:
-                    sizes = (negative_original_size, negative_crops_coords_top_left, negative_target_size)
-                uncond = self._added_cond_kwargs(negative_pooled, *sizes)  # else the prompt's, as diffusers
+                uncond = self._added_cond_kwargs(negative_pooled, self.time_ids(c, negative=True))
                 context = torch.cat([negative, embeds])
                 cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-            if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            if c.ip_adapter_image is not None or c.ip_adapter_image_embeds is not None:
                 cond["image_embeds"] = self.prepare_ip_adapter_image_embeds(
-                    ip_adapter_image, ip_adapter_image_embeds, device, num_images, guided
+                    c.ip_adapter_image, c.ip_adapter_image_embeds, device, num_images, guided
                 )
-            self.set_schedule(num_inference_steps, timesteps, sigmas, device)
+            self.set_schedule(c.num_inference_steps, c.timesteps, c.sigmas, device)
             if hasattr(self.scheduler, "set_begin_index"):  # as diffusers' SDXL: start at the first step
                 self.scheduler.set_begin_index(0)
-            dtype = embeds.dtype
-            latents = self.prepare_latents(num_images, height, width, dtype, device, generator, latents)
+            start = self.start(c, num_images, embeds.dtype, device)
+            w_embedding = guidance_embedding(self.unet.config, c.guidance_scale, num_images, start.latents)
             latents = self.denoise(
-                latents, context, self._truncated(self.scheduler.timesteps),
-                guidance_scale=guidance_scale if guided else None, guidance_rescale=guidance_rescale,
-                guidance_interval=guidance_interval,
-                timestep_cond=guidance_embedding(self.unet.config, guidance_scale, num_images, latents),
-                step_kwargs=self.step_kwargs(generator, eta),
+                start.latents, context, self._truncated(start.timesteps),
+                guidance_scale=c.guidance_scale if guided else None, guidance_rescale=c.guidance_rescale,
+                guidance_interval=c.guidance_interval,
+                timestep_cond=w_embedding, step_kwargs=self.step_kwargs(c.generator, c.eta),
                 cross_attention_kwargs=cross_attention_kwargs or None, added_cond_kwargs=cond,
-                callback=callback_on_step_end, callback_inputs=callback_on_step_end_tensor_inputs,
-                progress=progress,
+                callback=c.callback_on_step_end, callback_inputs=c.callback_on_step_end_tensor_inputs,
+                progress=c.progress, extra_channels=start.extra_channels, after_step=start.after_step,
             )  # fmt: skip
             with self._vae_upcast():
-                images = self.decode_latents(latents, output_type, generator)
+                images = self.decode_latents(latents, c.output_type, c.generator)
         if isinstance(images, torch.Tensor):
             images = images.clone()  # a normal tensor: callers may change it in place
         self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return ImagePipelineOutput(images=images) if c.return_dict else (images,)
 
     # ---- stages SDXL changes -----------------------------------------------------------------
 
@@ -280,10 +282,19 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
             out[1], out[3] = per_image(negative_prompt_embeds), per_image(negative_pooled_prompt_embeds)
         return tuple(out)
 
-    def _added_cond_kwargs(self, pooled, original_size, crop_top_left, target_size) -> dict:
-        """The U-Net's added conditioning: {"text_embeds": (B, p) pooled, "time_ids": (B, 6)}."""
-        ids = add_time_ids(tuple(original_size), tuple(crop_top_left), tuple(target_size), dtype=pooled.dtype)
-        return {"text_embeds": pooled, "time_ids": ids.to(pooled.device).repeat(len(pooled), 1)}
+    def time_ids(self, c: SimpleNamespace, negative: bool = False) -> torch.Tensor:
+        """SDXL's six size/crop numbers for the prompt's half, or (negative) the unconditional half's:
+        the negative_* ones when both sizes are given, else the prompt's, as diffusers does."""
+        size = (c.height, c.width)
+        sizes = (c.original_size or size, c.crops_coords_top_left, c.target_size or size)
+        if negative and c.negative_original_size is not None and c.negative_target_size is not None:
+            sizes = (c.negative_original_size, c.negative_crops_coords_top_left, c.negative_target_size)
+        return add_time_ids(*(tuple(s) for s in sizes))
+
+    def _added_cond_kwargs(self, pooled, time_ids: torch.Tensor) -> dict:
+        """The U-Net's added conditioning: {"text_embeds": (B, p) pooled, "time_ids": (B, k)}."""
+        ids = time_ids.to(device=pooled.device, dtype=pooled.dtype)
+        return {"text_embeds": pooled, "time_ids": ids.repeat(len(pooled), 1)}
 
     # ---- helpers -----------------------------------------------------------------------------
 

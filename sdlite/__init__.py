@@ -25,6 +25,10 @@ _EXPORTS = {
     "convert_lora_file": "sdlite.kohya",
     "TextToImagePipeline": "pipelines.text_to_image",
     "TextToImageXLPipeline": "pipelines.text_to_image_xl",
+    "ImageToImagePipeline": "pipelines.image_to_image",
+    "ImageToImageXLPipeline": "pipelines.image_to_image_xl",
+    "InpaintPipeline": "pipelines.inpaint",
+    "InpaintXLPipeline": "pipelines.inpaint_xl",
     "Limits": "pipelines.inputs",
     "NonFiniteSampleError": "pipelines.sampling",
 }

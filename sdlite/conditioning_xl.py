@@ -44,7 +44,8 @@ def encode_prompts_xl(
         raise ValueError(
             f"prompts_2 has {len(prompts_2)} prompts but prompts has {len(prompts)}: pass one each"
         )
-    ids, ids_2 = token_ids(tokenizer, prompts), token_ids(tokenizer_2, prompts_2)
+    ids = token_ids(tokenizer, prompts) if text_encoder is not None else None
+    ids_2 = token_ids(tokenizer_2, prompts_2)
     return encode_ids_xl(text_encoder, text_encoder_2, ids, ids_2, clip_skip)
 
 
@@ -58,6 +59,8 @@ def encode_ids_xl(
     """``encode_prompts_xl`` from token ids: (B, L) of each tokenizer -> (B, L, d1 + d2) and (B, p)."""
     states = []
     for encoder, ids in ((text_encoder, input_ids), (text_encoder_2, input_ids_2)):
+        if encoder is None:  # SDXL's refiner conditions on encoder 2 alone
+            continue
         out = encoder(ids.to(encoder.device), output_hidden_states=True)
         states.append(out.hidden_states[-(2 + (clip_skip or 0))])
     pooled = out.text_embeds  # encoder 2 (CLIPTextModelWithProjection): projected EOS state

@@ -252,10 +252,12 @@ def load_components(path: str | Path, torch_dtype: torch.dtype | None = None) ->
     return parts
 
 
-def check_compatible(parts: Components) -> None:
+def check_compatible(parts: Components, inpainting: bool = False) -> None:
     """The parts must fit: latent channels, cross-attention width, token vocabulary."""
     vae, unet, te = parts.vae.config, parts.unet.config, parts.text_encoder.config
-    if unet.in_channels != vae.latent_channels:
+    # inpainting: a U-Net that also reads the mask and the masked image's latents (2 C + 1) fits too
+    fits = (vae.latent_channels, 2 * vae.latent_channels + 1) if inpainting else (vae.latent_channels,)
+    if unet.in_channels not in fits:
         raise ModelFolderError(
             f"unet.in_channels is {unet.in_channels} but the VAE makes {vae.latent_channels}-channel "
             "latents: the U-Net and VAE come from different models"

@@ -224,7 +224,8 @@ def _check_widths(where: str, unet, te1, te2) -> None:
             "text encoders come from different models"
         )
     added = SIZE_CONDITIONS * unet["addition_time_embed_dim"] + te2["projection_dim"]
-    if unet["projection_class_embeddings_input_dim"] != added:
+    refiner = added - unet["addition_time_embed_dim"]  # (size, crop, aesthetic score): five numbers
+    if unet["projection_class_embeddings_input_dim"] not in (added, refiner):
         raise ModelFolderError(
             f"{where}: unet.projection_class_embeddings_input_dim is "
             f"{unet['projection_class_embeddings_input_dim']} but {SIZE_CONDITIONS} size/crop numbers x "
@@ -308,11 +309,13 @@ def tokenizers_xl(path: str | Path | None, model_max_length: int = 77) -> tuple[
     return found[0], found[1]
 
 
-def check_compatible_xl(parts: ComponentsXL) -> None:
+def check_compatible_xl(parts: ComponentsXL, inpainting: bool = False) -> None:
     """The parts must fit: latent channels, both encoders' widths, the added embedding, tokenizers."""
     vae, unet = parts.vae.config, parts.unet.config
     te1, te2 = parts.text_encoder.config, parts.text_encoder_2.config
-    if unet.in_channels != vae.latent_channels:
+    # inpainting: a U-Net that also reads the mask and the masked image's latents (2 C + 1) fits too
+    fits = (vae.latent_channels, 2 * vae.latent_channels + 1) if inpainting else (vae.latent_channels,)
+    if unet.in_channels not in fits:
         raise ModelFolderError(
             f"unet.in_channels is {unet.in_channels} but the VAE makes {vae.latent_channels}-channel "
             "latents: the U-Net and VAE come from different models"

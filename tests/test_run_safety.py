@@ -125,3 +125,33 @@ def test_sdlite_launch_hands_every_argument_after_it_to_the_launcher_unparsed(mo
     with pytest.raises(SystemExit) as done:
         cli.main(["launch", "--help"])
     assert done.value.code == 0 and "on SIGTERM or Ctrl-C" in capsys.readouterr().out
+
+
+def test_a_new_run_in_a_folder_holding_an_earlier_runs_checkpoints_is_refused_keeping_them(
+    data, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    main(flags(data, out))
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("checkpoint-*")}
+    final = (out / "final" / FINAL_MARKER).read_bytes()
+    monkeypatch.setattr("training.train.UNetTrainer.setup", lambda self: pytest.fail("the model was built"))
+    with pytest.raises(
+        RunFolderError, match=r"holds checkpoint-2 of an earlier run: .*--resume latest.*another"
+    ):
+        main(flags(data, out))
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("checkpoint-*")} == before
+    assert (out / "final" / FINAL_MARKER).read_bytes() == final  # that run's model stands
+    assert_unlocked(out)
+
+
+def test_a_resume_whose_max_steps_is_below_the_checkpoints_step_is_refused_before_the_model(
+    data, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    main(flags(data, out, max_steps=3))
+    monkeypatch.setattr("training.train.UNetTrainer.setup", lambda self: pytest.fail("the model was built"))
+    with pytest.raises(
+        RunFolderError, match=r"checkpoint-3, which has trained 3 steps, past max_steps 2.*3 or more"
+    ):
+        main(flags(data, out, max_steps=2, resume="latest"))
+    assert_unlocked(out)

@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from sdlite.durable import fsync
 from sdlite.models import unpickling_refusal
 
 if TYPE_CHECKING:
@@ -83,19 +84,11 @@ def find_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(folder: Path) -> None:
     """Every file under ``folder`` on disk (not only in the page cache)."""
     for file in folder.rglob("*"):
         if file.is_file():
-            _fsync(file)
+            fsync(file)
 
 
 def remove_dir(path: Path) -> None:
@@ -154,7 +147,7 @@ def publish_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync(final.parent)  # the renames themselves
+    fsync(final.parent)  # the renames themselves
     if old.exists():
         remove_dir(old)
 

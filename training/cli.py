@@ -221,6 +221,12 @@ def add_generate(commands) -> None:
         default="ddpm",
         help="the sampler, made from the model's scheduler config (default ddpm: the model's own)",
     )
+    gen.add_argument("--image", default=None, help="start from this picture (image to image), its size")
+    gen.add_argument(
+        "--strength", type=float, default=None,
+        help="with --image: how much to change it, 0-1 (default: the pipeline's, 0.8; 1 with --mask)",
+    )  # fmt: skip
+    gen.add_argument("--mask", default=None, help="with --image: repaint where this picture is white")
     gen.add_argument("--num_images", type=_positive, default=1)
     gen.add_argument("--upscale", type=_positive, default=1, help="enlarge the PNG this many times (nearest)")
     gen.add_argument("--out", default="out.png", help="PNG to write; a grid when several images")
@@ -245,7 +251,11 @@ def add_generate(commands) -> None:
 
 
 def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """What no single flag can check: ``--scale`` used, as before, to enlarge the PNG."""
+    """What no single flag can check: ``--scale`` used, as before, to enlarge the PNG; image flags
+    without ``--image``."""
+    for flag in ("strength", "mask"):
+        if getattr(args, flag) is not None and args.image is None:
+            parser.error(f"--{flag} goes with --image (the picture to change): add --image IN.png")
     if args.scale is not None and not args.lora:
         parser.error(
             "--scale is the scale of LoRA weights given by --lora FILE (or set each with --lora "

@@ -1,6 +1,7 @@
 """``sdlite generate``: images for a prompt, from a model folder or a single-file checkpoint, with any
 of diffusers' samplers and any number of LoRA adapters, each at its own scale (``--lora FILE:SCALE``,
-or ``--scale`` for those given without one)."""
+or ``--scale`` for those given without one); from a picture with ``--image`` (and ``--strength``),
+repainting where ``--mask`` is white."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import logging as diffusers_logging
+from PIL import Image
 from safetensors import SafetensorError
 from transformers.utils import logging as transformers_logging
 
+from pipelines.image_to_image import ImageToImagePipeline
+from pipelines.image_to_image_xl import ImageToImageXLPipeline
+from pipelines.inpaint import InpaintPipeline
+from pipelines.inpaint_xl import InpaintXLPipeline
 from pipelines.text_to_image import TextToImagePipeline
 from pipelines.text_to_image_xl import TextToImageXLPipeline
 from sdlite.images import grid
@@ -61,8 +67,45 @@ def load_loras(pipe: TextToImagePipeline, loras: list[tuple[str, float]]) -> Non
     pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
 
 
+def image_arguments(args: argparse.Namespace) -> dict:
+    """--image, --mask and --strength as the pipeline's arguments (the pictures read, before any
+    model loads), with the size flags each kind takes."""
+    if args.image is None:
+        return {"height": args.height, "width": args.width}
+    if args.mask is None and (args.height is not None or args.width is not None):
+        raise ValueError("--height/--width: image to image keeps --image's size; resize the picture instead")
+    out = {"image": _picture("--image", args.image)}
+    if args.mask is not None:  # inpainting paints at the asked size (the model's by default)
+        out |= {"mask_image": _picture("--mask", args.mask), "height": args.height, "width": args.width}
+    if args.strength is not None:
+        out["strength"] = args.strength
+    return out
+
+
+def image_pipeline(pipe: TextToImagePipeline, inpaint: bool) -> TextToImagePipeline:
+    """The same model's image-to-image (or, ``inpaint``, inpainting) pipeline, SD or SDXL."""
+    kinds = {
+        False: (ImageToImagePipeline, InpaintPipeline),
+        True: (ImageToImageXLPipeline, InpaintXLPipeline),
+    }
+    pipe = kinds[isinstance(pipe, TextToImageXLPipeline)][inpaint](**pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _picture(flag: str, path: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{flag} {path!r} is not a picture this command can read ({e})") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    extra = image_arguments(args)
     pipe = load_pipeline(args.model, args.model_config)
+    if args.image is not None:
+        pipe = image_pipeline(pipe, inpaint=args.mask is not None)
     scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     if scheduler is not None:
         pipe.scheduler = scheduler
@@ -72,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
     images = pipe(
         args.prompt,
         negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
+        **extra,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         guidance_interval=args.guidance_interval,

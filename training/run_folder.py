@@ -28,7 +28,15 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from training.checkpoint import CHECKPOINT, _agree, foreign_folders, fsync_tree, remove_leftovers
+from training.checkpoint import (
+    CHECKPOINT,
+    _agree,
+    checkpoints,
+    find_resume,
+    foreign_folders,
+    fsync_tree,
+    remove_leftovers,
+)
 
 LOCK_FILE = "run.lock"
 FINAL_MARKER = "sdlite_final.json"  # in every final folder a run published: whose it is
@@ -154,17 +162,46 @@ def check_output_dir(output_dir: str | Path) -> None:
         )
 
 
+def check_resume(output_dir: str | Path, resume: str | None, max_steps: int) -> None:
+    """RunFolderError, before the model is built, for a run that contradicts the checkpoints it finds: a
+    new run (no resume) in a folder holding an earlier run's checkpoints, whose rotation would push them
+    out and whose final model would replace that run's; a resume whose max_steps is below the
+    checkpoint's step (max_steps counts the whole run, not the steps to add)."""
+    found = checkpoints(output_dir)
+    if not resume and found:
+        raise RunFolderError(
+            f"output_dir {str(output_dir)!r} holds {found[-1].name} of an earlier run: continue that run "
+            "with --resume latest, or give this run another output_dir"
+        )
+    checkpoint = find_resume(output_dir, resume) if resume else None
+    named = CHECKPOINT.match(checkpoint.name) if checkpoint else None
+    step = int(named[1]) if named else 0
+    if step > max_steps:
+        raise RunFolderError(
+            f"--resume {resume} continues {checkpoint.name}, which has trained {step} steps, past "
+            f"max_steps {max_steps} (the whole run's steps, not the steps to add): give --max_steps "
+            f"{step} or more"
+        )
+
+
 def open_run_folder(
-    output_dir: str | Path, accelerator, log: Callable[[str], None] = print
+    output_dir: str | Path,
+    accelerator,
+    log: Callable[[str], None] = print,
+    resume: str | None = None,
+    max_steps: int | None = None,
 ) -> RunLock | None:
-    """The main process checks output_dir (``check_output_dir``), locks it and removes what killed runs of
-    ours left half-written; returns the lock (None on the other processes: one run, one lock). If it
-    cannot, every process raises RunFolderError at once (an all-reduce), instead of the others waiting
-    for a main process that is gone. Call it (every process) before anything is written to output_dir."""
+    """The main process checks output_dir (``check_output_dir``; with ``max_steps``, also ``check_resume``),
+    locks it and removes what killed runs of ours left half-written; returns the lock (None on the other
+    processes: one run, one lock). If it cannot, every process raises RunFolderError at once (an
+    all-reduce), instead of the others waiting for a main process that is gone. Call it (every process)
+    before anything is written to output_dir."""
     lock, error = None, None
     if accelerator.is_main_process:
         try:
             check_output_dir(output_dir)
+            if max_steps is not None:
+                check_resume(output_dir, resume, max_steps)
             lock = lock_run(output_dir, log)
         except RunFolderError as e:
             error = e

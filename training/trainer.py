@@ -75,7 +75,9 @@ class Trainer:
         self.cfg = cfg
         self.accelerator = acc = self.make_accelerator()
         set_collective_timeout(acc, startup_timeout(cfg.collective_timeout))  # training/peers.py
-        self.lock = open_run_folder(cfg.output_dir, acc, log=acc.print)  # before anything is written there
+        # before anything is written there, and before the model is built
+        lock_args = dict(log=acc.print, resume=cfg.resume, max_steps=cfg.max_steps)
+        self.lock = open_run_folder(cfg.output_dir, acc, **lock_args)
         try:
             self.final = prepare_final_dir(self.final_path(), cfg.output_dir)  # fails before training
             self.setup()

@@ -48,6 +48,7 @@ from sdlite.conditioning_xl import encode_ids_xl
 from sdlite.data.dataset import ImageTransform, image_bytes
 from sdlite.data.decoding import DECODER, image_size
 from sdlite.data.files import DataError, shown
+from sdlite.durable import fsync
 from sdlite.latents import to_latents
 
 # Config entries that do not change what a model computes from its input.
@@ -112,14 +113,6 @@ class CacheWriteError(DataError, OSError):
     OSError, as the failed write was, and a DataError, as every error of the data's preparation is."""
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class TensorCache:
     """Content-addressed safetensors files under ``root``: ``root/ab/abcdef....safetensors``."""
 
@@ -166,7 +159,7 @@ class TensorCache:
                 tmp.parent.mkdir(parents=True, exist_ok=True)
                 save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp)
             with ThreadPoolExecutor(min(len(tmps), 16)) as pool:
-                list(pool.map(_fsync, [tmp for tmp, _, _ in tmps]))
+                list(pool.map(fsync, [tmp for tmp, _, _ in tmps]))
             for tmp, key, _ in tmps:
                 os.replace(tmp, self.path(key))
         except (OSError, SafetensorError) as error:

@@ -1,0 +1,135 @@
+"""ImageToImageXLPipeline draws what diffusers' StableDiffusionXLImg2ImgPipeline does."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import (
+    EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+
+from pipelines import ImageToImageXLPipeline, TextToImageXLPipeline
+from sdlite.models_xl import build_components_xl
+
+PROMPTS = ["a red circle", "a blue square on green"]
+
+
+def picture(n=0, size=32) -> PIL.Image.Image:
+    rng = np.random.default_rng(n)
+    return PIL.Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return build_components_xl("tiny-sdxl", seed=0)
+
+
+def pair(components: dict, **config):
+    ours = ImageToImageXLPipeline(**components, **config)
+    theirs = StableDiffusionXLImg2ImgPipeline(**components, **config, add_watermarker=False)
+    for p in (ours, theirs):
+        p.set_progress_bar_config(disable=True)
+    return ours, theirs
+
+
+def images(pipe, **kwargs):
+    kwargs = {"prompt": PROMPTS, "image": picture(), "num_inference_steps": 5, "output_type": "np", **kwargs}
+    return pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+
+
+def assert_same_images(ours, theirs, **kwargs):
+    a, b = images(ours, **kwargs), images(theirs, **kwargs)
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= 1e-4
+
+
+CASES = {
+    "guided_at_half_strength": dict(guidance_scale=5.0, strength=0.5),
+    "unguided_at_full_strength": dict(guidance_scale=1.0, strength=1.0),
+    "with_prompt_2_two_per_prompt_and_size_conditioning": dict(
+        prompt_2=["circle", "square"],
+        num_images_per_prompt=2,
+        strength=0.6,
+        original_size=(64, 48),
+        crops_coords_top_left=(8, 4),
+        target_size=(32, 32),
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_same_images_as_diffusers_sdxl_img2img(parts, case):
+    assert_same_images(*pair(parts.as_dict()), **CASES[case])
+
+
+def test_same_images_as_diffusers_with_euler_and_denoising_end(parts):
+    scheduler = EulerDiscreteScheduler.from_config(parts.scheduler.config)
+    ours, theirs = pair({**parts.as_dict(), "scheduler": scheduler})
+    assert_same_images(ours, theirs, strength=0.8, denoising_end=0.5, num_inference_steps=8)
+
+
+def test_a_refiner_takes_over_where_the_base_stopped_as_in_diffusers(parts):
+    base = TextToImageXLPipeline(**parts.as_dict())
+    base.set_progress_bar_config(disable=True)
+    theirs_base = StableDiffusionXLPipeline(**parts.as_dict(), add_watermarker=False)
+    kw = dict(prompt=PROMPTS[0], num_inference_steps=6, denoising_end=0.6, output_type="latent")
+    handed = base(**kw, generator=torch.Generator().manual_seed(1)).images
+    theirs_handed = theirs_base(**kw, generator=torch.Generator().manual_seed(1)).images
+    assert torch.allclose(handed, theirs_handed, atol=1e-5)
+    ours, theirs = pair(parts.as_dict())
+    seen = []
+    kw = dict(prompt=PROMPTS[0], image=handed, num_inference_steps=6, denoising_start=0.6)
+    a = images(ours, **kw, callback_on_step_end=lambda p, i, t, x: seen.append(int(t)) or x)
+    b = images(theirs, **kw)
+    assert np.abs(a - b).max() <= 1e-4
+    assert seen == [333, 167, 1]  # the steps below (1 - 0.6) T, which the base left
+
+
+def test_the_refiners_aesthetic_score_conditions_like_diffusers(parts):
+    """A U-Net whose added embedding reads five time ids (size, crop, score), as SDXL's refiner's."""
+    config = dict(parts.unet.config)
+    d, pooled = config["addition_time_embed_dim"], parts.text_encoder_2.config.projection_dim
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(
+        {**config, "projection_class_embeddings_input_dim": 5 * d + pooled}
+    )
+    ours, theirs = pair({**parts.as_dict(), "unet": unet}, requires_aesthetics_score=True)
+    assert_same_images(ours, theirs, guidance_scale=5.0, strength=0.7)
+    low, high = (images(ours, aesthetic_score=s, strength=0.7) for s in (1.0, 9.0))
+    assert np.abs(low - high).max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"denoising_start": 1.5}, "denoising_start must be None or a number in [0, 1]"),
+        ({"denoising_start": 0.6, "denoising_end": 0.5}, "must be below denoising_end"),
+        ({"strength": 0.1}, "leaves no step to run"),
+        ({"image": None}, "image must be a PIL image"),
+    ],
+)
+def test_bad_sdxl_image_argument_raises_value_error_naming_it(parts, kwargs, message):
+    pipe = ImageToImageXLPipeline(**parts.as_dict())
+    with pytest.raises(ValueError) as error:
+        images(pipe, **kwargs)
+    assert message in str(error.value)
+
+
+def test_a_refiner_with_text_encoder_2_alone_draws_like_diffusers(parts):
+    """SDXL's refiner: no text encoder 1, a U-Net reading encoder 2's states and five time ids."""
+    config = dict(parts.unet.config)
+    d, te2 = config["addition_time_embed_dim"], parts.text_encoder_2.config
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(
+        {
+            **config,
+            "cross_attention_dim": te2.hidden_size,
+            "projection_class_embeddings_input_dim": 5 * d + te2.projection_dim,
+        }
+    )
+    refiner = {**parts.as_dict(), "unet": unet, "text_encoder": None, "tokenizer": None}
+    ours, theirs = pair(refiner, requires_aesthetics_score=True)
+    assert_same_images(ours, theirs, guidance_scale=5.0, strength=0.6, negative_prompt="blurry")
