@@ -6,12 +6,17 @@ Tensors are random and small; every adapter's second factor is non-zero, so each
 """
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
 from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
+from PIL import Image
 
 from pipelines import TextToImagePipeline, TextToImageXLPipeline
 from sdlite.kohya_names import LoraFileError
@@ -182,3 +187,27 @@ def test_sdlite_lora_inspect_says_what_a_file_is_and_whether_it_loads(tmp_path, 
     assert "embedding, the word '<w>'" in out and "vectors: 3" in out and "loads on tiny: yes" in out
     assert sdlite(["lora", "inspect", str(embedding), "--model", "tiny-sdxl"]) == 0
     assert "loads on tiny-sdxl: no" in capsys.readouterr().out
+
+
+def test_sdlite_generate_merges_a_lycoris_file_at_its_scale(tmp_path):
+    model = tmp_path / "model"
+    components = build_components("tiny", seed=0)
+    components.save_pretrained(model)
+    to_q = components.unet.get_submodule(TO_Q).weight
+    loha = _loha(to_q.shape[0], to_q.shape[1], 2, torch.Generator().manual_seed(4)) | {
+        "alpha": torch.tensor(2.0)
+    }
+    file = _file(tmp_path, {"lora_unet_" + TO_Q.replace(".", "_"): loha})
+    sdlite = str(Path(sys.executable).parent / "sdlite")
+
+    def generate(*lora: str) -> np.ndarray:
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*.png')))}.png"
+        argv = [sdlite, "generate", "a red circle", "--model", str(model), "--num_inference_steps", "2",
+                "--out", str(out), *lora]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return np.asarray(Image.open(out), dtype=np.int16)
+
+    base, none, some = generate(), generate("--lora", f"{file}:0"), generate("--lora", f"{file}:1")
+    assert np.array_equal(base, none)  # at scale 0 the merged update is nothing
+    assert np.abs(some - base).max() > 0  # at scale 1 it changes the image
