@@ -4,6 +4,11 @@
   ``StableDiffusionLoraLoaderMixin``; ``ExactLoraFuse`` makes ``unfuse_lora`` restore each weight bit
   for bit instead of subtracting the update again (which rounds), and lets ``set_adapters`` weigh
   adapters on a U-Net whose ``layers_per_block`` is a list (one count per level).
+- Textual inversion (``sdlite.textual_inversion``): ``Embeddings.load_textual_inversion`` reads
+  diffusers', A1111's and SDXL's (``clip_l`` / ``clip_g``) embedding files, checks them against the
+  pipeline's encoders, then adds the word through diffusers' ``TextualInversionLoaderMixin``, into
+  both encoders for SDXL. Prompts and negative prompts name it; a word of n vectors is spelt out to
+  n tokens by ``maybe_convert_prompt`` where the pipeline tokenizes.
 - IP-Adapter (Ye et al. 2023, "IP-Adapter: Text Compatible Image Prompt Adapter") loads through
   diffusers' ``IPAdapterMixin`` (``load_ip_adapter``, ``set_ip_adapter_scale``); ``ImagePrompts``
   turns ``ip_adapter_image`` (through the CLIP image encoder) or ``ip_adapter_image_embeds`` into the
@@ -12,15 +17,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import safetensors
 import torch
+from diffusers.loaders import TextualInversionLoaderMixin
 from diffusers.models import ImageProjection
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from sdlite.kohya import kohya_lora_state
+from pipelines.lora_check import layer_named as _layer
+from sdlite import kohya
+from sdlite.lycoris import is_lycoris, read_lycoris
+from sdlite.textual_inversion import SDXL_KEYS, EmbeddingFileError, read_embedding
 
 
 class ExactLoraFuse:
@@ -34,7 +45,7 @@ class ExactLoraFuse:
         diffusers' own conversion gives every module of a part the commonest one."""
         kwargs.setdefault("use_safetensors", True)
         _refuse_pickled_lora(pretrained_model_name_or_path_or_dict)
-        converted = kohya_lora_state(pretrained_model_name_or_path_or_dict)
+        converted = kohya_lora_state(pretrained_model_name_or_path_or_dict, kwargs.get("unet_config"))
         if converted is None:
             return super().lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
         state, metadata = converted
@@ -78,6 +89,35 @@ class ExactLoraFuse:
     def unload_lora_weights(self, *args, **kwargs):
         super().unload_lora_weights(*args, **kwargs)
         self.__dict__.pop("_weights_before_fuse", None)  # a fused update stays in: nothing to undo
+        for layer, weight in self.__dict__.pop("_weights_before_lycoris", {}).items():
+            layer.weight.data.copy_(weight)  # LyCORIS updates were merged: the weights they replaced
+
+    def load_lycoris(self, source, adapter_name=None, strength: float = 1.0, **kwargs) -> None:
+        """A LyCORIS file (LoHa, LoKr, DoRA; ``sdlite.lycoris``) merged into the weights at ``strength``:
+        exact for every kind, as A1111 and ComfyUI apply them; ``unload_lora_weights`` restores the
+        weights bit for bit. Every module is checked first: nothing changes unless all fit."""
+        modules = read_lycoris(source, self.unet.config)
+        updates = []
+        for (part, module), m in modules.items():
+            model = getattr(self, part, None)
+            layer = _layer(model, module) if model is not None else None
+            if layer is None or getattr(layer, "weight", None) is None:
+                raise ValueError(
+                    f"this LyCORIS file adapts {part}.{module}, which this {self._lora_family} pipeline "
+                    "lacks: a file for another model; nothing was loaded"
+                )
+            widths = (layer.weight[0].numel(), layer.weight.shape[0])  # in·kh·kw for a convolution
+            if m.widths() != widths:
+                raise ValueError(
+                    f"{part}.{module}: the LyCORIS update is {m.widths()[0]} -> {m.widths()[1]} wide where "
+                    f"this layer is {widths[0]} -> {widths[1]}; nothing was loaded"
+                )
+            updates.append((layer, m))
+        originals = self.__dict__.setdefault("_weights_before_lycoris", {})
+        with torch.no_grad():
+            for layer, m in updates:
+                originals.setdefault(layer, layer.weight.detach().clone())
+                layer.weight.data.copy_(m.apply(layer.weight, strength))
 
     def _lora_layers(self, components) -> list[BaseTunerLayer]:
         models = [model for model in (getattr(self, name, None) for name in components) if model is not None]
@@ -103,6 +143,52 @@ def _set_unet_weights(unet, names, weights) -> None:
     set_weights_and_activate_adapters(unet, names, [1.0 if w is None else w for w in weights])
 
 
+def kohya_lora_state(source, unet_config=None) -> tuple[dict, dict] | None:
+    """A kohya-layout LoRA (a ``.safetensors`` path or a state dict) as what diffusers'
+    ``load_lora_into_unet`` / ``load_lora_into_text_encoder`` take: (the state dict in diffusers'
+    layout, the metadata giving each module its alpha). None for anything else, left to diffusers.
+
+    For a pipeline's ``lora_state_dict``: diffusers' own reading of a kohya file gives every module of
+    a part one alpha, the commonest (its ``alpha_pattern`` keys name no module of peft's), so a file
+    whose modules differ in alpha (a resized or extracted LoRA) would load some at the wrong strength.
+    ``unet_config`` is the pipeline's U-Net's, where an SDXL file's SGM-named modules go.
+    """
+    if isinstance(source, dict):
+        tensors = source
+    elif isinstance(source, (str, Path)) and Path(source).is_file() and Path(source).suffix == ".safetensors":
+        kohya.refuse_pickle(Path(source))
+        try:
+            with safetensors.safe_open(source, framework="pt") as f:
+                keys = list(f.keys())  # the names only: a diffusers-layout file is not read twice
+        except Exception:  # not a safetensors file: diffusers' reading says what it is
+            return None
+        tensors = kohya.load_lora_file(source)[0] if keys and all(map(kohya.is_kohya_key, keys)) else {}
+    else:
+        return None
+    if not tensors or not all(map(kohya.is_kohya_key, tensors)):
+        return None
+    try:
+        modules = kohya.modules_from_kohya(tensors, unet_config)
+    except kohya.LoraFileError:  # LyCORIS, another model's LoRA...: diffusers' reading names the problem
+        return None
+    state, header = kohya.to_diffusers(modules)
+    return state, json.loads(header[kohya.ADAPTER_METADATA_KEY])
+
+
+def is_lycoris_source(source) -> bool:
+    """Whether a LoRA source (a state dict or a ``.safetensors`` file) is a LyCORIS one."""
+    if isinstance(source, dict):
+        return is_lycoris(source)
+    file = kohya.weights_file(source) if isinstance(source, (str, Path)) else None
+    if file is None or not file.is_file() or file.suffix != ".safetensors":
+        return False
+    try:
+        with safetensors.safe_open(file, framework="pt") as f:
+            return is_lycoris(f.keys())
+    except Exception:  # not a safetensors file: the LoRA reading names what it is
+        return False
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -116,6 +202,52 @@ def _refuse_pickled_lora(source) -> None:
             f"LoRA {str(source)!r} is a pickle ({', '.join(f.name for f in files)}): refused, because "
             "loading one can run code; save or convert it as .safetensors"
         )
+
+
+class Embeddings(TextualInversionLoaderMixin):
+    """``load_textual_inversion`` for sdlite's pipelines, SD's and SDXL's."""
+
+    def load_textual_inversion(self, pretrained_model_name_or_path, token: str | None = None, **kwargs):
+        """Add the word of an embedding file (or state dict) to the text encoder(s): SD's one, or SDXL's
+        two from the file's ``clip_l`` and ``clip_g``. ``token`` overrides the word the file names (or its
+        file name, for A1111's files). Checked first: nothing changes unless every part fits."""
+        if kwargs.get("tokenizer") is not None or kwargs.get("text_encoder") is not None:
+            # one encoder named by the caller, as diffusers' SDXL recipe does: diffusers' own reading
+            return super().load_textual_inversion(pretrained_model_name_or_path, token=token, **kwargs)
+        embedding = read_embedding(pretrained_model_name_or_path, token)
+        pairs = self._embedding_targets(embedding)
+        for key, (tokenizer, encoder) in pairs.items():
+            width = encoder.get_input_embeddings().weight.shape[1]
+            if embedding.vectors[key].shape[1] != width:
+                raise EmbeddingFileError(
+                    f"the embedding {embedding.token!r} has {embedding.vectors[key].shape[1]}-wide vectors "
+                    f"{f'for {key} ' if key else ''}where this text encoder reads {width}: an embedding "
+                    "for another model"
+                )
+            if embedding.token in tokenizer.get_vocab():
+                raise EmbeddingFileError(
+                    f"{embedding.token!r} is a word the tokenizer knows already: pass another token=..."
+                )
+        for key, (tokenizer, encoder) in pairs.items():
+            vectors = {embedding.token: embedding.vectors[key].to(encoder.dtype)}
+            super().load_textual_inversion(vectors, tokenizer=tokenizer, text_encoder=encoder)
+
+    def _embedding_targets(self, embedding) -> dict:
+        """{the embedding's key: (tokenizer, text encoder)} in this pipeline, or a clear refusal."""
+        sdxl = getattr(self, "text_encoder_2", None) is not None
+        if embedding.family == "SDXL" and not sdxl:
+            raise EmbeddingFileError(
+                f"{embedding.token!r} is an SDXL embedding (clip_l and clip_g): load it into an SDXL pipeline"
+            )
+        if embedding.family != "SDXL" and sdxl:
+            raise EmbeddingFileError(
+                f"{embedding.token!r} has one set of vectors (an SD 1.x/2.x embedding); SDXL's take a "
+                "clip_l and a clip_g set. To use it with one SDXL encoder, pass tokenizer= and text_encoder="
+            )
+        if not sdxl:
+            return {"": (self.tokenizer, self.text_encoder)}
+        clip_l, clip_g = SDXL_KEYS
+        return {clip_l: (self.tokenizer, self.text_encoder), clip_g: (self.tokenizer_2, self.text_encoder_2)}
 
 
 class ImagePrompts:

@@ -17,9 +17,10 @@ SIDES = {  # how a key ends -> which width of the layer its matrix carries (dim 
 }  # fmt: skip
 
 
-def _layer(model: torch.nn.Module, name: str):
-    """The layer ``name`` names, or None; transformers >= 5 dropped CLIPTextModel's ``text_model.``."""
-    for candidate in (name, name.removeprefix("text_model.")):
+def layer_named(model: torch.nn.Module, name: str):
+    """The layer ``name`` names, or None; transformers >= 5 dropped CLIPTextModel's ``text_model.``
+    (not CLIPTextModelWithProjection's)."""
+    for candidate in (name, name.removeprefix("text_model."), "text_model." + name):
         try:
             layer = model.get_submodule(candidate)
         except AttributeError:
@@ -48,7 +49,7 @@ def check_lora_fits(state: dict[str, torch.Tensor], models: dict, kind: str) -> 
         side = next((s for s in SIDES if rest.endswith(s)), None)
         if side is None or part in foreign:
             continue
-        layer = _layer(models[part], rest[: -len(side)])
+        layer = layer_named(models[part], rest[: -len(side)])
         widths = _widths(layer) if layer is not None else None
         if widths is None:
             missing.append(key)

@@ -32,7 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from pipelines import inputs
-from pipelines.adapters import ExactLoraFuse, ImagePrompts
+from pipelines.adapters import Embeddings, ExactLoraFuse, ImagePrompts, is_lycoris_source
 from pipelines.base import BasePipeline
 from pipelines.lora_check import check_lora_fits
 from pipelines.sampling import (
@@ -50,8 +50,9 @@ logger = logging.get_logger(__name__)
 
 
 class TextToImagePipeline(
-    ExactLoraFuse, ImagePrompts, SamplingState, BasePipeline, StableDiffusionLoraLoaderMixin, IPAdapterMixin
-):
+    ExactLoraFuse, Embeddings, ImagePrompts, SamplingState, BasePipeline, StableDiffusionLoraLoaderMixin,
+    IPAdapterMixin,
+):  # fmt: skip
     """pipe(prompt) -> StableDiffusionPipelineOutput(images, nsfw_content_detected), stage by stage.
 
     ``__call__`` is the recipe; each stage is a method named for its job and usable on its own:
@@ -175,6 +176,8 @@ class TextToImagePipeline(
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
         """diffusers' ``load_lora_weights`` after ``check_lora``: a LoRA of another family (SDXL's)
         fails naming what it was made for, with nothing loaded."""
+        if is_lycoris_source(pretrained_model_name_or_path_or_dict):  # LoHa, LoKr, DoRA: merged exactly
+            return self.load_lycoris(pretrained_model_name_or_path_or_dict, **kwargs)
         kwargs.setdefault("local_files_only", True)
         self.check_lora(pretrained_model_name_or_path_or_dict, **kwargs)
         super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
@@ -184,7 +187,7 @@ class TextToImagePipeline(
         (``lora_check.check_lora_fits``); the file is read as ``lora_state_dict`` reads it."""
         state = pretrained_model_name_or_path_or_dict
         if not isinstance(state, dict):
-            state = self.lora_state_dict(state, **kwargs)[0]
+            state = self.lora_state_dict(state, unet_config=self.unet.config, **kwargs)[0]
         models = {name: getattr(self, name, None) for name in self._lora_parts}
         check_lora_fits(state, models, self._lora_family)
 
@@ -301,6 +304,7 @@ class TextToImagePipeline(
         return prompt_embeds, negative_prompt_embeds
 
     def _encode_text(self, texts: list[str], max_length: int, device, clip_skip: int | None) -> torch.Tensor:
+        texts = self.maybe_convert_prompt(texts, self.tokenizer)  # a textual-inversion word's n tokens
         tokens = self.tokenizer(
             texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         )

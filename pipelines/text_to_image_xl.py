@@ -39,7 +39,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from pipelines import inputs
-from pipelines.adapters import ExactLoraFuse
+from pipelines.adapters import ExactLoraFuse, is_lycoris_source
 from pipelines.sampling import guidance_embedding
 from pipelines.single_file_xl import load_single_file_xl, save_single_file_xl
 from pipelines.text_to_image import TextToImagePipeline
@@ -251,7 +251,11 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
             negative_prompt_2 = negative_prompt_2 or negative_prompt
             texts += as_list(negative_prompt) * (num_prompts if isinstance(negative_prompt, str) else 1)
             texts_2 += as_list(negative_prompt_2) * (num_prompts if isinstance(negative_prompt_2, str) else 1)
-        if texts:
+        if texts:  # a textual-inversion word of n vectors is n tokens
+            texts, texts_2 = (
+                self.maybe_convert_prompt(texts, self.tokenizer),
+                self.maybe_convert_prompt(texts_2, self.tokenizer_2),
+            )
             with adapter_scale(*self._encoders(), scale=lora_scale):
                 embeds, pooled = encode_prompts_xl(
                     self.text_encoder, self.text_encoder_2, self.tokenizer, self.tokenizer_2, texts, texts_2,
@@ -325,6 +329,8 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
         """diffusers' SDXL ``load_lora_weights`` (keys ``unet.``, ``text_encoder.``, ``text_encoder_2.``,
         or kohya's) after ``check_lora``: an SD 1.x LoRA fails naming what it was made for, with
         nothing loaded. ``fuse_lora`` / ``unfuse_lora`` cover all three models and undo exactly."""
+        if is_lycoris_source(pretrained_model_name_or_path_or_dict):  # LoHa, LoKr, DoRA: merged exactly
+            return self.load_lycoris(pretrained_model_name_or_path_or_dict, **kwargs)
         kwargs.setdefault("local_files_only", True)
         self.check_lora(pretrained_model_name_or_path_or_dict, **kwargs)
         super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)

@@ -334,14 +334,19 @@ def add_demo(commands) -> None:
 
 
 def add_lora(commands) -> None:
-    from sdlite import kohya  # imports no torch until a file is converted
+    from sdlite import lora_command  # imports no torch until a file is converted
 
     lora = _group(commands, "lora", "LoRA files")
     convert = _parser(
         lora, "convert", "diffusers <-> kohya (A1111, ComfyUI) layout, keeping each module's alpha",
-        "sdlite.kohya:run",
+        "sdlite.lora_command:run",
     )  # fmt: skip
-    kohya.add_arguments(convert)
+    lora_command.add_arguments(convert)
+    inspect = _parser(
+        lora, "inspect", "what a LoRA / LyCORIS / embedding file is, and whether it loads on --model",
+        "sdlite.lora_command:run_inspect",
+    )  # fmt: skip
+    lora_command.add_inspect_arguments(inspect)
 
 
 def add_launch(commands) -> None:

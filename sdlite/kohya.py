@@ -15,58 +15,38 @@ where alpha lives:
 Text encoders are ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``; SDXL's two are
 ``lora_te1_`` and ``lora_te2_``. Every module here carries the alpha that gives its trained scale
 (alpha / r, or alpha / sqrt(r) for rsLoRA); diffusers' own converter writes alpha = r, which loads an
-adapter trained with another alpha at the wrong strength. The U-Net keeps diffusers' module names
-(as sd-scripts does for SD 1.x); kohya's SDXL files name the U-Net's blocks the original way
-(``input_blocks_4_1``) and are refused here for now.
+adapter trained with another alpha at the wrong strength.
+
+The U-Net keeps diffusers' module names for SD 1.x/2.x, as sd-scripts does. For SDXL, sd-scripts names
+the U-Net's blocks the original (SGM) way, ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``
+for diffusers' ``down_blocks.1.attentions.0...`` (the rules are ``sdlite.unet_names``', shared with
+one-file checkpoints), and so do we; both namings are read. Where those names go depends on the
+U-Net's shape (``layers_per_block``): each function that maps them takes the U-Net's config, and
+without one assumes SDXL 1.0's. Each mapped module's widths are checked against that U-Net's.
 
 Only safetensors files are read: a pickled LoRA could run code when loaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import re
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdlite.kohya_names import KOHYA_PARTS, LoraFileError, is_sdxl, model_path, place_module, sgm_name
+
 # torch, safetensors and peft are imported where used, so that `sdlite lora convert --help` is instant.
 
 KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
-KOHYA_PARTS = {
-    "lora_unet": "unet",
-    "lora_te": "text_encoder",
-    "lora_te1": "text_encoder",  # SDXL's first text encoder
-    "lora_te2": "text_encoder_2",
-}
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 DIFFUSERS_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 SDLITE_METADATA_KEY = "sdlite"  # sdlite.lora's: the base model
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"  # what save_lora(..., format="kohya") writes beside it
-
-# Module names that contain "_", in diffusers' U-Net and CLIP's text encoder. kohya joins a module
-# path with "_", so reading one back must know which underscores belong to a name.
-COMPOUND_NAMES = (
-    "down_blocks up_blocks mid_block transformer_blocks to_q to_k to_v to_out proj_in proj_out conv_in "
-    "conv_out conv_norm_out conv_shortcut time_emb_proj time_embedding linear_1 linear_2 add_embedding "
-    "text_model self_attn q_proj k_proj v_proj out_proj layer_norm1 layer_norm2 final_layer_norm "
-    "text_projection token_embedding position_embedding"
-).split()
-SIMPLE_NAMES = set(
-    "attentions resnets downsamplers upsamplers attn1 attn2 ff net proj conv conv1 conv2 norm norm1 norm2 "
-    "norm3 encoder layers mlp fc1 fc2 embeddings".split()
-)
-_COMPOUNDS = sorted((n.split("_") for n in COMPOUND_NAMES), key=len, reverse=True)
-
-
-class LoraFileError(ValueError):
-    """A LoRA file this module cannot read or write as asked; the message names what and why."""
 
 
 @dataclass
@@ -83,12 +63,6 @@ class LoraModule:
 
 
 Modules = dict[tuple[str, str], LoraModule]  # (part, module path in the model) -> LoraModule
-
-
-def _model_path(part: str, module: str) -> str:
-    """The module's path in the model: transformers >= 5 has no ``text_model`` level in CLIP's text
-    models, which kohya's names (and older diffusers files) keep."""
-    return module.removeprefix("text_model.") if part.startswith("text_encoder") else module
 
 
 def _kohya_path(part: str, module: str) -> str:
@@ -135,7 +109,7 @@ def refuse_pickle(file: Path) -> None:
         )
 
 
-def _is_kohya(key: str) -> bool:
+def is_kohya_key(key: str) -> bool:
     return any(key.startswith(prefix + "_") for prefix in KOHYA_PARTS)
 
 
@@ -144,7 +118,7 @@ def detect_layout(keys) -> str:
     keys = sorted(keys)
     if not keys:
         raise LoraFileError("the file holds no tensors")
-    kohya = [k for k in keys if _is_kohya(k)]
+    kohya = [k for k in keys if is_kohya_key(k)]
     diffusers = [
         k for k in keys if k.split(".")[0] in KOHYA_PREFIXES and (".lora_A." in k or ".lora_B." in k)
     ]
@@ -216,58 +190,41 @@ def modules_from_diffusers(tensors: dict, header: dict[str, str]) -> Modules:
             alpha = float(pattern.get(key, config["lora_alpha"]))
             if config.get("use_rslora"):  # scale alpha / sqrt(r): the plain-LoRA alpha of that scale
                 alpha = alpha * math.sqrt(down.shape[0])
-        modules[(part, _model_path(part, module))] = LoraModule(down, up, alpha)
+        modules[(part, model_path(part, module))] = LoraModule(down, up, alpha)
     return modules
 
 
-def module_path(name: str) -> str:
-    """``down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0`` -> diffusers' dotted path."""
-    tokens, parts, i = name.split("_"), [], 0
-    while i < len(tokens):
-        compound = next((c for c in _COMPOUNDS if tokens[i : i + len(c)] == c), None)
-        step = len(compound) if compound else 1
-        parts.append("_".join(tokens[i : i + step]))
-        i += step
-    unknown = [p for p in parts if not p.isdigit() and p not in SIMPLE_NAMES and p not in COMPOUND_NAMES]
-    if unknown:
-        raise LoraFileError(
-            f"cannot tell which '_' in {name!r} separate module names: {unknown} is not a module name of "
-            "diffusers' SD U-Net or CLIP's text encoder"
-        )
-    return ".".join(parts)
+def kohya_alpha(name: str, alpha, rank: int) -> float:
+    """A module's ``.alpha`` tensor as a number; alpha = r without one (kohya's default)."""
+    if alpha is not None and alpha.numel() != 1:
+        raise LoraFileError(f"{name}.alpha has shape {tuple(alpha.shape)}; expected a single number")
+    return float(alpha.item()) if alpha is not None else float(rank)
 
 
-def modules_from_kohya(tensors: dict) -> Modules:
-    """The modules of a kohya-layout file; a module without ``.alpha`` has alpha = r (kohya's default)."""
-    groups = _group(tensors, KOHYA_SUFFIXES, "LyCORIS / LoHa / LoKr / DoRA files are not supported")
+def modules_from_kohya(tensors: dict, unet_config=None) -> Modules:
+    """The modules of a kohya-layout file; a module without ``.alpha`` has alpha = r (kohya's default).
+    SGM-named U-Net modules are placed in the U-Net of ``unet_config`` (SDXL 1.0's when None)."""
+    groups = _group(tensors, KOHYA_SUFFIXES, "a LyCORIS file (LoHa, LoKr, DoRA): sdlite.lycoris reads it")
     modules: Modules = {}
     for name, group in sorted(groups.items()):
-        prefix = next(p for p in sorted(KOHYA_PARTS, key=len, reverse=True) if name.startswith(p + "_"))
-        rest = name.removeprefix(prefix + "_")
-        if prefix == "lora_unet" and re.match(r"(input_blocks|middle_block|output_blocks)_", rest):
-            raise LoraFileError(
-                f"{name!r} names the U-Net's blocks the original (SGM) way, as kohya's SDXL files do; "
-                "only diffusers' block names (down_blocks_, mid_block_, up_blocks_) are supported yet"
-            )
         down, up = group.get(".lora_down.weight"), group.get(".lora_up.weight")
         _pair(name, down, up)
-        alpha = group.get(".alpha")
-        if alpha is not None and alpha.numel() != 1:
-            raise LoraFileError(f"{name}.alpha has shape {tuple(alpha.shape)}; expected a single number")
-        alpha = float(alpha.item()) if alpha is not None else float(down.shape[0])
-        part = KOHYA_PARTS[prefix]
-        modules[(part, _model_path(part, module_path(rest)))] = LoraModule(down, up, alpha)
+        alpha = kohya_alpha(name, group.get(".alpha"), down.shape[0])
+        place = place_module(name, down[0].numel(), up.shape[0], unet_config)  # in: in·kh·kw for a conv
+        modules[place] = LoraModule(down, up, alpha)
     return modules
 
 
-def read_modules(path: str | Path) -> tuple[Modules, str, str | None]:
-    """(modules, layout, base model or None) of a LoRA file in either layout."""
+def read_modules(path: str | Path, unet_config=None) -> tuple[Modules, str, str | None]:
+    """(modules, layout, base model or None) of a LoRA file in either layout; ``unet_config`` places
+    SGM-named U-Net modules (SDXL 1.0's U-Net when None)."""
     tensors, header = load_lora_file(path)
     layout = detect_layout(tensors)
     try:
-        modules = (
-            modules_from_kohya(tensors) if layout == "kohya" else modules_from_diffusers(tensors, header)
-        )
+        if layout == "kohya":
+            modules = modules_from_kohya(tensors, unet_config)
+        else:
+            modules = modules_from_diffusers(tensors, header)
     except LoraFileError as e:
         raise LoraFileError(f"{str(weights_file(path))!r}: {e}") from None
     base = json.loads(header.get(SDLITE_METADATA_KEY, "{}")).get("base_model")
@@ -281,18 +238,24 @@ def _header(base_model: str | None) -> dict[str, str]:
     return {"format": "pt", SDLITE_METADATA_KEY: json.dumps({"base_model": base_model})}
 
 
-def to_kohya(modules: Modules) -> tuple[dict, dict[str, str]]:
-    """(tensors, header) in kohya's layout, each module with its own alpha as a 0-d float32 tensor.
+def to_kohya(modules: Modules, unet_config=None) -> tuple[dict, dict[str, str]]:
+    """(tensors, header) in kohya's layout, each module with its own alpha as a 0-d float32 tensor;
+    an SDXL LoRA's U-Net modules get their SGM names in the U-Net of ``unet_config`` (default SDXL 1.0's).
 
     The header has no ``lora_adapter_metadata``: diffusers refuses a file with both that and alphas.
     """
     import torch
 
-    sdxl = any(part == "text_encoder_2" for part, _ in modules)
+    sdxl = is_sdxl(modules, unet_config)
     tensors, header = {}, {"ss_network_module": "networks.lora"}  # what sd-scripts' files say they are
+    if sdxl:
+        header["ss_base_model_version"] = "sdxl_base_v1-0"  # sd-scripts' word for an SDXL LoRA
     for (part, module), m in modules.items():
         prefix = "lora_te1" if part == "text_encoder" and sdxl else KOHYA_PREFIXES[part]
-        name = f"{prefix}_{_kohya_path(part, module).replace('.', '_')}"
+        if part == "unet" and sdxl:
+            name = f"{prefix}_{sgm_name(module, m.down[0].numel(), m.up.shape[0], unet_config)}"
+        else:
+            name = f"{prefix}_{_kohya_path(part, module).replace('.', '_')}"
         tensors[f"{name}.lora_down.weight"] = m.down.contiguous()
         tensors[f"{name}.lora_up.weight"] = m.up.contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
@@ -326,49 +289,19 @@ def to_diffusers(modules: Modules) -> tuple[dict, dict[str, str]]:
     return tensors, {ADAPTER_METADATA_KEY: json.dumps(configs, indent=2, sort_keys=True)}
 
 
-def kohya_lora_state(source) -> tuple[dict, dict] | None:
-    """A kohya-layout LoRA (a ``.safetensors`` path or a state dict) as what diffusers'
-    ``load_lora_into_unet`` / ``load_lora_into_text_encoder`` take: (the state dict in diffusers'
-    layout, the metadata giving each module its alpha). None for anything else, left to diffusers.
-
-    For a pipeline's ``lora_state_dict``: diffusers' own reading of a kohya file gives every module of
-    a part one alpha, the commonest (its ``alpha_pattern`` keys name no module of peft's), so a file
-    whose modules differ in alpha (a resized or extracted LoRA) would load some at the wrong strength.
-    """
-    if isinstance(source, dict):
-        tensors = source
-    elif isinstance(source, (str, Path)) and Path(source).is_file() and Path(source).suffix == ".safetensors":
-        import safetensors
-
-        refuse_pickle(Path(source))
-        try:
-            with safetensors.safe_open(source, framework="pt") as f:
-                keys = list(f.keys())  # the names only: a diffusers-layout file is not read twice
-        except Exception:  # not a safetensors file: diffusers' reading says what it is
-            return None
-        tensors = load_lora_file(source)[0] if keys and all(map(_is_kohya, keys)) else {}
-    else:
-        return None
-    if not tensors or not all(map(_is_kohya, tensors)):
-        return None
-    try:
-        modules = modules_from_kohya(tensors)
-    except LoraFileError:  # LyCORIS, DoRA, SDXL's SGM block names...: diffusers' reading handles some
-        return None
-    state, header = to_diffusers(modules)
-    return state, json.loads(header[ADAPTER_METADATA_KEY])
-
-
-def write_lora(modules: Modules, file: str | Path, to: str, base_model: str | None = None) -> Path:
+def write_lora(
+    modules: Modules, file: str | Path, to: str, base_model: str | None = None, unet_config=None
+) -> Path:
     """Write ``modules`` to ``file`` in layout ``to`` ("kohya" or "diffusers"), via a temporary file so
-    that a failure (a full disk: LoraFileError saying what to free) leaves no half-written file behind."""
+    that a failure (a full disk: LoraFileError saying what to free) leaves no half-written file behind.
+    ``unet_config``: the U-Net an SDXL LoRA's kohya names are for (``to_kohya``)."""
     import safetensors.torch
 
     if to not in ("kohya", "diffusers"):
         raise LoraFileError(f"unknown layout {to!r}: choose 'kohya' or 'diffusers'")
     if not modules:
         raise LoraFileError("no LoRA modules to write")
-    tensors, header = (to_kohya if to == "kohya" else to_diffusers)(modules)
+    tensors, header = to_kohya(modules, unet_config) if to == "kohya" else to_diffusers(modules)
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     partial = file.with_name(file.name + ".partial")
@@ -386,13 +319,16 @@ def write_lora(modules: Modules, file: str | Path, to: str, base_model: str | No
     return file
 
 
-def convert_lora_file(src: str | Path, out: str | Path, to: str = "kohya", overwrite: bool = False) -> Path:
+def convert_lora_file(
+    src: str | Path, out: str | Path, to: str = "kohya", overwrite: bool = False, unet_config=None
+) -> Path:
     """Convert a LoRA file (or a folder holding ``pytorch_lora_weights.safetensors``) to layout ``to``.
 
     ``out`` is the ``.safetensors`` file to write; for ``to="diffusers"`` it may be a folder, which
     gets ``pytorch_lora_weights.safetensors`` (what ``load_lora_weights(folder)`` reads). Returns the
     file written. Refuses pickles, unknown layouts, a file already in layout ``to``, and an existing
-    ``out`` unless ``overwrite``.
+    ``out`` unless ``overwrite``. ``unet_config``: the U-Net of the model the LoRA is for, which
+    places an SDXL LoRA's SGM-named U-Net modules (SDXL 1.0's U-Net when None).
     """
     src, out = weights_file(src), Path(out)
     if out.suffix != ".safetensors":
@@ -403,55 +339,7 @@ def convert_lora_file(src: str | Path, out: str | Path, to: str = "kohya", overw
         raise LoraFileError(f"{str(out)!r} is the file being converted; write the result elsewhere")
     if out.exists() and not overwrite:
         raise LoraFileError(f"{str(out)!r} exists; choose another name or pass overwrite (--overwrite)")
-    modules, layout, base = read_modules(src)
+    modules, layout, base = read_modules(src, unet_config)
     if layout == to:
         raise LoraFileError(f"{str(src)!r} is already in {to}'s layout")
-    return write_lora(modules, out, to, base_model=base)
-
-
-# ---- command line: `sdlite lora convert SRC OUT --to kohya|diffusers` ------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The arguments of ``lora convert``, on a parser or subparser the caller made."""
-    parser.add_argument(
-        "src", metavar="SRC", help="LoRA .safetensors file, or a folder with pytorch_lora_weights.safetensors"
-    )
-    parser.add_argument(
-        "out", metavar="OUT", help="the .safetensors file to write; with --to diffusers also a folder"
-    )
-    parser.add_argument(
-        "--to", required=True, choices=("kohya", "diffusers"),
-        help="kohya: the A1111 / ComfyUI / sd-scripts layout (lora_unet_..., per-module alpha); "
-        "diffusers: the layout sdlite and diffusers' load_lora_weights read",
-    )  # fmt: skip
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    return parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sdlite lora convert",
-        description="Convert a LoRA between diffusers' layout and kohya's (A1111, ComfyUI), keeping "
-        "each module's alpha.",
-        allow_abbrev=False,
-    )
-    return add_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        file = convert_lora_file(args.src, args.out, to=args.to, overwrite=args.overwrite)
-    except LoraFileError as e:
-        print(f"sdlite lora convert: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {file} ({args.to} layout)")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return write_lora(modules, out, to, base_model=base, unet_config=unet_config)

@@ -234,7 +234,8 @@ def save_lora(
     if format == "kohya":  # from the file just written, so both files hold the same adapter
         from sdlite.kohya import KOHYA_WEIGHT_NAME, convert_lora_file
 
-        return convert_lora_file(file, path / KOHYA_WEIGHT_NAME, to="kohya", overwrite=True)
+        kohya_file = path / KOHYA_WEIGHT_NAME  # SDXL's U-Net blocks get the names of this U-Net's shape
+        return convert_lora_file(file, kohya_file, to="kohya", overwrite=True, unet_config=unet.config)
     return file
 
 

@@ -21,10 +21,12 @@ from diffusers import StableDiffusionPipeline
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
 from pipelines import TextToImagePipeline
+from pipelines.adapters import kohya_lora_state
 from sdlite import kohya
 from sdlite.ddpm import DDPMScheduler
-from sdlite.kohya import LoraFileError, convert_lora_file, kohya_lora_state, main, read_modules
+from sdlite.kohya import LoraFileError, convert_lora_file, read_modules
 from sdlite.lora import LoraSettings, adapter_parameters, add_lora, read_lora_metadata, save_lora
+from sdlite.lora_command import main
 from sdlite.models import build_components
 
 TO_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -232,18 +234,18 @@ def test_rslora_adapter_gets_the_alpha_of_its_scale(files, tmp_path):
     assert modules[("text_encoder", TE_Q)].alpha == 4.0
 
 
-def test_sdxl_text_encoders_are_named_te1_and_te2_and_read_back():
-    def module(rank, alpha):
-        return kohya.LoraModule(torch.randn(rank, 6), torch.randn(5, rank), alpha)
+def test_sdxl_files_name_te1_te2_and_the_unets_sgm_blocks_and_read_back():
+    def module(rank, alpha, width_in=6, width_out=5):
+        return kohya.LoraModule(torch.randn(rank, width_in), torch.randn(width_out, rank), alpha)
 
-    modules = {
-        ("unet", "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0"): module(4, 2.0),
+    modules = {  # SDXL 1.0's middle block is 1280 wide
+        ("unet", "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0"): module(4, 2.0, 1280, 1280),
         ("text_encoder", TE_Q): module(4, 2.0),
-        ("text_encoder_2", "encoder.layers.1.mlp.fc1"): module(2, 1.0),
+        ("text_encoder_2", "text_model.encoder.layers.1.mlp.fc1"): module(2, 1.0),
     }
     tensors, _ = kohya.to_kohya(modules)
     assert {k.rsplit(".", 2)[0] for k in tensors if k.endswith("lora_up.weight")} == {
-        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0",
+        "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_out_0",
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
         "lora_te2_text_model_encoder_layers_1_mlp_fc1",
     }
@@ -285,15 +287,16 @@ def test_unknown_layout_names_the_keys_found_and_those_expected(tmp_path):
         ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)},
          "has A \\(down\\) but not its partner"),
         ({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(4, 8)}, "not plain LoRA"),
-        ({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 8),
-          "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(8, 4)}, "SGM"),
+        ({"lora_unet_input_blocks_99_1_proj_in.lora_down.weight": torch.zeros(4, 8),
+          "lora_unet_input_blocks_99_1_proj_in.lora_up.weight": torch.zeros(8, 4)}, "SGM.* no such module"),
         ({"lora_unet_down_blocks_0_mystery_layer.lora_down.weight": torch.zeros(4, 8),
           "lora_unet_down_blocks_0_mystery_layer.lora_up.weight": torch.zeros(8, 4)},
          r"cannot tell .* \['mystery', 'layer'\]"),
         ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 8),
           "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.zeros(8, 3)}, "shapes do not match"),
     ],
-    ids=["rank-mismatch", "missing-up", "lycoris", "sdxl-sgm-names", "unknown-module", "diffusers-mismatch"],
+    ids=["rank-mismatch", "missing-up", "lycoris", "sgm-name-sdxl-lacks", "unknown-module",
+         "diffusers-mismatch"],
 )  # fmt: skip
 def test_broken_lora_files_are_refused_by_name(tmp_path, tensors, message):
     file = _save(tensors, tmp_path / "bad.safetensors")
@@ -321,7 +324,7 @@ def test_sdlite_lora_convert_converts_and_refuses_overwriting_or_a_file_already_
 
 def test_command_help_imports_no_torch():
     code = (
-        "import sys; from sdlite.kohya import build_parser; build_parser().format_help(); "
+        "import sys; from sdlite.lora_command import build_parser; build_parser().format_help(); "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

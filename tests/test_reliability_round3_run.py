@@ -25,7 +25,7 @@ import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
-from sdlite import kohya
+from sdlite import lora_command
 from sdlite.data.shapes import write_dataset
 from sdlite.kohya import LoraFileError, convert_lora_file
 from sdlite.lora import LoraSettings, add_lora, save_lora
@@ -257,7 +257,7 @@ def test_a_full_disk_while_converting_a_lora_says_what_and_keeps_the_existing_fi
     said = rf"could not write .*{re.escape(NO_SPACE)}.*existing lora_kohya.safetensors is unchanged. Free"
     with pytest.raises(LoraFileError, match=said):
         convert_lora_file(lora_file, out, to="kohya", overwrite=True)
-    assert kohya.main([str(lora_file), str(out), "--to", "kohya", "--overwrite"]) == 2
+    assert lora_command.main([str(lora_file), str(out), "--to", "kohya", "--overwrite"]) == 2
     assert capsys.readouterr().err.count("\n") == 1  # one line, no traceback
     assert out.read_bytes() == b"the earlier conversion"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora_kohya.safetensors"]  # no .partial

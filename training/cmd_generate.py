@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from transformers.utils import logging as transformers_logging
 
+from pipelines.adapters import is_lycoris_source
 from pipelines.image_to_image import ImageToImagePipeline
 from pipelines.image_to_image_xl import ImageToImageXLPipeline
 from pipelines.inpaint import InpaintPipeline
@@ -43,14 +44,21 @@ def load_pipeline(model: str, model_config: str = "sd15") -> TextToImagePipeline
 
 
 def load_loras(pipe: TextToImagePipeline, loras: list[tuple[str, float]]) -> None:
-    """Load each (path, scale) as an adapter of its own and run them all, each at its scale."""
-    names = [f"lora{i}" for i in range(len(loras))]
-    for name, (path, _) in zip(names, loras):
+    """Load each (path, scale) as an adapter of its own and run them all, each at its scale. A LyCORIS
+    file (LoHa, LoKr, DoRA) has no adapter to scale: it is merged into the weights at its scale."""
+    names, scales = [], []
+    for i, (path, scale) in enumerate(loras):
         if Path(path).is_file() and Path(path).suffix != ".safetensors":
             raise ValueError(
                 f"--lora {path!r}: LoRA weights are read from .safetensors files only; a pickled file "
                 "(.bin, .pt, .ckpt) can run code when loaded, so it is refused"
             )
+        if is_lycoris_source(path):
+            pipe.load_lycoris(path, strength=scale)
+            continue
+        name = f"lora{i}"
+        names.append(name)
+        scales.append(scale)
         try:
             with warnings.catch_warnings():  # peft warns at a second adapter; several are what we asked
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -62,7 +70,8 @@ def load_loras(pipe: TextToImagePipeline, loras: list[tuple[str, float]]) -> Non
                 "give a training run's final/ folder (it holds pytorch_lora_weights.safetensors) or a "
                 "LoRA .safetensors file made for this model"
             ) from None
-    pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    if names:
+        pipe.set_adapters(names, adapter_weights=scales)
 
 
 def image_arguments(args: argparse.Namespace) -> dict:

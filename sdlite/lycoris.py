@@ -1,0 +1,157 @@
+"""LyCORIS files (LoHa, LoKr, DoRA) in kohya's key layout: each module's exact weight update.
+
+Module names are kohya's (``lora_unet_...``, ``lora_te1_...``; ``sdlite.kohya`` places them, SDXL's
+SGM block names included); what follows the name says the kind, with ``.alpha`` beside each:
+
+    LoRA  lora_down.weight A (r, in), lora_up.weight B (out, r)      ΔW = (alpha / r) B A
+    LoHa  hada_w1_a (out, r), hada_w1_b (r, in), hada_w2_a, hada_w2_b
+          ΔW = (alpha / r) (w1_a w1_b) ⊙ (w2_a w2_b)     (Hyeon-Woo et al. 2022, FedPara: a Hadamard
+          product of two rank-r matrices reaches rank r²)
+    LoKr  lokr_w1 or lokr_w1_a lokr_w1_b, lokr_w2 or lokr_w2_a lokr_w2_b
+          ΔW = scale · (w1 ⊗ w2), a Kronecker product (Yeh et al. 2023, LyCORIS); scale = alpha / r
+          when a factor is factorised (r its inner width), 1 when both are full (nothing to scale by)
+    DoRA  any of the above and dora_scale m (Liu et al. 2024): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm
+          per output row when m is (out, 1) (peft's and LyCORIS' wd_on_out), per input column when m
+          is (1, in) (the paper's)
+
+A convolution's weight (out, in, kh, kw) is the same update on (out, in·kh·kw), reshaped. The Tucker
+forms (``hada_t1``, ``lokr_t2``, ``lora_mid``) are refused by name. Applying the update to the weight
+itself is exact for every kind and is what A1111 and ComfyUI do; the pipelines keep the weights it
+replaced, to give them back.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from sdlite.kohya import load_lora_file
+from sdlite.kohya_names import LoraFileError, place_module
+
+LORA = ("lora_down.weight", "lora_up.weight")
+LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+TUCKER = ("hada_t1", "hada_t2", "lokr_t2", "lora_mid.weight")
+COMMON = ("alpha", "dora_scale")
+LYCORIS_MARKS = re.compile(r"\.(hada_|lokr_|dora_scale$)")
+
+
+def is_lycoris(keys) -> bool:
+    """Whether tensor names are a LyCORIS file's: LoHa, LoKr, or DoRA's ``dora_scale``."""
+    return any(LYCORIS_MARKS.search(k) for k in keys)
+
+
+@dataclass
+class LycorisModule:
+    """One module's tensors by suffix (``hada_w1_a``...) and its kind: "lora", "loha" or "lokr"."""
+
+    kind: str
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def alpha(self) -> float | None:
+        alpha = self.tensors.get("alpha")
+        return None if alpha is None else float(alpha.item())
+
+    @property
+    def dora(self) -> bool:
+        return "dora_scale" in self.tensors
+
+    @property
+    def rank(self) -> int | None:
+        """The inner width r that alpha divides; None for a LoKr of two full factors."""
+        t = self.tensors
+        if self.kind == "lora":
+            return int(t["lora_down.weight"].shape[0])
+        if self.kind == "loha":
+            return int(t["hada_w1_b"].shape[0])
+        inner = t.get("lokr_w1_b", t.get("lokr_w2_b"))
+        return None if inner is None else int(inner.shape[0])
+
+    def scale(self) -> float:
+        rank, alpha = self.rank, self.alpha
+        if rank is None:
+            return 1.0
+        return (alpha if alpha is not None else rank) / rank
+
+    def widths(self) -> tuple[int, int]:
+        """(in, out) of the layer; in counts in·kh·kw for a convolution."""
+        d = self.delta()
+        return d[0].numel(), d.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """ΔW (out, in) or (out, in, kh, kw), alpha's scale included (the formulas at the top)."""
+        t = {k: v.float() for k, v in self.tensors.items()}
+        if self.kind == "lora":
+            down, up = t["lora_down.weight"], t["lora_up.weight"]
+            d = up.flatten(1) @ down.flatten(1)
+            return self.scale() * (d.reshape(up.shape[0], *down.shape[1:]) if down.ndim == 4 else d)
+        if self.kind == "loha":
+            w1 = t["hada_w1_a"] @ t["hada_w1_b"].flatten(1)
+            w2 = t["hada_w2_a"] @ t["hada_w2_b"].flatten(1)
+            d = w1 * w2
+            b = t["hada_w1_b"]
+            return self.scale() * (d.reshape(d.shape[0], *b.shape[1:]) if b.ndim == 4 else d)
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+        if "lokr_w2" in t:
+            w2 = t["lokr_w2"]
+        else:
+            b = t["lokr_w2_b"]
+            w2 = (t["lokr_w2_a"] @ b.flatten(1)).reshape(t["lokr_w2_a"].shape[0], *b.shape[1:])
+        if w2.ndim == 4:
+            w1 = w1[:, :, None, None]
+        return self.scale() * torch.kron(w1, w2)
+
+    def apply(self, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """The new weight: W + strength ΔW, or DoRA's W' (moved ``strength`` of the way from W)."""
+        base = weight.float()
+        delta = self.delta().reshape(base.shape)
+        if not self.dora:
+            return (base + strength * delta).to(weight.dtype)
+        merged = base + delta
+        m = self.tensors["dora_scale"].float()
+        if m.shape[0] == base.shape[0] and m.numel() == base.shape[0]:  # per output row
+            norm = merged.flatten(1).norm(dim=1).reshape(-1, *[1] * (base.ndim - 1))
+            m = m.reshape(norm.shape)
+        else:  # per input column: (1, in[, kh, kw])
+            norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (base.ndim - 2))
+            m = m.reshape(norm.shape)
+        dora = m * merged / norm
+        return (base + strength * (dora - base)).to(weight.dtype)
+
+
+def _kind(name: str, group: dict) -> str:
+    tucker = [s for s in TUCKER if s in group]
+    if tucker:
+        raise LoraFileError(f"{name}: {tucker[0]} is the Tucker form of LyCORIS, which sdlite does not read")
+    kinds = [k for k, ns in (("lora", LORA), ("loha", LOHA), ("lokr", LOKR)) if any(n in group for n in ns)]
+    if len(kinds) != 1:
+        raise LoraFileError(f"{name}: holds {sorted(group)}, not one LoRA, LoHa or LoKr module")
+    need = {"lora": LORA, "loha": LOHA}.get(kinds[0], ())
+    missing = [n for n in need if n not in group]
+    if kinds[0] == "lokr":
+        missing = [f"{w} or {w}_a and {w}_b" for w in ("lokr_w1", "lokr_w2")
+                   if w not in group and not {f"{w}_a", f"{w}_b"} <= group.keys()]  # fmt: skip
+    if missing:
+        raise LoraFileError(f"{name}: has no {', '.join(missing)}")
+    return kinds[0]
+
+
+def read_lycoris(source, unet_config=None) -> dict[tuple[str, str], LycorisModule]:
+    """{(part, module path in the model): LycorisModule} of a LyCORIS file (a path) or state dict."""
+    tensors = source if isinstance(source, dict) else load_lora_file(source)[0]
+    groups: dict[str, dict] = {}
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        known = suffix in LORA + LOHA + LOKR + TUCKER + COMMON
+        if not known:
+            raise LoraFileError(f"{key!r}: not a LoRA, LoHa, LoKr or DoRA tensor name")
+        groups.setdefault(name, {})[suffix] = value
+    modules = {}
+    for name, group in sorted(groups.items()):
+        module = LycorisModule(_kind(name, group), group)
+        width_in, width_out = module.widths()
+        modules[place_module(name, width_in, width_out, unet_config)] = module
+    return modules
