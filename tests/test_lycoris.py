@@ -168,7 +168,7 @@ def test_tucker_forms_broken_modules_and_other_models_files_are_refused_unchange
 
 
 def test_sdlite_lora_inspect_says_what_a_file_is_and_whether_it_loads(tmp_path, capsys):
-    from training.cli import main as sdlite
+    from sdlite.cli import main as sdlite
 
     g = torch.Generator().manual_seed(4)
     loha = _loha(64, 64, 2, g) | {"alpha": torch.tensor(1.0)}
