@@ -40,7 +40,7 @@ def evil_pickle(path, marker, *, rewrite_checksum=True):
     would: then only the unpickling's own refusal stands between it and running."""
     torch.save({"state": {0: {"exp_avg": RunsCode(marker)}}, "param_groups": []}, path)
     mark = path.parent / MARKER
-    if rewrite_checksum:
+    if rewrite_checksum and mark.is_file():  # a checkpoint's file (not a loose one)
         recorded = json.loads(mark.read_text())
         recorded["sha256"][path.name] = sha256_of(path)
         mark.write_text(json.dumps(recorded))
