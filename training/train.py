@@ -49,14 +49,20 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 if __package__ in (None, ""):  # run as a script (accelerate launch training/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if __name__ == "__main__":  # an entry point: third-party noise dropped before diffusers is imported
+if __name__ == "__main__":  # an entry point: third-party noise dropped before diffusers is imported, and
+    # the command line read before torch is, so that --help and a wrong flag answer at once
+    from training.config import parse_config as _parse_config
+    from training.config_sections import TrainConfig as _Config
+    from training.errors import reported_errors as _reported_errors
     from training.quiet import quiet_third_party
 
     quiet_third_party()
+    with _reported_errors("train.py"):
+        COMMAND_LINE = _parse_config(_Config)
+
+import torch  # noqa: E402
 
 from sdlite.cli import final_message  # noqa: E402
 from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
@@ -387,6 +393,6 @@ if __name__ == "__main__":
     follow_launcher()  # one-process accelerate launch: if the launcher dies, checkpoint and stop
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with reported_errors("train.py"):  # one line for an error of ours; --debug: the traceback
-        trainer = UNetTrainer(parse_config(TrainConfig))
+        trainer = UNetTrainer(COMMAND_LINE)
         trainer.train()
     leave()  # the trainer still held: its DDP model is never freed (see leave)

@@ -27,16 +27,22 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from diffusers import AutoencoderKL
-
 if __package__ in (None, ""):  # run as a script (accelerate launch training/train_vae.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if __name__ == "__main__":  # an entry point: third-party noise dropped before diffusers is imported
+if __name__ == "__main__":  # an entry point: third-party noise dropped before diffusers is imported, and
+    # the command line read before torch is, so that --help and a wrong flag answer at once
+    from training.config import VAETrainConfig as _Config
+    from training.config import parse_config as _parse_config
+    from training.errors import reported_errors as _reported_errors
     from training.quiet import quiet_third_party
 
     quiet_third_party()
+    with _reported_errors("train_vae.py"):
+        COMMAND_LINE = _parse_config(_Config)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
 
 from sdlite.data.dataset import ImageTransform, image_bytes, load_rows  # noqa: E402
 from sdlite.data.samplers import StepSampler  # noqa: E402
@@ -278,6 +284,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     follow_launcher()  # one-process accelerate launch: if the launcher dies, checkpoint and stop
     with reported_errors("train_vae.py"):  # one line for an error of ours; --debug: the traceback
-        trainer = VAETrainer(parse_config(VAETrainConfig))
+        trainer = VAETrainer(COMMAND_LINE)
         trainer.train()
     leave()  # the trainer still held: its DDP model is never freed (see trainer.leave)
