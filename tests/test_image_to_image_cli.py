@@ -103,3 +103,24 @@ def test_bad_image_flags_fail_in_one_line_writing_nothing(model, pictures, tmp_p
     err = capsys.readouterr().err
     assert message.format(p=pictures) in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_image_pipelines_of_a_loaded_model_are_those_of_its_family():
+    from pipelines import (
+        ImageToImagePipeline,
+        ImageToImageXLPipeline,
+        InpaintPipeline,
+        InpaintXLPipeline,
+        TextToImagePipeline,
+        TextToImageXLPipeline,
+    )
+    from sdlite.models import build_components
+    from sdlite.models_xl import build_components_xl
+    from training.cmd_generate import image_pipeline
+
+    sd = TextToImagePipeline(**build_components("tiny", seed=0).as_dict())
+    xl = TextToImageXLPipeline(**build_components_xl("tiny-sdxl", seed=0).as_dict())
+    assert type(image_pipeline(sd, inpaint=False)) is ImageToImagePipeline
+    assert type(image_pipeline(sd, inpaint=True)) is InpaintPipeline
+    assert type(image_pipeline(xl, inpaint=False)) is ImageToImageXLPipeline
+    assert type(image_pipeline(xl, inpaint=True)) is InpaintXLPipeline

@@ -16,14 +16,9 @@ from safetensors import SafetensorError
 from transformers.utils import logging as transformers_logging
 
 from pipelines.adapters import is_lycoris_source
-from pipelines.image_to_image import ImageToImagePipeline
-from pipelines.image_to_image_xl import ImageToImageXLPipeline
-from pipelines.inpaint import InpaintPipeline
-from pipelines.inpaint_xl import InpaintXLPipeline
 from pipelines.text_to_image import TextToImagePipeline
-from pipelines.text_to_image_xl import TextToImageXLPipeline
 from sdlite.images import grid
-from training.families import family_of_folder
+from training.families import family_of_folder, family_of_pipeline
 from training.schedulers import make_scheduler
 
 
@@ -91,11 +86,8 @@ def image_arguments(args: argparse.Namespace) -> dict:
 
 def image_pipeline(pipe: TextToImagePipeline, inpaint: bool) -> TextToImagePipeline:
     """The same model's image-to-image (or, ``inpaint``, inpainting) pipeline, SD or SDXL."""
-    kinds = {
-        False: (ImageToImagePipeline, InpaintPipeline),
-        True: (ImageToImageXLPipeline, InpaintXLPipeline),
-    }
-    pipe = kinds[isinstance(pipe, TextToImageXLPipeline)][inpaint](**pipe.components)
+    kind = "inpaint" if inpaint else "image"
+    pipe = family_of_pipeline(pipe).pipeline_class(kind)(**pipe.components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

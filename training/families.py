@@ -26,3 +26,8 @@ def family_of(model: ModelSection) -> type[StableDiffusion]:
 def family_of_folder(path: str | Path) -> type[StableDiffusion]:
     """The family of a model folder (``sdlite generate`` asks it which pipeline loads the folder)."""
     return family_of(ModelSection(pretrained=str(path)))
+
+
+def family_of_pipeline(pipe) -> type[StableDiffusion]:
+    """The family whose text-to-image pipeline ``pipe`` is (a single file's: its loader chose it)."""
+    return next(family for family in FAMILIES if isinstance(pipe, family.pipeline_class()))

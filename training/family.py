@@ -184,11 +184,12 @@ class StableDiffusion:
     # ---- sampling --------------------------------------------------------------------------------------
 
     @classmethod
-    def pipeline_class(cls):
-        """sdlite's pipeline class of this family (``sdlite generate`` loads a folder with it)."""
-        from pipelines import TextToImagePipeline  # training may use pipelines; sdlite never does
+    def pipeline_class(cls, kind: str = "text"):
+        """sdlite's pipeline class of this family for ``kind``: "text" (text to image: ``sdlite generate``
+        loads a folder with it), "image" (image to image) or "inpaint"."""
+        from pipelines import ImageToImagePipeline, InpaintPipeline, TextToImagePipeline  # sdlite never does
 
-        return TextToImagePipeline
+        return {"text": TextToImagePipeline, "image": ImageToImagePipeline, "inpaint": InpaintPipeline}[kind]
 
     def pipeline(self):
         """sdlite's text-to-image pipeline of the model, with a fresh DDPM scheduler, quiet."""

@@ -185,10 +185,11 @@ class StableDiffusionXL(StableDiffusion):
     # ---- sampling --------------------------------------------------------------------------------------
 
     @classmethod
-    def pipeline_class(cls):
-        from pipelines import TextToImageXLPipeline
+    def pipeline_class(cls, kind: str = "text"):
+        from pipelines import ImageToImageXLPipeline, InpaintXLPipeline, TextToImageXLPipeline
 
-        return TextToImageXLPipeline
+        kinds = {"text": TextToImageXLPipeline, "image": ImageToImageXLPipeline, "inpaint": InpaintXLPipeline}
+        return kinds[kind]
 
     def pipeline_options(self) -> dict:
         return {"force_zeros_for_empty_prompt": self.parts.force_zeros_for_empty_prompt}  # its own uncond
