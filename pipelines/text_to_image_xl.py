@@ -251,11 +251,10 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
             negative_prompt_2 = negative_prompt_2 or negative_prompt
             texts += as_list(negative_prompt) * (num_prompts if isinstance(negative_prompt, str) else 1)
             texts_2 += as_list(negative_prompt_2) * (num_prompts if isinstance(negative_prompt_2, str) else 1)
-        if texts:  # a textual-inversion word of n vectors is n tokens
-            texts, texts_2 = (
-                self.maybe_convert_prompt(texts, self.tokenizer),
-                self.maybe_convert_prompt(texts_2, self.tokenizer_2),
-            )
+        if texts:  # a textual-inversion word of n vectors is n tokens (a refiner has no first tokenizer)
+            if self.tokenizer is not None:
+                texts = self.maybe_convert_prompt(texts, self.tokenizer)
+            texts_2 = self.maybe_convert_prompt(texts_2, self.tokenizer_2)
             with adapter_scale(*self._encoders(), scale=lora_scale):
                 embeds, pooled = encode_prompts_xl(
                     self.text_encoder, self.text_encoder_2, self.tokenizer, self.tokenizer_2, texts, texts_2,
