@@ -269,12 +269,7 @@ class Trainer:
         found = resume(acc, cfg.run.output_dir, cfg.run.resume, self.checkpoint_modules(), self.optimizer,
                        self.lr_schedule, self.ema, config=to_dict(cfg), allow=cfg.run.allow_config_change,
                        base_lrs=base_lrs, log=acc.print)  # fmt: skip
-        if found is None:
-            if checkpoints(cfg.run.output_dir):
-                acc.print(
-                    f"warning: {cfg.run.output_dir} holds checkpoints of an earlier run; this run starts "
-                    "at step 0 (--resume latest continues the earlier one)"
-                )
+        if found is None:  # a new run: open_run_folder refused a folder holding an earlier run's checkpoints
             return 0
         acc.print(f"resumed from {found.checkpoint} at step {found.state['step']}")
         return found.state["step"]
