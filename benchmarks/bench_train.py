@@ -166,7 +166,7 @@ def time_reference(args, accelerator, unet, rows, collate, loss_of) -> dict:
 
 def ours_config(args, max_steps: int):
     from training.config import parse_config
-    from training.config_sections import TrainConfig
+    from training.config.unet import TrainConfig
 
     flags = dict(
         preset=args.preset,

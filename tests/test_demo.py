@@ -9,7 +9,7 @@ from pipelines.text_to_image import TextToImagePipeline
 from sdlite.cli import main
 from training import demo
 from training.config import ConfigError, VAETrainConfig, load_yaml
-from training.config_sections import TrainConfig
+from training.config.unet import TrainConfig
 
 
 def test_the_whole_chain_runs_in_a_few_steps_and_makes_a_loadable_model(tmp_path, capsys):

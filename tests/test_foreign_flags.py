@@ -18,7 +18,7 @@ from sdlite.data.captions import IMAGE_EXTENSIONS
 from sdlite.models import build_components
 from training import epochs
 from training.config import VAETrainConfig, parse_config
-from training.config_sections import TrainConfig
+from training.config.unet import TrainConfig
 from training.foreign_flags import read_as_ours
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,7 +282,7 @@ def test_a_flag_this_trainer_does_not_take_names_why(capsys):
 def test_the_translation_imports_no_torch():
     code = (
         "import sys; from training.config import parse_config; "
-        "from training.config_sections import TrainConfig; "
+        "from training.config.unet import TrainConfig; "
         "parse_config(TrainConfig, ['--max_train_steps', '3', '--network_dim', '4']); "
         "print('torch' in sys.modules)"
     )

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from training.config import parse_config
-from training.config_sections import TrainConfig
+from training.config.unet import TrainConfig
 
 
 def toml(tmp_path: Path, text: str) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from training.config import ConfigError, parse_config
-from training.config_sections import LORA_KEYS, TrainConfig
+from training.config.unet import LORA_KEYS, TrainConfig
 from training.train import main
 
 

@@ -35,7 +35,7 @@ from sdlite.models import build_components, save_components
 from sdlite.presets import get_preset
 from sdlite.tokenizer import clip_tokenizer, token_ids
 from training.config import from_dict
-from training.config_sections import TrainConfig
+from training.config.unet import TrainConfig
 from training.examples import rows_for
 from training.train import main as train
 

@@ -15,7 +15,7 @@ import pytest
 from training import errors
 from training.checks import _base_type
 from training.config import ConfigError, VAETrainConfig, from_dict, keys, parse_config
-from training.config_sections import LORA_KEYS, TrainConfig
+from training.config.unet import LORA_KEYS, TrainConfig
 from training.train import main
 from training.train_vae import main as train_vae
 

@@ -7,7 +7,7 @@ from PIL import Image
 from sdlite.data.shapes import write_dataset
 from training import train as train_module
 from training.config import from_dict
-from training.config_sections import TrainConfig
+from training.config.unet import TrainConfig
 from training.sample_prompts import (
     PromptFileError,
     SamplePrompt,

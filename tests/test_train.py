@@ -25,9 +25,9 @@ import yaml
 from safetensors.torch import load_file
 
 from sdlite.models import build_components, load_components
-from training import config_sections as configs
 from training.config import ConfigError, VAETrainConfig, field_docs, get, keys, parse_config
-from training.config_sections import TrainConfig
+from training.config import unet as configs
+from training.config.unet import TrainConfig
 from training.train import UNetTrainer, main
 from training.unet_step import min_snr_weight
 
@@ -360,7 +360,7 @@ def test_each_flag_named_as_the_equivalent_of_a_diffusers_flag_exists(config):
 
 
 def test_the_configs_import_no_torch_and_default_to_the_lora_targets_of_sdlite_lora():
-    code = "import sys, training.config_sections, training.config; print(sorted(sys.modules))"
+    code = "import sys, training.config.unet, training.config; print(sorted(sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "'torch'" not in result.stdout and "'peft'" not in result.stdout

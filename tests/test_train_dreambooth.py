@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from test_train import launch
 
 from training.config import parse_config
-from training.config_sections import TrainConfig
+from training.config.unet import TrainConfig
 from training.train import UNetTrainer, main
 
 ROOT = Path(__file__).resolve().parents[1]

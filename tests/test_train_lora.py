@@ -30,7 +30,7 @@ from sdlite.models import build_components, load_components
 from sdlite.presets import get_preset
 from training.cmd_evaluate import held_out_data
 from training.config import parse_config
-from training.config_sections import TrainConfig
+from training.config.unet import TrainConfig
 from training.train import UNetTrainer, main
 
 # U-Net and text-encoder adapters, alpha / r = 2, at two learning rates; lr 1e-2 so that three steps

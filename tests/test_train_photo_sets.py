@@ -17,7 +17,7 @@ from test_train import launch as launch_with
 from test_train import run_killed_at
 
 from training.config import parse_config
-from training.config_sections import TrainConfig
+from training.config.unet import TrainConfig
 from training.train import UNetTrainer, main
 
 ROOT = Path(__file__).resolve().parents[1]

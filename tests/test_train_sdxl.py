@@ -22,7 +22,7 @@ from sdlite.models_xl import build_components_xl
 from training import train as train_module
 from training.cmd_evaluate import run_evaluation
 from training.config import get, parse_config
-from training.config_sections import TrainConfig
+from training.config.unet import TrainConfig
 from training.families import family_of
 from training.family_sdxl import SDXLDenoiser, StableDiffusionXL, crop_time_ids
 from training.train import UNetTrainer, main
@@ -279,7 +279,7 @@ def test_fine_tuning_an_sdxl_folder_with_a_separately_trained_vae_keeps_its_scal
 
 def test_the_family_registry_picks_sdxl_for_its_presets_and_folders_and_sd_for_the_rest(tmp_path):
     from sdlite.models import build_components
-    from training.config_sections import ModelSection
+    from training.config.unet import ModelSection
     from training.family import StableDiffusion
 
     build_components_xl("tiny-sdxl", seed=0).save_pretrained(tmp_path / "xl")

@@ -13,7 +13,7 @@ from sdlite.data.dataset import DataError
 from sdlite.data.shapes import write_dataset
 from sdlite.kohya import read_modules
 from training.config import parse_config
-from training.config_sections import TrainConfig
+from training.config.unet import TrainConfig
 from training.run_folder import FINAL_MARKER
 from training.train import UNetTrainer, main
 from training.train_vae import main as train_vae

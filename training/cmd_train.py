@@ -47,10 +47,10 @@ LAUNCHER_HELP = """launcher options (before or among the trainer's):
 
 def config_class(command: str) -> type:
     if command == "train-vae":
-        from training.config import VAETrainConfig
+        from training.config.vae import VAETrainConfig
 
         return VAETrainConfig
-    from training.config_sections import TrainConfig
+    from training.config.unet import TrainConfig
 
     return TrainConfig
 
@@ -114,7 +114,8 @@ def with_recipe(argv: list[str]) -> tuple[list[str], Path | None]:
 def prepare(command: str, argv: list[str]) -> tuple[list[str], list[str]]:
     """(accelerate's options, the trainer's flags in sdlite's names); ValueError or ConfigError says what
     is wrong, every problem of the flags at once."""
-    from training.config import load_yaml, parse_config
+    from training.checks import load_yaml
+    from training.config.keys import parse_config
     from training.foreign_flags import read_as_ours, split_flags
 
     options, rest = take_launcher_flags(argv)
@@ -137,7 +138,7 @@ def main(command: str, argv: list[str]) -> int:
     prog = f"sdlite {command}"
     if any(arg in ("-h", "--help") for arg in argv):
         print(LAUNCHER_HELP.format(names=", ".join(named_recipes.names())))
-        from training.config import parse_config
+        from training.config.keys import parse_config
 
         sys.argv[0] = prog
         parse_config(config_class(command), ["--help"])  # the trainer's settings; exits

@@ -16,9 +16,11 @@ from typing import Any
 
 from sdlite.data.shapes import write_dataset
 from training import train, train_vae
+from training.checks import load_yaml
 from training.cmd_evaluate import run_evaluation
-from training.config import VAETrainConfig, from_dict, load_yaml
-from training.config_sections import TrainConfig
+from training.config.keys import from_dict
+from training.config.unet import TrainConfig
+from training.config.vae import VAETrainConfig
 
 # The demo's data: every colour-shape pair but one, which the model is then asked for.
 DEMO_UNSEEN = ["red circle"]

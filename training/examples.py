@@ -42,7 +42,7 @@ from sdlite.latents import vae_factor
 from training.sampling import DataLayout, sampler_for
 
 if TYPE_CHECKING:
-    from training.config_sections import CaptionSection, TrainConfig
+    from training.config.unet import CaptionSection, TrainConfig
     from training.family import StableDiffusion
 
 

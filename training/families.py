@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training.config_sections import ModelSection
+from training.config.unet import ModelSection
 from training.family import StableDiffusion
 from training.family_sdxl import StableDiffusionXL
 

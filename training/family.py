@@ -28,7 +28,7 @@ from sdlite.tokenizer import token_ids
 from training.unet_step import Denoiser
 
 if TYPE_CHECKING:
-    from training.config_sections import LoraSection, ModelSection, TrainConfig
+    from training.config.unet import LoraSection, ModelSection, TrainConfig
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:

@@ -41,7 +41,7 @@ from training.family import StableDiffusion
 from training.unet_step import Denoiser
 
 if TYPE_CHECKING:
-    from training.config_sections import LoraSection, ModelSection, TrainConfig
+    from training.config.unet import LoraSection, ModelSection, TrainConfig
 
 
 class StableDiffusionXL(StableDiffusion):

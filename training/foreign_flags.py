@@ -6,7 +6,7 @@
 
 ``read_as_ours(cls, argv)`` rewrites a command line of diffusers' example scripts (text_to_image,
 text_to_image_lora, their SDXL twins, dreambooth_lora) or of kohya's ``train_network.py`` into sdlite's
-own flags before they are parsed, so that the one parser (training/config.py) sees only ours:
+own flags before they are parsed, so that the one parser (training/config/keys.py) sees only ours:
 
 - a renamed flag keeps its value (``--max_train_steps`` -> ``--max_steps``);
 - their switches take no value (``--center_crop``, ``--random_flip``, ``--use_ema``, ``--enable_bucket``);
@@ -117,7 +117,8 @@ def read_as_ours(cls: type, argv: list[str], processes: int | None = None, out=N
     """argv in sdlite's flags only, the renamings and notes printed once (to ``out``, stderr by default);
     ValueError lists every problem of the command line, separated by "; ". ``processes`` (default:
     $WORLD_SIZE, else 1) is what an epoch is divided among."""
-    from training.config import ConfigError, foreign_flag, keys, load_yaml
+    from training.checks import ConfigError, load_yaml
+    from training.config.keys import foreign_flag, keys
 
     fields = {name: key.field for name, key in keys(cls).items()}
     items = split_flags(argv)

@@ -16,7 +16,7 @@ read, a file with an unknown option, a bad number or no prompt at all is refused
 (TrainConfig.problems), naming the file and the line, before anything is trained: a typo found only at
 the first sample, hours in, would cost the run its samples.
 
-This module imports neither torch nor any model library (training/config_sections.py calls it for ``--help``).
+This module imports neither torch nor any model library (training/config/unet.py calls it for ``--help``).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from sdlite.data.samplers import BucketSampler, PriorPairSampler, StepSampler
 from sdlite.tokenizer import token_ids
 
 if TYPE_CHECKING:
-    from training.config_sections import TrainConfig
+    from training.config.unet import TrainConfig
 
 
 @dataclass

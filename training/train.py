@@ -53,8 +53,8 @@ if __package__ in (None, ""):  # run as a script (accelerate launch training/tra
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":  # an entry point: third-party noise dropped before diffusers is imported, and
     # the command line read before torch is, so that --help and a wrong flag answer at once
-    from training.config import parse_config as _parse_config
-    from training.config_sections import TrainConfig as _Config
+    from training.config.keys import parse_config as _parse_config
+    from training.config.unet import TrainConfig as _Config
     from training.errors import reported_errors as _reported_errors
     from training.quiet import quiet_third_party
 
@@ -68,8 +68,8 @@ from sdlite.cli import final_message  # noqa: E402
 from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
 from sdlite.lora import AdapterWeights, lora_param_groups, target_problems  # noqa: E402
 from training.accelerator import setup_accelerator  # noqa: E402
-from training.config import parse_config, save_yaml  # noqa: E402
-from training.config_sections import TrainConfig  # noqa: E402
+from training.config.keys import parse_config, save_yaml  # noqa: E402
+from training.config.unet import TrainConfig  # noqa: E402
 from training.errors import reported_errors  # noqa: E402
 from training.examples import top_up_class_images, training_data  # noqa: E402
 from training.families import family_of  # noqa: E402

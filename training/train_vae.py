@@ -31,8 +31,8 @@ if __package__ in (None, ""):  # run as a script (accelerate launch training/tra
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":  # an entry point: third-party noise dropped before diffusers is imported, and
     # the command line read before torch is, so that --help and a wrong flag answer at once
-    from training.config import VAETrainConfig as _Config
-    from training.config import parse_config as _parse_config
+    from training.config.keys import parse_config as _parse_config
+    from training.config.vae import VAETrainConfig as _Config
     from training.errors import reported_errors as _reported_errors
     from training.quiet import quiet_third_party
 
@@ -48,7 +48,8 @@ from sdlite.data.dataset import ImageTransform, image_bytes, load_rows  # noqa: 
 from sdlite.data.samplers import StepSampler  # noqa: E402
 from sdlite.presets import get_preset  # noqa: E402
 from training.accelerator import setup_accelerator  # noqa: E402
-from training.config import VAETrainConfig, parse_config  # noqa: E402
+from training.config.keys import parse_config  # noqa: E402
+from training.config.vae import VAETrainConfig  # noqa: E402
 from training.errors import reported_errors  # noqa: E402
 from training.launch import follow_launcher  # noqa: E402
 from training.optim import make_lr_schedule, make_optimizer  # noqa: E402

@@ -31,7 +31,8 @@ from training.checkpoint import (
     nonfinite_count,
     save_checkpoint,
 )
-from training.config import Config, save_yaml, to_dict
+from training.config.keys import save_yaml, to_dict
+from training.config.sections import Config
 from training.metrics import Metrics, progress_bar
 from training.optim import EMA
 from training.peers import answering, set_collective_timeout, startup_timeout

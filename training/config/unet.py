@@ -1,15 +1,15 @@
 """The U-Net trainer's config, section by section: what training/train.py takes, with its defaults.
 
-``TrainConfig`` is made of sections (training/config.py's ``Section``): the model, data, captions and
+``TrainConfig`` is made of sections (training/config/sections.py): the model, data, captions and
 buckets, optimizer, LoRA, DreamBooth, validation and run sections, the data, optimizer and run ones
-extending those both trainers share (training/config.py's ``*Base``, where the VAE trainer's config
-is too). Each key's help text is its ``option``'s; each section's ``problems`` checks its own keys,
-and ``TrainConfig.cross_problems`` the settings of several sections together. ``FOREIGN_FLAGS`` maps
+extending those both trainers share (training/config/shared.py). Each key's help text is its
+``option``'s; each section's ``problems`` checks its own keys, and ``TrainConfig.cross_problems`` the
+settings of several sections together. ``FOREIGN_FLAGS`` maps
 the keys of diffusers' and kohya's training scripts to ours, so that ``max_train_steps:`` in a YAML
 file fails naming ``--max_steps`` (on the command line their flags are read as ours:
 training/foreign_flags.py).
 
-This module imports neither torch nor any model library (see training/config.py).
+This module imports neither torch nor any model library (see training/config/__init__.py).
 """
 
 from __future__ import annotations
@@ -19,17 +19,14 @@ from typing import ClassVar
 
 from sdlite.presets import PRESETS, Preset, PresetXL
 from training.checks import counts_below, numbers_outside, text_problems
-from training.config import (
+from training.config.sections import Config, Section, option, section
+from training.config.shared import (
     DIFFUSERS_FLAGS,
     SD_SCRIPTS_FLAGS,
     UNET_FLAGS,
-    Config,
     DataBase,
     OptimizerBase,
     RunBase,
-    Section,
-    option,
-    section,
 )
 from training.sample_prompts import prompts_file_problems
 
