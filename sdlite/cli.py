@@ -292,6 +292,8 @@ def final_message(final: str | Path, base: str | None, prompt: str, lora: bool) 
 
 
 def add_evaluate(commands) -> None:
+    from training.schedulers import SCHEDULERS  # plain data: no torch, no diffusers
+
     ev = _parser(
         commands,
         "evaluate",
@@ -302,6 +304,14 @@ def add_evaluate(commands) -> None:
     ev.add_argument("--n", type=_positive, default=8, help="images per prompt")
     ev.add_argument("--steps", type=_positive, default=DEFAULT_STEPS)
     ev.add_argument("--guidance", type=float, default=EVAL_GUIDANCE)
+    ev.add_argument(
+        "--scheduler", choices=list(SCHEDULERS), default="ddpm",
+        help="the sampler (lcm: a latent consistency model's, e.g. with --lora LCM_LORA --guidance 1)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--lora", type=lora_spec, action="append", default=[], metavar="PATH[:SCALE]",
+        help="LoRA weights evaluated on the model, at SCALE (default 1); repeat for several",
+    )  # fmt: skip
     _guidance_interval(ev, EVAL_GUIDANCE_INTERVAL)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--colours", type=_csv, default=None, help="prompts' colours; default: all")

@@ -20,7 +20,7 @@ from sdlite.cli import DEFAULT_STEPS, EVAL_GUIDANCE, EVAL_GUIDANCE_INTERVAL
 from sdlite.data.dataset import ImageTransform, caption_text, image_bytes, load_rows
 from sdlite.data.shapes import allowed_pairs, draw, sample_specs
 from sdlite.images import grid
-from training.cmd_generate import load_pipeline
+from training.cmd_generate import load_loras, load_pipeline, set_scheduler
 
 # Held-out images read for the diversity's reference: a spread from n images is about 1/sqrt(2n) off.
 REFERENCE_COUNT = 2048
@@ -46,10 +46,15 @@ def run_evaluation(
     bpd_draws: int = 3,
     grid_path: str | Path | None = None,
     model_config: str = "sd15",
+    scheduler: str = "ddpm",
+    loras: list[tuple[str, float | None]] = (),
 ) -> dict:
     """Fidelity and diversity of generated images, bits per dimension of held-out latents; printed
     and returned as a dict."""
     pipe = load_pipeline(model, model_config)
+    load_loras(pipe, [(path, 1.0 if scale is None else scale) for path, scale in loras])  # an LCM-LoRA, say
+    bound_scheduler = pipe.scheduler  # the bound is the model's own diffusion's, whatever samples
+    set_scheduler(pipe, scheduler)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     prompts = evaluation_prompts(colours, shapes)
     # Held-out data: its first bpd_count images for bits/dim; with a data folder, all of them (up to
@@ -70,7 +75,7 @@ def run_evaluation(
     fidelity_s = time.perf_counter() - start
     print(report.table())
     where = f" at t in {list(guidance_interval)}" if guidance_interval is not None else ""
-    setting = f"{steps} steps, guidance {guidance}{where}"
+    setting = f"{steps} steps of {scheduler}, guidance {guidance}{where}"
     print(f"({len(prompts)} prompts x {n} images, {setting}: {fidelity_s:.0f} s)")
     axes = ", ".join(f"{k} {v:.2f}" for k, v in report.diversity_by_axis.items())
     print(
@@ -84,6 +89,7 @@ def run_evaluation(
         grid(images, rows=rows, scale=2).save(grid_path)
         print(f"wrote {grid_path}: a row per colour, {n} images per prompt, pixels doubled")
 
+    pipe.scheduler = bound_scheduler
     start = time.perf_counter()
     bound = likelihood.variational_bound(
         pipe, held_out[:bpd_count], captions[:bpd_count], stride=stride, seed=seed, draws=bpd_draws
@@ -103,6 +109,7 @@ def run_evaluation(
         "bpd_spread": bound.spread,
         "bound": vars(bound),
         "steps": steps,
+        "scheduler": scheduler,
         "guidance": guidance,
         "guidance_interval": list(guidance_interval) if guidance_interval is not None else None,
         "n": n,
@@ -141,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         stride=args.stride,
         grid_path=args.grid,
         model_config=args.model_config,
+        scheduler=args.scheduler,
+        loras=args.lora,
     )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -38,6 +38,13 @@ def load_pipeline(model: str, model_config: str = "sd15") -> TextToImagePipeline
     return pipe
 
 
+def set_scheduler(pipe: TextToImagePipeline, name: str) -> None:
+    """Sample with the scheduler ``name`` (training/schedulers.py), made from the pipeline's own config."""
+    scheduler = make_scheduler(name, pipe.scheduler.config)
+    if scheduler is not None:
+        pipe.scheduler = scheduler
+
+
 def load_loras(pipe: TextToImagePipeline, loras: list[tuple[str, float]]) -> None:
     """Load each (path, scale) as an adapter of its own and run them all, each at its scale. A LyCORIS
     file (LoHa, LoKr, DoRA) has no adapter to scale: it is merged into the weights at its scale."""
@@ -105,9 +112,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, args.model_config)
     if args.image is not None:
         pipe = image_pipeline(pipe, inpaint=args.mask is not None)
-    scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
-    if scheduler is not None:
-        pipe.scheduler = scheduler
+    set_scheduler(pipe, args.scheduler)
     if args.lora:
         default = 1.0 if args.scale is None else args.scale
         load_loras(pipe, [(path, default if scale is None else scale) for path, scale in args.lora])

@@ -22,6 +22,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]] | None] = {
     "dpm++_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),  # 2M SDE
     "unipc": ("UniPCMultistepScheduler", {}),  # Zhao et al. 2023
     "deis": ("DEISMultistepScheduler", {}),  # Zhang & Chen 2023
+    # Luo et al. 2023: a latent consistency model's (an LCM-LoRA's) few-step sampler, 2-8 steps at guidance 1
+    "lcm": ("LCMScheduler", {}),
 }
 
 

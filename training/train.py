@@ -75,6 +75,7 @@ from training.examples import top_up_class_images, training_data  # noqa: E402
 from training.families import family_of  # noqa: E402
 from training.family import lora_settings, weight_dtype  # noqa: E402
 from training.launch import follow_launcher  # noqa: E402
+from training.lcm_step import ConsistencyDistillation  # noqa: E402
 from training.metrics import log_image  # noqa: E402
 from training.optim import EMA, make_lr_schedule, make_optimizer  # noqa: E402
 from training.sample_prompts import (  # noqa: E402
@@ -83,6 +84,7 @@ from training.sample_prompts import (  # noqa: E402
     sample_batches,
     save_samples,
 )
+from training.schedulers import make_scheduler  # noqa: E402
 from training.trainer import Trainer, leave  # noqa: E402
 from training.unet_step import diffusion_loss, draw_step, latents_of  # noqa: E402
 
@@ -118,6 +120,7 @@ class UNetTrainer(Trainer):
             family.attach_lora(lora_settings(cfg.adapters), seed, dtype, acc.device)
         family.freeze_unread()
         denoiser, groups = self.make_denoiser()
+        self.distiller = self.make_distiller(denoiser)  # before resume: a full-weight teacher is copied
         opt = cfg.optimizer
         betas = (opt.adam_beta1, opt.adam_beta2)
         optimizer = make_optimizer(groups, opt.learning_rate, betas, opt.adam_weight_decay, opt.adam_epsilon,
@@ -181,6 +184,17 @@ class UNetTrainer(Trainer):
             group["name"] = name
         return denoiser, groups
 
+    def make_distiller(self, denoiser) -> ConsistencyDistillation | None:
+        """With ``distill: lcm`` the step's consistency loss (training/lcm_step.py), its teacher the model
+        as loaded; else None (Algorithm 1)."""
+        cfg, family = self.cfg, self.family
+        if not cfg.distillation.lcm:
+            return None
+        zeros = family.pipeline_options().get("force_zeros_for_empty_prompt", False)
+        return ConsistencyDistillation(
+            cfg.distillation, self.parts.scheduler, denoiser, cfg.adapters.lora, zeros
+        )
+
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
         """What a checkpoint holds of the model: the trained models, or with LoRA only their adapters."""
         parts, cfg = self.parts, self.cfg
@@ -226,6 +240,8 @@ class UNetTrainer(Trainer):
         opt = cfg.optimizer
         draws = draw_step(opt.seed, cfg.data.caption_dropout, opt.noise_offset, step, self.global_batch, T,
                           self.data.step_latent_shape(step), acc.device)  # fmt: skip
+        if self.distiller is not None:
+            draws |= self.distiller.draw(opt.seed, step, self.global_batch, acc.device)
         total = torch.zeros((), device=acc.device)
         halves = torch.zeros(2, device=acc.device)  # DreamBooth: the instance and prior losses' sums
         prior_pairs = bool(self.layout.class_rows)  # DreamBooth's: each batch says which are class images
@@ -241,16 +257,21 @@ class UNetTrainer(Trainer):
                 with acc.autocast():
                     x0 = latents_of(batch, parts.vae, mine["latent_noise"])
                     text = self.text_condition(batch, mine["drop"])
-                loss = diffusion_loss(
-                    self.model,
-                    parts.scheduler,
-                    x0,
-                    text,
-                    mine["t"],
-                    mine["noise"],
-                    cfg.optimizer.snr_gamma,
-                    per_example=prior_pairs,  # DreamBooth's two halves are weighed apart
-                )
+                    if self.distiller is not None:  # the teacher's unconditional half: the empty caption
+                        blank = self.text_condition(batch, torch.ones_like(mine["drop"]))
+                if self.distiller is not None:
+                    loss = self.distiller.loss(self.model, x0, text, blank, mine)
+                else:
+                    loss = diffusion_loss(
+                        self.model,
+                        parts.scheduler,
+                        x0,
+                        text,
+                        mine["t"],
+                        mine["noise"],
+                        cfg.optimizer.snr_gamma,
+                        per_example=prior_pairs,  # DreamBooth's two halves are weighed apart
+                    )
                 if prior_pairs:  # Ruiz et al. eq. 2: instance mean + λ class mean
                     loss, instance, prior = prior_preservation_loss(
                         loss, is_prior, cfg.dreambooth.prior_loss_weight
@@ -337,6 +358,8 @@ class UNetTrainer(Trainer):
         sets --s and --l."""
         cfg, device = self.cfg, self.accelerator.device
         pipe = self.family.pipeline()
+        if self.distiller is not None:  # a consistency model samples with its own few-step sampler
+            pipe.scheduler = make_scheduler("lcm", pipe.scheduler.config)
         cfg_steps, cfg_guidance = (
             cfg.validation.validation_inference_steps,
             cfg.validation.validation_guidance,

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from sdlite.presets import PRESETS, Preset, PresetXL
 from training.checks import counts_below, numbers_outside, text_problems
+from training.config.distill import DistillSection, distill_problems
 from training.config.sections import Config, Section, option, section
 from training.config.shared import (
     DIFFUSERS_FLAGS,
@@ -385,6 +386,7 @@ class TrainConfig(Config):
     dreambooth: DreamBoothSection = section(DreamBoothSection)
     validation: ValidationSection = section(ValidationSection)
     run: RunSection = section(RunSection)
+    distillation: DistillSection = section(DistillSection)
 
     @property
     def text_encoder_trains(self) -> bool:
@@ -413,7 +415,7 @@ class TrainConfig(Config):
                 "bucket_no_upscale with class_data_dir: each subject photo's bucket is its own size, which "
                 "the class images need not share; use bucket_step / bucket_min_side without it"
             )
-        return problems + self.lora_contradictions()
+        return problems + self.lora_contradictions() + distill_problems(self)
 
     def lora_contradictions(self) -> list[str]:
         """LoRA settings on a run that trains no adapter, and an adapter on random weights not asked for."""

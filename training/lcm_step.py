@@ -1,0 +1,112 @@
+"""The step of latent consistency distillation (Luo et al. 2023, Algorithm 1, with sdlite/lcm.py's math):
+the U-Net trainer's step when ``distill: lcm``, beside Algorithm 1 of Ho et al. (training/unet_step.py).
+
+For each example of the batch, with its latents z_0 and caption c:
+    n ~ U{0..N-1}, ω ~ U[w_min, w_max], ε ~ N(0, I)         the step's draws (seeded by seed and step)
+    z_{t_{n+k}} = α(t_{n+k}) z_0 + σ(t_{n+k}) ε               eq. 4 of Ho et al. (scheduler.add_noise)
+    ẑ_0, ε̂ = (1+ω) teacher(z, c) - ω teacher(z, ∅)            guided estimates at t_{n+k} (no grad)
+    ẑ_{t_n} = α(t_n) ẑ_0 + σ(t_n) ε̂                           one DDIM step of the teacher's ODE
+    loss = d(f_θ(z_{t_{n+k}}, t_{n+k}), f_θ⁻(ẑ_{t_n}, t_n))    pseudo-Huber, θ⁻ = sg(θ)
+
+The teacher is the pretrained model the run loads: with a LoRA student the same U-Net with its adapter
+scaled to 0 (no second copy in memory), with a full-weight student a frozen copy made before training.
+
+The target f_θ⁻ is the student itself under no_grad, not an EMA of it: LCM-LoRA's own choice. The
+paper's EMA target (decay 0.95) makes a second copy of the weights trail the first; with a LoRA
+student that copy would be a second adapter on every layer, and a target that trails a few steps
+behind changes what the loss asks for little when the student moves slowly, while stopping the
+gradient is what keeps the target from collapsing to the student's own output. The loop's EMA
+(``ema_decay``, full-weight students only) still gives the weights final_dir holds.
+
+The student does not read ω (no guidance embedding): it learns the teacher guided with ω drawn
+around the range, as LCM-LoRA's adapter does, and samples without guidance (guidance_scale 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+
+from sdlite.data.samplers import seeded_generator
+from sdlite.lcm import SkippingSchedule, consistency_function, ddim_step, guided, pseudo_huber, x0_and_eps
+from sdlite.lora import adapter_scale
+from training.config.distill import DistillSection
+
+
+class ConsistencyDistillation:
+    """The distillation's draws and loss for a student ``denoiser`` (training/unet_step.py's Denoiser,
+    unwrapped), of the teacher: the same model with its adapter off (``lora``) or a frozen copy."""
+
+    def __init__(self, settings: DistillSection, scheduler, denoiser: torch.nn.Module, lora: bool,
+                 zero_unconditional: bool = False):  # fmt: skip
+        self.settings, self.denoiser = settings, denoiser
+        self.prediction_type = scheduler.config.prediction_type
+        self.schedule = SkippingSchedule.of(
+            torch.as_tensor(scheduler.alphas_cumprod), settings.lcm_ddim_steps
+        )
+        self.scheduler = scheduler
+        # SDXL base samples its unconditional half with zeros (force_zeros_for_empty_prompt): the teacher's
+        # ∅ is then what its pipeline feeds, not the empty caption's embeddings.
+        self.zero_unconditional = zero_unconditional
+        if lora:
+            self.teacher = functools.partial(self.without_adapter, denoiser)
+        else:
+            frozen = copy.deepcopy(denoiser.unet).requires_grad_(False).eval()
+            self.teacher = type(denoiser)(frozen, channels_last=denoiser.channels_last)
+
+    @staticmethod
+    def without_adapter(denoiser, x, t, text):
+        with adapter_scale(denoiser.unet, scale=0.0):  # W + 0·BA: the frozen base's exact output
+            return denoiser(x, t, text)
+
+    def draw(self, seed: int, step: int, G: int, device) -> dict:
+        """The step's own draws for its global batch of G (each process takes its slice, as unet_step's):
+        the solver step index n and the guidance ω."""
+        cpu = seeded_generator(seed, "lcm", step)
+        s = self.settings
+        return {
+            "solver_index": torch.randint(0, len(self.schedule.timesteps), (G,), generator=cpu),
+            "w": (s.lcm_w_min + (s.lcm_w_max - s.lcm_w_min) * torch.rand(G, generator=cpu)).to(device),
+        }
+
+    def unconditional(self, uncond):
+        """∅ of the teacher's unconditional pass, from the batch's empty-caption condition."""
+        if not self.zero_unconditional:
+            return uncond
+        embeds, pooled, time_ids = uncond
+        return torch.zeros_like(embeds), torch.zeros_like(pooled), time_ids
+
+    def guidance(self, start: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """ω, 0 at the solver steps outside lcm_guidance_interval."""
+        interval = self.settings.lcm_guidance_interval
+        if interval is None:
+            return w
+        inside = (start >= interval[0]) & (start <= interval[1])
+        return torch.where(inside.to(w.device), w, torch.zeros_like(w))
+
+    def loss(self, model, z0: torch.Tensor, text, uncond, draws: dict) -> torch.Tensor:
+        """The batch's mean consistency loss; gradients reach ``model`` (the prepared student) alone."""
+        schedule, device = self.schedule, z0.device
+        start, end = schedule.endpoints(draws["solver_index"])  # on the CPU, with the float64 tables
+        z_start = self.scheduler.add_noise(z0, draws["noise"], start)  # z_{t_{n+k}}
+        a_start, s_start = schedule.alpha_sigma(start)
+        a_end, s_end = schedule.alpha_sigma(end)
+        t_start, t_end = start.to(device), end.to(device)
+
+        x0_student, _ = x0_and_eps(model(z_start, t_start, text).float(), z_start, a_start, s_start,
+                                   self.prediction_type)  # fmt: skip
+        online = consistency_function(z_start, x0_student, start)  # f_θ(z_{t_{n+k}}, t_{n+k})
+        with torch.no_grad():
+            w = self.guidance(start, draws["w"])
+            cond = x0_and_eps(self.teacher(z_start, t_start, text).float(), z_start, a_start, s_start,
+                              self.prediction_type)  # fmt: skip
+            blank = x0_and_eps(self.teacher(z_start, t_start, self.unconditional(uncond)).float(), z_start,
+                               a_start, s_start, self.prediction_type)  # fmt: skip
+            x0, eps = guided(cond[0], blank[0], w), guided(cond[1], blank[1], w)
+            z_end = ddim_step(x0, eps, a_end, s_end).to(z0.dtype)  # ẑ_{t_n}
+            x0_target, _ = x0_and_eps(self.denoiser(z_end, t_end, text).float(), z_end, a_end, s_end,
+                                      self.prediction_type)  # fmt: skip
+            target = consistency_function(z_end, x0_target, end)  # f_θ⁻(ẑ_{t_n}, t_n)
+        return pseudo_huber(online, target, self.settings.lcm_huber_c).mean()
