@@ -269,9 +269,11 @@ WRITTEN = {  # what a training run's final folder holds, for the line that names
 }
 
 
-def final_message(final: str | Path, base: str | None, prompt: str, lora: bool) -> str:
+def final_message(final: str | Path, base: str | None, prompt: str, lora: bool, sampler: tuple[str, ...] = (),
+                  scale: float = FIRST_LORA_SCALE) -> str:  # fmt: skip
     """What a training run wrote in ``final``, and a ready-to-paste ``sdlite generate`` line drawing
-    ``prompt`` with it: the LoRA on its ``base`` folder at FIRST_LORA_SCALE, or the model folder itself."""
+    ``prompt`` with it: the LoRA on its ``base`` folder at ``scale``, or the model folder itself; with
+    the ``sampler`` flags (a distilled model's scheduler, steps and guidance)."""
     final = Path(final)
     entries = sorted(final.iterdir(), key=lambda p: p.name)
     names = [
@@ -281,13 +283,12 @@ def final_message(final: str | Path, base: str | None, prompt: str, lora: bool) 
     ]
     written = f"saved {final}: {', '.join(names)}"
     if not lora:
-        return (
-            f"{written}\ngenerate with: {shlex.join(['sdlite', 'generate', '--model', str(final), prompt])}"
-        )
+        line = shlex.join(["sdlite", "generate", "--model", str(final), *sampler, prompt])
+        return f"{written}\ngenerate with: {line}"
     if base is None:
         return f"{written}\n(its base was a preset's random weights, read from no folder: no generate line)"
-    spec = f"{final / 'pytorch_lora_weights.safetensors'}:{FIRST_LORA_SCALE:g}"
-    line = shlex.join(["sdlite", "generate", "--model", str(base), "--lora", spec, prompt])
+    spec = f"{final / 'pytorch_lora_weights.safetensors'}:{scale:g}"
+    line = shlex.join(["sdlite", "generate", "--model", str(base), "--lora", spec, *sampler, prompt])
     return f"{written}\ngenerate with: {line}"
 
 

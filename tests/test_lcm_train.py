@@ -13,7 +13,7 @@ import torch
 from accelerate.state import AcceleratorState
 from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
-from test_train import ROOT, flags, run_killed_at
+from test_train import ROOT, flags, launch, run_killed_at
 
 from pipelines import TextToImagePipeline, TextToImageXLPipeline
 from sdlite.models import build_components, load_components
@@ -115,6 +115,15 @@ def test_the_lcm_lora_gives_the_same_4_step_image_in_diffusers_as_in_ours(distil
     assert np.abs(images[0] - images[1]).max() <= 1e-4
 
 
+def test_two_launched_processes_distil_like_one(distilled, data, cache, base, tmp_path):
+    log = launch(["--multi_gpu", "--num_processes", "2"],
+                 flags(data, cache, tmp_path, train_batch_size=2, pretrained=base, **LCM_LORA))  # fmt: skip
+    assert "global batch 4" in log
+    one, two = (load_file(d / "final" / "pytorch_lora_weights.safetensors") for d in (distilled[0], tmp_path))
+    difference = torch.cat([(one[k] - two[k]).abs().flatten() for k in one])
+    assert difference.mean() < 1e-6 and (difference > 1e-5).float().mean() < 1e-3  # float32 sums' order
+
+
 def test_an_interrupted_distillation_resumed_ends_with_the_same_adapter(
     data, cache, base, tmp_path, monkeypatch
 ):
@@ -130,7 +139,7 @@ def test_an_interrupted_distillation_resumed_ends_with_the_same_adapter(
 
 
 def test_a_full_weight_student_trains_the_unet_and_its_teacher_stays_the_base(
-    data, cache, base, tmp_path, monkeypatch
+    data, cache, base, tmp_path, monkeypatch, capsys
 ):
     runs, save_final = [], UNetTrainer.save_final
     monkeypatch.setattr(
@@ -142,6 +151,7 @@ def test_a_full_weight_student_trains_the_unet_and_its_teacher_stays_the_base(
     assert any(not torch.equal(before[k], after[k]) for k in before), "the student trained"
     teacher = runs[0].distiller.teacher.unet.state_dict()
     assert all(torch.equal(before[k], teacher[k]) for k in before), "the teacher did not"
+    assert "--scheduler lcm --steps 4 --guidance 1" in capsys.readouterr().out  # the line it prints
 
 
 def test_an_sdxl_lcm_lora_gives_the_same_image_in_diffusers_as_in_ours(data, cache, tmp_path):

@@ -396,7 +396,10 @@ class UNetTrainer(Trainer):
             prompt = next(
                 iter(cfg.validation.validation_prompts), cfg.dreambooth.instance_prompt or "a prompt"
             )
-            acc.print(final_message(self.final, cfg.model.pretrained, prompt, cfg.adapters.lora))
+            # A consistency model samples in a few LCMScheduler steps without guidance, its adapter at 1.
+            lcm = {"sampler": ("--scheduler", "lcm", "--steps", "4", "--guidance", "1"), "scale": 1.0}
+            options = lcm if self.distiller is not None else {}
+            acc.print(final_message(self.final, cfg.model.pretrained, prompt, cfg.adapters.lora, **options))
         acc.wait_for_everyone()
         return self.final
 

@@ -1,0 +1,105 @@
+"""The demo's model against its LCM-LoRA: fidelity, diversity and images per second at 1-8 steps.
+
+    sdlite train --config demo-lcm                  # the LCM-LoRA (configs/demo-lcm.yaml)
+    python benchmarks/lcm_demo.py --model runs/demo/model --lora runs/demo-lcm/final \\
+        --data runs/demo/data/test --seeds 0 1 2 --json runs/demo-lcm/bench.json
+
+1. The teacher as `sdlite evaluate` samples it: 50 DDPM steps, guidance 2 at t <= 300.
+2. The same model with the LCM-LoRA and LCMScheduler at 1, 2, 4 and 8 steps, without guidance.
+Each by ``run_evaluation`` (the reader behind `sdlite evaluate`: colour and shape read back from the
+pixels, over the seen pairs and the never-seen "red circle", and the diversity against --data's
+spread), at every seed. Images per second are timed apart, all settings in turns in one process (the
+best of --repeats, as the machine is shared), on one batch of every prompt: what a user waits for.
+
+What it measured, with the machine: benchmarks/RESULTS.md, "Four steps instead of fifty".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TEACHER = dict(steps=50, guidance=2.0, guidance_interval=(0.0, 300.0), scheduler="ddpm")
+STUDENT_STEPS = (1, 2, 4, 8)
+
+
+def settings(lora: str) -> dict[str, dict]:
+    """name -> run_evaluation's sampler arguments: the teacher, then the LCM-LoRA at each step count."""
+    student = dict(guidance=1.0, guidance_interval=None, scheduler="lcm", loras=[(lora, 1.0)])
+    return {"teacher-50": dict(TEACHER), **{f"lcm-{n}": dict(student, steps=n) for n in STUDENT_STEPS}}
+
+
+def images_per_second(
+    model: str, runs: dict[str, dict], prompts: list[str], repeats: int
+) -> dict[str, float]:
+    """Images per second of each setting over one batch of ``prompts`` (one image each), best of
+    ``repeats`` rounds that take every setting in turn."""
+    import torch
+
+    from training.cmd_generate import load_loras, load_pipeline, set_scheduler
+
+    pipes = {}
+    for name, run in runs.items():
+        pipe = load_pipeline(model)
+        load_loras(pipe, run.get("loras", []))
+        set_scheduler(pipe, run["scheduler"])
+        pipes[name] = pipe
+    best = {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            pipes[name](prompts, num_inference_steps=run["steps"], guidance_scale=run["guidance"],
+                        guidance_interval=run["guidance_interval"], output_type="np",
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: len(prompts) / seconds for name, seconds in best.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="the teacher's folder (the demo's model)")
+    parser.add_argument("--lora", required=True, help="the LCM-LoRA (its final/ folder or file)")
+    parser.add_argument("--data", required=True, help="held-out images: the diversity's reference")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--n", type=int, default=8, help="images per prompt")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    import torch
+
+    from training.cmd_evaluate import evaluation_prompts, run_evaluation
+
+    torch.set_num_threads(args.threads)
+    runs = settings(args.lora)
+    speed = images_per_second(args.model, runs, evaluation_prompts(None, None) * 4, args.repeats)
+    results = {name: {"images_per_s": speed[name], "seeds": {}} for name in runs}
+    for seed in args.seeds:
+        for name, run in runs.items():
+            report = run_evaluation(args.model, n=args.n, seed=seed, unseen=["red circle"], data=args.data,
+                                    bpd_count=2, stride=500, bpd_draws=1, **run)  # fmt: skip
+            keep = ("fidelity", "fidelity_seen", "fidelity_unseen", "diversity")
+            results[name]["seeds"][seed] = {k: report[k] for k in keep}
+            print(name, seed, results[name]["seeds"][seed], flush=True)
+    print(f"{'setting':<12} {'seen':>7} {'unseen':>7} {'diversity':>9} {'images/s':>9}  (mean over seeds)")
+    for name, result in results.items():
+        per_seed = result["seeds"].values()
+        mean = {
+            k: sum(s[k] for s in per_seed) / len(per_seed)
+            for k in ("fidelity_seen", "fidelity_unseen", "diversity")
+        }
+        result["mean"] = mean
+        print(f"{name:<12} {mean['fidelity_seen']:>7.1%} {mean['fidelity_unseen']:>7.1%} "
+              f"{mean['diversity']:>9.3f} {result['images_per_s']:>9.1f}")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
