@@ -5,11 +5,13 @@
         --data runs/demo/data/test --seeds 0 1 2 --json runs/demo-lcm/bench.json
 
 1. The teacher as `sdlite evaluate` samples it: 50 DDPM steps, guidance 2 at t <= 300.
-2. The same model with the LCM-LoRA and LCMScheduler at 1, 2, 4 and 8 steps, without guidance.
+2. The same model with the LCM-LoRA and LCMScheduler at 1, 2, 4 and 8 steps, without guidance; and,
+   for reference, the teacher itself in 4 DDIM steps with its guidance.
 Each by ``run_evaluation`` (the reader behind `sdlite evaluate`: colour and shape read back from the
 pixels, over the seen pairs and the never-seen "red circle", and the diversity against --data's
 spread), at every seed. Images per second are timed apart, all settings in turns in one process (the
-best of --repeats, as the machine is shared), on one batch of every prompt: what a user waits for.
+best of --repeats, as the machine is shared), on one batch of every prompt, the LCM-LoRA fused into
+the weights (``fuse_lora``): what a user serving it waits for.
 
 What it measured, with the machine: benchmarks/RESULTS.md, "Four steps instead of fifty".
 """
@@ -32,7 +34,9 @@ STUDENT_STEPS = (1, 2, 4, 8)
 def settings(lora: str) -> dict[str, dict]:
     """name -> run_evaluation's sampler arguments: the teacher, then the LCM-LoRA at each step count."""
     student = dict(guidance=1.0, guidance_interval=None, scheduler="lcm", loras=[(lora, 1.0)])
-    return {"teacher-50": dict(TEACHER), **{f"lcm-{n}": dict(student, steps=n) for n in STUDENT_STEPS}}
+    ddim = dict(TEACHER, steps=4, scheduler="ddim")  # the teacher's own few-step sampling, for reference
+    return {"teacher-50": dict(TEACHER), "teacher-ddim-4": ddim,
+            **{f"lcm-{n}": dict(student, steps=n) for n in STUDENT_STEPS}}  # fmt: skip
 
 
 def images_per_second(
@@ -48,6 +52,8 @@ def images_per_second(
     for name, run in runs.items():
         pipe = load_pipeline(model)
         load_loras(pipe, run.get("loras", []))
+        if run.get("loras"):
+            pipe.fuse_lora()  # as a user serving one adapter would: no adapter layers left to run
         set_scheduler(pipe, run["scheduler"])
         pipes[name] = pipe
     best = {name: float("inf") for name in runs}
@@ -71,6 +77,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--students_only", action="store_true", help="evaluate the LCM-LoRA's rows alone")
     args = parser.parse_args()
     import torch
 
@@ -80,8 +87,9 @@ def main() -> None:
     runs = settings(args.lora)
     speed = images_per_second(args.model, runs, evaluation_prompts(None, None) * 4, args.repeats)
     results = {name: {"images_per_s": speed[name], "seeds": {}} for name in runs}
+    evaluated = {k: v for k, v in runs.items() if k.startswith("lcm") or not args.students_only}
     for seed in args.seeds:
-        for name, run in runs.items():
+        for name, run in evaluated.items():
             report = run_evaluation(args.model, n=args.n, seed=seed, unseen=["red circle"], data=args.data,
                                     bpd_count=2, stride=500, bpd_draws=1, **run)  # fmt: skip
             keep = ("fidelity", "fidelity_seen", "fidelity_unseen", "diversity")
@@ -89,6 +97,8 @@ def main() -> None:
             print(name, seed, results[name]["seeds"][seed], flush=True)
     print(f"{'setting':<12} {'seen':>7} {'unseen':>7} {'diversity':>9} {'images/s':>9}  (mean over seeds)")
     for name, result in results.items():
+        if not result["seeds"]:
+            continue
         per_seed = result["seeds"].values()
         mean = {
             k: sum(s[k] for s in per_seed) / len(per_seed)
