@@ -1,7 +1,7 @@
 """The draw order of every kind of run, pinned: ``StepSampler`` (sdlite/data/samplers.py) with each of its
-options gives the items the separate samplers it replaced gave (StepSampler, BucketSampler,
-PriorPairSampler of sdlite 5ccf0af), so that a run's weights do not change with the redesign. The
-constants were recorded from those samplers: 10 rows, batch 2, seed 3, steps 0, 1, 2, 7, 23."""
+options gives the items the three samplers it replaced gave (plain epochs, aspect buckets with repeats,
+DreamBooth's prior pairs), so that a run's draws, and so its weights, stay as they were. The constants
+were recorded from those samplers: 10 rows, batch 2, seed 3, steps 0, 1, 2, 7 and 23."""
 
 import datasets
 

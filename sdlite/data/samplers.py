@@ -16,9 +16,9 @@ from (seed, step) with ``random_flip``. The options:
 
 An epoch is ordered one of two ways. A plain data set (none of the options; ``PlainEpochs``) is one
 shuffle of its rows, cut into steps, its last short run dropped. In a photo set (any of them;
-``GroupedEpochs``) every photo counts: each bucket's items are shuffled and cut into runs of G, the last
-one filled from the bucket's start, and the runs of all buckets are then shuffled. Every random draw
-comes from ``seeded_generator``.
+``GroupedEpochs``) every photo counts: each bucket's items (all of them, without ``buckets``) are
+shuffled and cut into runs of G, the last one filled from the bucket's start, and the runs of all buckets
+are then shuffled. Every random draw comes from ``seeded_generator``.
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ class PlainEpochs:
         rows = self.epoch_order(epoch)[k * G : (k + 1) * G].tolist()
         return StepRows(rows, epoch, rows, 0)  # each row is one item: its place is its index
 
+    def step_bucket(self, step: int) -> int:
+        return 0
+
 
 class GroupedEpochs:
     """Epochs of runs: row r is items first[r] .. first[r + 1] - 1 (``first``: the running sum of the
@@ -115,6 +118,9 @@ class GroupedEpochs:
         run = int(self.epoch_plan(epoch)[1][k])
         i = int(np.searchsorted(self.first_run, run, side="right")) - 1
         return epoch, self.bucket_ids[i], run - int(self.first_run[i])
+
+    def step_bucket(self, step: int) -> int:
+        return self.run_of(step)[1]
 
     def step_rows(self, step: int) -> StepRows:
         epoch, bucket, run = self.run_of(step)
@@ -194,7 +200,6 @@ class StepSampler:
         self.caption_keys = caption_keys
         self.instance_batch = batch_size  # B: a micro-batch's instance items (all of them but class items)
         G = batch_size * num_processes * accumulation_steps
-        self.buckets = buckets
         self.pairs = None
         if repeats is None and buckets is None and not caption_keys and not class_rows:
             self.epochs = PlainEpochs(num_rows, G, seed)
@@ -218,17 +223,17 @@ class StepSampler:
 
     def step_bucket(self, step: int) -> int:
         """The bucket of a step (its latent shape for the step's noise draws); 0 without buckets."""
-        return self.epochs.run_of(step)[1] if self.buckets is not None else 0
+        return self.epochs.step_bucket(step)
 
     def step_items(self, step: int) -> list[tuple]:
         """The global batch of one optimizer step, in position order: with class rows, each micro-batch's
         instance items, then its class items."""
         s = self.epochs.step_rows(step)
-        instances = self.items(s.rows, self.flips(step, "flip", len(s.rows)), s.epoch, s.items)
+        instances = self.as_items(s.rows, self.flips(step, "flip", len(s.rows)), s.epoch, s.items)
         if self.pairs is None:
             return instances
         rows, cycle, places = self.pairs.step_rows(step, s.bucket, len(instances))
-        classes = self.items(rows, self.flips(step, "class-flip", len(rows)), cycle, places)
+        classes = self.as_items(rows, self.flips(step, "class-flip", len(rows)), cycle, places)
         b, out = self.instance_batch, []
         for start in range(0, len(instances), b):
             out += instances[start : start + b] + classes[start : start + b]
@@ -239,7 +244,7 @@ class StepSampler:
             return [False] * count
         return (torch.rand(count, generator=seeded_generator(self.seed, key, step)) < 0.5).tolist()
 
-    def items(self, rows: list[int], flips: list[bool], epoch: int, places: list[int]) -> list[tuple]:
+    def as_items(self, rows: list[int], flips: list[bool], epoch: int, places: list[int]) -> list[tuple]:
         if self.caption_keys:
             return [(r, f, epoch, p) for r, f, p in zip(rows, flips, places)]
         return list(zip(rows, flips))
