@@ -125,7 +125,7 @@ def training_data(cfg: TrainConfig, acc, family: StableDiffusion) -> TrainingDat
     if not data.streaming:
         sampler = sampler_for(layout, opt, data.random_flip, acc)
         layout.report_buckets(sampler.global_batch, cfg.run.output_dir, acc)
-        examples = layout.examples(examples, family.parts.tokenizer, opt.seed)
+        examples = layout.as_drawn(examples, family.parts.tokenizer, opt.seed)
     return TrainingData(examples, sampler, empty, latent_shape, held_out, layout)
 
 

@@ -2,7 +2,7 @@
 aspect buckets, repeats, captions drawn per step, DreamBooth's class images) and ``sampler_for`` builds
 the one batch sampler that does it, sdlite.data.samplers.StepSampler with those as options. It draws a
 step's global batch from (seed, step) alone, so a resumed run and any split into processes and
-micro-steps see the same items. ``layout.examples`` adds what the items' draws change to the examples:
+micro-steps see the same items. ``layout.as_drawn`` adds what the items' draws change to the examples:
 a caption drawn per draw, and with class images an ``is_prior`` mask each batch carries.
 """
 
@@ -76,7 +76,7 @@ class DataLayout:
         w, h = self.transform.buckets[bucket]
         return self.latent_channels, h // self.factor, w // self.factor
 
-    def examples(self, examples: torch.utils.data.Dataset, tokenizer, seed: int) -> torch.utils.data.Dataset:
+    def as_drawn(self, examples: torch.utils.data.Dataset, tokenizer, seed: int) -> torch.utils.data.Dataset:
         """The examples as the sampler's items read them: each saying whether it is a class image
         (``is_prior``) with DreamBooth's, its caption drawn by ``DrawnCaptions`` when drawn per draw."""
         if self.class_rows:
