@@ -40,7 +40,7 @@ def settings(lora: str) -> dict[str, dict]:
 
 
 def images_per_second(
-    model: str, runs: dict[str, dict], prompts: list[str], repeats: int
+    model: str, runs: dict[str, dict], prompts: list[str], repeats: int, fuse: bool = True
 ) -> dict[str, float]:
     """Images per second of each setting over one batch of ``prompts`` (one image each), best of
     ``repeats`` rounds that take every setting in turn."""
@@ -52,7 +52,7 @@ def images_per_second(
     for name, run in runs.items():
         pipe = load_pipeline(model)
         load_loras(pipe, run.get("loras", []))
-        if run.get("loras"):
+        if run.get("loras") and fuse:
             pipe.fuse_lora()  # as a user serving one adapter would: no adapter layers left to run
         set_scheduler(pipe, run["scheduler"])
         pipes[name] = pipe
@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--no_fuse", action="store_true", help="time the LCM-LoRA unfused, as --lora runs it")
     parser.add_argument("--students_only", action="store_true", help="evaluate the LCM-LoRA's rows alone")
     args = parser.parse_args()
     import torch
@@ -85,7 +86,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     runs = settings(args.lora)
-    speed = images_per_second(args.model, runs, evaluation_prompts(None, None) * 4, args.repeats)
+    speed = images_per_second(
+        args.model, runs, evaluation_prompts(None, None) * 4, args.repeats, not args.no_fuse
+    )
     results = {name: {"images_per_s": speed[name], "seeds": {}} for name in runs}
     evaluated = {k: v for k, v in runs.items() if k.startswith("lcm") or not args.students_only}
     for seed in args.seeds:
