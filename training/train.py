@@ -44,6 +44,7 @@ training/family.py; the data from training/examples.py; the step's math from tra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import sys
@@ -83,6 +84,16 @@ from training.sample_prompts import (  # noqa: E402
     sample_batches,
     save_samples,
 )
+from training.sharding import (  # noqa: E402
+    ShardedEMA,
+    gathered,
+    held,
+    launch_sharding,
+    reshard,
+    shard_model,
+    sharding_refusals,
+    unsharded_models,
+)
 from training.trainer import Trainer, leave  # noqa: E402
 from training.unet_step import diffusion_loss, draw_step, latents_of  # noqa: E402
 
@@ -94,13 +105,19 @@ class UNetTrainer(Trainer):
 
     def make_accelerator(self):
         c = self.cfg
-        return setup_accelerator(
+        acc = setup_accelerator(
             c.run.output_dir,
             c.optimizer.mixed_precision,
             c.optimizer.gradient_accumulation_steps,
             c.run.report_to,
             c.run.allow_tf32,
+            shards=True,
         )
+        self.sharding = launch_sharding() if acc.num_processes > 1 else None  # one process: nothing to shard
+        problems = sharding_refusals(c, acc.mixed_precision) if self.sharding else []
+        if problems:
+            raise ValueError("under FSDP: " + "; ".join(problems))
+        return acc
 
     def final_path(self) -> str | None:
         return self.cfg.run.final_dir
@@ -123,11 +140,18 @@ class UNetTrainer(Trainer):
         optimizer = make_optimizer(groups, opt.learning_rate, betas, opt.adam_weight_decay, opt.adam_epsilon,
                                    use_8bit=opt.use_8bit_adam)  # fmt: skip
         self.lr_schedule = make_lr_schedule(optimizer, opt.lr_scheduler, opt.lr_warmup_steps, opt.max_steps)
-        # The model is the prepared Denoiser (DDP-wrapped with several processes); not the schedule:
-        # see make_lr_schedule.
-        self.model, self.optimizer = acc.prepare(denoiser, optimizer)
+        # The model is the prepared Denoiser (DDP-wrapped with several processes; sharded, as it is); not
+        # the schedule: see make_lr_schedule.
+        if self.sharding:
+            self.model, self.optimizer = denoiser, acc.prepare(optimizer)
+        else:
+            self.model, self.optimizer = acc.prepare(denoiser, optimizer)
         use_ema = opt.ema_decay and not cfg.adapters.lora  # LoRA: the adapter as trained, as diffusers'
-        self.ema = EMA(self.params, opt.ema_decay) if use_ema and acc.is_main_process else None
+        self.ema = None
+        if use_ema and self.sharding:  # every process averages its own shards
+            self.ema = ShardedEMA(denoiser, self.params, opt.ema_decay)
+        elif use_ema and acc.is_main_process:
+            self.ema = EMA(self.params, opt.ema_decay)
         self.start_step = self.resume()
         workers, pin = cfg.data.dataloader_num_workers, acc.device.type == "cuda"
         self.batches = iter(data.loader(self.start_step, workers, pin, opt.seed))
@@ -169,6 +193,8 @@ class UNetTrainer(Trainer):
         if run.compile:
             unet.compile()
         denoiser = self.family.denoiser(encoders, run.channels_last)
+        if self.sharding:  # before the parameters are listed: sharding replaces them with DTensors
+            shard_model(denoiser, self.sharding, self.accelerator.mixed_precision)
         denoiser.train()
         self.params = [p for p in denoiser.parameters() if p.requires_grad]
         if cfg.adapters.lora:  # the text encoders' adapters at their own rate
@@ -192,6 +218,8 @@ class UNetTrainer(Trainer):
                 else {}
             )
             return {"unet_lora": AdapterWeights(parts.unet), **te}
+        if self.sharding:  # every trained model is in the sharded Denoiser, saved as one (DCP)
+            return {"model": self.model}
         te = dict(encoders) if cfg.model.train_text_encoder else {}
         return {"unet": parts.unet, **te}
 
@@ -204,6 +232,10 @@ class UNetTrainer(Trainer):
                 f"{self.sampler.num_items or 'streamed'} examples, global batch {self.global_batch}, "
                 f"steps {self.start_step} -> {cfg.optimizer.max_steps}"
             )
+            if self.sharding:
+                mine, whole = held(self.params)
+                print(f"FSDP ({self.sharding.style} style): process {acc.process_index} holds "
+                      f"{mine / 1e6:.2f} M of the {whole / 1e6:.2f} M trained parameters")  # fmt: skip
             self.loop()
             self.evaluate(cfg.optimizer.max_steps)
             final = self.save_final()
@@ -283,7 +315,8 @@ class UNetTrainer(Trainer):
         """Held-out loss and the sample prompts' images (validation/step-N/NN.png and their grid
         validation/step-N.png, in TensorBoard too), with the EMA weights when there are any."""
         acc, cfg = self.accelerator, self.cfg
-        if not acc.is_main_process or (self.val is None and not self.sample_prompts):
+        # Sharded, every process runs the same forwards (each gathers the blocks it runs); else the main one.
+        if not (acc.is_main_process or self.sharding) or (self.val is None and not self.sample_prompts):
             return {}
         denoiser = acc.unwrap_model(self.model).eval()  # unwrapped: no DDP collectives on one process
         logs = {}
@@ -292,6 +325,7 @@ class UNetTrainer(Trainer):
                 logs = self.held_out_loss(denoiser)
             if self.sample_prompts:
                 images = self.sample_images()
+            if self.sample_prompts and acc.is_main_process:
                 log_image(
                     acc,
                     "validation",
@@ -300,6 +334,8 @@ class UNetTrainer(Trainer):
                 )
                 for i, image in enumerate(images):
                     log_image(acc, f"validation/{i:02d}", image, step)
+        if self.sharding:
+            reshard(denoiser)  # the gathered weights the forwards left
         denoiser.train()
         if logs:
             acc.log(logs, step=step)
@@ -356,11 +392,21 @@ class UNetTrainer(Trainer):
         published atomically in final_dir, with the run's config as train_config.yaml."""
         acc, cfg, parts = self.accelerator, self.cfg, self.parts
         acc.wait_for_everyone()
+        if self.sharding:  # every process takes part in gathering the whole weights onto the main one
+            self.check_finite_weights()
+            raw = gathered(self.model)
+            with self.ema_weights():
+                averaged = gathered(self.model) if self.ema is not None else raw
         if acc.is_main_process:
             with self.publishing() as tmp:
                 if cfg.adapters.lora:  # the adapters alone, in the file load_lora_weights reads
                     base = cfg.model.pretrained or f"sdlite preset {cfg.model.preset}"
                     self.family.save_lora(tmp, cfg.adapters, base_model=base)
+                elif self.sharding:
+                    if self.ema is not None:
+                        for name, model in unsharded_models(self.model, raw).items():
+                            model.save_pretrained(tmp / f"{name}_raw")
+                    dataclasses.replace(parts, **unsharded_models(self.model, averaged)).save_pretrained(tmp)
                 else:
                     if self.ema is not None:
                         parts.unet.save_pretrained(tmp / "unet_raw")
