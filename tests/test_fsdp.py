@@ -250,11 +250,32 @@ def test_deepspeed_is_refused_naming_fsdp(tmp_path, monkeypatch):
         setup_accelerator(tmp_path, report_to=None, shards=True)
 
 
-def test_lora_fp16_and_8bit_adam_are_refused_under_fsdp_with_the_reason(data, tmp_path):
+def test_lora_text_encoders_fp16_and_8bit_adam_are_refused_under_fsdp_with_the_reason(data, tmp_path):
     cfg = parse_config(TrainConfig, ["--train_data_dir", str(data / "train"), "--output_dir", str(tmp_path),
-                                     "--lora", "true", "--use_8bit_adam", "true"])  # fmt: skip
+                                     "--lora", "true", "--use_8bit_adam", "true",
+                                     "--train_text_encoder", "true"])  # fmt: skip
     problems = sharding_refusals(cfg, "fp16")
-    assert [p.split(":")[0] for p in problems] == ["lora", "mixed_precision fp16", "use_8bit_adam"]
-    assert "ddp.yaml" in problems[0] and "bf16" in problems[1]
+    assert [p.split(":")[0] for p in problems] == [
+        "lora", "train_text_encoder", "mixed_precision fp16", "use_8bit_adam"
+    ]  # fmt: skip
+    assert "ddp.yaml" in problems[0] and "DDP" in problems[1] and "bf16" in problems[2]
     cfg = parse_config(TrainConfig, ["--train_data_dir", str(data / "train"), "--output_dir", str(tmp_path)])
     assert sharding_refusals(cfg, "bf16") == []
+
+
+def test_sdxl_trains_under_zero2_style_sharding_as_in_one_process(data, cache, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from pipelines import TextToImageXLPipeline
+
+    xl = dict(preset="tiny-sdxl", max_steps=2, checkpoint_every=2, max_grad_norm=0.05)
+    AcceleratorState._reset_state(reset_partial_state=True)  # ``one`` ran in this process before
+    main(flags(data, cache, tmp_path / "one", train_batch_size=4, **xl))
+    args = flags(data, cache, tmp_path / "two", train_batch_size=2, validation_prompts='["a red circle"]',
+                 validation_inference_steps=2, **xl)  # fmt: skip
+    log = finish(start("fsdp-zero2.yaml", args))
+    assert "FSDP (ZeRO-2 style)" in log and (tmp_path / "two" / "validation" / "step-2.png").is_file()
+    assert_same_training(tmp_path / "one", tmp_path / "two")
+    assert_same_training(tmp_path / "one", tmp_path / "two", "unet")
+    pipe = TextToImageXLPipeline.from_pretrained(tmp_path / "two" / "final")
+    assert pipe.unet.config.sample_size == 8

@@ -46,8 +46,8 @@ from training.optim import EMA
 if TYPE_CHECKING:
     from training.config.unet import TrainConfig
 
-# Shard units when the launch names none: the U-Net's ResNet and transformer blocks, the CLIP layers.
-UNITS = ("ResnetBlock2D", "BasicTransformerBlock", "CLIPEncoderLayer")
+# Shard units when the launch names none: the U-Net's ResNet and transformer blocks.
+UNITS = ("ResnetBlock2D", "BasicTransformerBlock")
 RESHARD = {"true": True, "false": False, "full_shard": True, "shard_grad_op": False}  # FSDP1's names too
 LAUNCH_FIX = (
     "in the accelerate config, set fsdp_reshard_after_forward to true (ZeRO-3 style) or false (ZeRO-2 style)"
@@ -246,6 +246,11 @@ def sharding_refusals(cfg: TrainConfig, mixed_precision: str | None) -> list[str
             "lora: FSDP saves memory by sharding gradients and AdamW state, which a LoRA run has only for "
             "its adapters (megabytes), while its frozen base can be stored in bf16 on each process: launch "
             "LoRA runs with configs/accelerate/ddp.yaml (or one process)"
+        )
+    if cfg.model.train_text_encoder:
+        problems.append(
+            "train_text_encoder: only the U-Net is sharded (a CLIP encoder sharded inside the U-Net's "
+            "forward returns no hidden states, which SDXL reads); train text encoders with DDP"
         )
     if mixed_precision == "fp16":
         problems.append("mixed_precision fp16: its loss scaler does not take sharded gradients; use bf16")
