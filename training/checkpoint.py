@@ -2,7 +2,9 @@
 
 A checkpoint holds the trained weights (safetensors), the optimizer state (``torch.load`` with
 ``weights_only=True``: nothing is unpickled as code), the learning-rate schedule, the EMA and every
-process's RNG state, so that ``--resume latest`` continues a run exactly, and the run's config. A
+process's RNG state, so that ``--resume latest`` continues a run exactly, and the run's config (a
+sharded run's weights, optimizer state and EMA: every process's shards, with torch.distributed.checkpoint,
+training/sharding.py). A
 failed write is a CheckpointError naming the last complete checkpoint; an unreadable file on loading
 is a CorruptCheckpointError naming it (training.resume then tries an older checkpoint).
 """
