@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -42,6 +43,7 @@ from training.sharding import (
     unsharded_models,
 )
 from training.train import main
+from training.trainer import Trainer
 from training.unet_step import Denoiser
 
 CONFIGS = ROOT / "configs" / "accelerate"
@@ -89,6 +91,16 @@ def _shard_and_step(rank: int, port: int, out: str) -> None:
                 ).item()
                 for k in trained
             )
+        # A step whose gradients are NaN changes nothing: the trainer's guard, on sharded gradients
+        model(x * float("nan"), torch.tensor([10, 500]), torch.randn(2, 16, 64)).mean().backward()
+        trainer = SimpleNamespace(accelerator=SimpleNamespace(scaler=None), params=params, sharding=True,
+                                  cfg=SimpleNamespace(optimizer=SimpleNamespace(max_grad_norm=0.05)),
+                                  optimizer=SimpleNamespace(optimizer=optimizer))  # fmt: skip
+        skipped = Trainer.skip_if_nonfinite(trainer, torch.tensor(False))
+        optimizer.step()
+        counts["nan step skipped"] = bool(skipped) and all(
+            torch.equal(p.detach().full_tensor(), trained[k]) for k, p in model.named_parameters()
+        )
         found["ZeRO-3" if reshard_after_forward else "ZeRO-2"] = counts
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(found, f)
@@ -113,11 +125,12 @@ def test_each_process_holds_half_of_the_parameters_gradients_and_optimizer_state
 
 
 @pytest.mark.parametrize("style", ["ZeRO-3", "ZeRO-2"])
-def test_a_sharded_step_moves_every_weight_and_the_gathered_copy_holds_them(shards, style):
+def test_a_sharded_step_moves_every_weight_into_the_gathered_copy_and_a_nan_step_none(shards, style):
     moved, total = shards[0][style]["moved"]
     assert moved == total  # every tensor changed, and the unsharded copy holds the trained values
     assert shards[0][style]["norm"] > 0.05  # so the clipping bit
     assert shards[0][style]["ema between"]  # the EMA lies between the start and the trained weights
+    assert shards[0][style]["nan step skipped"] and shards[1][style]["nan step skipped"]
 
 
 # ---- training/train.py under configs/accelerate/fsdp.yaml ----------------------------------------------
