@@ -136,11 +136,11 @@ def test_a_sharded_step_moves_every_weight_into_the_gathered_copy_and_a_nan_step
 # ---- training/train.py under configs/accelerate/fsdp.yaml ----------------------------------------------
 
 
-def start(config: str, args: list[str]) -> subprocess.Popen:
-    """``accelerate launch`` of train.py with 2 processes under ``config``, in its own session."""
+def start(config: str, args: list[str], processes: int = 2) -> subprocess.Popen:
+    """``accelerate launch`` of train.py with ``processes`` under ``config``, in its own session."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    launch = [accelerate, "launch", "--config_file", str(CONFIGS / config), "--num_processes", "2",
+    launch = [accelerate, "launch", "--config_file", str(CONFIGS / config), "--num_processes", str(processes),
               "--main_process_port", free_port()]  # fmt: skip
     command = [*launch, str(ROOT / "training" / "train.py"), *args]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -228,6 +228,17 @@ def test_a_killed_sharded_run_resumes_from_its_latest_checkpoint_exactly(data, c
     for part in ("unet_raw", "unet"):
         a, b = weights(sharded[0] / "final", part), weights(tmp_path / "final", part)
         assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_a_sharded_checkpoint_of_2_processes_resumes_on_4(data, cache, sharded, tmp_path):
+    shutil.copytree(sharded[0] / "checkpoint-2", tmp_path / "checkpoint-2")
+    # 4 processes x batch 1: the global batch of 2 x 1 x 2 accumulation steps; DCP reshards on loading
+    args = flags(data, cache, tmp_path, train_batch_size=1, resume="latest",
+                 allow_config_change="gradient_accumulation_steps", **RUN)  # fmt: skip
+    log = finish(start("fsdp.yaml", args, processes=4), timeout=600)
+    assert "at step 2" in log and "process 3 holds 1.03 M of the 4.13 M" in log
+    assert_same_training(sharded[0], tmp_path)
+    assert_same_training(sharded[0], tmp_path, "unet")
 
 
 def test_a_sharded_checkpoint_is_refused_by_an_unsharded_run_naming_fsdp(data, cache, sharded, tmp_path):
