@@ -78,22 +78,26 @@ def launch_sharding(environ: Mapping[str, str] = os.environ) -> Sharding | None:
     return Sharding(RESHARD[value], units or UNITS)
 
 
-def mixed_precision_policy(mixed_precision: str | None) -> MixedPrecisionPolicy:
-    """bf16: blocks gathered and run in bf16, gradients reduced and kept in fp32 (the fp32 shards are what
-    the optimizer steps), the model's output in fp32 for the loss. fp16 is refused before this (its
-    loss scaler does not take sharded gradients)."""
-    if mixed_precision != "bf16":
+def mixed_precision_policy(mixed_precision: str | None, device: torch.device) -> MixedPrecisionPolicy:
+    """bf16 on GPUs: blocks gathered and run in bf16, gradients reduced and kept in fp32 (the fp32 shards
+    are what the optimizer steps), the model's output in fp32 for the loss; the forward also runs under
+    autocast (train.py), which keeps GPU group norms in fp32. On CPUs, whose autocast runs group norm in
+    bf16 only with bf16 weights, the gathered weights stay fp32 under autocast, as without sharding.
+    fp16 is refused before this (its loss scaler does not take sharded gradients)."""
+    if mixed_precision != "bf16" or device.type == "cpu":
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(
         param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32
     )
 
 
-def shard_model(model: torch.nn.Module, sharding: Sharding, mixed_precision: str | None = None) -> None:
+def shard_model(
+    model: torch.nn.Module, sharding: Sharding, mixed_precision: str | None = None, device=torch.device("cpu")
+) -> None:
     """``fully_shard`` the unit blocks of each trained child of ``model`` (the U-Net, trained text
     encoders), each such child, then ``model`` itself (the root). Each child is a unit so that a pipeline
     calling it directly (validation) gathers its weights; parameters of no unit fall to the root."""
-    policy = mixed_precision_policy(mixed_precision)
+    policy = mixed_precision_policy(mixed_precision, torch.device(device))
     options = dict(reshard_after_forward=sharding.reshard_after_forward, mp_policy=policy)
     for child in model.children():
         if not any(p.requires_grad for p in child.parameters()):

@@ -144,6 +144,9 @@ class UNetTrainer(Trainer):
         # the schedule: see make_lr_schedule.
         if self.sharding:
             self.model, self.optimizer = denoiser, acc.prepare(optimizer)
+            # under autocast, as prepare runs the models it wraps: diffusers casts some inputs to its
+            # parameters' dtype, which FSDP's bf16 policy leaves fp32 (only the gathered copies are bf16)
+            denoiser.forward = acc.autocast()(denoiser.forward)
         else:
             self.model, self.optimizer = acc.prepare(denoiser, optimizer)
         use_ema = opt.ema_decay and not cfg.adapters.lora  # LoRA: the adapter as trained, as diffusers'
@@ -194,7 +197,7 @@ class UNetTrainer(Trainer):
             unet.compile()
         denoiser = self.family.denoiser(encoders, run.channels_last)
         if self.sharding:  # before the parameters are listed: sharding replaces them with DTensors
-            shard_model(denoiser, self.sharding, self.accelerator.mixed_precision)
+            shard_model(denoiser, self.sharding, self.accelerator.mixed_precision, self.accelerator.device)
         denoiser.train()
         self.params = [p for p in denoiser.parameters() if p.requires_grad]
         if cfg.adapters.lora:  # the text encoders' adapters at their own rate
