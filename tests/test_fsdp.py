@@ -37,6 +37,7 @@ from training.sharding import (
     grad_norm,
     held,
     launch_sharding,
+    mixed_precision_policy,
     optimizer_tensors,
     shard_model,
     sharding_refusals,
@@ -306,8 +307,6 @@ def test_sdxl_trains_under_zero2_style_sharding_as_in_one_process(data, cache, t
 
 
 def test_bf16_gathers_bf16_weights_on_gpus_and_fp32_ones_under_autocast_on_cpus():
-    from training.sharding import mixed_precision_policy
-
     gpu = mixed_precision_policy("bf16", torch.device("cuda"))
     assert gpu.param_dtype == torch.bfloat16 and gpu.reduce_dtype == gpu.output_dtype == torch.float32
     assert mixed_precision_policy("bf16", torch.device("cpu")).param_dtype is None
