@@ -2,8 +2,8 @@
 
     accelerate launch --config_file configs/accelerate/fsdp.yaml training/train.py --config ...
 
-Each of N processes keeps 1/N of every trained parameter (a DTensor shard), of its gradient and of its
-AdamW state; a block's whole weights exist only while it runs (all-gathered before its forward and its
+Each of N processes keeps 1/N of every U-Net parameter (a DTensor shard), of its gradient and of its
+AdamW state (the U-Net alone is sharded: see ``sharding_refusals``); a block's whole weights exist only while it runs (all-gathered before its forward and its
 backward; gradients reduce-scattered after). Where the gathered weights go after the forward is the one
 choice (``reshard_after_forward``, read from the accelerate config):
 
