@@ -3,9 +3,10 @@
     accelerate launch --config_file configs/accelerate/fsdp.yaml training/train.py --config ...
 
 Each of N processes keeps 1/N of every U-Net parameter (a DTensor shard), of its gradient and of its
-AdamW state (the U-Net alone is sharded: see ``sharding_refusals``); a block's whole weights exist only while it runs (all-gathered before its forward and its
-backward; gradients reduce-scattered after). Where the gathered weights go after the forward is the one
-choice (``reshard_after_forward``, read from the accelerate config):
+AdamW state (the U-Net alone is sharded: see ``sharding_refusals``); a block's whole weights exist only
+while it runs (all-gathered before its forward and its backward; gradients reduce-scattered after).
+Where the gathered weights go after the forward is the one choice (``reshard_after_forward``, read from
+the accelerate config):
 
     true   ZeRO-3 style: freed after the forward, gathered again for the backward (least memory)
     false  ZeRO-2 style: kept from the forward to the backward (one all-gather less a step, but a whole
