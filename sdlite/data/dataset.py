@@ -36,8 +36,6 @@ import torch
 from datasets.data_files import EmptyDatasetError
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from sdlite.data.decoding import check_aspect, decode_image, pixel_limit, why_unusable
 from sdlite.data.files import (
@@ -273,7 +271,7 @@ class ImageTransform:
 
 
 class BadCacheEntry(DataError):
-    """A cache file that does not read (sdlite.data.cache's entries): removed when met."""
+    """A cache entry that does not read (sdlite.data.cache): its shard removed when met."""
 
 
 def row_name(entry, index: int) -> str:
@@ -286,7 +284,7 @@ class TrainingExamples(torch.utils.data.Dataset):
     """Item ``(index, flip)`` -> one example as a dict of tensors.
 
     The latent side is ``mean`` and ``std`` of q(z|x) (C, h, w) read from the cache when
-    ``latent_files`` is given (one file per flip), else ``pixels`` (3, R, R) for the trainer to
+    ``latent_files`` is given (one cache entry per flip), else ``pixels`` (3, R, R) for the trainer to
     encode. The text side is ``embeds`` (L, D) from the cache when ``embed_files`` is given, else
     ``input_ids`` (L,) for the trainer to encode.
 
@@ -306,8 +304,8 @@ class TrainingExamples(torch.utils.data.Dataset):
         image_column: str,
         transform: ImageTransform,
         input_ids: torch.Tensor,
-        latent_files: list[list[str | None]] | None = None,
-        embed_files: list[str] | None = None,
+        latent_files: list[list] | None = None,  # CacheEntry per row and flip (sdlite.data.cache)
+        embed_files: list | None = None,  # CacheEntry per row
         report: str | Path | None = None,
         log: Callable[[str], None] = print,
         groups: Sequence | None = None,
@@ -317,7 +315,7 @@ class TrainingExamples(torch.utils.data.Dataset):
         self.latent_files, self.embed_files = latent_files, embed_files
         self.report, self.log, self.groups = report, log, groups
         self.broken: set[int] = set()  # rows found broken in this process
-        self.memory: dict[str, dict[str, torch.Tensor]] = {}  # cache file -> its tensors, see read_cached
+        self.memory: dict[object, dict[str, torch.Tensor]] = {}  # cache entry -> its tensors, see read_cached
         self.memory_bytes = 0
 
     def __len__(self) -> int:
@@ -382,23 +380,16 @@ class TrainingExamples(torch.utils.data.Dataset):
             example["input_ids"] = self.input_ids[index]
         return example
 
-    def read_cached(self, path: str) -> dict[str, torch.Tensor]:
-        """A cache file's tensors, from memory after the first read while CACHE_MEMORY_BYTES has room.
-        The cache is written once at start-up and only read after, and the loader stacks each batch
-        into new tensors, so the kept ones are never changed. BadCacheEntry (the file removed) for a
-        file that does not read."""
-        tensors = self.memory.get(path)
+    def read_cached(self, entry) -> dict[str, torch.Tensor]:
+        """A cache entry's tensors (a ``sdlite.data.cache.CacheEntry``), from memory after the first read
+        while CACHE_MEMORY_BYTES has room. The cache is written once at start-up and only read after,
+        and the loader stacks each batch into new tensors, so the kept ones are never changed.
+        BadCacheEntry (its shard removed) for an entry that does not read."""
+        tensors = self.memory.get(entry)
         if tensors is None:
-            try:
-                tensors = load_file(path)
-            except (OSError, SafetensorError) as error:
-                Path(path).unlink(missing_ok=True)  # ours: the next start computes it again
-                raise BadCacheEntry(
-                    f"cache entry {path} does not read ({type(error).__name__}: {error}); removed, it is "
-                    "computed again when a run starts"
-                ) from error
+            tensors = entry.load()
             size = sum(t.numel() * t.element_size() for t in tensors.values())
             if self.memory_bytes + size <= CACHE_MEMORY_BYTES:
-                self.memory[path] = tensors
+                self.memory[entry] = tensors
                 self.memory_bytes += size
         return dict(tensors)
