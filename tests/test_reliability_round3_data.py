@@ -237,7 +237,7 @@ def entries(cache, count=3):
 def test_a_corrupt_entry_is_named_and_computed_again_at_the_next_start(tmp_path, capsys):
     cache = TensorCache(tmp_path, shard_entries=1)  # a shard an entry: a resumed run fills its cache again
     keys = entries(cache)
-    path = cache.index.shard_of(keys[1])
+    path = cache.shard(keys[1])
     data = path.read_bytes()
     path.write_bytes(b"\xff" * 8 + data[8:])  # safetensors: "header too large"
     cache = TensorCache(tmp_path)  # the next start
@@ -251,7 +251,7 @@ def test_a_corrupt_entry_met_mid_run_is_removed_and_another_row_trains(tmp_path)
     cache = TensorCache(tmp_path / "cache", shard_entries=1)
     keys = entries(cache)
     files = [[cache.entry(k), None] for k in keys]
-    path = cache.index.shard_of(keys[1])
+    path = cache.shard(keys[1])
     path.write_bytes(b"garbage")
     rows = load_rows(write_table(tmp_path, {f"{i}.png": png() for i in range(3)}))
     logs = []

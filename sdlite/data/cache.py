@@ -137,6 +137,12 @@ class TensorCache:
             self.index.refresh()
         return key in self.index
 
+    def shard(self, key: str) -> Path:
+        """The shard file that holds the entry (KeyError if none does)."""
+        if key not in self:
+            raise KeyError(f"no cache entry {key} under {shown(self.root)!r}")
+        return self.index.shard_of(key)
+
     def entry(self, key: str) -> CacheEntry:
         return CacheEntry(key, self)
 
