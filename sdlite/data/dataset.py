@@ -1,12 +1,13 @@
 """Training rows of (image, caption) read through ``datasets``, and the transforms of one image.
 
-Three sources, each with an image column and a caption column (``image`` and ``text`` by default):
+Sources, each with an image column and a caption column (``image`` and ``text`` by default):
 
 - an image folder with ``metadata.jsonl`` lines ``{"file_name": "0001.png", "text": "a red circle"}``
   (datasets' ``imagefolder``; a folder with ``train/`` inside reads that split);
 - a folder written by ``datasets.Dataset.save_to_disk``;
 - a CSV, parquet or JSON-lines file whose image column holds paths relative to the file's folder;
-- a folder of parquet shards (``part-00000.parquet`` ..., as ``write_shards`` writes them), read whole.
+- a folder of parquet shards (``part-00000.parquet`` ..., as ``write_shards`` writes them), read whole;
+- WebDataset tar shards, a ``.tar`` file or a folder of them (sdlite/data/webdataset.py).
 
 Images stay encoded in the rows (``datasets.Image(decode=False)``): the cache keys on their bytes and
 a cached run never decodes them again.
@@ -47,6 +48,7 @@ from sdlite.data.files import (
     resolve_in,
     shown,
 )
+from sdlite.data.webdataset import tar_shards, webdataset_rows
 
 TABLE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 # Cached latents and embeddings kept in memory after their first read, per process (and per DataLoader
@@ -118,6 +120,8 @@ def load_rows(
     elif path.is_dir() and _parquet_shards(path) and not _metadata_files(path):
         rows = datasets.load_dataset("parquet", data_files=_parquet_shards(path), split="train")
         rows = _absolute_paths(rows, path.resolve(), image_column, allow_outside)
+    elif (path.is_dir() and not _metadata_files(path) or path.is_file()) and tar_shards(path):
+        rows = webdataset_rows(path, image_column, caption_column, bad_data, PROBLEM, WHERE)
     elif path.is_dir():
         rows, problems = _rows_of_lines(_metadata_files(path), path, image_column, caption_column, bad_data,
                                         allow_outside, "file_name")  # fmt: skip
@@ -139,8 +143,8 @@ def load_rows(
             rows = _absolute_paths(rows, folder, image_column, allow_outside)
     else:
         raise DataError(
-            f"data source {str(path)!r} is neither a folder (images with metadata.jsonl, or a dataset "
-            f"saved with save_to_disk) nor a {'/'.join(TABLE_FORMATS)} file"
+            f"data source {str(path)!r} is neither a folder (images with metadata.jsonl, a dataset saved "
+            f"with save_to_disk, parquet or webdataset .tar shards) nor a {'/'.join(TABLE_FORMATS)}/.tar file"
         )
     for kind, column in (("image", image_column), ("caption", caption_column)):
         if column not in rows.column_names:
