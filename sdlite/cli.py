@@ -158,7 +158,7 @@ def _threads(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data(commands) -> None:
-    kinds = _group(commands, "data", "make a built-in data set")
+    kinds = _group(commands, "data", "make a built-in data set, or clean a cache folder")
     shapes = _parser(
         kinds, "shapes", "coloured shapes on a plain background, captioned", "training.cmd_data:shapes"
     )
