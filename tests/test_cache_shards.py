@@ -11,12 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from sdlite.cli import main as cli
 from sdlite.data.cache import DecodedImages, TensorCache, cache_latents
 from sdlite.data.cache_clean import clean_cache
-from sdlite.data.dataset import ImageTransform, load_rows
+from sdlite.data.dataset import BadCacheEntry, ImageTransform, load_rows
 from sdlite.data.shards import SHARD_NAME
 from tests.test_cache import tiny_vae, write_folder
 
@@ -96,7 +97,7 @@ def test_two_processes_fill_one_folder_each_writing_only_files_of_its_own(tmp_pa
 
 def test_a_killed_fill_keeps_what_it_published_and_the_next_computes_only_the_rest(tmp_path):
     fill = start_fill(tmp_path, 0, 1, 0.2)
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # the child imports torch first: slow on a busy machine
     while len(shards(tmp_path)) < 2 and time.time() < deadline:
         time.sleep(0.05)
     fill.send_signal(signal.SIGKILL)
@@ -167,9 +168,31 @@ def test_clean_removes_unused_broken_and_left_over_cache_files_and_nothing_else(
     for path in legacy + theirs:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
+    images = [bytes([i]) * 10 for i in range(4)]
+    for data in images:  # four runs' records of checked images, a file each
+        DecodedImages(tmp_path).add(data)
+    records = sorted((tmp_path / "decoded").glob("*.keys"))
+    for path in records:
+        os.utime(path, (month_ago, month_ago))
     cleaned = clean_cache(tmp_path, keep_days=30)
-    assert sorted(cleaned.files) == sorted([stale, broken, left_over, *legacy])
+    assert sorted(cleaned.files) == sorted([stale, broken, left_over, *legacy, *records])
+    assert len(list((tmp_path / "decoded").glob("*.keys"))) == 1  # merged into one
+    assert all(data in DecodedImages(tmp_path) for data in images)
     assert touched.exists() and live.exists() and all(p.exists() for p in theirs)
     assert all(k in TensorCache(tmp_path) for k in used)
     assert cli(["data", "clean-cache", "--cache_dir", str(tmp_path), "--keep_days", "0"]) == 0
     assert "removed 1 files" in capsys.readouterr().out and not touched.exists()
+
+
+def test_an_entry_in_two_shards_reads_from_the_other_once_the_first_turns_out_bad(tmp_path):
+    keys = keys_of(2)
+    for name in ("a", "b"):  # two machines computed the same entries at once, each seeing none of the other's
+        TensorCache(tmp_path / name).fill(keys, values)
+    (other,) = shards(tmp_path / "b")
+    other.rename(tmp_path / "a" / "shards" / other.name)
+    cache = TensorCache(tmp_path / "a")
+    first = cache.shard(keys[1])
+    first.write_bytes(b"garbage")  # after the index read its header: found when the entry is read
+    with pytest.raises(BadCacheEntry, match="does not read"):
+        cache.entry(keys[1]).load()
+    assert not first.exists() and cache.entry(keys[1]).load()["mean"].tolist() == [1.0, -1.0]

@@ -162,8 +162,8 @@ class TensorCache:
                                 "again when a run starts") from error  # fmt: skip
         except (OSError, SafetensorError) as error:
             shard = self.index.shard_of(key)
-            self.index.forget(shard.name)
             shard.unlink(missing_ok=True)
+            self.index.forget()
             raise BadCacheEntry(
                 f"cache entry {key} in {shown(shard)} does not read ({type(error).__name__}: {error}); its "
                 "shard removed, its entries are computed again when a run starts"

@@ -133,6 +133,8 @@ class ShardIndex:
         if not self.folder.is_dir():
             return 0
         names = sorted(n for n in os.listdir(self.folder) if SHARD_NAME.match(n) and n not in self.seen)
+        if not names:
+            return 0
         with ThreadPoolExecutor(8) as pool:  # on a network disk each open is a round trip
             headers = list(pool.map(self._header, names))
         before = len(self.where)
@@ -167,10 +169,10 @@ class ShardIndex:
             shard = self.open[name] = safe_open(self.folder / name, "pt")
         return {n: shard.get_tensor(f"{key}/{n}") for n in names}
 
-    def forget(self, name: str) -> None:
-        """Drop a shard that turned out bad: its entries are missing from now on."""
-        self.open.pop(name, None)
-        self.where = {k: v for k, v in self.where.items() if v[0] != name}
+    def forget(self) -> None:
+        """Start again from the shards on disk (after one turned out bad and was removed): an entry it
+        held may be in another shard too, which the next ``refresh`` finds."""
+        self.where, self.seen, self.open = {}, set(), {}
 
     def touch(self, keys: Iterable[str]) -> None:
         """Mark the shards holding ``keys`` as used now (their time of change), for ``clean_cache``."""
