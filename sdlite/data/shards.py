@@ -3,7 +3,7 @@
 An entry is a key (64 hex digits, see sdlite/data/cache.py) and a few named tensors. Entries are kept
 in shards, safetensors files of up to ``SHARD_ENTRIES`` entries (or ``SHARD_BYTES``) under
 ``root/shards``, each tensor stored as ``"<key>/<name>"``: the header of each shard is its index, and
-safetensors reads a tensor through a memory map of the file, so a read costs no more than before.
+safetensors reads a tensor through a memory map of the file, so a read touches only that entry's bytes.
 
 Why this shape, for a million images written by many processes on many machines into one folder:
 
@@ -18,9 +18,8 @@ Why this shape, for a million images written by many processes on many machines 
   is ours: a shard under ``shards/``), and its entries are missing, so they are computed again. Never
   read as data.
 
-The empty-file-per-image record of images that decoded (``KeyLog``) is kept the same way: each writer
-appends 32-byte digests to its own file, and a torn last record (a file whose size is not a multiple of
-32) is ignored.
+The record of the images that decoded (``KeyLog``) is kept alike: each writer appends 32-byte digests
+to a file of its own, and a torn last record (a file whose size is not a multiple of 32) is ignored.
 """
 
 from __future__ import annotations
