@@ -120,7 +120,7 @@ def load_rows(
     elif path.is_dir() and _parquet_shards(path) and not _metadata_files(path):
         rows = datasets.load_dataset("parquet", data_files=_parquet_shards(path), split="train")
         rows = _absolute_paths(rows, path.resolve(), image_column, allow_outside)
-    elif (path.is_dir() and not _metadata_files(path) or path.is_file()) and tar_shards(path):
+    elif tar_shards(path) and not (path.is_dir() and _metadata_files(path)):
         rows = webdataset_rows(path, image_column, caption_column, bad_data, PROBLEM, WHERE)
     elif path.is_dir():
         rows, problems = _rows_of_lines(_metadata_files(path), path, image_column, caption_column, bad_data,

@@ -36,6 +36,8 @@ def tar_shards(path: Path) -> list[Path]:
     """The tar shards of a data source: a .tar file, or the .tar files directly in a folder (name order)."""
     if path.is_file():
         return [path] if path.suffix.lower() == ".tar" else []
+    if not path.is_dir():
+        return []
     return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".tar")
 
 
