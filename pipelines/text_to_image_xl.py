@@ -346,10 +346,15 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
 
     @classmethod
     def _default_tokenizers(cls, path: Path, kwargs: dict) -> dict:
+        """The folder's tokenizers, or CLIP's built offline; a refiner (no text_encoder/) gets only
+        tokenizer_2, its model_index.json leaving the first one None."""
         if {"tokenizer", "tokenizer_2"} <= kwargs.keys():
             return {}
-        length = CLIPTextModel.config_class.from_pretrained(path / "text_encoder").max_position_embeddings
-        return dict(zip(("tokenizer", "tokenizer_2"), tokenizers_xl(path, length)))
+        first = (path / "text_encoder").is_dir()
+        encoder = path / ("text_encoder" if first else "text_encoder_2")
+        length = CLIPTextModel.config_class.from_pretrained(encoder).max_position_embeddings
+        tokenizers = dict(zip(("tokenizer", "tokenizer_2"), tokenizers_xl(path, length)))
+        return tokenizers if first else {"tokenizer_2": tokenizers["tokenizer_2"]}
 
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True, **kwargs) -> Path:
         """Write diffusers' SDXL layout (``save_components_xl``), which loads here and in diffusers'
