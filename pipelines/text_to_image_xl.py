@@ -193,7 +193,8 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
                 timestep_cond=w_embedding, step_kwargs=self.step_kwargs(c.generator, c.eta),
                 cross_attention_kwargs=cross_attention_kwargs or None, added_cond_kwargs=cond,
                 callback=c.callback_on_step_end, callback_inputs=c.callback_on_step_end_tensor_inputs,
-                progress=c.progress, extra_channels=start.extra_channels, after_step=start.after_step,
+                progress=c.progress, step_inputs=start.step_inputs, unet_reads=start.unet_reads,
+                after_step=start.after_step,
             )  # fmt: skip
             with self._vae_upcast():
                 images = self.decode_latents(latents, c.output_type, c.generator)
