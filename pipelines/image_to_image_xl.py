@@ -105,6 +105,11 @@ class XLImageStart(ImageStart):
             self.scheduler.set_begin_index(skipped)
         return self._truncated(self.scheduler.timesteps[skipped:])
 
+    @property
+    def num_time_ids(self) -> int:
+        """Five with requires_aesthetics_score (size, crop, score), else SDXL's six."""
+        return super().num_time_ids - bool(self.config.get("requires_aesthetics_score"))
+
     def time_ids(self, c: SimpleNamespace, negative: bool = False) -> torch.Tensor:
         """The refiner's (original size, crop, aesthetic score) with ``requires_aesthetics_score``,
         else SDXL's six size/crop numbers."""

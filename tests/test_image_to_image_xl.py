@@ -1,6 +1,7 @@
 """ImageToImageXLPipeline draws what diffusers' StableDiffusionXLImg2ImgPipeline does."""
 
 import json
+import re
 
 import numpy as np
 import PIL.Image
@@ -170,3 +171,25 @@ def test_a_refiner_folder_loads_in_diffusers_as_the_refiner(refiner_folder):
 def test_a_refiner_folder_given_to_text_to_image_names_the_pipelines_that_load_it(refiner_folder):
     with pytest.raises(ModelFolderError, match="is an SDXL refiner .* load it with ImageToImageXLPipeline"):
         TextToImageXLPipeline.from_pretrained(refiner_folder)
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (
+            lambda p: TextToImageXLPipeline(**refiner_parts(p)),
+            "reads 5 time ids but TextToImageXLPipeline makes 6",
+        ),
+        (
+            lambda p: ImageToImageXLPipeline(**refiner_parts(p)),
+            "a refiner's (size, crop and aesthetic score)",
+        ),
+        (lambda p: ImageToImageXLPipeline(**p.as_dict(), requires_aesthetics_score=True), "leave it False"),
+    ],
+    ids=["refiner-in-text-to-image", "refiner-without-aesthetic-score", "base-with-aesthetic-score"],
+)
+def test_time_ids_the_unet_does_not_read_are_refused_naming_the_setting(parts, make, words):
+    pipe = make(parts)
+    image = {"image": picture(), "strength": 0.5} if isinstance(pipe, ImageToImageXLPipeline) else {}
+    with pytest.raises(ValueError, match=re.escape(words)):
+        pipe(PROMPTS, num_inference_steps=2, output_type="np", **image)
