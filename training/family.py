@@ -44,6 +44,8 @@ def lora_settings(lora: LoraSection) -> LoraSettings:
         unet_targets=tuple(lora.lora_target_modules),
         text_encoder=lora.lora_text_encoder,
         text_encoder_targets=tuple(lora.lora_text_encoder_target_modules),
+        kind=lora.lora_type,
+        dora=lora.lora_dora,
     )
 
 
@@ -54,6 +56,7 @@ class StableDiffusion:
 
     def __init__(self, parts):
         self.parts = parts  # sdlite.models.Components (or the family's own), unwrapped
+        self.words: list[str] = []  # a textual-inversion word's tokens (training/textual_inversion.py)
 
     # ---- chosen from the config alone, before any weight is read ----------------------------------------
 
@@ -116,7 +119,14 @@ class StableDiffusion:
 
     def token_ids(self, captions: list[str]) -> tuple[torch.Tensor, ...]:
         """(N, L) token ids of the captions, one tensor per tokenizer."""
-        return (token_ids(self.parts.tokenizer, captions),)
+        return (token_ids(self.parts.tokenizer, self.spelt(captions)),)
+
+    def spelt(self, captions: list[str]) -> list[str]:
+        """The captions with a textual-inversion word of n vectors spelt out to its n tokens, as the
+        pipelines spell prompts (diffusers' ``maybe_convert_prompt``); as they are without one."""
+        if len(self.words) < 2:
+            return captions
+        return [caption.replace(self.words[0], " ".join(self.words)) for caption in captions]
 
     def cache_text(self, cache: TensorCache, ids: tuple, rank: int, world_size: int) -> tuple[list[str], int]:
         """Cache each caption's condition; returns (one file per caption, entries computed)."""
@@ -177,7 +187,8 @@ class StableDiffusion:
         add_lora(self.parts.unet, self.parts.text_encoder, settings)
 
     def save_lora(self, path: Path, lora: LoraSection, base_model: str) -> None:
-        """The adapters alone, in the file ``load_lora_weights`` reads, with the base model's name."""
+        """The adapters alone, in the file ``load_lora_weights`` reads, with the base model's name (a
+        LoHa or LoKr in LyCORIS' layout alone: sdlite.lora.save_lora)."""
         te = self.parts.text_encoder if lora.lora_text_encoder else None
         save_lora(path, self.parts.unet, te, base_model=base_model, format=lora.lora_save_format)
 

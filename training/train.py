@@ -83,6 +83,7 @@ from training.sample_prompts import (  # noqa: E402
     sample_batches,
     save_samples,
 )
+from training.textual_inversion import attach_word, save_word, word_checkpoint  # noqa: E402
 from training.trainer import Trainer, leave  # noqa: E402
 from training.unet_step import diffusion_loss, draw_step, latents_of  # noqa: E402
 
@@ -111,6 +112,8 @@ class UNetTrainer(Trainer):
         self.family = family = self.load_model()
         self.parts = family.parts  # unwrapped
         top_up_class_images(cfg, acc, family)  # DreamBooth: with the base model, before any adapter
+        # Textual inversion: the new word in the tokenizers before any caption is tokenized
+        self.words = attach_word(family, cfg.inversion) if cfg.inverts else {}
         self.data = data = training_data(cfg, acc, family)  # training/examples.py
         self.sampler, self.layout, self.val = data.sampler, data.layout, data.held_out
         if cfg.adapters.lora:  # after training_data: the cache is filled by the fp32 models, as without LoRA
@@ -126,7 +129,7 @@ class UNetTrainer(Trainer):
         # The model is the prepared Denoiser (DDP-wrapped with several processes); not the schedule:
         # see make_lr_schedule.
         self.model, self.optimizer = acc.prepare(denoiser, optimizer)
-        use_ema = opt.ema_decay and not cfg.adapters.lora  # LoRA: the adapter as trained, as diffusers'
+        use_ema = opt.ema_decay and not cfg.adapters.lora and not cfg.inverts  # as trained, as diffusers'
         self.ema = EMA(self.params, opt.ema_decay) if use_ema and acc.is_main_process else None
         self.start_step = self.resume()
         workers, pin = cfg.data.dataloader_num_workers, acc.device.type == "cuda"
@@ -175,9 +178,12 @@ class UNetTrainer(Trainer):
             te, te_2 = (encoders + [None, None])[:2]  # none trained, SD's one or SDXL's two
             lrs = cfg.optimizer.learning_rate, cfg.adapters.text_encoder_lr
             groups = lora_param_groups(unet, te, *lrs, text_encoder_2=te_2)
+        elif cfg.inverts:  # the word's vectors alone, at learning_rate
+            groups = [{"params": [w.vectors for w in self.words.values()]}]
         else:
             groups = [{"params": [p for p in m.parameters() if p.requires_grad]} for m in (unet, *encoders)]
-        for group, name in zip(groups, ("unet", "text_encoder", "text_encoder_2")):  # as both make them
+        names = ("text_encoder",) if cfg.inverts else ("unet", "text_encoder", "text_encoder_2")
+        for group, name in zip(groups, names):  # as both make them
             group["name"] = name
         return denoiser, groups
 
@@ -185,6 +191,8 @@ class UNetTrainer(Trainer):
         """What a checkpoint holds of the model: the trained models, or with LoRA only their adapters."""
         parts, cfg = self.parts, self.cfg
         encoders = self.family.encoders.items()  # text_encoder, and SDXL's text_encoder_2
+        if cfg.inverts:
+            return {"word": word_checkpoint(self.words)}
         if cfg.adapters.lora:
             te = (
                 {f"{n}_lora": AdapterWeights(m) for n, m in encoders}
@@ -361,6 +369,8 @@ class UNetTrainer(Trainer):
                 if cfg.adapters.lora:  # the adapters alone, in the file load_lora_weights reads
                     base = cfg.model.pretrained or f"sdlite preset {cfg.model.preset}"
                     self.family.save_lora(tmp, cfg.adapters, base_model=base)
+                elif cfg.inverts:  # the word's vectors, in diffusers' and A1111's files
+                    save_word(tmp, cfg.inversion.textual_inversion_token, self.words)
                 else:
                     if self.ema is not None:
                         parts.unet.save_pretrained(tmp / "unet_raw")
@@ -373,7 +383,12 @@ class UNetTrainer(Trainer):
             prompt = next(
                 iter(cfg.validation.validation_prompts), cfg.dreambooth.instance_prompt or "a prompt"
             )
-            acc.print(final_message(self.final, cfg.model.pretrained, prompt, cfg.adapters.lora))
+            if cfg.inverts:  # no model folder and no LoRA: the word's files, which the pipelines load
+                files = ", ".join(sorted(p.name for p in Path(self.final).glob("*.safetensors")))
+                acc.print(f"saved {self.final}: {files}; pipe.load_textual_inversion(FILE) adds the word "
+                          f"{cfg.inversion.textual_inversion_token!r} to {cfg.model.pretrained}")  # fmt: skip
+            else:
+                acc.print(final_message(self.final, cfg.model.pretrained, prompt, cfg.adapters.lora))
         acc.wait_for_everyone()
         return self.final
 

@@ -265,7 +265,15 @@ class LoraSection(Section):
     lora_save_format: str = option(
         "diffusers",
         '"kohya": also final_dir/lora_kohya.safetensors (A1111, ComfyUI); the diffusers layout is '
-        "always written",
+        "always written (LoHa, LoKr: lora_kohya.safetensors alone, which diffusers does not read)",
+    )
+    lora_type: str = option(
+        "lora",
+        '"lora"; "loha" (Hadamard product of two rank-r pairs) or "lokr" (Kronecker product): LyCORIS\'s, '
+        "saved in its layout",
+    )
+    lora_dora: bool = option(
+        False, "DoRA (Liu et al. 2024): lora_type lora plus a trained magnitude per output row"
     )
 
     def problems(self) -> list[str]:
@@ -276,7 +284,43 @@ class LoraSection(Section):
             )
         if self.lora_save_format not in ("diffusers", "kohya"):
             problems.append(f"lora_save_format={self.lora_save_format!r}: use diffusers or kohya")
+        problems += self.lora_type_problems()
         return problems + numbers_outside(self, "lora_alpha", "text_encoder_lr", above=True)
+
+    def lora_type_problems(self) -> list[str]:
+        """An unknown lora_type, and the LoRA-only settings given to a LoHa or LoKr."""
+        if self.lora_type not in ("lora", "loha", "lokr"):
+            return [f"lora_type={self.lora_type!r}: use lora, loha or lokr"]
+        if self.lora_type == "lora":
+            return []
+        problems = []
+        if self.lora_dora:  # peft trains DoRA's magnitude on LoRA layers only
+            problems.append(f"lora_dora with lora_type {self.lora_type}: DoRA is trained on lora_type lora")
+        if self.lora_dropout:  # LoRA's dropout is on its input; peft's LoHa and LoKr have none
+            problems.append(f"lora_dropout with lora_type {self.lora_type}: it is LoRA's; set it to 0")
+        return problems
+
+
+@dataclass
+class TextualInversionSection(Section):
+    title = "Textual inversion"
+    about = (
+        "(Gal et al. 2022): a new word's embedding vectors are the only trained weights; captions name the "
+        "word (training/textual_inversion.py)"
+    )
+
+    textual_inversion_token: str | None = option(
+        None, 'the new word, e.g. "<magenta>", added to the tokenizer(s); None: no textual inversion'
+    )
+    textual_inversion_init: str = option("*", "the text whose mean token embedding starts the vectors")
+    textual_inversion_vectors: int = option(1, "vectors (tokens) of the word")
+
+    def problems(self) -> list[str]:
+        token = self.textual_inversion_token
+        problems = counts_below(self, 1, "textual_inversion_vectors")
+        if token is not None and (not token.strip() or token != token.strip() or " " in token):
+            problems.append(f"textual_inversion_token={token!r}: one word without spaces, e.g. <magenta>")
+        return problems
 
 
 # The settings that shape an adapter: one changed without lora true is a contradiction.
@@ -382,14 +426,22 @@ class TrainConfig(Config):
     captions: CaptionSection = section(CaptionSection)
     optimizer: OptimizerSection = section(OptimizerSection)
     adapters: LoraSection = section(LoraSection)
+    inversion: TextualInversionSection = section(TextualInversionSection)
     dreambooth: DreamBoothSection = section(DreamBoothSection)
     validation: ValidationSection = section(ValidationSection)
     run: RunSection = section(RunSection)
 
     @property
     def text_encoder_trains(self) -> bool:
-        """Whether gradients reach the text encoder: trained whole, or through its LoRA adapter."""
-        return self.model.train_text_encoder or (self.adapters.lora and self.adapters.lora_text_encoder)
+        """Whether gradients reach the text encoder: trained whole, through its LoRA adapter, or to a new
+        word's vectors (textual inversion)."""
+        lora = self.adapters.lora and self.adapters.lora_text_encoder
+        return self.model.train_text_encoder or lora or self.inverts
+
+    @property
+    def inverts(self) -> bool:
+        """Whether the run is textual inversion: a new word's vectors the only trained weights."""
+        return self.inversion.textual_inversion_token is not None
 
     def cross_problems(self) -> list[str]:
         model, lora, data, dreambooth = self.model, self.adapters, self.data, self.dreambooth
@@ -413,7 +465,24 @@ class TrainConfig(Config):
                 "bucket_no_upscale with class_data_dir: each subject photo's bucket is its own size, which "
                 "the class images need not share; use bucket_step / bucket_min_side without it"
             )
-        return problems + self.lora_contradictions()
+        return problems + self.lora_contradictions() + self.inversion_contradictions()
+
+    def inversion_contradictions(self) -> list[str]:
+        """What textual inversion cannot be trained with: other trained weights, captions drawn per step."""
+        if not self.inverts:
+            return []
+        others = [key for key, on in (("lora", self.adapters.lora), ("train_text_encoder",
+                  self.model.train_text_encoder)) if on]  # fmt: skip
+        problems = [f"textual_inversion_token with {key}: it trains the new word alone" for key in others]
+        if not self.model.pretrained:
+            problems.append("textual_inversion_token without pretrained: a word for random weights teaches "
+                            "nothing to keep: give --pretrained FOLDER")  # fmt: skip
+        if self.data.streaming or self.captions.shuffle_caption or self.captions.caption_tag_dropout_rate:
+            problems.append(
+                "textual_inversion_token with streaming, shuffle_caption or caption_tag_dropout_rate: "
+                "captions tokenized as they are drawn are not spelt out to the word's tokens; turn them off"
+            )
+        return problems
 
     def lora_contradictions(self) -> list[str]:
         """LoRA settings on a run that trains no adapter, and an adapter on random weights not asked for."""
