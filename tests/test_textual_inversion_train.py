@@ -133,3 +133,39 @@ def test_settings_textual_inversion_cannot_take_fail_before_training(
             )
         )
     assert not (tmp_path / "cache").exists()
+
+
+def test_an_sdxl_word_is_trained_in_both_encoders_and_saved_as_the_clip_l_clip_g_pair(
+    shade_data, cache, tmp_path
+):
+    from accelerate.state import AcceleratorState
+
+    from pipelines import TextToImageXLPipeline
+    from sdlite.models_xl import build_components_xl
+
+    base = tmp_path / "base"
+    build_components_xl("tiny-sdxl", seed=0).save_pretrained(base)
+    runs, save_final = [], UNetTrainer.save_final
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(UNetTrainer, "save_final", lambda trainer: runs.append(trainer) or save_final(trainer))
+            main(flags(shade_data, cache, tmp_path / "run", pretrained=base, **OPTIONS))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    run, file = runs[0], tmp_path / "run" / "final" / "shade.safetensors"
+    vectors = safetensors.torch.load_file(file)
+    assert set(vectors) == {"clip_l", "clip_g"} and all(v.shape[0] == 2 for v in vectors.values())
+    pipe = TextToImageXLPipeline.from_pretrained(str(base), local_files_only=True)
+    pipe.load_textual_inversion(str(file), token=WORD)
+    spelt = f"a {WORD} {WORD}_1 circle"
+    pairs = [(pipe.tokenizer, pipe.text_encoder, run.parts.text_encoder),
+             (pipe.tokenizer_2, pipe.text_encoder_2, run.parts.text_encoder_2)]  # fmt: skip
+    for tokenizer, ours, trained in pairs:
+        ids = tokenizer(spelt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids  # fmt: skip
+        with torch.no_grad():
+            assert torch.allclose(ours(ids)[0], trained(ids)[0], atol=1e-5)
+        assert (
+            trained.get_input_embeddings().vectors - ours.get_input_embeddings().weight[-2:]
+        ).abs().max() < 1e-6
