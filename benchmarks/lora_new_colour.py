@@ -13,6 +13,10 @@
    shapes of the known colours), base frozen.
 4. The same fidelity with the adapter loaded (``pipe.load_lora_weights``), and at scale 0.
 
+``--kind loha | lokr | dora`` trains LyCORIS' LoHa or LoKr, or DoRA, in place of the LoRA, with the same
+rank, alpha, steps and rate (``--lora_type``, ``--lora_dora``); a LoHa or LoKr is merged when loaded, so
+it has no scale-0 row. Each run also reports its file's size and its seconds per step.
+
 The in-suite version (tests/test_train_lora.py) is cut down to seconds and measures bits/dim instead.
 
 What it measured, with the commands and the machine: benchmarks/RESULTS.md, "LoRA and DreamBooth".
@@ -89,6 +93,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0, help="the LoRA run's seed")
     parser.add_argument("--replay", type=int, default=0, help="images of the known colours mixed in")
+    parser.add_argument("--kind", default="lora", choices=["lora", "loha", "lokr", "dora"],
+                        help="the adapter: LoRA, LyCORIS' LoHa or LoKr, or DoRA")  # fmt: skip
     args = parser.parse_args()
 
     import torch
@@ -138,13 +144,18 @@ def main() -> None:
     # The saved base's own layer count: a base built by an earlier run may differ from this run's flag.
     base_layers = json.loads((base_model / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
     run_name = f"seed{args.seed}" + (f"-replay{args.replay}" if args.replay else "")
+    kind = {"loha": {"lora_type": "loha"}, "lokr": {"lora_type": "lokr"}, "dora": {"lora_dora": "true"}}
+    if args.kind != "lora":
+        run_name = f"{args.kind}-{run_name}"
     lora_dir = out / f"lora-{run_name}"
     final = train.main(flags(config=recipe("tiny-lora.yaml"), pretrained=base_model,
                              train_data_dir=lora_data, val_data_dir=new_data / "test",
                              output_dir=lora_dir, cache_dir=out / "cache", max_steps=args.lora_steps,
                              lora_text_encoder=str(base_layers > 0).lower(),
-                             seed=args.seed, report_to="none"))  # fmt: skip
+                             seed=args.seed, report_to="none", **kind.get(args.kind, {})))  # fmt: skip
     seconds["lora"] = time.perf_counter() - t
+    seconds["per_step"] = seconds["lora"] / args.lora_steps  # validation and saving included
+    files = {f.name: f.stat().st_size for f in Path(final).glob("*.safetensors")}
 
     pipe.load_lora_weights(final, adapter_name="magenta")
     print("\n=== with the adapter ===")
@@ -152,9 +163,10 @@ def main() -> None:
         NEW: fidelity(pipe, [NEW], args.n, args.eval_steps, args.guidance),
         "seen": fidelity(pipe, SEEN, max(1, args.n // 2), args.eval_steps, args.guidance),
     }
-    print("\n=== adapter at scale 0 ===")
-    results["scale0"] = {NEW: fidelity(pipe, [NEW], args.n, args.eval_steps, args.guidance, scale=0.0)}
-    results["seconds"] = seconds
+    if args.kind in ("lora", "dora"):  # a LoHa or LoKr is merged into the weights: no run-time scale
+        print("\n=== adapter at scale 0 ===")
+        results["scale0"] = {NEW: fidelity(pipe, [NEW], args.n, args.eval_steps, args.guidance, scale=0.0)}
+    results["seconds"], results["file_bytes"] = seconds, files
     (out / f"results-{run_name}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

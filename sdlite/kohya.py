@@ -338,6 +338,26 @@ def save_atomically(tensors: dict, header: dict[str, str], file: str | Path) -> 
     return file
 
 
+def _is_dora(file: Path) -> bool:
+    """Whether a safetensors LoRA file is a DoRA, from its tensor names alone."""
+    import safetensors
+
+    from sdlite.lycoris import is_dora_file
+
+    if not file.is_file() or file.suffix != ".safetensors":
+        return False  # load_lora_file names what is wrong with it
+    try:
+        with safetensors.safe_open(file, framework="pt") as f:
+            return is_dora_file(dict.fromkeys(f.keys()))
+    except Exception:  # not a safetensors file: load_lora_file says so
+        return False
+
+
+def detect_dora_layout(tensors: dict) -> str:
+    """ "kohya" (LyCORIS' keys) or "diffusers" for a DoRA's tensors."""
+    return "kohya" if all(map(is_kohya_key, tensors)) else "diffusers"
+
+
 def convert_lora_file(
     src: str | Path, out: str | Path, to: str = "kohya", overwrite: bool = False, unet_config=None
 ) -> Path:
@@ -347,7 +367,8 @@ def convert_lora_file(
     gets ``pytorch_lora_weights.safetensors`` (what ``load_lora_weights(folder)`` reads). Returns the
     file written. Refuses pickles, unknown layouts, a file already in layout ``to``, and an existing
     ``out`` unless ``overwrite``. ``unet_config``: the U-Net of the model the LoRA is for, which
-    places an SDXL LoRA's SGM-named U-Net modules (SDXL 1.0's U-Net when None).
+    places an SDXL LoRA's SGM-named U-Net modules (SDXL 1.0's U-Net when None). A DoRA goes between
+    diffusers' layout and LyCORIS' kohya keys (``dora_scale``: ``sdlite.lycoris.convert_dora``).
     """
     src, out = weights_file(src), Path(out)
     if out.suffix != ".safetensors":
@@ -358,6 +379,14 @@ def convert_lora_file(
         raise LoraFileError(f"{str(out)!r} is the file being converted; write the result elsewhere")
     if out.exists() and not overwrite:
         raise LoraFileError(f"{str(out)!r} exists; choose another name or pass overwrite (--overwrite)")
+    if _is_dora(src):  # kohya's LoRA layout has no magnitude: LyCORIS' has (sdlite.lycoris)
+        from sdlite.lycoris import convert_dora
+
+        tensors, header = load_lora_file(src)
+        if detect_dora_layout(tensors) == to:
+            raise LoraFileError(f"{str(src)!r} is already in {to}'s layout")
+        base = json.loads(header.get(SDLITE_METADATA_KEY, "{}")).get("base_model")
+        return convert_dora(tensors, header, out, to, unet_config, base)
     modules, layout, base = read_modules(src, unet_config)
     if layout == to:
         raise LoraFileError(f"{str(src)!r} is already in {to}'s layout")

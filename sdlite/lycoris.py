@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from sdlite.kohya import kohya_header, kohya_name, load_lora_file, save_atomically, sdlite_header
-from sdlite.kohya_names import LoraFileError, place_module
+from sdlite.kohya_names import LoraFileError, model_path, place_module
 
 LORA = ("lora_down.weight", "lora_up.weight")
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -216,8 +216,12 @@ def _peft_module(layer, a: str, path: str) -> LycorisModule:
 
 def lycoris_tensors(modules: dict, unet_config) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, header) of ``modules`` in kohya's key layout; names (SDXL's SGM block names included)
-    are for the model whose U-Net ``unet_config`` is."""
-    sdxl = unet_config.get("addition_embed_type") == "text_time"
+    are for the model whose U-Net ``unet_config`` is (None: SD's, or SDXL 1.0's for an SDXL file)."""
+    if unet_config is not None:
+        sdxl = unet_config.get("addition_embed_type") == "text_time"
+    else:  # as sdlite.kohya.is_sdxl: a second encoder, or cross-attention to SDXL's 2048-wide states
+        sdxl = any(part == "text_encoder_2" or (path.endswith("attn2.to_k") and m.widths()[0] == 2048)
+                   for (part, path), m in modules.items())  # fmt: skip
     kinds = sorted({"dora" if m.dora else m.kind for m in modules.values()})
     plain = kinds == ["lora"]
     header = kohya_header("networks.lora" if plain else "lycoris.kohya", sdxl)
@@ -242,3 +246,67 @@ def save_lycoris(
     tensors, header = lycoris_tensors(modules, unet_config)
     base = None if base_model is None else str(base_model)
     return save_atomically(tensors, {**sdlite_header(base), **header}, file)
+
+
+# ---- a DoRA between diffusers' layout and LyCORIS' ----------------------------------------------------
+
+MAGNITUDE = ".lora_magnitude_vector"  # peft's DoRA magnitude in a diffusers-layout file (+ ".weight")
+
+
+def is_dora_file(tensors: dict) -> bool:
+    """Whether a LoRA file's tensors are a DoRA's: diffusers' magnitudes, or LyCORIS' ``dora_scale``."""
+    return any(MAGNITUDE in k or k.endswith(".dora_scale") for k in tensors)
+
+
+def dora_from_diffusers(tensors: dict, header: dict) -> dict:
+    """{(part, module path): LycorisModule} of a diffusers-layout DoRA, alpha from each part's config."""
+    from sdlite.kohya import modules_from_diffusers
+
+    magnitudes = {}
+    for key, value in tensors.items():
+        if MAGNITUDE in key:
+            part, module = key.removesuffix(".weight").removesuffix(MAGNITUDE).split(".", 1)
+            magnitudes[(part, model_path(part, module))] = value
+    plain = {k: v for k, v in tensors.items() if MAGNITUDE not in k}
+    configs = json.loads(header.get("lora_adapter_metadata", "{}"))
+    header = {**header, "lora_adapter_metadata": json.dumps({k: v for k, v in configs.items()
+                                                             if not k.endswith(".use_dora")})}  # fmt: skip
+    modules = {}
+    for place, m in modules_from_diffusers(plain, header).items():
+        t = {"lora_down.weight": m.down, "lora_up.weight": m.up, "alpha": torch.tensor(m.alpha)}
+        if place in magnitudes:  # peft's (out,) or a convolution's (1, out, 1, 1): (out, 1[, 1, 1]) here
+            t["dora_scale"] = magnitudes[place].reshape(m.up.shape[0], *[1] * (m.down.ndim - 1))
+        modules[place] = LycorisModule("lora", t)
+    return modules
+
+
+def dora_to_diffusers(modules: dict) -> tuple[dict, dict]:
+    """(tensors, header) of a LyCORIS DoRA in diffusers' layout: peft's LoraConfig with use_dora per part,
+    its magnitudes under peft's names (a text encoder's with ``.weight``, where transformers looks)."""
+    from sdlite.kohya import ADAPTER_METADATA_KEY, LoraModule, to_diffusers
+
+    lora = {}
+    for place, m in modules.items():
+        if m.kind != "lora":
+            raise LoraFileError(f"{place[0]}.{place[1]}: a {m.kind}, which diffusers does not read")
+        if m.dora and m.tensors["dora_scale"].shape[0] != m.widths()[1]:
+            raise LoraFileError(f"{place[0]}.{place[1]}: a per-input-column DoRA, which peft cannot hold")
+        t = m.tensors
+        lora[place] = LoraModule(t["lora_down.weight"], t["lora_up.weight"], m.scale() * m.rank)
+    tensors, header = to_diffusers(lora)
+    for (part, path), m in modules.items():
+        if m.dora:
+            scale = m.tensors["dora_scale"].flatten()
+            conv = m.tensors["lora_down.weight"].ndim == 4
+            suffix = ".weight" if part.startswith("text_encoder") else ""
+            tensors[f"{part}.{path}{MAGNITUDE}{suffix}"] = scale.reshape(1, -1, 1, 1) if conv else scale
+    configs = json.loads(header[ADAPTER_METADATA_KEY])
+    configs |= {f"{part}.use_dora": True for part, _ in modules}
+    return tensors, {ADAPTER_METADATA_KEY: json.dumps(configs, indent=2, sort_keys=True)}
+
+
+def convert_dora(tensors: dict, header: dict, out: Path, to: str, unet_config, base_model) -> Path:
+    """Write a DoRA file (either layout) in layout ``to``: LyCORIS' kohya keys, or diffusers'."""
+    modules = dora_from_diffusers(tensors, header) if to == "kohya" else read_lycoris(tensors, unet_config)
+    new, extra = lycoris_tensors(modules, unet_config) if to == "kohya" else dora_to_diffusers(modules)
+    return save_atomically(new, {**sdlite_header(base_model), **extra}, out)

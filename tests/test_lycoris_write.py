@@ -127,3 +127,31 @@ def test_writing_models_without_the_adapter_is_refused(tmp_path):
     with pytest.raises(LoraFileError, match="no adapter named 'default' in unet"):
         save_lycoris(tmp_path / "x.safetensors", {"unet": unet}, unet.config)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_sdlite_lora_convert_takes_a_dora_to_lycoris_keys_and_back_tensor_equal(tmp_path):
+    from safetensors.torch import load_file
+
+    from pipelines import TextToImagePipeline
+    from sdlite.kohya import convert_lora_file
+    from sdlite.lora import save_lora
+
+    parts = build_components("tiny", seed=0)
+    settings = LoraSettings(rank=4, alpha=2.0, unet_targets=UNET_TARGETS, text_encoder=True, dora=True)
+    plain, adapted = _adapted(parts, settings)
+    diffusers_file = save_lora(tmp_path / "run", adapted["unet"], adapted["text_encoder"])
+    kohya_file = convert_lora_file(diffusers_file, tmp_path / "dora.safetensors", to="kohya")
+    merged, modules = _merged(plain, kohya_file)
+    assert all(m.dora for m in modules.values())
+    assert torch.allclose(_unet_out(merged["unet"]), _unet_out(adapted["unet"]), rtol=1e-4, atol=1e-5)
+    back = convert_lora_file(kohya_file, tmp_path / "back", to="diffusers")
+    original, again = load_file(diffusers_file), load_file(back)
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+    pipe = TextToImagePipeline(**build_components("tiny", seed=0).as_dict())
+    pipe.load_lora_weights(str(back))  # diffusers' reading, magnitudes included
+    assert torch.allclose(_unet_out(pipe.unet), _unet_out(adapted["unet"]), rtol=1e-4, atol=1e-5)
+    ids = torch.tensor([[49406, 320, 1000, 49407]])
+    with torch.no_grad():
+        assert torch.allclose(pipe.text_encoder(ids)[0], adapted["text_encoder"](ids)[0], atol=1e-5)
+    with pytest.raises(LoraFileError, match="already in kohya's layout"):
+        convert_lora_file(kohya_file, tmp_path / "again.safetensors", to="kohya")
