@@ -260,7 +260,7 @@ def is_dora_file(tensors: dict) -> bool:
 
 def dora_from_diffusers(tensors: dict, header: dict) -> dict:
     """{(part, module path): LycorisModule} of a diffusers-layout DoRA, alpha from each part's config."""
-    from sdlite.kohya import modules_from_diffusers
+    from sdlite.kohya import ADAPTER_METADATA_KEY, modules_from_diffusers
 
     magnitudes = {}
     for key, value in tensors.items():
@@ -268,9 +268,9 @@ def dora_from_diffusers(tensors: dict, header: dict) -> dict:
             part, module = key.removesuffix(".weight").removesuffix(MAGNITUDE).split(".", 1)
             magnitudes[(part, model_path(part, module))] = value
     plain = {k: v for k, v in tensors.items() if MAGNITUDE not in k}
-    configs = json.loads(header.get("lora_adapter_metadata", "{}"))
-    header = {**header, "lora_adapter_metadata": json.dumps({k: v for k, v in configs.items()
-                                                             if not k.endswith(".use_dora")})}  # fmt: skip
+    configs = json.loads(header.get(ADAPTER_METADATA_KEY, "{}"))  # use_dora dropped: the magnitudes are here
+    configs = {k: v for k, v in configs.items() if not k.endswith(".use_dora")}
+    header = {**header, ADAPTER_METADATA_KEY: json.dumps(configs)}
     modules = {}
     for place, m in modules_from_diffusers(plain, header).items():
         t = {"lora_down.weight": m.down, "lora_up.weight": m.up, "alpha": torch.tensor(m.alpha)}

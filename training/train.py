@@ -29,7 +29,9 @@ lora_text_encoder), the base in the mixed-precision dtype, the adapters in fp32,
 then hold only the adapters, and final_dir holds pytorch_lora_weights.safetensors, which
 ``pipe.load_lora_weights(final_dir)`` reads (sdlite's pipeline or diffusers'); with
 --lora_save_format kohya also lora_kohya.safetensors, kohya's layout with each module's alpha (A1111,
-ComfyUI).
+ComfyUI). --lora_type loha | lokr trains LyCORIS' adapters and --lora_dora true DoRA's, in the same loop
+(their files: sdlite.lora.save_lora). With --textual_inversion_token "<word>" the trained weights are a
+new word's vectors alone (training/textual_inversion.py), saved as embedding files.
 
 SDXL (Podell et al. 2023): an SDXL folder or preset (tiny-sdxl) trains in the same loop, its step given
 both encoders' states, encoder 2's pooled embedding and each image's six size/crop numbers taken from
