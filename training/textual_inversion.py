@@ -28,7 +28,7 @@ import torch
 from sdlite.textual_inversion import SDXL_KEYS
 
 if TYPE_CHECKING:
-    from training.config.unet import TextualInversionSection
+    from training.config.inversion import TextualInversionSection
     from training.family import StableDiffusion
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from sdlite.presets import PRESETS, Preset
 from training.checks import counts_below, numbers_outside, text_problems
+from training.config.inversion import TextualInversionSection
 from training.config.sections import Config, Section, option, section
 from training.config.shared import (
     DIFFUSERS_FLAGS,
@@ -299,28 +300,6 @@ class LoraSection(Section):
             problems.append(f"lora_dora with lora_type {self.lora_type}: DoRA is trained on lora_type lora")
         if self.lora_dropout:  # LoRA's dropout is on its input; peft's LoHa and LoKr have none
             problems.append(f"lora_dropout with lora_type {self.lora_type}: it is LoRA's; set it to 0")
-        return problems
-
-
-@dataclass
-class TextualInversionSection(Section):
-    title = "Textual inversion"
-    about = (
-        "(Gal et al. 2022): a new word's embedding vectors are the only trained weights; captions name the "
-        "word (training/textual_inversion.py)"
-    )
-
-    textual_inversion_token: str | None = option(
-        None, 'the new word, e.g. "<magenta>", added to the tokenizer(s); None: no textual inversion'
-    )
-    textual_inversion_init: str = option("*", "the text whose mean token embedding starts the vectors")
-    textual_inversion_vectors: int = option(1, "vectors (tokens) of the word")
-
-    def problems(self) -> list[str]:
-        token = self.textual_inversion_token
-        problems = counts_below(self, 1, "textual_inversion_vectors")
-        if token is not None and (not token.strip() or token != token.strip() or " " in token):
-            problems.append(f"textual_inversion_token={token!r}: one word without spaces, e.g. <magenta>")
         return problems
 
 
