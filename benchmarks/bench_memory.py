@@ -60,6 +60,12 @@ SHORT = [
      {"gradient_checkpointing": True, "lora_base_dtype": "bf16", "release_encoders": True}),
     ("lora_base_dtype fp8 instead", {"lora_base_dtype": "fp8"}),
 ]  # fmt: skip
+SHORT_XL = [
+    (
+        "LoRA, bf16 base, gradient_checkpointing, release_encoders",
+        {"gradient_checkpointing": True, "release_encoders": True},
+    )
+]
 # A full fine-tune's optimizers, each instead of the first (not cumulative).
 FULL = [
     ("full, AdamW fused", {}),
@@ -336,7 +342,8 @@ def measure(args) -> list[dict]:
         rows.append(dict(name=f"diffusers' {script} (peer)", **spawn(args, "peer", keys="{}")))
         print(rows[-1], flush=True)
     keys = {}
-    levers = FULL if args.mode == "full" else LEVERS_XL if is_xl(args) else SHORT if args.short else LEVERS
+    levers = {(False, False): LEVERS, (False, True): SHORT, (True, False): LEVERS_XL, (True, True): SHORT_XL}
+    levers = FULL if args.mode == "full" else levers[is_xl(args), args.short]
     for name, lever in levers:
         keys = {**(keys if args.mode == "lora" else {}), **lever, **json.loads(args.keys)}
         rows.append(dict(name=name, keys=dict(keys), **spawn(args, "ours", keys=json.dumps(keys))))
@@ -412,7 +419,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="default: 1 on a CPU, all on a GPU")
     parser.add_argument("--no-peer", action="store_true", help="our rows only")
-    parser.add_argument("--short", action="store_true", help="sd15 LoRA: the levers in three rows, not five")
+    parser.add_argument("--short", action="store_true", help="LoRA: the levers in fewer rows")
     parser.add_argument("--images", type=int, default=4, help="images in the data (each cached in 2 flips)")
     parser.add_argument("--count", action="store_true", help="only count the full fine-tunes' parts")
     parser.add_argument("--attention", action="store_true", help="only one attention's memory by SDPA kernel")
