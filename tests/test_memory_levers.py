@@ -114,6 +114,11 @@ def test_lora_base_dtype_refused_with_an_unknown_value_and_without_lora():
         checked(["--lora_base_dtype", "bf16"])
 
 
+def test_kohyas_fp8_base_flag_reads_as_lora_base_dtype_fp8():
+    cfg = parse_config(TrainConfig, ["--lora", "true", "--fp8_base"])
+    assert cfg.adapters.lora_base_dtype == "fp8"
+
+
 # ---- release_encoders --------------------------------------------------------------------------------
 
 
