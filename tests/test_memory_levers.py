@@ -16,7 +16,7 @@ from training.config import ConfigError, parse_config
 from training.config.unet import TrainConfig
 from training.optim import make_optimizer
 from training.stored_weights import StoredConv2d, StoredLinear, store_frozen_weights
-from training.train import UNetTrainer
+from training.train import UNetTrainer, main
 
 LORA = dict(lora="true", lora_from_scratch="true", learning_rate=1e-2, checkpoint_every=0)
 
@@ -53,6 +53,14 @@ def test_lora_base_weights_are_stored_low_and_the_adapters_fp32_and_a_step_train
     assert adapters and all(p.dtype == torch.float32 and p.requires_grad for p in adapters)
     assert all(p.dtype == torch.float32 for n, p in run.parts.unet.named_parameters() if "norm" in n)
     assert adapters_move(run)
+
+
+def test_a_run_on_an_fp8_base_samples_its_validation_images_and_saves_its_adapters(data, cache, tmp_path):
+    argv = flags(data, cache, tmp_path, max_steps=2, lora_base_dtype="fp8", validation_prompts="a red circle",
+                 validation_inference_steps=2, **LORA)  # fmt: skip
+    final = main(argv)
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "validation" / "step-2.png").is_file()
 
 
 def test_without_lora_base_dtype_the_base_stays_fp32(data, cache, tmp_path):
@@ -105,6 +113,17 @@ def test_a_stored_layer_keeps_its_stored_weight_for_the_backward_not_an_fp32_cop
         layer(x).sum().backward()
     weights = [t for t in saved if t.shape == layer.weight.shape]
     assert weights and all(t.dtype == torch.bfloat16 for t in weights)
+
+
+@pytest.mark.parametrize("layer", [torch.nn.Linear(16, 16), torch.nn.Conv2d(4, 4, 3, padding=1)])
+def test_a_stored_layer_computes_in_autocasts_dtype_and_gives_its_input_a_gradient_in_its_own(layer):
+    layer.requires_grad_(False)
+    store_frozen_weights(layer, "fp8")
+    x = torch.randn(2, *((16,) if isinstance(layer, torch.nn.Linear) else (4, 6, 6)), requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = layer(x)
+    y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0
 
 
 def test_lora_base_dtype_refused_with_an_unknown_value_and_without_lora():
