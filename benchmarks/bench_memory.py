@@ -34,6 +34,7 @@ import gc
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -437,7 +438,11 @@ def main() -> None:
     if args.child:
         return child(args)
     args.work = tempfile.mkdtemp(prefix="bench_memory_")
-    report(args, measure(args))
+    try:
+        rows = measure(args)
+    finally:
+        shutil.rmtree(args.work, ignore_errors=True)
+    report(args, rows)
 
 
 if __name__ == "__main__":
