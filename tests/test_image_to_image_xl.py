@@ -193,3 +193,20 @@ def test_time_ids_the_unet_does_not_read_are_refused_naming_the_setting(parts, m
     image = {"image": picture(), "strength": 0.5} if isinstance(pipe, ImageToImageXLPipeline) else {}
     with pytest.raises(ValueError, match=re.escape(words)):
         pipe(PROMPTS, num_inference_steps=2, output_type="np", **image)
+
+
+def test_sdlite_generate_redraws_an_image_with_a_refiner_folder(refiner_folder, tmp_path):
+    """The refiner's folder has no text-to-image pipeline: --image loads it straight into the image one."""
+    from sdlite.cli import main
+
+    picture(3, size=64).save(tmp_path / "in.png")
+    flags = ["--num_inference_steps", "4", "--guidance_scale", "5", "--seed", "0", "--strength", "0.6"]
+    argv = ["generate", "a red circle", "--model", str(refiner_folder), "--image", str(tmp_path / "in.png")]
+    assert main([*argv, *flags, "--out", str(tmp_path / "out.png")]) == 0
+    pipe = ImageToImageXLPipeline.from_pretrained(refiner_folder)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        "a red circle", image=PIL.Image.open(tmp_path / "in.png").convert("RGB"), strength=0.6,
+        num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
+    ).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "out.png")), np.asarray(expected))
