@@ -25,6 +25,7 @@ from sdlite.lora import LoraSettings, add_lora, cast_adapters_to_fp32, save_lora
 from sdlite.models import build_components, check_compatible, load_components
 from sdlite.presets import get_preset
 from sdlite.tokenizer import token_ids
+from training.stored_weights import store_frozen_weights
 from training.unet_step import Denoiser
 
 if TYPE_CHECKING:
@@ -47,6 +48,19 @@ def lora_settings(lora: LoraSection) -> LoraSettings:
         kind=lora.lora_type,
         dora=lora.lora_dora,
     )
+
+
+class Released:
+    """A model freed after caching (release_encoders): its config stays, any other use says why not."""
+
+    def __init__(self, name: str, config):
+        self.name, self.config = name, config
+
+    def __getattr__(self, attribute: str):
+        raise AttributeError(
+            f"the {self.name} was freed after caching (release_encoders true) and cannot be used for "
+            f"{attribute!r}: set release_encoders false"
+        )
 
 
 class StableDiffusion:
@@ -185,6 +199,19 @@ class StableDiffusion:
     def add_adapters(self, settings: LoraSettings, dtype: torch.dtype) -> None:
         """Freeze the base and add the adapters, in an order that fixes each one's random init."""
         add_lora(self.parts.unet, self.parts.text_encoder, settings)
+
+    # ---- memory (docs/training.md: Fitting a card) -----------------------------------------------------
+
+    def store_base_weights(self, storage: str) -> int:
+        """The frozen U-Net's Linear and Conv2d weights stored in ``storage`` ("bf16" or "fp8"), each
+        layer upcast as it runs (training/stored_weights.py); its adapters stay fp32. Returns bytes saved."""
+        return store_frozen_weights(self.parts.unet, storage)
+
+    def release_encoders(self) -> None:
+        """Free the VAE and text encoders once every example's latents and condition are cached; what
+        stays of each is its config (the latents' scaling factor is the VAE's)."""
+        for name in ("vae", *self.encoders):
+            setattr(self.parts, name, Released(name, getattr(self.parts, name).config))
 
     def save_lora(self, path: Path, lora: LoraSection, base_model: str) -> None:
         """The adapters alone, in the file ``load_lora_weights`` reads, with the base model's name (a

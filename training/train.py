@@ -121,12 +121,16 @@ class UNetTrainer(Trainer):
         if cfg.adapters.lora:  # after training_data: the cache is filled by the fp32 models, as without LoRA
             seed, dtype = cfg.optimizer.seed, weight_dtype(acc.mixed_precision)
             family.attach_lora(lora_settings(cfg.adapters), seed, dtype, acc.device)
+            if cfg.adapters.lora_base_dtype:
+                family.store_base_weights(cfg.adapters.lora_base_dtype)
         family.freeze_unread()
+        if cfg.data.release_encoders:  # the cache holds every example: docs/training.md, Fitting a card
+            family.release_encoders()
         denoiser, groups = self.make_denoiser()
         opt = cfg.optimizer
         betas = (opt.adam_beta1, opt.adam_beta2)
         optimizer = make_optimizer(groups, opt.learning_rate, betas, opt.adam_weight_decay, opt.adam_epsilon,
-                                   use_8bit=opt.use_8bit_adam)  # fmt: skip
+                                   use_8bit=opt.use_8bit_adam, kernel=opt.optimizer_kernel)  # fmt: skip
         self.lr_schedule = make_lr_schedule(optimizer, opt.lr_scheduler, opt.lr_warmup_steps, opt.max_steps)
         # The model is the prepared Denoiser (DDP-wrapped with several processes); not the schedule:
         # see make_lr_schedule.
