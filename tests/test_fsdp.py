@@ -275,7 +275,7 @@ def test_deepspeed_is_refused_naming_fsdp(tmp_path, monkeypatch):
         setup_accelerator(tmp_path, report_to=None, shards=True)
 
 
-def test_lora_text_encoders_fp16_and_8bit_adam_are_refused_under_fsdp_with_the_reason(data, tmp_path):
+def test_what_fsdp_cannot_train_is_refused_in_one_line_with_the_reason(data, tmp_path):
     cfg = parse_config(TrainConfig, ["--train_data_dir", str(data / "train"), "--output_dir", str(tmp_path),
                                      "--lora", "true", "--use_8bit_adam", "true",
                                      "--train_text_encoder", "true"])  # fmt: skip
@@ -286,6 +286,9 @@ def test_lora_text_encoders_fp16_and_8bit_adam_are_refused_under_fsdp_with_the_r
     assert "ddp.yaml" in problems[0] and "DDP" in problems[1] and "bf16" in problems[2]
     cfg = parse_config(TrainConfig, ["--train_data_dir", str(data / "train"), "--output_dir", str(tmp_path)])
     assert sharding_refusals(cfg, "bf16") == []
+    word = parse_config(TrainConfig, ["--train_data_dir", str(data / "train"), "--output_dir", str(tmp_path),
+                                      "--textual_inversion_token", "<shape>"])  # fmt: skip
+    assert [p.split(":")[0] for p in sharding_refusals(word, None)] == ["textual inversion"]
 
 
 def test_sdxl_trains_under_zero2_style_sharding_as_in_one_process(data, cache, tmp_path):

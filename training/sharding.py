@@ -252,6 +252,11 @@ def sharding_refusals(cfg: TrainConfig, mixed_precision: str | None) -> list[str
             "its adapters (megabytes), while its frozen base can be stored in bf16 on each process: launch "
             "LoRA runs with configs/accelerate/ddp.yaml (or one process)"
         )
+    if cfg.inverts:
+        problems.append(
+            "textual inversion: it trains one word's vectors (kilobytes) on a frozen model, nothing FSDP "
+            "would shard: launch it with configs/accelerate/ddp.yaml (or one process)"
+        )
     if cfg.model.train_text_encoder:
         problems.append(
             "train_text_encoder: only the U-Net is sharded (a CLIP encoder sharded inside the U-Net's "

@@ -29,7 +29,9 @@ lora_text_encoder), the base in the mixed-precision dtype, the adapters in fp32,
 then hold only the adapters, and final_dir holds pytorch_lora_weights.safetensors, which
 ``pipe.load_lora_weights(final_dir)`` reads (sdlite's pipeline or diffusers'); with
 --lora_save_format kohya also lora_kohya.safetensors, kohya's layout with each module's alpha (A1111,
-ComfyUI).
+ComfyUI). --lora_type loha | lokr trains LyCORIS' adapters and --lora_dora true DoRA's, in the same loop
+(their files: sdlite.lora.save_lora). With --textual_inversion_token "<word>" the trained weights are a
+new word's vectors alone (training/textual_inversion.py), saved as embedding files.
 
 SDXL (Podell et al. 2023): an SDXL folder or preset (tiny-sdxl) trains in the same loop, its step given
 both encoders' states, encoder 2's pooled embedding and each image's six size/crop numbers taken from
@@ -94,6 +96,7 @@ from training.sharding import (  # noqa: E402
     sharding_refusals,
     unsharded_models,
 )
+from training.textual_inversion import attach_word, save_word, word_checkpoint  # noqa: E402
 from training.trainer import Trainer, leave  # noqa: E402
 from training.unet_step import diffusion_loss, draw_step, latents_of  # noqa: E402
 
@@ -127,18 +130,24 @@ class UNetTrainer(Trainer):
         cfg, acc = self.cfg, self.accelerator
         self.family = family = self.load_model()
         self.parts = family.parts  # unwrapped
+        # Textual inversion: the new word in the tokenizers before any caption is tokenized
+        self.words = attach_word(family, cfg.inversion) if cfg.inverts else {}
         # training/examples.py; DreamBooth's class images are generated there, before any adapter attaches
         self.data = data = training_data(cfg, acc, family)
         self.sampler, self.layout, self.val = data.sampler, data.layout, data.held_out
         if cfg.adapters.lora:  # after training_data: the cache is filled by the fp32 models, as without LoRA
             seed, dtype = cfg.optimizer.seed, weight_dtype(acc.mixed_precision)
             family.attach_lora(lora_settings(cfg.adapters), seed, dtype, acc.device)
+            if cfg.adapters.lora_base_dtype:
+                family.store_base_weights(cfg.adapters.lora_base_dtype)
         family.freeze_unread()
+        if cfg.data.release_encoders:  # the cache holds every example: docs/training.md, Fitting a card
+            family.release_encoders()
         denoiser, groups = self.make_denoiser()
         opt = cfg.optimizer
         betas = (opt.adam_beta1, opt.adam_beta2)
         optimizer = make_optimizer(groups, opt.learning_rate, betas, opt.adam_weight_decay, opt.adam_epsilon,
-                                   use_8bit=opt.use_8bit_adam)  # fmt: skip
+                                   use_8bit=opt.use_8bit_adam, kernel=opt.optimizer_kernel)  # fmt: skip
         self.lr_schedule = make_lr_schedule(optimizer, opt.lr_scheduler, opt.lr_warmup_steps, opt.max_steps)
         # The model is the prepared Denoiser (DDP-wrapped with several processes; sharded, as it is); not
         # the schedule: see make_lr_schedule.
@@ -149,7 +158,7 @@ class UNetTrainer(Trainer):
             denoiser.forward = acc.autocast()(denoiser.forward)
         else:
             self.model, self.optimizer = acc.prepare(denoiser, optimizer)
-        use_ema = opt.ema_decay and not cfg.adapters.lora  # LoRA: the adapter as trained, as diffusers'
+        use_ema = opt.ema_decay and not cfg.adapters.lora and not cfg.inverts  # as trained, as diffusers'
         self.ema = None
         if use_ema and self.sharding:  # every process averages its own shards
             self.ema = ShardedEMA(denoiser, self.params, opt.ema_decay)
@@ -204,9 +213,12 @@ class UNetTrainer(Trainer):
             te, te_2 = (encoders + [None, None])[:2]  # none trained, SD's one or SDXL's two
             lrs = cfg.optimizer.learning_rate, cfg.adapters.text_encoder_lr
             groups = lora_param_groups(unet, te, *lrs, text_encoder_2=te_2)
+        elif cfg.inverts:  # the word's vectors alone, at learning_rate
+            groups = [{"params": [w.vectors for w in self.words.values()]}]
         else:
             groups = [{"params": [p for p in m.parameters() if p.requires_grad]} for m in (unet, *encoders)]
-        for group, name in zip(groups, ("unet", "text_encoder", "text_encoder_2")):  # as both make them
+        names = ("text_encoder",) if cfg.inverts else ("unet", "text_encoder", "text_encoder_2")
+        for group, name in zip(groups, names):  # as both make them
             group["name"] = name
         return denoiser, groups
 
@@ -214,6 +226,8 @@ class UNetTrainer(Trainer):
         """What a checkpoint holds of the model: the trained models, or with LoRA only their adapters."""
         parts, cfg = self.parts, self.cfg
         encoders = self.family.encoders.items()  # text_encoder, and SDXL's text_encoder_2
+        if cfg.inverts:
+            return {"word": word_checkpoint(self.words)}
         if cfg.adapters.lora:
             te = (
                 {f"{n}_lora": AdapterWeights(m) for n, m in encoders}
@@ -435,6 +449,8 @@ class UNetTrainer(Trainer):
                 if cfg.adapters.lora:  # the adapters alone, in the file load_lora_weights reads
                     base = cfg.model.pretrained or f"sdlite preset {cfg.model.preset}"
                     self.family.save_lora(tmp, cfg.adapters, base_model=base)
+                elif cfg.inverts:  # the word's vectors, in diffusers' and A1111's files
+                    save_word(tmp, cfg.inversion.textual_inversion_token, self.words)
                 elif self.sharding:
                     if self.ema is not None:
                         for name, model in unsharded_models(self.model, raw).items():
@@ -452,7 +468,12 @@ class UNetTrainer(Trainer):
             prompt = next(
                 iter(cfg.validation.validation_prompts), cfg.dreambooth.instance_prompt or "a prompt"
             )
-            acc.print(final_message(self.final, cfg.model.pretrained, prompt, cfg.adapters.lora))
+            if cfg.inverts:  # no model folder and no LoRA: the word's files, which the pipelines load
+                files = ", ".join(sorted(p.name for p in Path(self.final).glob("*.safetensors")))
+                acc.print(f"saved {self.final}: {files}; pipe.load_textual_inversion(FILE) adds the word "
+                          f"{cfg.inversion.textual_inversion_token!r} to {cfg.model.pretrained}")  # fmt: skip
+            else:
+                acc.print(final_message(self.final, cfg.model.pretrained, prompt, cfg.adapters.lora))
         acc.wait_for_everyone()
         return self.final
 
