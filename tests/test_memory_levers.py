@@ -6,6 +6,8 @@ caching; optimizer_kernel and use_8bit_adam make the optimizer asked for. Each t
 """
 
 import gc
+import importlib.util
+import sys
 import weakref
 
 import pytest
@@ -231,3 +233,17 @@ def test_optimizer_kernel_refused_with_an_unknown_value_and_with_8bit_adam():
         checked(["--optimizer_kernel", "apex"])
     with pytest.raises(ConfigError, match="bitsandbytes' AdamW8bit has its own kernel"):
         checked(["--optimizer_kernel", "foreach", "--use_8bit_adam", "true"])
+
+
+def test_use_8bit_adam_without_bitsandbytes_is_refused_at_start_up_naming_the_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(
+        ConfigError, match=r"^bad training config: use_8bit_adam needs bitsandbytes: pip install"
+    ):
+        checked(["--use_8bit_adam", "true"])
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # and where the optimizer is made: one line too
+    with pytest.raises(ImportError, match=r"use_8bit_adam needs bitsandbytes \(pip install bitsandbytes"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(2))], 1e-3, use_8bit=True)

@@ -14,6 +14,7 @@ This module imports neither torch nor any model library (see training/config/__i
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar
 
@@ -266,6 +267,9 @@ class OptimizerSection(OptimizerBase):
         if self.use_8bit_adam and self.optimizer_kernel != "fused":
             return [f"optimizer_kernel={self.optimizer_kernel} with use_8bit_adam: bitsandbytes' AdamW8bit "
                     "has its own kernel; leave optimizer_kernel out"]  # fmt: skip
+        if self.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:  # found, not imported
+            return ["use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or sdlite[bnb]), or set "
+                    "use_8bit_adam false"]  # fmt: skip
         return []
 
 
