@@ -178,6 +178,7 @@ def test_an_sdxl_lcm_lora_gives_the_same_image_in_diffusers_as_in_ours(data, cac
         (dict(distill="lcm", pretrained="x", caption_dropout=0.1), "caption_dropout"),
         (dict(distill="lcm", pretrained="x", train_text_encoder="true"), "train_text_encoder"),
         (dict(distill="lcm", pretrained="x", snr_gamma=5), "snr_gamma"),
+        (dict(distill="lcm", pretrained="x", textual_inversion_token="<w>"), "textual_inversion_token"),
         (dict(distill="lcm", pretrained="x", lcm_w_min=4, lcm_w_max=2), "above lcm_w_max"),
         (dict(distill="lcm", pretrained="x", lcm_guidance_interval="300,0"), "lcm_guidance_interval"),
         (dict(distill="lcm", pretrained="x", lcm_ddim_steps=0), "lcm_ddim_steps"),

@@ -78,6 +78,10 @@ def distill_problems(cfg: TrainConfig) -> list[str]:
         )
     if cfg.optimizer.snr_gamma:
         problems.append("distill lcm with snr_gamma: the consistency loss has no SNR weight; leave it out")
+    if cfg.inverts:
+        problems.append(
+            "distill lcm with textual_inversion_token: distil a model, or teach it a word; not both"
+        )
     if cfg.dreambooth.class_data_dir:
         problems.append("distill lcm with class_data_dir: prior preservation is not distilled; leave it out")
     return problems
