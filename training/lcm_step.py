@@ -12,7 +12,7 @@ The teacher is the pretrained model the run loads: with a LoRA student the same 
 scaled to 0 (no second copy in memory), with a full-weight student a frozen copy made before training.
 
 The target f_θ⁻ is the student itself under no_grad, not an EMA of it: LCM-LoRA's own choice. The
-paper's EMA target (decay 0.95) makes a second copy of the weights trail the first; with a LoRA
+paper's EMA target makes a second copy of the weights trail the first; with a LoRA
 student that copy would be a second adapter on every layer, and a target that trails a few steps
 behind changes what the loss asks for little when the student moves slowly, while stopping the
 gradient is what keeps the target from collapsing to the student's own output. The loop's EMA
