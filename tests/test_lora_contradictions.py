@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from training.config import ConfigError, parse_config
-from training.config.unet import LORA_KEYS, TrainConfig
+from training.config.lora import LORA_KEYS
+from training.config.unet import TrainConfig
 from training.train import main
 
 

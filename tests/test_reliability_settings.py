@@ -15,7 +15,8 @@ import pytest
 from training import errors
 from training.checks import _base_type
 from training.config import ConfigError, VAETrainConfig, from_dict, keys, parse_config
-from training.config.unet import LORA_KEYS, TrainConfig
+from training.config.lora import LORA_KEYS
+from training.config.unet import TrainConfig
 from training.train import main
 from training.train_vae import main as train_vae
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from sdlite.models import build_components, load_components
 from training.config import ConfigError, VAETrainConfig, field_docs, get, keys, parse_config
-from training.config import unet as configs
+from training.config import lora as lora_config
 from training.config.unet import TrainConfig
 from training.train import UNetTrainer, main
 from training.unet_step import min_snr_weight
@@ -285,7 +285,7 @@ def test_min_snr_weights_for_epsilon_and_v():
 
 RECIPES = {"sd15-finetune.yaml": TrainConfig, "sd15-lora.yaml": TrainConfig, "tiny-shapes.yaml": TrainConfig,
            "tiny-lora.yaml": TrainConfig, "tiny-vae.yaml": VAETrainConfig,
-           "tiny-sdxl-shapes.yaml": TrainConfig}  # fmt: skip
+           "tiny-sdxl-shapes.yaml": TrainConfig, "demo-lcm.yaml": TrainConfig}  # fmt: skip
 
 
 def test_every_recipe_in_configs_is_covered():
@@ -366,8 +366,8 @@ def test_the_configs_import_no_torch_and_default_to_the_lora_targets_of_sdlite_l
     assert "'torch'" not in result.stdout and "'peft'" not in result.stdout
     from sdlite import lora
 
-    assert configs.UNET_TARGETS == lora.UNET_TARGETS
-    assert configs.TEXT_ENCODER_TARGETS == lora.TEXT_ENCODER_TARGETS
+    assert lora_config.UNET_TARGETS == lora.UNET_TARGETS
+    assert lora_config.TEXT_ENCODER_TARGETS == lora.TEXT_ENCODER_TARGETS
 
 
 def test_bad_settings_fail_before_training(data, tmp_path):

@@ -29,7 +29,8 @@ from training.stored_weights import store_frozen_weights
 from training.unet_step import Denoiser
 
 if TYPE_CHECKING:
-    from training.config.unet import LoraSection, ModelSection, TrainConfig
+    from training.config.lora import LoraSection
+    from training.config.unet import ModelSection, TrainConfig
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:

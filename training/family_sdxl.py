@@ -42,7 +42,8 @@ from training.family import StableDiffusion
 from training.unet_step import Denoiser
 
 if TYPE_CHECKING:
-    from training.config.unet import LoraSection, ModelSection, TrainConfig
+    from training.config.lora import LoraSection
+    from training.config.unet import ModelSection, TrainConfig
 
 
 class StableDiffusionXL(StableDiffusion):

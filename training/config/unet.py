@@ -21,7 +21,9 @@ from typing import ClassVar
 from sdlite.presets import PRESETS, Preset
 from training.checks import counts_below, numbers_outside, text_problems
 from training.config.distill import DistillSection, distill_problems
+from training.config.dreambooth import DreamBoothSection
 from training.config.inversion import TextualInversionSection
+from training.config.lora import LoraSection
 from training.config.sections import Config, Section, option, section
 from training.config.shared import (
     DIFFUSERS_FLAGS,
@@ -31,15 +33,10 @@ from training.config.shared import (
     OptimizerBase,
     RunBase,
 )
-from training.sample_prompts import prompts_file_problems
+from training.config.validation import ValidationSection
 
-# sdlite.lora's UNET_TARGETS and TEXT_ENCODER_TARGETS, written out so as not to import torch and peft
-# here (tests/test_train.py keeps them equal): the attention projections LoRA adapts by default.
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-# Memory levers' values (training/optim.py, training/stored_weights.py).
+# Memory levers' values (training/optim.py).
 OPTIMIZER_KERNELS = ("fused", "foreach", "loop")
-BASE_DTYPES = ("bf16", "fp8")
 
 
 def _default(f) -> object:
@@ -271,189 +268,6 @@ class OptimizerSection(OptimizerBase):
         if self.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:  # found, not imported
             return ["use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or sdlite[bnb]), or set "
                     "use_8bit_adam false"]  # fmt: skip
-        return []
-
-
-@dataclass
-class LoraSection(Section):
-    title = "LoRA"
-    about = (
-        "train low-rank adapters on the frozen model instead of its weights (learning_rate is the U-Net "
-        "adapter's). The update is (lora_alpha / lora_rank) B A; alpha None means alpha = rank."
-    )
-
-    lora: bool = option(False, "train LoRA adapters (Hu et al. 2021) instead of the weights")
-    lora_rank: int = option(4, "r, the adapters' rank")
-    lora_alpha: float | None = option(None, "α; the update is scaled by α / r; None: α = r")
-    lora_dropout: float = option(0.0, "dropout on the adapters' input")
-    lora_target_modules: list[str] = option(list(UNET_TARGETS), "U-Net attention")
-    lora_text_encoder: bool = option(
-        False, "an adapter on the text encoder too (embeddings are then not cached)"
-    )
-    lora_text_encoder_target_modules: list[str] = option(
-        list(TEXT_ENCODER_TARGETS), "the text encoder's attention projections"
-    )
-    text_encoder_lr: float | None = option(
-        None, "the text encoder adapter's learning rate; None: learning_rate"
-    )
-    lora_from_scratch: bool = option(
-        False, "with lora and no pretrained: adapt a preset's random weights (tests)"
-    )
-    lora_save_format: str = option(
-        "diffusers",
-        '"kohya": also final_dir/lora_kohya.safetensors (A1111, ComfyUI); the diffusers layout is '
-        "always written (LoHa, LoKr: lora_kohya.safetensors alone, which diffusers does not read)",
-    )
-    lora_type: str = option(
-        "lora",
-        '"lora"; "loha" (Hadamard product of two rank-r pairs) or "lokr" (Kronecker product): LyCORIS\'s, '
-        "saved in its layout",
-    )
-    lora_dora: bool = option(
-        False, "DoRA (Liu et al. 2024): lora_type lora plus a trained magnitude per output row"
-    )
-    # Memory (docs/training.md: Fitting a card).
-    lora_base_dtype: str | None = option(
-        None,
-        'the frozen U-Net\'s weights stored in "bf16" or "fp8" (float8_e4m3fn, as kohya\'s --fp8_base), '
-        "each layer upcast as it runs; None: mixed_precision's dtype (fp32 without it)",
-    )
-
-    def problems(self) -> list[str]:
-        problems = []
-        if self.lora and (self.lora_rank < 1 or not 0 <= self.lora_dropout < 1):
-            problems.append(
-                f"lora_rank {self.lora_rank} must be >= 1, lora_dropout {self.lora_dropout} in [0, 1)"
-            )
-        if self.lora_save_format not in ("diffusers", "kohya"):
-            problems.append(f"lora_save_format={self.lora_save_format!r}: use diffusers or kohya")
-        problems += self.lora_type_problems()
-        if self.lora_base_dtype not in (None, *BASE_DTYPES):
-            problems.append(f"lora_base_dtype={self.lora_base_dtype!r}: use bf16, fp8 or none")
-        return problems + numbers_outside(self, "lora_alpha", "text_encoder_lr", above=True)
-
-    def lora_type_problems(self) -> list[str]:
-        """An unknown lora_type, and the LoRA-only settings given to a LoHa or LoKr."""
-        if self.lora_type not in ("lora", "loha", "lokr"):
-            return [f"lora_type={self.lora_type!r}: use lora, loha or lokr"]
-        if self.lora_type == "lora":
-            return []
-        problems = []
-        if self.lora_dora:  # peft trains DoRA's magnitude on LoRA layers only
-            problems.append(f"lora_dora with lora_type {self.lora_type}: DoRA is trained on lora_type lora")
-        if self.lora_dropout:  # LoRA's dropout is on its input; peft's LoHa and LoKr have none
-            problems.append(f"lora_dropout with lora_type {self.lora_type}: it is LoRA's; set it to 0")
-        return problems
-
-
-# The settings that shape an adapter: one changed without lora true is a contradiction.
-LORA_KEYS = tuple(f.name for f in fields(LoraSection) if f.name != "lora")
-
-
-@dataclass
-class DreamBoothSection(Section):
-    title = "DreamBooth"
-    about = (
-        "(Ruiz et al. 2023): teach a subject from a few photos, train_data_dir unused; with class_data_dir "
-        "each batch adds as many class images, kept by the prior-preservation loss."
-    )
-
-    instance_data_dir: str | None = option(
-        None, "the subject's photos (any image folder); None: no DreamBooth"
-    )
-    instance_prompt: str = option(
-        "", 'the caption of every subject photo, with a rare token: "a photo of sks dog"'
-    )
-    class_data_dir: str | None = option(None, "class images; topped up to num_class_images by the base model")
-    class_prompt: str = option("", 'the class images\' caption and generating prompt: "a photo of a dog"')
-    num_class_images: int = option(100, "class images wanted; those missing are generated before training")
-    prior_loss_weight: float = option(1.0, "the class images' loss weight (Ruiz et al. eq. 2's λ)")
-    sample_batch_size: int = option(
-        4, "images per batch when generating class images (validation_inference_steps)"
-    )
-
-    def problems(self) -> list[str]:
-        problems = []
-        if self.class_data_dir and not self.instance_data_dir:
-            problems.append("class_data_dir without instance_data_dir: give the subject's photos too")
-        if self.instance_data_dir and not self.instance_prompt.strip():
-            problems.append("instance_data_dir without instance_prompt: e.g. 'a photo of sks dog'")
-        if self.class_data_dir and not self.class_prompt.strip():
-            problems.append("class_data_dir without class_prompt: e.g. --class_prompt 'a photo of a dog'")
-        if self.num_class_images < 0 or self.sample_batch_size < 1:
-            problems.append("num_class_images must be >= 0, sample_batch_size >= 1")
-        return problems + numbers_outside(self, "prior_loss_weight")
-
-
-@dataclass
-class ValidationSection(Section):
-    title = "Validation"
-    about = "sample images and a held-out loss, every validation_every steps and at the end"
-
-    validation_prompts: list[str] = option(
-        [],
-        "prompts sampled into validation/step-N.png; on the command line each value is one prompt, commas "
-        "and all: give several, or repeat the flag",
-    )
-    validation_prompts_file: str | None = option(
-        None,
-        "a text file of prompts sampled after validation_prompts, one a line, sd-scripts' format: "
-        '"a red circle --n blurry --s 30 --l 4.5 --d 7 --w 64 --h 32"',
-    )
-    validation_every: int = option(0, "steps between validations; 0: only at the end")
-    validation_inference_steps: int = option(50, "sampling steps of the validation images")
-    validation_guidance: float = option(7.5, "classifier-free guidance scale of the validation images")
-    val_data_dir: str | None = option(None, "held-out data for the validation loss (same formats as train)")
-    val_count: int = option(64, "held-out items used")
-    val_timesteps: list[int] = option([100, 300, 500, 700, 900], "validation loss t")
-    validation_image: str | None = option(
-        None,
-        "an image redrawn toward the first sample prompt by image to image at each validation, beside "
-        "the prompts' images (validation/step-N-image.png)",
-    )
-    validation_strength: float = option(0.6, "validation_image's strength: the share of the schedule redrawn")
-
-    def problems(self) -> list[str]:
-        """Also what would only show at the first validation."""
-        problems = counts_below(self, 0, "validation_every") + counts_below(self, 1, "val_count")
-        problems += numbers_outside(self, "validation_guidance")
-        empty = [i + 1 for i, prompt in enumerate(self.validation_prompts) if not prompt.strip()]
-        if empty:
-            problems.append(f"validation_prompts item(s) {empty} empty: remove them (or the stray comma)")
-        if not 1 <= self.validation_inference_steps <= 1000:  # as a prompts file's --s
-            problems.append(
-                f"validation_inference_steps={self.validation_inference_steps}: use 1 to 1000 (default 50)"
-            )
-        if not self.val_timesteps or not all(0 <= t < 1000 for t in self.val_timesteps):
-            problems.append(
-                f"val_timesteps={self.val_timesteps}: use timesteps from 0 to 999, e.g. 100,500,900"
-            )
-        return problems + prompts_file_problems(self.validation_prompts_file) + self.image_problems()
-
-    def image_problems(self) -> list[str]:
-        """validation_image: a file PIL reads, a prompt to redraw it toward, a strength that runs a step."""
-        strength, steps = self.validation_strength, self.validation_inference_steps
-        if not 0 < strength <= 1:  # NaN too
-            return [f"validation_strength={strength}: use a number in (0, 1], e.g. 0.6"]
-        if self.validation_image is None:
-            return []
-        if int(steps * strength) < 1:
-            return [
-                f"validation_strength={strength} of validation_inference_steps={steps} runs no step: "
-                f"raise either (at least {1 / steps:.3g} of {steps} steps)"
-            ]
-        if not (self.validation_prompts or self.validation_prompts_file):
-            return ["validation_image needs a prompt to redraw it toward: give validation_prompts too"]
-        from PIL import Image  # here, not at the top: a config parses without image libraries
-
-        name = self.validation_image
-        try:
-            with Image.open(name) as image:
-                image.verify()
-        except FileNotFoundError:
-            return [f"validation_image={name!r}: no such file; give an image file or leave it out"]
-        except Exception as e:  # PIL raises many kinds for a file that is not an image
-            return [f"validation_image={name!r} is not an image PIL reads ({e}): give a PNG or JPEG"]
         return []
 
 
