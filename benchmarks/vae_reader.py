@@ -31,9 +31,11 @@ sys.path.insert(0, str(ROOT))
 VARIANTS: dict[str, dict] = {
     "recipe": {},
     "preset": {"vae_block_out_channels": [16, 32, 32], "vae_mid_block_attention": True},
-    "recipe-attention": {"vae_mid_block_attention": True},
-    "recipe-800": {"max_steps": 800},
-    "preset-800": {"vae_block_out_channels": [16, 32, 32], "vae_mid_block_attention": True, "max_steps": 800},
+    "recipe-l1": {"reconstruction_loss": "l1"},
+    "recipe-lr5e-3": {"learning_rate": 5.0e-3},
+    "recipe-1000": {"max_steps": 1000},
+    "recipe-1500": {"max_steps": 1500},
+    "recipe-2500": {"max_steps": 2500},
 }
 
 
