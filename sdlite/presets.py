@@ -16,11 +16,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
 class Preset:
+    # Whether the trainer's from-scratch shape keys (text encoder layers, U-Net widths, middle block, layers
+    # per level) reshape it through the with_* methods below.
+    reshapeable: ClassVar[bool] = True
+
     name: str
     resolution: int  # pixels of the square training image
     vae: dict[str, Any]
@@ -259,6 +263,7 @@ class PresetXL(Preset):
     """A ``Preset`` with SDXL's second text encoder (CLIPTextModelWithProjection's config)."""
 
     text_encoder_2: dict[str, Any] = field(default_factory=dict)
+    reshapeable: ClassVar[bool] = False  # built from the preset alone (sdlite.models_xl.build_components_xl)
 
     @property
     def cross_attention_dim(self) -> int:

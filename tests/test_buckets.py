@@ -28,7 +28,7 @@ from sdlite.data.buckets import (
 )
 from sdlite.data.cache import TensorCache, latent_key
 from sdlite.data.dataset import TrainingExamples
-from sdlite.data.samplers import BucketSampler
+from sdlite.data.samplers import StepSampler
 
 
 def png(size, color=(10, 120, 240)) -> bytes:
@@ -135,8 +135,9 @@ def test_random_crops_are_a_function_of_seed_and_index():
 
 
 def sampler(buckets, batch=2, processes=1, rank=0, accumulation=1, start=0, steps=40, **kw):
-    return BucketSampler(buckets, batch, seed=7, max_steps=steps, start_step=start, num_processes=processes,
-                         process_index=rank, accumulation_steps=accumulation, **kw)  # fmt: skip
+    return StepSampler(len(buckets), batch, seed=7, max_steps=steps, start_step=start,
+                       num_processes=processes, process_index=rank, accumulation_steps=accumulation,
+                       buckets=buckets, **kw)  # fmt: skip
 
 
 BUCKETS = [0] * 9 + [1] * 5 + [2] * 1  # bucket 2 holds one image
@@ -177,7 +178,7 @@ def test_sampling_restarted_at_step_k_is_identical():
 
 
 def test_epochs_differ_and_repeats_count_in_the_epoch():
-    s = sampler([0, 0, 1], batch=1, repeats=[3, 1, 2], draw_keys=True)
+    s = sampler([0, 0, 1], batch=1, repeats=[3, 1, 2], caption_keys=True)
     assert s.num_items == 6 and s.steps_per_epoch == 6
     epoch0 = [s.step_items(k)[0] for k in range(6)]
     assert sorted(r for r, *_ in epoch0) == [0, 0, 0, 1, 2, 2]
@@ -187,7 +188,7 @@ def test_epochs_differ_and_repeats_count_in_the_epoch():
 
 
 def test_one_bucket_for_all_keeps_every_image_of_the_epoch():
-    s = BucketSampler(None, 4, seed=0, max_steps=3, num_rows=10)
+    s = StepSampler(10, 4, seed=0, max_steps=3, buckets=[0] * 10)
     assert s.steps_per_epoch == 3
     assert sorted({r for k in range(3) for r, _ in s.step_items(k)}) == list(range(10))
 
@@ -247,7 +248,7 @@ def test_training_examples_through_a_data_loader_come_in_one_size_per_batch():
     transform = BucketTransform(64, tuple(make_buckets(64, 16)))
     of_rows = image_buckets(rows, "image", transform)
     examples = TrainingExamples(rows, "image", transform, torch.zeros(len(sizes), 4, dtype=torch.long))
-    s = BucketSampler(of_rows, 2, seed=0, max_steps=6, random_flip=True)
+    s = StepSampler(len(of_rows), 2, seed=0, max_steps=6, random_flip=True, buckets=of_rows)
     loader = torch.utils.data.DataLoader(examples, batch_sampler=s)
     for step, batch in enumerate(loader):
         w, h = transform.buckets[s.step_bucket(step)]

@@ -16,7 +16,7 @@ from sdlite.data.dreambooth import (
     generate_class_images,
     prior_preservation_loss,
 )
-from sdlite.data.samplers import BucketSampler, PriorPairSampler
+from sdlite.data.samplers import StepSampler
 
 
 def images(folder: Path, n: int, size=(16, 16)) -> None:
@@ -47,18 +47,17 @@ def test_missing_instance_images_or_class_prompt_are_clear_errors(tmp_path):
 
 
 def pairs(instances=4, classes=6, batch=2, processes=1, rank=0, accumulation=1, start=0, steps=20, **kw):
-    inner = BucketSampler(None, batch, seed=1, max_steps=steps, start_step=start, num_processes=processes,
-                          process_index=rank, accumulation_steps=accumulation,
-                          num_rows=instances)  # fmt: skip
-    return PriorPairSampler(inner, list(range(instances, instances + classes)), seed=1, **kw)
+    return StepSampler(instances + classes, batch, seed=1, max_steps=steps, start_step=start,
+                       num_processes=processes, process_index=rank, accumulation_steps=accumulation,
+                       class_rows=list(range(instances, instances + classes)), **kw)  # fmt: skip
 
 
 def test_every_micro_batch_holds_instances_then_as_many_class_images():
     s = pairs(batch=2, processes=2, accumulation=2)
-    assert s.global_batch == 16 and s.flags.tolist() == [False, False, True, True]
+    assert s.global_batch == 16
     for batch in s:
         assert len(batch) == 4
-        assert [row >= 4 for row, _ in batch] == s.flags.tolist()
+        assert [row >= 4 for row, _ in batch] == [False, False, True, True]
     seen = {row for step in range(3) for row, _ in s.step_items(step) if row >= 4}
     assert seen == set(range(4, 10))  # the class images are all visited
 
@@ -89,15 +88,15 @@ def test_an_item_takes_the_same_random_draws_however_its_step_is_split():
 
 
 def test_class_images_follow_the_steps_bucket_or_the_missing_bucket_is_named():
-    inner = BucketSampler([0, 0, 1, 1], 1, seed=0, max_steps=8)
-    s = PriorPairSampler(inner, [4, 5, 6], seed=0, class_buckets=[0, 1, 1])
+    buckets = [0, 0, 1, 1, 0, 1, 1]
+    s = StepSampler(7, 1, seed=0, max_steps=8, buckets=buckets, class_rows=[4, 5, 6])
     for step in range(8):
         (instance, _), (prior, _) = s.step_items(step)
         assert (instance >= 2) == (prior >= 5)  # bucket 1: rows 2, 3 and class rows 5, 6
-    keyed = BucketSampler([0, 0, 1, 1], 1, seed=0, max_steps=8, draw_keys=True)
-    assert all(len(item) == 4 for item in PriorPairSampler(keyed, [4, 5, 6], seed=0).step_items(3))
+    keyed = StepSampler(7, 1, seed=0, max_steps=8, buckets=buckets, class_rows=[4, 5, 6], caption_keys=True)
+    assert all(len(item) == 4 for item in keyed.step_items(3))
     with pytest.raises(DataError, match=r"buckets \[1\] hold instance images but no class images"):
-        PriorPairSampler(inner, [4], seed=0, class_buckets=[0])
+        StepSampler(5, 1, seed=0, max_steps=8, buckets=buckets[:5], class_rows=[4])
 
 
 def test_the_prior_loss_is_the_instance_mean_plus_the_weighted_class_mean():

@@ -30,7 +30,7 @@ from sdlite.data.captions import MAX_REPEATS, append_problems, caption_rows
 from sdlite.data.cleaning import check_image, clean_rows
 from sdlite.data.dataset import DataError, ImageTransform, TrainingExamples, load_rows
 from sdlite.data.dreambooth import dreambooth_rows
-from sdlite.data.samplers import BucketSampler
+from sdlite.data.samplers import StepSampler
 from sdlite.models import build_components, save_components
 from sdlite.presets import get_preset
 from sdlite.tokenizer import clip_tokenizer, token_ids
@@ -124,7 +124,7 @@ def test_a_repeat_count_over_the_limit_is_one_line_naming_the_folder(tmp_path):
 def test_the_sampler_keeps_repeats_as_counts_not_one_entry_per_repeat():
     repeats = [MAX_REPEATS] * 100  # a million items an epoch
     tracemalloc.start()
-    sampler = BucketSampler([r % 3 for r in range(100)], 4, seed=0, max_steps=10, repeats=repeats)
+    sampler = StepSampler(100, 4, seed=0, max_steps=10, repeats=repeats, buckets=[r % 3 for r in range(100)])
     steps = [sampler.step_items(k) for k in range(3)]
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -133,7 +133,7 @@ def test_the_sampler_keeps_repeats_as_counts_not_one_entry_per_repeat():
     assert peak < 2**20, f"{peak} bytes"
     assert all(len(items) == 4 and all(0 <= r < 100 for r, _ in items) for items in steps)
     with pytest.raises(ValueError, match="over the limit"):
-        BucketSampler(None, 1, seed=0, max_steps=1, repeats=[MAX_REPEATS + 1])
+        StepSampler(1, 1, seed=0, max_steps=1, repeats=[MAX_REPEATS + 1])
 
 
 # ---- 8: links out of the data folder ---------------------------------------------------------------------
@@ -168,13 +168,15 @@ def test_a_caption_folder_skips_and_lists_links_out_of_it_unless_allowed(linked,
 def test_the_trainer_passes_allow_outside_paths_to_caption_and_dreambooth_folders(linked):
     cfg = from_dict(TrainConfig, dict(image_column="image", caption_column="text", bad_data="skip",
                                       allow_outside_paths=False))  # fmt: skip
-    assert len(clean(rows_for(cfg, str(linked))[0], None)) == 1
+    assert len(clean(rows_for(cfg.data, cfg.dreambooth, str(linked))[0], None)) == 1
     cfg.data.allow_outside_paths = True
-    assert len(clean(rows_for(cfg, str(linked))[0], None)) == 3
+    assert len(clean(rows_for(cfg.data, cfg.dreambooth, str(linked))[0], None)) == 3
     cfg.dreambooth.instance_data_dir, cfg.dreambooth.instance_prompt = str(linked), "sks"
-    assert len(clean(rows_for(cfg, str(linked))[0], None)) == 3
+    assert len(clean(rows_for(cfg.data, cfg.dreambooth, str(linked))[0], None)) == 3
     cfg.data.allow_outside_paths = False
-    assert len(clean(rows_for(cfg, str(linked))[0], None)) == 2  # a.png, c.png: DreamBooth reads no captions
+    assert (
+        len(clean(rows_for(cfg.data, cfg.dreambooth, str(linked))[0], None)) == 2
+    )  # a.png, c.png: DreamBooth reads no captions
 
 
 def test_dreambooth_and_plain_image_folders_refuse_links_out_of_them(linked, tmp_path):

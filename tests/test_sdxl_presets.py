@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from sdlite.conditioning_xl import add_time_ids, encode_prompts_xl
 from sdlite.models_xl import build_components_xl
 from sdlite.presets import XL_PRESETS, get_preset
+from training.config.unet import ModelSection
 
 
 def _n_params(module):
@@ -54,6 +55,14 @@ def test_tiny_sdxl_has_sdxls_structure_at_32_pixels():
 def test_sdxl_presets_are_found_by_get_preset_like_the_others():
     assert get_preset("sdxl") is XL_PRESETS["sdxl"]
     assert get_preset("tiny-sdxl") is XL_PRESETS["tiny-sdxl"]
+
+
+def test_the_sd_shape_keys_leave_an_sdxl_preset_to_its_family():
+    """The model section asks a preset whether the from-scratch shape keys reshape it (an SD preset)
+    instead of testing its class; SDXL's family names each such key as refused (training/family_sdxl.py)."""
+    assert get_preset("tiny").reshapeable and not get_preset("tiny-sdxl").reshapeable
+    assert ModelSection(preset="tiny", unet_block_out_channels=[32, 64, 72]).problems()
+    assert ModelSection(preset="tiny-sdxl", unet_block_out_channels=[32, 64, 72]).problems() == []
 
 
 def test_an_sd1_preset_is_refused_for_sdxl_parts_naming_the_sdxl_presets():

@@ -57,9 +57,10 @@ def test_data_order_is_a_function_of_seed_and_epoch_so_resuming_needs_no_skippin
     full = global_batches(2, 2, 1, steps=7, random_flip=True)
     assert global_batches(2, 2, 1, steps=7, start=4, random_flip=True) == full[4:]
     sampler = StepSampler(10, 4, seed=0, max_steps=7)
-    assert sampler.steps_per_epoch == 2 and not torch.equal(sampler.epoch_order(0), sampler.epoch_order(1))
-    assert torch.equal(StepSampler(10, 4, seed=0, max_steps=1).epoch_order(3), sampler.epoch_order(3))
-    assert not torch.equal(StepSampler(10, 4, seed=1, max_steps=1).epoch_order(0), sampler.epoch_order(0))
+    order = sampler.epochs.epoch_order
+    assert sampler.steps_per_epoch == 2 and not torch.equal(order(0), order(1))
+    assert torch.equal(StepSampler(10, 4, seed=0, max_steps=1).epochs.epoch_order(3), order(3))
+    assert not torch.equal(StepSampler(10, 4, seed=1, max_steps=1).epochs.epoch_order(0), order(0))
     flips = [f for step in full for _, f in step]
     assert 0 < sum(flips) < len(flips)
     assert not any(f for step in global_batches(1, 4, 1) for _, f in step)

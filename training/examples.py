@@ -42,7 +42,14 @@ from sdlite.latents import vae_factor
 from training.sampling import DataLayout, sampler_for
 
 if TYPE_CHECKING:
-    from training.config.unet import CaptionSection, TrainConfig
+    from training.config.unet import (
+        CaptionSection,
+        DataSection,
+        DreamBoothSection,
+        OptimizerSection,
+        TrainConfig,
+        ValidationSection,
+    )
     from training.family import StableDiffusion
 
 
@@ -77,7 +84,9 @@ class TrainingData:
 
 def training_data(cfg: TrainConfig, acc, family: StableDiffusion) -> TrainingData:
     """The training examples (cached as configured) and their sampler, the empty caption, the latent
-    shape and the held-out batch: everything the step reads of the data, in the family's terms."""
+    shape and the held-out batch: everything the step reads of the data, in the family's terms. The one
+    function here that takes the whole config: it hands each part the sections it reads. DreamBooth's
+    missing class images are generated first, with the base model (call it before adapters attach)."""
     data, captions, opt, validation = cfg.data, cfg.captions, cfg.optimizer, cfg.validation
     vae = family.parts.vae.config
     resolution = data.resolution or vae.sample_size
@@ -85,6 +94,11 @@ def training_data(cfg: TrainConfig, acc, family: StableDiffusion) -> TrainingDat
     if resolution % factor:
         raise ValueError(f"resolution {resolution} is not a multiple of the VAE's factor {factor}")
     latent_shape = (vae.latent_channels, resolution // factor, resolution // factor)
+    class_buckets = None  # the sizes of the class images generated for aspect buckets
+    if captions.aspect_buckets:
+        sides = (captions.bucket_min_side, captions.bucket_max_side)
+        class_buckets = bucket_transform(resolution, vae, captions.bucket_step, *sides).buckets
+    top_up_class_images(cfg.dreambooth, validation, opt.seed, class_buckets, acc, family)
     transform = ImageTransform(resolution, data.random_crop, opt.seed, max_pixels=data.max_image_pixels)
     options = caption_options(captions)
     layout = DataLayout(transform, vae.latent_channels, factor, options)
@@ -97,17 +111,21 @@ def training_data(cfg: TrainConfig, acc, family: StableDiffusion) -> TrainingDat
     embeds_cached = (
         data.cache_text and not cfg.text_encoder_trains and not data.streaming and not options.per_draw
     )
-    reader = ExampleReader(cfg, acc, family, resolution, transform, layout, embeds_cached)
+    reader = ExampleReader(data, cfg.dreambooth, opt, cfg.run.output_dir, acc, family, resolution, transform,
+                           layout, embeds_cached)  # fmt: skip
     if data.streaming:  # its own sampler; its DataLoader comes from examples.loader(start_step, ...)
-        examples = sampler = streamed_examples(cfg, acc, transform, family.parts.tokenizer)
+        examples = sampler = streamed_examples(data, opt, acc, transform, family.parts.tokenizer)
     else:
-        examples = reader.examples(training_source(cfg), (False, True) if data.random_flip else (False,))
+        source = training_source(data, cfg.dreambooth)
+        examples = reader.examples(source, (False, True) if data.random_flip else (False,))
     empty = family.empty_condition(embeds_cached, acc.device)  # c of the empty caption, or its ids
     held_out = None
     if validation.val_data_dir and validation.val_count > 0:
-        held_out = reader.held_out_batch(latent_shape)
+        held_out = reader.held_out_batch(validation, latent_shape)
     if not data.streaming:
-        sampler, examples = sampler_for(cfg, acc, examples, layout, family.parts.tokenizer)
+        sampler = sampler_for(layout, opt, data.random_flip, acc)
+        layout.report_buckets(sampler.global_batch, cfg.run.output_dir, acc)
+        examples = layout.as_drawn(examples, family.parts.tokenizer, opt.seed)
     return TrainingData(examples, sampler, empty, latent_shape, held_out, layout)
 
 
@@ -116,7 +134,10 @@ class ExampleReader:
     """Reads a data source into examples the family's way: its rows listed and checked, its captions
     tokenized, its latents and text embeddings cached as configured."""
 
-    cfg: TrainConfig
+    data: DataSection
+    dreambooth: DreamBoothSection  # its instance folder's rows add the class folder's
+    opt: OptimizerSection  # the seed, and the batch size the VAE encodes in
+    output_dir: str  # where the bad-files reports go
     acc: object  # accelerate.Accelerator
     family: StableDiffusion
     resolution: int
@@ -127,8 +148,7 @@ class ExampleReader:
     def examples(self, source: str, flips: tuple[bool, ...], limit: int | None = None):
         """The examples of a source: the training rows (``limit`` None; the layout reads them) or the
         first ``limit`` held-out rows (square, their captions never drawn)."""
-        cfg, acc, family, layout = self.cfg, self.acc, self.family, self.layout
-        data, opt = cfg.data, cfg.optimizer
+        data, opt, acc, family, layout = self.data, self.opt, self.acc, self.family, self.layout
         trained = not limit
         rows, written, report = self.checked_rows(source, limit)
         options = layout.options if trained else held_out_options(layout.options)
@@ -154,10 +174,10 @@ class ExampleReader:
         """(rows, their captions as written, the bad-files report): every image checked now (decoded,
         unless an earlier run did), so that a bad one is skipped or stops the run before step 0, never
         in the middle of an epoch."""
-        data, acc = self.cfg.data, self.acc
-        rows, listed = rows_for(self.cfg, source)
+        data, acc = self.data, self.acc
+        rows, listed = rows_for(data, self.dreambooth, source)
         rows = rows.select(range(min(limit, len(rows)))) if limit else rows
-        report = Path(self.cfg.run.output_dir) / ("bad_files_val.txt" if limit else "bad_files.txt")
+        report = Path(self.output_dir) / ("bad_files_val.txt" if limit else "bad_files.txt")
         decoded = DecodedImages(Path(data.cache_dir).expanduser()) if data.cache_latents else None
         rows = clean_rows(rows, data.image_column, data.caption_column, self.resolution,
                           self.family.parts.tokenizer, data.bad_data, report if acc.is_main_process else None,
@@ -169,8 +189,8 @@ class ExampleReader:
     def cache_latents(self, cache, rows, source: str, transform, flips, rank: int, world_size: int):
         """Each row's cached latent files, [unflipped, flipped]; with buckets one bucket at a time (a VAE
         batch holds images of one size)."""
-        data, acc, vae = self.cfg.data, self.acc, self.family.parts.vae
-        batch = self.cfg.optimizer.train_batch_size
+        data, acc, vae = self.data, self.acc, self.family.parts.vae
+        batch = self.opt.train_batch_size
         with tqdm(desc="encoding latents", unit="image", disable=not acc.is_local_main_process) as bar:
             if isinstance(transform, BucketTransform):
                 files, missing = cache_bucket_latents(cache, rows, data.image_column, transform,
@@ -182,14 +202,14 @@ class ExampleReader:
         acc.print(f"{source}: {len(rows)} images x {len(flips)} flips, {missing} latents computed")
         return files
 
-    def held_out_batch(self, latent_shape: tuple[int, int, int]) -> dict:
+    def held_out_batch(self, validation: ValidationSection, latent_shape: tuple[int, int, int]) -> dict:
         """The held-out rows as one batch on the device, with the validation loss's timesteps and its
         noise, both fixed for the whole run."""
-        cfg, acc, validation = self.cfg, self.acc, self.cfg.validation
+        acc = self.acc
         held_out = self.examples(validation.val_data_dir, (False,), validation.val_count)
         batch = torch.utils.data.default_collate([held_out[(i, False)] for i in range(len(held_out))])
         T, n = self.family.parts.scheduler.config.num_train_timesteps, len(held_out)
-        generator = seeded_generator(cfg.optimizer.seed, "validation", device=acc.device)
+        generator = seeded_generator(self.opt.seed, "validation", device=acc.device)
         timesteps = sorted({min(t, T - 1) for t in validation.val_timesteps})
         return {
             "batch": {k: v.to(acc.device) for k, v in batch.items()},
@@ -199,11 +219,10 @@ class ExampleReader:
         }
 
 
-def streamed_examples(cfg: TrainConfig, acc, transform: ImageTransform, tokenizer):
+def streamed_examples(data: DataSection, opt: OptimizerSection, acc, transform: ImageTransform, tokenizer):
     """train_data_dir's shards as a stream (sdlite/data/streaming.py): nothing cached, its own sampler."""
     from sdlite.data.streaming import StreamingExamples, load_stream, parquet_rows
 
-    data, opt = cfg.data, cfg.optimizer
     stream = load_stream(data.train_data_dir, data.image_column, data.caption_column,
                          allow_outside=data.allow_outside_paths)  # fmt: skip
     return StreamingExamples(stream, data.image_column, data.caption_column, transform, tokenizer,
@@ -233,11 +252,10 @@ def fixed_captions(captions: list[str], options: CaptionOptions, seed: int) -> l
     return [draw_caption(c, options, seed, 0, 0) for c in captions]
 
 
-def rows_for(cfg: TrainConfig, source: str):
+def rows_for(data: DataSection, db: DreamBoothSection, source: str):
     """The rows of a data source and what was found odd while listing them: DreamBooth's instance
     (and class) images, a caption folder (images with .txt/.caption files beside them, N_name repeat
     folders) through ``caption_rows``, anything else through ``load_rows`` (nothing listed)."""
-    data, db = cfg.data, cfg.dreambooth
     if db.instance_data_dir and source == db.instance_data_dir:  # DreamBooth's subject and class images
         rows = dreambooth_rows(db.instance_data_dir, db.instance_prompt, db.class_data_dir,
                                db.class_prompt, data.image_column, data.caption_column,
@@ -255,45 +273,28 @@ def rows_for(cfg: TrainConfig, source: str):
 # ---- DreamBooth ---------------------------------------------------------------------------------------
 
 
-def training_source(cfg: TrainConfig) -> str:
+def training_source(data: DataSection, db: DreamBoothSection) -> str:
     """Where the training rows come from: DreamBooth's instance folder (``rows_for`` adds the class
     folder), else train_data_dir."""
-    data, db = cfg.data, cfg.dreambooth
     return db.instance_data_dir or data.train_data_dir
 
 
 @torch.no_grad()
-def top_up_class_images(cfg: TrainConfig, acc, family: StableDiffusion) -> None:
+def top_up_class_images(db: DreamBoothSection, validation: ValidationSection, seed: int, buckets: list | None,
+                        acc, family: StableDiffusion) -> None:  # fmt: skip
     """Generate the class images class_data_dir lacks (of num_class_images) with the base model, before
-    any adapter is attached, on the main process while the others wait. Image i comes from its own seed
+    any adapter is attached, on the main process while the others wait; ``validation`` gives the
+    sampling steps and guidance. Image i comes from its own seed
     (sdlite.data.dreambooth.generate_class_images), so a run stopped half-way makes the same images.
-    With aspect_buckets they are made in the subject photos' bucket sizes, in proportion to them
-    (class_image_sizes): each step's class half is drawn from its own bucket."""
-    data, captions, opt, db, validation = (
-        cfg.data,
-        cfg.captions,
-        cfg.optimizer,
-        cfg.dreambooth,
-        cfg.validation,
-    )
+    With aspect buckets (``buckets``: their sizes) they are made in the subject photos' bucket sizes, in
+    proportion to them (class_image_sizes): each step's class half is drawn from its own bucket."""
     if not db.class_data_dir:
         return
     missing = class_images_needed(db.class_data_dir, db.num_class_images)
     if acc.is_main_process and missing:
         sizes, shapes = None, ""
-        if captions.aspect_buckets:  # the bucket set training_data makes
-            vae = family.parts.vae.config
-            resolution, sides = (
-                data.resolution or vae.sample_size,
-                (captions.bucket_min_side, captions.bucket_max_side),
-            )
-            buckets = bucket_transform(resolution, vae, captions.bucket_step, *sides).buckets
-            sizes = class_image_sizes(
-                db.instance_data_dir,
-                db.class_data_dir,
-                buckets,
-                db.num_class_images,
-            )
+        if buckets is not None:
+            sizes = class_image_sizes(db.instance_data_dir, db.class_data_dir, buckets, db.num_class_images)
             shapes = " in the subject's shapes " + ", ".join(
                 f"{w}x{h}: {n}" for (w, h), n in Counter(sizes).items()
             )
@@ -312,7 +313,7 @@ def top_up_class_images(cfg: TrainConfig, acc, family: StableDiffusion) -> None:
 
         try:
             generate_class_images(db.class_data_dir, db.class_prompt, db.num_class_images, make_images,
-                                  db.sample_batch_size, opt.seed, sizes)  # fmt: skip
+                                  db.sample_batch_size, seed, sizes)  # fmt: skip
         finally:
             for module, training in modes:
                 module.train(training)

@@ -71,7 +71,7 @@ from training.accelerator import setup_accelerator  # noqa: E402
 from training.config.keys import parse_config, save_yaml  # noqa: E402
 from training.config.unet import TrainConfig  # noqa: E402
 from training.errors import reported_errors  # noqa: E402
-from training.examples import top_up_class_images, training_data  # noqa: E402
+from training.examples import training_data  # noqa: E402
 from training.families import family_of  # noqa: E402
 from training.family import lora_settings, weight_dtype  # noqa: E402
 from training.launch import follow_launcher  # noqa: E402
@@ -110,8 +110,8 @@ class UNetTrainer(Trainer):
         cfg, acc = self.cfg, self.accelerator
         self.family = family = self.load_model()
         self.parts = family.parts  # unwrapped
-        top_up_class_images(cfg, acc, family)  # DreamBooth: with the base model, before any adapter
-        self.data = data = training_data(cfg, acc, family)  # training/examples.py
+        # training/examples.py; DreamBooth's class images are generated there, before any adapter attaches
+        self.data = data = training_data(cfg, acc, family)
         self.sampler, self.layout, self.val = data.sampler, data.layout, data.held_out
         if cfg.adapters.lora:  # after training_data: the cache is filled by the fp32 models, as without LoRA
             seed, dtype = cfg.optimizer.seed, weight_dtype(acc.mixed_precision)
@@ -228,11 +228,13 @@ class UNetTrainer(Trainer):
                           self.data.step_latent_shape(step), acc.device)  # fmt: skip
         total = torch.zeros((), device=acc.device)
         halves = torch.zeros(2, device=acc.device)  # DreamBooth: the instance and prior losses' sums
-        prior_pairs = bool(self.layout.class_rows)  # DreamBooth's: each batch says which are class images
         nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
         for micro in range(cfg.optimizer.gradient_accumulation_steps):
             batch = next(self.batches)
-            is_prior = batch.pop("is_prior", None)  # stays on the CPU: read there, no wait for the device
+            # DreamBooth's batches say which of their items are class images; the mask stays on the CPU:
+            # read there, no wait for the device
+            is_prior = batch.pop("is_prior", None)
+            prior_pairs = is_prior is not None
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             # DreamBooth's sampler interleaves its halves by micro-batch: its draws have their own places
             where = self.sampler.draw_positions(micro)

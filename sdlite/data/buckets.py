@@ -14,9 +14,9 @@ about the same pixel count as resolution² (so a step costs about the same whate
   side (centred, or a random offset from (seed, index), the same every epoch so that latents cache).
   It stands in for ``ImageTransform`` (same ``crop_box`` and call), and gives SDXL's size and crop
   conditioning (the image's real size and the crop's top-left);
-- ``BucketSampler`` (sdlite/data/samplers.py): every optimizer step's global batch comes from one
-  bucket, so every process and every accumulation micro-step of a step holds images of one size. It
-  stands in for ``StepSampler``, with the same exact resume and DDP slicing.
+- ``StepSampler`` with ``buckets`` (sdlite/data/samplers.py): every optimizer step's global batch comes
+  from one bucket, so every process and every accumulation micro-step of a step holds images of one
+  size, with the same exact resume and DDP slicing as without.
 
 A bucket with fewer images than the global batch G (even one image) is not merged into another bucket,
 which would crop its images to another aspect: its step is filled by repeating its images (each at

@@ -232,7 +232,7 @@ def draw_caption(caption: str, options: CaptionOptions, seed: int, epoch: int, i
 
 class DrawnCaptions(torch.utils.data.Dataset):
     """Examples whose caption is drawn per draw: item ``(index, flip, epoch, item)`` (from a sampler
-    built with ``draw_keys=True``) -> ``examples[(index, flip)]`` with ``input_ids`` of
+    built with ``caption_keys=True``) -> ``examples[(index, flip)]`` with ``input_ids`` of
     ``draw_caption(captions[index], ...)``. ``tokenize``: list of captions -> (B, L) token ids."""
 
     def __init__(

@@ -4,10 +4,10 @@ for the prior-preservation loss.
 - Instance rows: every image of ``instance_data_dir``, captioned ``instance_prompt`` ("a photo of sks
   dog"). Class rows: every image of ``class_data_dir``, captioned ``class_prompt`` ("a photo of a dog").
   ``dreambooth_rows`` gives both in one table, instance rows first, with an ``is_prior`` flag.
-- ``PriorPairSampler`` (sdlite/data/samplers.py) wraps the sampler of the instance rows (StepSampler
-  or BucketSampler): each micro-batch of B instance items is followed by B class items, so every
-  process's batch holds both halves and ``flags`` (the last B) marks the class half. With buckets,
-  the class items of a step come from the class images of the step's bucket.
+- ``StepSampler`` with ``class_rows`` (sdlite/data/samplers.py): each micro-batch of B instance items
+  is followed by B class items, so every process's batch holds both halves, and the batch's ``is_prior``
+  mask marks the class half (training/sampling.py). With buckets, the class items of a step come from
+  the class images of the step's bucket.
 - ``prior_preservation_loss``: Ruiz et al. eq. 2, the instance examples' mean loss plus
   prior_loss_weight times the class examples' mean loss.
 - ``class_images_needed`` and ``generate_class_images``: top the class folder up to

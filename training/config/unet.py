@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar
 
-from sdlite.presets import PRESETS, Preset, PresetXL
+from sdlite.presets import PRESETS, Preset
 from training.checks import counts_below, numbers_outside, text_problems
 from training.config.sections import Config, Section, option, section
 from training.config.shared import (
@@ -104,8 +104,9 @@ class ModelSection(Section):
             if layers is not None:
                 problems.append(f"unet_layers_per_block: for {scratch}; {keeps}")
             return problems
-        preset = PRESETS.get(self.preset)  # an unknown one is refused when built; SDXL's by its family
-        if preset is None or isinstance(preset, PresetXL):
+        # An unknown preset is refused when built; one the keys do not reshape (SDXL's) by its family.
+        preset = PRESETS.get(self.preset)
+        if preset is None or not preset.reshapeable:
             return []
         if channels is not None and (problems := preset.channels_problems("unet", channels)):
             return problems
