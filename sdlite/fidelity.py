@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sdlite.data.shapes import PALETTE, SHAPES, SIZE_WORDS, half_range, parse_pair, shape_mask
+from sdlite.data.shapes import SHAPES, SIZE_WORDS, half_range, parse_pair, shape_mask
 from sdlite.images import to_uint8
-from sdlite.shape_reading import MIN_AREA, Reading, foreground, read_strictly
+from sdlite.shape_reading import MIN_AREA, Reading, foreground, nearest_colour, read_strictly
 
 GenerateFn = Callable[[Sequence[str], int], Sequence]  # (prompts, seed) -> one image per prompt
 GENERATOR_DATA = "the shapes generator's default data"  # the diversity's reference without a data set
@@ -57,8 +57,7 @@ def analyse_image(image) -> Analysis:
     area = int(mask.sum())
     if area < MIN_AREA:
         return Analysis(None, None, area=area)
-    median = np.median(image[mask].astype(np.float64), axis=0)
-    colour = min(PALETTE, key=lambda c: float(np.sum((median - PALETTE[c]) ** 2)))
+    colour, _ = nearest_colour(image, mask)
     ys, xs = np.nonzero(mask)
     box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)  # (x0, y0, x1, y1), pixel edges
 

@@ -8,8 +8,9 @@ best, so it reads as a square. The strict reading holds the shape to what makes 
 - its colour: the median of the shape's pixels within ``COLOUR_TOLERANCE`` of a palette colour;
 - its pixels: those nearer that colour than the background (half-way, so a blurred straight edge
   stays where it was, and a corner survives only while it is more shape than background);
-- its outline: the best of the three templates, drawn in boxes within a pixel of the pixels' own box,
-  overlaps it at ``MIN_MATCH`` or more, and no stray pixels lie outside it;
+- its outline: the best of the three templates, drawn in the box it fits best (from the pixels' own
+  box, an edge moved a pixel at a time), overlaps it at ``MIN_MATCH`` or more, and no stray pixels
+  lie outside it;
 - its corners: a square's four corner pixels and a triangle's apex and base ends are shape. A corner
   rounded by 2 pixels or more loses its corner pixel (a pixel is inside when its centre is, as
   ``sdlite.data.shapes`` draws), so it reads as a defect; a circle is held to its outline alone.
@@ -90,6 +91,14 @@ def foreground(image: np.ndarray) -> np.ndarray:
     colour is the median of the image's border."""
     distance = np.linalg.norm(image.astype(np.float64) - background_colour(image), axis=-1)
     return largest_component(distance > FOREGROUND_DISTANCE)
+
+
+def nearest_colour(image: np.ndarray, mask: np.ndarray) -> tuple[str, float]:
+    """The palette colour nearest the median of the masked pixels, and its distance from that median."""
+    median = np.median(image[mask].astype(np.float64), axis=0)
+    distances = {name: float(np.linalg.norm(median - rgb)) for name, rgb in PALETTE.items()}
+    colour = min(distances, key=distances.get)
+    return colour, distances[colour]
 
 
 def nearer_than_background(image: np.ndarray, colour: Sequence[int]) -> np.ndarray:
@@ -175,10 +184,8 @@ def read_strictly(image) -> Reading:
     lenient = foreground(image)
     if lenient.sum() < MIN_AREA:
         return Reading(None, None, defects=("no shape",))
-    median = np.median(image[lenient].astype(np.float64), axis=0)
-    colour = min(PALETTE, key=lambda c: float(np.sum((median - PALETTE[c]) ** 2)))
+    colour, off = nearest_colour(image, lenient)
     defects = []
-    off = float(np.linalg.norm(median - PALETTE[colour]))
     if off > COLOUR_TOLERANCE:
         defects.append(f"colour {off:.0f} off {colour}")
     near = nearer_than_background(image, PALETTE[colour])
@@ -233,7 +240,8 @@ def round_trip_reading(originals: Sequence, reconstructions: Sequence) -> RoundT
         a, t = by_shape.get(want.shape, (0, 0))
         by_shape[want.shape] = (a + ok, t + 1)
         if not ok:
-            defects.update(got.defects or [f"read as a {got.colour} {got.shape} at {got.box}"])
+            moved = (got.colour, got.shape) == (want.colour, want.shape)
+            defects.update(got.defects or ["box moved" if moved else f"read as a {got.colour} {got.shape}"])
     return RoundTrip(agreed, total, by_shape, defects)
 
 
