@@ -10,8 +10,7 @@ from diffusers import AutoencoderKL
 from sdlite.data.shapes import draw, sample_specs
 from sdlite.presets import get_preset
 from sdlite.shape_reading import vae_round_trip
-from training.cmd_evaluate import run_evaluation
-from training.cmd_evaluate import vae_round_trip as evaluate_round_trip
+from training.cmd_evaluate import round_trip_figures, run_evaluation
 
 
 class Codec(torch.nn.Module):
@@ -49,14 +48,14 @@ def test_a_vae_round_trip_returns_one_uint8_image_per_input():
 
 def test_evaluate_counts_the_held_out_shapes_a_vae_gives_back_and_not_those_it_blurs(capsys):
     images = held_out()
-    exact = evaluate_round_trip(Codec(), images)
+    exact = round_trip_figures(Codec(), images)
     assert exact["vae_round_trip"] == 1.0 and exact["vae_round_trip_images"] == len(images)
     assert set(exact["vae_round_trip_by_shape"]) == {"circle", "square", "triangle"}
 
     def blur(x):  # a 3x3 box blur: edges soften, corners round
         return torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
-    blurred = evaluate_round_trip(Codec(blur), images)
+    blurred = round_trip_figures(Codec(blur), images)
     assert blurred["vae_round_trip_by_shape"]["square"] == 0.0
     assert blurred["vae_round_trip_psnr"] < exact["vae_round_trip_psnr"]
     assert "round trip read back strictly 100.0% of 48" in capsys.readouterr().out

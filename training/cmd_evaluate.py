@@ -91,7 +91,7 @@ def run_evaluation(
         grid(images, rows=rows, scale=2).save(grid_path)
         print(f"wrote {grid_path}: a row per colour, {n} images per prompt, pixels doubled")
 
-    trip = vae_round_trip(pipe.vae, held_out[:ROUND_TRIP_COUNT]) if round_trip else {}
+    trip = round_trip_figures(pipe.vae, held_out[:ROUND_TRIP_COUNT]) if round_trip else {}
 
     start = time.perf_counter()
     bound = likelihood.variational_bound(
@@ -121,7 +121,7 @@ def run_evaluation(
     }
 
 
-def vae_round_trip(vae, images: torch.Tensor) -> dict:
+def round_trip_figures(vae, images: torch.Tensor) -> dict:
     """The VAE's PSNR and its round trip read strictly on held-out images (N, 3, H, W) in [-1, 1],
     printed and returned."""
     start = time.perf_counter()

@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL
 from sdlite.data.shapes import write_dataset
 from training import train, train_vae
 from training.checks import load_yaml
-from training.cmd_evaluate import ROUND_TRIP_COUNT, held_out_data, run_evaluation, vae_round_trip
+from training.cmd_evaluate import ROUND_TRIP_COUNT, held_out_data, round_trip_figures, run_evaluation
 from training.config.keys import from_dict
 from training.config.unet import TrainConfig
 from training.config.vae import VAETrainConfig
@@ -140,7 +140,7 @@ def read_round_trip(vae_path: str | Path, held_out: Path) -> dict:
     """The trained VAE's round trip of the held-out images, read strictly (``sdlite evaluate``'s)."""
     vae = AutoencoderKL.from_pretrained(vae_path).eval()
     images, _ = held_out_data(str(held_out), ROUND_TRIP_COUNT, vae.config.sample_size, seed=0)
-    return vae_round_trip(vae, images)
+    return round_trip_figures(vae, images)
 
 
 def summary(results: dict, model: Path, samples: Path) -> str:
