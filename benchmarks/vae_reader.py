@@ -34,6 +34,7 @@ VARIANTS: dict[str, dict] = {
     "recipe-500": {"max_steps": 500},
     "recipe-1500": {"max_steps": 1500},
     "recipe-2500": {"max_steps": 2500},
+    "recipe-3500": {"max_steps": 3500},
     "preset-500": {**PRESET, "max_steps": 500},
     "recipe-500-l1": {"max_steps": 500, "reconstruction_loss": "l1"},
     "recipe-500-lr5e-3": {"max_steps": 500, "learning_rate": 5.0e-3},
