@@ -28,6 +28,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from pipelines.image_to_image import ImageStart
 from pipelines.inputs import _describe, _is_real
 from pipelines.text_to_image_xl import TextToImageXLPipeline
+from sdlite.models_xl import check_folder_xl
 
 
 class XLImageStart(ImageStart):
@@ -59,12 +60,20 @@ class XLImageStart(ImageStart):
         )  # fmt: skip
         self.register_to_config(requires_aesthetics_score=requires_aesthetics_score)
 
+    @classmethod
+    def _check_folder(cls, path, kwargs: dict) -> Path:
+        """An SDXL folder, base or refiner (``check_folder_xl(refiner=True)``)."""
+        return check_folder_xl(path, weights=kwargs.get("variant") is None, pickled=True, refiner=True)
+
     def save_pretrained(self, save_directory, safe_serialization: bool = True, **kwargs) -> Path:
         """``TextToImageXLPipeline.save_pretrained``, keeping requires_aesthetics_score in
-        model_index.json (a refiner saved without it would load conditioned on sizes instead)."""
+        model_index.json (a refiner saved without it would load conditioned on sizes instead); a
+        refiner's folder names diffusers' image-to-image pipeline, the one of its own there."""
         path = super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
         index = json.loads((path / "model_index.json").read_text())
         index["requires_aesthetics_score"] = bool(self.config.get("requires_aesthetics_score"))
+        if self.text_encoder is None:
+            index["_class_name"] = "StableDiffusionXLImg2ImgPipeline"
         (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         return path
 
@@ -95,6 +104,11 @@ class XLImageStart(ImageStart):
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(skipped)
         return self._truncated(self.scheduler.timesteps[skipped:])
+
+    @property
+    def num_time_ids(self) -> int:
+        """Five with requires_aesthetics_score (size, crop, score), else SDXL's six."""
+        return super().num_time_ids - bool(self.config.get("requires_aesthetics_score"))
 
     def time_ids(self, c: SimpleNamespace, negative: bool = False) -> torch.Tensor:
         """The refiner's (original size, crop, aesthetic score) with ``requires_aesthetics_score``,

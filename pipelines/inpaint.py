@@ -38,6 +38,10 @@ from pipelines.text_to_image import TextToImagePipeline
 class InpaintStart(ImageStart):
     """The inpainting stages over a text-to-image pipeline (SD or SDXL): see the module docstring."""
 
+    # What a step-end callback may also read and replace, as in diffusers: (N, 1, h, w) and (N, C, h, w),
+    # doubled for guidance; an ordinary U-Net's put-back reads the mask, an inpainting U-Net both.
+    mask_inputs = ("mask", "masked_image_latents")
+
     @property
     def mask_processor(self) -> VaeImageProcessor:
         """diffusers' mask preparation: one grey channel in [0, 1], binarized at 0.5 (and ``blur``)."""
@@ -121,9 +125,10 @@ class InpaintStart(ImageStart):
         masked = c.masked_image_latents if c.masked_image_latents is not None else c.image * (c.mask < 0.5)
         masked = self._image_x0(masked, dtype, device, c.generator)
         mask, masked = (self._per_image(x, num_images) for x in (mask, masked))
+        inputs = dict(zip(self.mask_inputs, (mask, masked)))
         if ordinary:
-            return Start(timesteps, latents, after_step=self._put_back_known(x0, noise, mask, timesteps))
-        return Start(timesteps, latents, extra_channels=torch.cat([mask, masked], dim=1))
+            return Start(timesteps, latents, inputs, after_step=self._put_back_known(x0, noise, timesteps))
+        return Start(timesteps, latents, inputs, unet_reads=self.mask_inputs)
 
     def _encode_vae_image(self, image: torch.Tensor, generator=None) -> torch.Tensor:
         """``encode_image`` under diffusers' name, which code written for its inpainting pipelines calls."""
@@ -134,13 +139,14 @@ class InpaintStart(ImageStart):
         image = image.to(device=device, dtype=dtype)
         return image if image.shape[1] == self._vae_channels() else self.encode_image(image, generator)
 
-    def _put_back_known(self, x0, noise, mask, timesteps) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        """after_step for an ordinary U-Net: outside the mask, x_{t'} = the image's q(x_{t'} | x_0)
-        for the next step's t' (its x_0 after the last step), with the starting noise."""
+    def _put_back_known(self, x0, noise, timesteps) -> Callable[[int, torch.Tensor, dict], torch.Tensor]:
+        """after_step for an ordinary U-Net: outside the step's mask, x_{t'} = the image's
+        q(x_{t'} | x_0) for the next step's t' (its x_0 after the last step), with the starting noise."""
 
-        def put_back(i: int, latents: torch.Tensor) -> torch.Tensor:
+        def put_back(i: int, latents: torch.Tensor, inputs: dict) -> torch.Tensor:
             last = i == len(timesteps) - 1
             known = x0 if last else self.scheduler.add_noise(x0, noise, timesteps[i + 1 : i + 2])
+            mask = inputs["mask"][: len(latents)]  # doubled for guidance: its first half, as diffusers
             return (1 - mask) * known + mask * latents
 
         return put_back
@@ -168,6 +174,8 @@ class InpaintPipeline(InpaintStart, TextToImagePipeline):
     The text-to-image recipe and stages (``TextToImagePipeline``) from ``InpaintStart``'s start, with
     an ordinary or an inpainting U-Net.
     """
+
+    _callback_tensor_inputs = [*TextToImagePipeline._callback_tensor_inputs, *InpaintStart.mask_inputs]
 
     def __call__(
         self,

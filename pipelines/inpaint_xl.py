@@ -24,6 +24,8 @@ class InpaintXLPipeline(InpaintStart, XLImageStart, TextToImageXLPipeline):
     """pipe(prompt, image, mask_image) -> ImagePipelineOutput(images) for SDXL, with an ordinary or an
     inpainting U-Net."""
 
+    _callback_tensor_inputs = [*TextToImageXLPipeline._callback_tensor_inputs, *InpaintStart.mask_inputs]
+
     def __call__(
         self,
         prompt: str | list[str] | None = None,

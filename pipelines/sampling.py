@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import torch
@@ -25,15 +25,18 @@ class Start:
     """Where one call's reverse process starts, and what each of its steps adds.
 
     timesteps: the steps to run, in order (the whole schedule, or its last part for image to image);
-    latents: the first x_t; extra_channels: (N, C, h, w) the U-Net reads beside x_t at every step
-    (an inpainting U-Net's mask and masked image); after_step(i, x_{t-1}) -> x_{t-1}: run after
-    step i (inpainting with an ordinary U-Net puts the known region back there).
+    latents: the first x_t; step_inputs: per-image (N, ., h, w) tensors the steps read besides x_t,
+    by name (inpainting's "mask" and "masked_image_latents"), which a step-end callback may read and
+    replace; unet_reads: the names of those the U-Net takes as input channels after x_t's, in order
+    (an inpainting U-Net's); after_step(i, x_{t-1}, step_inputs) -> x_{t-1}: run after step i
+    (inpainting with an ordinary U-Net puts the known region back there).
     """
 
     timesteps: torch.Tensor
     latents: torch.Tensor
-    extra_channels: torch.Tensor | None = None
-    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    step_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    unet_reads: tuple[str, ...] = ()
+    after_step: Callable[[int, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None
 
 
 class SamplingState:
@@ -83,18 +86,21 @@ class SamplingState:
         f = self.vae_scale_factor
         return (rows * f if height is None else height), (cols * f if width is None else width)
 
-    def run_callback(self, callback, names, i, t, latents, context, added_cond=None):
-        """Hand the named tensors to ``callback``; return (latents, context, added_cond) with its
-        replacements.
+    def run_callback(self, callback, names, i, t, latents, context, added_cond=None, step_inputs=None):
+        """Hand the named tensors to ``callback``; return (latents, context, added_cond, step_inputs)
+        with its replacements.
 
         "prompt_embeds" is the U-Net's whole context ([negative; positive] when guided, as in
         diffusers), "negative_prompt_embeds" its unconditional half (None unguided). A pipeline whose
         U-Net takes added conditioning names its tensors in ``_callback_added_cond`` (callback name ->
-        ``added_cond`` key; SDXL's "add_text_embeds" is ``added_cond["text_embeds"]``).
+        ``added_cond`` key; SDXL's "add_text_embeds" is ``added_cond["text_embeds"]``). The step's
+        other inputs (``Start.step_inputs``, as ``denoise`` holds them) go by their own names.
         """
+        step_inputs = step_inputs or {}
         guided = len(context) == 2 * len(latents)
         negative = context[: len(context) // 2] if guided else None
         named = {"latents": latents, "prompt_embeds": context, "negative_prompt_embeds": negative}
+        named.update(step_inputs)
         named.update({name: added_cond[key] for name, key in self._callback_added_cond.items()})
         out = callback(self, i, t, {name: named[name] for name in names}) or {}
         latents, context = out.get("latents", latents), out.get("prompt_embeds", context)
@@ -102,7 +108,8 @@ class SamplingState:
         if guided and new_negative is not negative and new_negative is not None:
             context = torch.cat([new_negative, context[len(context) // 2 :]])
         replaced = {key: out[name] for name, key in self._callback_added_cond.items() if name in out}
-        return latents, context, ({**added_cond, **replaced} if replaced else added_cond)
+        step_inputs = {name: out.get(name, x) for name, x in step_inputs.items()}
+        return latents, context, ({**added_cond, **replaced} if replaced else added_cond), step_inputs
 
     def check_finite(self, latents, i, t, before, unet_out, eps) -> None:
         """Raise NonFiniteSampleError naming the cause when a step's latents hold NaN or inf."""

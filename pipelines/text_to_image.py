@@ -158,7 +158,8 @@ class TextToImagePipeline(
                 timestep_cond=w_embedding, step_kwargs=self.step_kwargs(c.generator, c.eta),
                 cross_attention_kwargs=cross_attention_kwargs or None, added_cond_kwargs=added_cond,
                 callback=c.callback_on_step_end, callback_inputs=c.callback_on_step_end_tensor_inputs,
-                progress=c.progress, extra_channels=start.extra_channels, after_step=start.after_step,
+                progress=c.progress, step_inputs=start.step_inputs, unet_reads=start.unet_reads,
+                after_step=start.after_step,
             )  # fmt: skip
             images, nsfw = self.decode_latents(latents, c.output_type, c.generator, with_safety_flags=True)
         if isinstance(images, torch.Tensor):
@@ -360,8 +361,9 @@ class TextToImagePipeline(
         callback: Callable | None = None,
         callback_inputs=("latents",),
         progress: bool = True,
-        extra_channels: torch.Tensor | None = None,
-        after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        step_inputs: dict[str, torch.Tensor] | None = None,
+        unet_reads: tuple[str, ...] = (),
+        after_step: Callable[[int, torch.Tensor, dict], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Algorithm 2, lines 2-5: x_t -> x_{t-1} for each t, guided when guidance_scale is given.
 
@@ -370,11 +372,13 @@ class TextToImagePipeline(
         w is re-read from ``self._guidance_scale`` every step, where a callback may change it; a
         callback that sets ``self._interrupt`` ends the loop after its step. Raises NonFiniteSampleError
         naming the cause when the latents stop being finite.
-        extra_channels: (N, C, h, w) the U-Net reads beside the latents (an inpainting U-Net's mask
-        and masked image); after_step(i, x_{t-1}) -> latents runs after each step (before the
-        callback), where inpainting puts back the known region.
+        step_inputs, unet_reads, after_step: as ``Start``'s. The step inputs are doubled for guidance
+        as the latents are, [unconditional; conditional], so that a callback sees (and may replace)
+        them in diffusers' shapes; after_step(i, x_{t-1}, step_inputs) runs before the callback.
         """
         step_kwargs = step_kwargs or {}
+        doubled = guidance_scale is not None
+        step_inputs = {k: torch.cat([x, x]) if doubled else x for k, x in (step_inputs or {}).items()}
         scheduler, unet = self.scheduler, self.unet
         if guidance_scale is not None:
             self._guidance_scale = guidance_scale
@@ -387,9 +391,10 @@ class TextToImagePipeline(
                 guide = guidance_scale is not None and in_interval(t, guidance_interval)
                 x = torch.cat([latents, latents]) if guide else latents
                 x = scheduler.scale_model_input(x, t)
-                if extra_channels is not None:  # after the scaling: they are not the noisy sample
-                    x = torch.cat([x, extra_channels.repeat(len(x) // len(extra_channels), 1, 1, 1)], dim=1)
                 skip = guidance_scale is not None and not guide
+                if unet_reads:  # after the scaling: they are not the noisy sample
+                    channels = torch.cat([step_inputs[name] for name in unet_reads], dim=1)
+                    x = torch.cat([x, conditional_half(channels) if skip else channels], dim=1)
                 out = unet(
                     x,
                     t,
@@ -409,10 +414,10 @@ class TextToImagePipeline(
                 latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
                 self.check_finite(latents, i, t, before, out, eps)
                 if after_step is not None:
-                    latents = after_step(i, latents)
+                    latents = after_step(i, latents, step_inputs)
                 if callback is not None:
-                    latents, context, added_cond_kwargs = self.run_callback(
-                        callback, callback_inputs, i, t, latents, context, added_cond_kwargs
+                    latents, context, added_cond_kwargs, step_inputs = self.run_callback(
+                        callback, callback_inputs, i, t, latents, context, added_cond_kwargs, step_inputs
                     )
                 bar.update()
         return latents

@@ -47,6 +47,7 @@ from sdlite.conditioning_xl import add_time_ids, encode_prompts_xl
 from sdlite.ddpm import DDPMScheduler
 from sdlite.lora import adapter_scale
 from sdlite.models_xl import ComponentsXL, check_folder_xl, save_components_xl, tokenizers_xl
+from sdlite.presets import SIZE_CONDITIONS
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -193,7 +194,8 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
                 timestep_cond=w_embedding, step_kwargs=self.step_kwargs(c.generator, c.eta),
                 cross_attention_kwargs=cross_attention_kwargs or None, added_cond_kwargs=cond,
                 callback=c.callback_on_step_end, callback_inputs=c.callback_on_step_end_tensor_inputs,
-                progress=c.progress, extra_channels=start.extra_channels, after_step=start.after_step,
+                progress=c.progress, step_inputs=start.step_inputs, unet_reads=start.unet_reads,
+                after_step=start.after_step,
             )  # fmt: skip
             with self._vae_upcast():
                 images = self.decode_latents(latents, c.output_type, c.generator)
@@ -210,7 +212,34 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
         num_prompts = super().check_inputs(args)
         inputs.check_prompts_xl(args, num_prompts)
         inputs.check_size_conditioning(args)
+        self.check_time_ids()
         return num_prompts
+
+    num_time_ids = SIZE_CONDITIONS  # what time_ids makes: original size, crop, target size
+
+    def check_time_ids(self) -> None:
+        """The U-Net's added embedding reads as many time ids as ``time_ids`` makes: a refiner's reads
+        five (size, crop, aesthetic score), which only the image pipelines make."""
+        unet, encoder = self.unet.config, self.text_encoder_2
+        if unet.get("addition_embed_type") != "text_time" or encoder is None:
+            return
+        reads = (
+            unet.projection_class_embeddings_input_dim - encoder.config.projection_dim
+        ) / unet.addition_time_embed_dim
+        if reads == self.num_time_ids:
+            return
+        refiner, base = SIZE_CONDITIONS - 1, SIZE_CONDITIONS
+        fixes = {
+            refiner: "a refiner's (size, crop and aesthetic score): draw with ImageToImageXLPipeline or "
+            "InpaintXLPipeline and requires_aesthetics_score=True",
+            base: "a base model's (sizes and crop): requires_aesthetics_score=True is for a refiner's U-Net; "
+            "leave it False",
+        }
+        fix = fixes.get(reads, "the U-Net and text_encoder_2 come from different models")
+        raise ValueError(
+            f"the U-Net's added embedding reads {reads:g} time ids but {type(self).__name__} makes "
+            f"{self.num_time_ids}: {fix}"
+        )
 
     def clip_skip_limit(self) -> int | None:
         """SDXL reads the penultimate layer already, so clip_skip counts from there."""
@@ -346,10 +375,15 @@ class TextToImageXLPipeline(StableDiffusionXLLoraLoaderMixin, TextToImagePipelin
 
     @classmethod
     def _default_tokenizers(cls, path: Path, kwargs: dict) -> dict:
+        """The folder's tokenizers, or CLIP's built offline; a refiner (no text_encoder/) gets only
+        tokenizer_2, its model_index.json leaving the first one None."""
         if {"tokenizer", "tokenizer_2"} <= kwargs.keys():
             return {}
-        length = CLIPTextModel.config_class.from_pretrained(path / "text_encoder").max_position_embeddings
-        return dict(zip(("tokenizer", "tokenizer_2"), tokenizers_xl(path, length)))
+        first = (path / "text_encoder").is_dir()
+        encoder = path / ("text_encoder" if first else "text_encoder_2")
+        length = CLIPTextModel.config_class.from_pretrained(encoder).max_position_embeddings
+        tokenizers = dict(zip(("tokenizer", "tokenizer_2"), tokenizers_xl(path, length)))
+        return tokenizers if first else {"tokenizer_2": tokenizers["tokenizer_2"]}
 
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True, **kwargs) -> Path:
         """Write diffusers' SDXL layout (``save_components_xl``), which loads here and in diffusers'

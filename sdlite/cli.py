@@ -158,7 +158,7 @@ def _threads(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data(commands) -> None:
-    kinds = _group(commands, "data", "make a built-in data set")
+    kinds = _group(commands, "data", "make a built-in data set, or clean a cache folder")
     shapes = _parser(
         kinds, "shapes", "coloured shapes on a plain background, captioned", "training.cmd_data:shapes"
     )
@@ -176,6 +176,12 @@ def add_data(commands) -> None:
     )
     shapes.add_argument("--size_word_prob", type=float, default=0.5, help="how often captions name the size")
     shapes.add_argument("--holdout", type=int, default=0, help="also write this many to test/")
+    clean = _parser(
+        kinds, "clean-cache", "remove what no run used for --keep_days from a latent and text cache folder",
+        "sdlite.data.cache_clean:run",
+    )  # fmt: skip
+    clean.add_argument("--cache_dir", default="~/.cache/sdlite", help="the runs' cache_dir")
+    clean.add_argument("--keep_days", type=float, default=30.0, help="keep what a run used this recently")
 
 
 def add_model(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,11 @@ safetensors only and nothing is fetched from a hub.
 
 A folder is checked from its configs and safetensors headers before any weight is read: a folder
 assembled from an SD 1.x/2.x model and an SDXL one fails naming which part is which.
+
+SDXL's refiner is a folder without text_encoder/ and tokenizer/: its U-Net reads text encoder 2's
+states alone and is conditioned on an aesthetic score (``requires_aesthetics_score``). Only the
+image-to-image pipelines draw with it, so ``check_folder_xl`` lets it through when asked
+(``refiner=True``) and otherwise names where it loads.
 """
 
 from __future__ import annotations
@@ -163,13 +168,31 @@ def _kinds(path: Path) -> tuple[list[str], list[str]]:
     return sd, xl
 
 
-def check_folder_xl(path: str | Path, weights: bool = True, pickled: bool = False) -> Path:
+def is_refiner_folder(path: str | Path) -> bool:
+    """True for an SDXL refiner's folder: no text_encoder/, and a U-Net whose cross-attention reads
+    text_encoder_2's states alone. (A base model that lost its text_encoder/ is not one: its U-Net
+    still reads both encoders' widths, and check_folder_xl names the missing part.)"""
+    path = Path(path)
+    unet = _read_json(path / "unet" / "config.json") or {}
+    te2 = _read_json(path / "text_encoder_2" / "config.json") or {}
+    return (
+        not (path / "text_encoder" / "config.json").is_file()
+        and "hidden_size" in te2
+        and unet.get("cross_attention_dim") == te2["hidden_size"]
+    )
+
+
+def check_folder_xl(
+    path: str | Path, weights: bool = True, pickled: bool = False, refiner: bool = False
+) -> Path:
     """Fail early, naming what was found and what was expected, when a folder is not a whole SDXL
     model: a half SD 1.x / half SDXL folder, widths that do not fit, a missing part or weight file,
     pickled-only weights, or weights that do not fit a config. Reads configs and headers only;
     ``weights=False`` checks a folder of configs alone (the architecture of a single-file load).
     ``pickled=True`` also takes torch.save weight files (``save_pretrained(safe_serialization=False)``)
-    that unpickle with ``weights_only`` (tensors only), as the SD pipeline's folders do."""
+    that unpickle with ``weights_only`` (tensors only), as the SD pipeline's folders do.
+    ``refiner=True`` also takes a refiner's folder (``is_refiner_folder``), checked the same way
+    without text_encoder/; without it such a folder fails naming the pipelines that load it."""
     path = Path(path)
     if not path.is_dir():
         raise ModelFolderError(f"SDXL model folder {str(path)!r} does not exist")
@@ -186,7 +209,15 @@ def check_folder_xl(path: str | Path, weights: bool = True, pickled: bool = Fals
             f"model folder {str(path)!r} is not SDXL ({'; '.join(sd)}): load it with "
             "sdlite.models.load_components, which reads SD 1.x/2.x folders"
         )
-    for name in (*SD_PARTS, "text_encoder_2"):
+    is_refiner = is_refiner_folder(path)
+    if is_refiner and not refiner:
+        raise ModelFolderError(
+            f"{str(path)!r} is an SDXL refiner (text_encoder_2 alone, no text_encoder/): it redraws images, "
+            "so load it with ImageToImageXLPipeline or InpaintXLPipeline.from_pretrained"
+        )
+    sd_parts = tuple(p for p in SD_PARTS if not (is_refiner and p == "text_encoder"))
+    parts = (*sd_parts, "text_encoder_2")
+    for name in parts:
         file = path / name / ("scheduler_config.json" if name == "scheduler" else "config.json")
         if not file.is_file():
             raise ModelFolderError(
@@ -200,7 +231,7 @@ def check_folder_xl(path: str | Path, weights: bool = True, pickled: bool = Fals
     )
     _check_widths(str(path), unet, te1, te2)
     if weights:
-        for name, stem in WEIGHTS.items():
+        for name, stem in ((n, WEIGHTS[n]) for n in parts if n in WEIGHTS):
             folder = path / name
             if pickled and (folder / PICKLED[name]).is_file():
                 continue
@@ -209,15 +240,16 @@ def check_folder_xl(path: str | Path, weights: bool = True, pickled: bool = Fals
                     f"{str(folder)!r} has no {stem}.safetensors; sdlite reads SDXL weights from safetensors "
                     "only (a pickled .bin can run code when loaded): save the model again with safetensors"
                 )
-        check_folder(path, SD_PARTS)  # the SD parts' weights fit their configs
+        check_folder(path, sd_parts)  # the SD parts' weights fit their configs
         _check_text_encoder_2_weights(path / "text_encoder_2")
     return path
 
 
 def _check_widths(where: str, unet, te1, te2) -> None:
-    """The U-Net reads both encoders' states concatenated and encoder 2's pooled projection."""
-    widths = te1["hidden_size"] + te2["hidden_size"]
-    if unet["cross_attention_dim"] != widths:
+    """The U-Net reads both encoders' states concatenated and encoder 2's pooled projection. (A
+    refiner's, te1 None, reads encoder 2's states alone, which is what made it one.)"""
+    widths = te2["hidden_size"] + (te1["hidden_size"] if te1 is not None else 0)
+    if te1 is not None and unet["cross_attention_dim"] != widths:
         raise ModelFolderError(
             f"{where}: unet.cross_attention_dim is {unet['cross_attention_dim']} but the text encoders' "
             f"widths add up to {te1['hidden_size']} + {te2['hidden_size']} = {widths}: the U-Net and the "

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from sdlite.data import dataset
+from sdlite.data.cache import TensorCache
 from sdlite.data.dataset import (
     DataError,
     ImageTransform,
@@ -18,6 +18,7 @@ from sdlite.data.dataset import (
     image_bytes,
     load_rows,
 )
+from sdlite.data.shards import ShardIndex
 
 
 def png(array: np.ndarray) -> bytes:
@@ -113,12 +114,14 @@ def test_random_crops_are_fixed_per_image_and_flips_mirror_the_pixels():
 def test_cached_latents_are_read_from_disk_once_while_the_memory_budget_has_room(
     folder, tmp_path, monkeypatch
 ):
-    files = []
-    for i in range(4):  # mean and std of an 8x8x4 latent: 2,048 bytes a file
-        files.append(str(tmp_path / f"{i}.safetensors"))
-        save_file({"mean": torch.full((4, 8, 8), float(i)), "std": torch.ones(4, 8, 8)}, files[-1])
-    reads = []
-    monkeypatch.setattr(dataset, "load_file", lambda path: reads.append(path) or load_file(path))
+    cache, keys = TensorCache(tmp_path), [f"{i:02x}" * 32 for i in range(4)]
+    for i, key in enumerate(keys):  # mean and std of an 8x8x4 latent: 2,048 bytes an entry
+        cache.save(key, {"mean": torch.full((4, 8, 8), float(i)), "std": torch.ones(4, 8, 8)})
+    files = [cache.entry(key) for key in keys]
+    reads, load = [], ShardIndex.load
+    monkeypatch.setattr(
+        ShardIndex, "load", lambda self, key: reads.append(cache.entry(key)) or load(self, key)
+    )
     monkeypatch.setattr(dataset, "CACHE_MEMORY_BYTES", 3 * 2048)  # room for three of the four
     examples = TrainingExamples(load_rows(folder), "image", ImageTransform(4), torch.zeros(4, 5),
                                 latent_files=[[f, None] for f in files])  # fmt: skip

@@ -1,5 +1,8 @@
 """ImageToImageXLPipeline draws what diffusers' StableDiffusionXLImg2ImgPipeline does."""
 
+import json
+import re
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -11,7 +14,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from pipelines import ImageToImageXLPipeline, TextToImageXLPipeline
+from pipelines import ImageToImageXLPipeline, InpaintXLPipeline, TextToImageXLPipeline
+from sdlite.models import ModelFolderError
 from sdlite.models_xl import build_components_xl
 
 PROMPTS = ["a red circle", "a blue square on green"]
@@ -118,7 +122,7 @@ def test_bad_sdxl_image_argument_raises_value_error_naming_it(parts, kwargs, mes
     assert message in str(error.value)
 
 
-def test_a_refiner_with_text_encoder_2_alone_draws_like_diffusers(parts):
+def refiner_parts(parts) -> dict:
     """SDXL's refiner: no text encoder 1, a U-Net reading encoder 2's states and five time ids."""
     config = dict(parts.unet.config)
     d, te2 = config["addition_time_embed_dim"], parts.text_encoder_2.config
@@ -130,6 +134,79 @@ def test_a_refiner_with_text_encoder_2_alone_draws_like_diffusers(parts):
             "projection_class_embeddings_input_dim": 5 * d + te2.projection_dim,
         }
     )
-    refiner = {**parts.as_dict(), "unet": unet, "text_encoder": None, "tokenizer": None}
-    ours, theirs = pair(refiner, requires_aesthetics_score=True)
+    return {**parts.as_dict(), "unet": unet, "text_encoder": None, "tokenizer": None}
+
+
+def test_a_refiner_with_text_encoder_2_alone_draws_like_diffusers(parts):
+    ours, theirs = pair(refiner_parts(parts), requires_aesthetics_score=True)
     assert_same_images(ours, theirs, guidance_scale=5.0, strength=0.6, negative_prompt="blurry")
+
+
+@pytest.fixture(scope="module")
+def refiner_folder(parts, tmp_path_factory):
+    pipe = ImageToImageXLPipeline(**refiner_parts(parts), requires_aesthetics_score=True)
+    return pipe.save_pretrained(tmp_path_factory.mktemp("refiner"))
+
+
+@pytest.mark.parametrize("cls", [ImageToImageXLPipeline, InpaintXLPipeline])
+def test_a_refiner_folder_loads_with_text_encoder_2_alone_and_draws_as_saved(parts, refiner_folder, cls):
+    index = json.loads((refiner_folder / "model_index.json").read_text())
+    assert index["text_encoder"] == index["tokenizer"] == [None, None]
+    assert index["requires_aesthetics_score"] is True
+    assert not (refiner_folder / "text_encoder").exists()
+    loaded = cls.from_pretrained(refiner_folder)
+    assert loaded.text_encoder is None and loaded.tokenizer is None
+    assert loaded.config.requires_aesthetics_score is True
+    saved, _ = pair(refiner_parts(parts), requires_aesthetics_score=True)
+    if cls is ImageToImageXLPipeline:
+        loaded.set_progress_bar_config(disable=True)
+        assert np.abs(images(loaded, strength=0.6) - images(saved, strength=0.6)).max() <= 1e-4
+
+
+def test_a_refiner_folder_loads_in_diffusers_as_the_refiner(refiner_folder):
+    theirs = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_folder, local_files_only=True)
+    assert theirs.text_encoder is None and theirs.config.requires_aesthetics_score is True
+
+
+def test_a_refiner_folder_given_to_text_to_image_names_the_pipelines_that_load_it(refiner_folder):
+    with pytest.raises(ModelFolderError, match="is an SDXL refiner .* load it with ImageToImageXLPipeline"):
+        TextToImageXLPipeline.from_pretrained(refiner_folder)
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (
+            lambda p: TextToImageXLPipeline(**refiner_parts(p)),
+            "reads 5 time ids but TextToImageXLPipeline makes 6",
+        ),
+        (
+            lambda p: ImageToImageXLPipeline(**refiner_parts(p)),
+            "a refiner's (size, crop and aesthetic score)",
+        ),
+        (lambda p: ImageToImageXLPipeline(**p.as_dict(), requires_aesthetics_score=True), "leave it False"),
+    ],
+    ids=["refiner-in-text-to-image", "refiner-without-aesthetic-score", "base-with-aesthetic-score"],
+)
+def test_time_ids_the_unet_does_not_read_are_refused_naming_the_setting(parts, make, words):
+    pipe = make(parts)
+    image = {"image": picture(), "strength": 0.5} if isinstance(pipe, ImageToImageXLPipeline) else {}
+    with pytest.raises(ValueError, match=re.escape(words)):
+        pipe(PROMPTS, num_inference_steps=2, output_type="np", **image)
+
+
+def test_sdlite_generate_redraws_an_image_with_a_refiner_folder(refiner_folder, tmp_path):
+    """The refiner's folder has no text-to-image pipeline: --image loads it straight into the image one."""
+    from sdlite.cli import main
+
+    picture(3, size=64).save(tmp_path / "in.png")
+    flags = ["--num_inference_steps", "4", "--guidance_scale", "5", "--seed", "0", "--strength", "0.6"]
+    argv = ["generate", "a red circle", "--model", str(refiner_folder), "--image", str(tmp_path / "in.png")]
+    assert main([*argv, *flags, "--out", str(tmp_path / "out.png")]) == 0
+    pipe = ImageToImageXLPipeline.from_pretrained(refiner_folder)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        "a red circle", image=PIL.Image.open(tmp_path / "in.png").convert("RGB"), strength=0.6,
+        num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
+    ).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "out.png")), np.asarray(expected))

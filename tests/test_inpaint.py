@@ -176,3 +176,35 @@ def test_one_image_and_a_mask_per_prompt_keep_each_prompts_own_unmasked_region(p
     assert both.shape[0] == 4
     assert torch.allclose(both[2][:, only_first], x0[:, only_first], atol=1e-6)  # prompt 2 keeps it
     assert not torch.allclose(both[0][:, only_first], x0[:, only_first], atol=1e-3)  # prompt 1 paints it
+
+
+def mask_changing_callback(seen: list):
+    """At the first step, paint everywhere and halve the masked image's latents; record what it saw."""
+
+    def callback(pipe, i, t, tensors):
+        seen.append({name: tuple(x.shape) for name, x in tensors.items()})
+        if i > 0:
+            return {}
+        return {
+            "mask": torch.ones_like(tensors["mask"]),
+            "masked_image_latents": tensors["masked_image_latents"] / 2,
+        }
+
+    return callback
+
+
+@pytest.mark.parametrize("kind", ["ordinary", "inpainting"])
+def test_a_step_end_callback_reads_and_replaces_the_mask_and_masked_image_latents_as_in_diffusers(
+    parts, kind
+):
+    unet = parts.unet if kind == "ordinary" else inpainting_unet(parts)
+    ours, theirs = pair(parts, DDPMScheduler, unet)
+    names = ["latents", "mask", "masked_image_latents"]
+    assert set(ours._callback_tensor_inputs) == set(theirs._callback_tensor_inputs)
+    seen_ours, seen_theirs = [], []
+    kw = dict(strength=0.7, guidance_scale=6.0, callback_on_step_end_tensor_inputs=names)
+    a = run(ours, **kw, callback_on_step_end=mask_changing_callback(seen_ours))
+    b = run(theirs, **kw, callback_on_step_end=mask_changing_callback(seen_theirs))
+    assert seen_ours == seen_theirs and seen_ours[0]["mask"] == (4, 1, 8, 8)  # doubled for guidance
+    assert np.abs(a - b).max() <= 1e-4
+    assert np.abs(a - run(ours, strength=0.7, guidance_scale=6.0)).max() > 1e-3  # the replacement counted

@@ -80,3 +80,21 @@ def test_mask_count_that_fits_no_prompt_is_refused(parts):
     pipe = InpaintXLPipeline(**parts.as_dict())
     with pytest.raises(ValueError, match="mask_image holds 3 images for 2 prompts"):
         images(pipe, mask_image=[box_mask()] * 3)
+
+
+@pytest.mark.parametrize("kind", ["ordinary", "inpainting"])
+def test_a_step_end_callback_reads_and_replaces_the_mask_and_masked_image_latents_as_in_diffusers(
+    parts, kind
+):
+    ours, theirs = pair(components(parts, kind))
+    assert ours._callback_tensor_inputs == theirs._callback_tensor_inputs
+
+    def callback(pipe, i, t, tensors):  # at the first step: paint everywhere, halve the masked image
+        mask, masked = tensors["mask"], tensors["masked_image_latents"]
+        return {"mask": torch.ones_like(mask), "masked_image_latents": masked / 2} if i == 0 else {}
+
+    kw = dict(strength=0.7, guidance_scale=5.0, callback_on_step_end=callback)
+    kw["callback_on_step_end_tensor_inputs"] = ["latents", "mask", "masked_image_latents", "add_time_ids"]
+    a, b = (images(p, **kw) for p in (ours, theirs))
+    assert np.abs(a - b).max() <= 1e-4
+    assert np.abs(a - images(ours, strength=0.7, guidance_scale=5.0)).max() > 1e-3  # the replacement counted

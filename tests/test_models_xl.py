@@ -9,7 +9,13 @@ from diffusers import StableDiffusionXLPipeline
 
 from sdlite.conditioning_xl import add_time_ids, encode_prompts_xl
 from sdlite.models import ModelFolderError, build_components
-from sdlite.models_xl import build_components_xl, is_xl_folder, load_components_xl
+from sdlite.models_xl import (
+    build_components_xl,
+    check_folder_xl,
+    is_refiner_folder,
+    is_xl_folder,
+    load_components_xl,
+)
 from sdlite.tokenizer import token_ids
 
 MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -148,3 +154,35 @@ def test_text_encoder_2_weights_that_do_not_fit_its_config_are_named(folder, tmp
         ModelFolderError, match=r"fc1.weight' has shape \(256, 64\) but .* makes it \(128, 64\)"
     ):
         load_components_xl(model)
+
+
+def refiner_copy_of(folder, tmp_path):
+    """The folder as SDXL's refiner lays it out: no text_encoder/ or tokenizer/, a U-Net reading
+    text_encoder_2's states alone (its config is all the checks read)."""
+    model = copy_of(folder, tmp_path)
+    shutil.rmtree(model / "text_encoder")
+    shutil.rmtree(model / "tokenizer")
+    te2 = json.loads((model / "text_encoder_2" / "config.json").read_text())
+    unet = json.loads((model / "unet" / "config.json").read_text())
+    unet["cross_attention_dim"] = te2["hidden_size"]
+    unet["projection_class_embeddings_input_dim"] -= unet["addition_time_embed_dim"]  # five time ids
+    (model / "unet" / "config.json").write_text(json.dumps(unet))
+    return model
+
+
+def test_a_refiner_folder_passes_the_check_when_asked_and_is_sent_to_the_image_pipelines_otherwise(
+    folder, tmp_path
+):
+    model = refiner_copy_of(folder, tmp_path)
+    assert is_refiner_folder(model) and not is_refiner_folder(folder)
+    assert check_folder_xl(model, weights=False, refiner=True) == model
+    with pytest.raises(ModelFolderError, match="is an SDXL refiner .* ImageToImageXLPipeline or Inpaint"):
+        load_components_xl(model)
+
+
+def test_a_base_folder_without_its_text_encoder_is_not_taken_for_a_refiner(folder, tmp_path):
+    model = copy_of(folder, tmp_path)
+    shutil.rmtree(model / "text_encoder")  # its U-Net still reads both encoders' widths
+    assert not is_refiner_folder(model)
+    with pytest.raises(ModelFolderError, match="has no text_encoder: expected text_encoder/config.json"):
+        check_folder_xl(model, refiner=True)

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 
 from pipelines import TextToImagePipeline
 from sdlite.cli import main as cli
-from sdlite.data import cache as cache_module
+from sdlite.data import shards as shards_module
 from sdlite.data.buckets import BucketTransform, make_buckets
 from sdlite.data.cache import CacheWriteError, TensorCache, cache_latents
 from sdlite.data.captions import MAX_REPEATS, append_problems, caption_rows
@@ -237,11 +237,12 @@ def entries(cache, count=3):
 
 
 def test_a_corrupt_entry_is_named_and_computed_again_at_the_next_start(tmp_path, capsys):
-    cache = TensorCache(tmp_path)  # a resumed run fills its cache again at start-up, as a new one does
+    cache = TensorCache(tmp_path, shard_entries=1)  # a shard an entry: a resumed run fills its cache again
     keys = entries(cache)
-    path = cache.path(keys[1])
+    path = cache.shard(keys[1])
     data = path.read_bytes()
     path.write_bytes(b"\xff" * 8 + data[8:])  # safetensors: "header too large"
+    cache = TensorCache(tmp_path)  # the next start
     computed = cache.fill(keys, lambda positions: {"mean": torch.full((len(positions), 1), 5.0)})
     logged = capsys.readouterr().out
     assert computed == 1 and str(path) in logged and "header too large" in logged
@@ -249,10 +250,11 @@ def test_a_corrupt_entry_is_named_and_computed_again_at_the_next_start(tmp_path,
 
 
 def test_a_corrupt_entry_met_mid_run_is_removed_and_another_row_trains(tmp_path):
-    cache = TensorCache(tmp_path / "cache")
+    cache = TensorCache(tmp_path / "cache", shard_entries=1)
     keys = entries(cache)
-    files = [[str(cache.path(k)), None] for k in keys]
-    cache.path(keys[1]).write_bytes(b"garbage")
+    files = [[cache.entry(k), None] for k in keys]
+    path = cache.shard(keys[1])
+    path.write_bytes(b"garbage")
     rows = load_rows(write_table(tmp_path, {f"{i}.png": png() for i in range(3)}))
     logs = []
     ids = torch.zeros(3, 4, dtype=torch.long)
@@ -260,7 +262,7 @@ def test_a_corrupt_entry_met_mid_run_is_removed_and_another_row_trains(tmp_path)
                                 report=tmp_path / "bad_files.txt", log=logs.append)  # fmt: skip
     example = examples[(1, False)]
     assert example["mean"].tolist() == [2.0]  # row 2's entry in its place
-    assert not cache.path(keys[1]).exists() and "1.png" in logs[0] and str(cache.path(keys[1])) in logs[0]
+    assert not path.exists() and "1.png" in logs[0] and str(path) in logs[0]
     assert "does not read" in listed(tmp_path / "bad_files.txt")
 
 
@@ -289,7 +291,7 @@ def test_a_full_disk_while_caching_says_what_was_written_and_that_nothing_was_lo
         raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
                               '"No space left on device" })')  # fmt: skip
 
-    monkeypatch.setattr(cache_module, "save_file", full)
+    monkeypatch.setattr(shards_module, "save_file", full)
     torch.manual_seed(0)
     vae = AutoencoderKL(**get_preset("tiny").config("vae")).eval()
     rows = load_rows(write_table(tmp_path, {"0.png": png((32, 32))}))
@@ -373,4 +375,4 @@ def test_a_hostile_caption_folder_trains_lists_what_it_refused_and_resumes_over_
         entry.write_bytes(b"")
     capsys.readouterr()
     train(argv(3) + ["--resume", "latest"])
-    assert (out / "checkpoint-3").is_dir() and "unreadable entry (" in capsys.readouterr().out
+    assert (out / "checkpoint-3").is_dir() and "unreadable shard (" in capsys.readouterr().out

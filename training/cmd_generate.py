@@ -22,18 +22,21 @@ from training.families import family_of_folder, family_of_pipeline
 from training.schedulers import make_scheduler
 
 
-def load_pipeline(model: str, model_config: str = "sd15") -> TextToImagePipeline:
-    """The text-to-image pipeline (SD or SDXL) of a model folder, or of a single-file ``.safetensors``
-    checkpoint on the architecture ``model_config`` names (a preset or a model folder); quiet (no
-    progress bars)."""
+def load_pipeline(model: str, model_config: str = "sd15", kind: str = "text") -> TextToImagePipeline:
+    """The pipeline of ``kind`` ("text", "image" or "inpaint"; SD or SDXL) of a model folder, or of a
+    single-file ``.safetensors`` checkpoint on the architecture ``model_config`` names (a preset or a
+    model folder); quiet (no progress bars). A folder loads straight into its kind's pipeline, so that
+    an SDXL refiner's folder, which only the image pipelines take, loads for --image."""
     diffusers_logging.disable_progress_bar()  # loading bars: the command prints what it wrote
     transformers_logging.disable_progress_bar()
     path = Path(model)
     if path.is_file() or path.suffix == ".safetensors":  # the loader refuses pickles and says why
         config = model_config if Path(model_config).is_dir() else model_config.lower()
         pipe = TextToImagePipeline.from_single_file(path, config=config)
+        if kind != "text":
+            pipe = image_pipeline(pipe, inpaint=kind == "inpaint")
     else:  # SD's or SDXL's pipeline: the folder's model family says which
-        pipe = family_of_folder(path).pipeline_class().from_pretrained(path)
+        pipe = family_of_folder(path).pipeline_class(kind).from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -102,9 +105,8 @@ def _picture(flag: str, path: str) -> Image.Image:
 
 def run(args: argparse.Namespace) -> int:
     extra = image_arguments(args)
-    pipe = load_pipeline(args.model, args.model_config)
-    if args.image is not None:
-        pipe = image_pipeline(pipe, inpaint=args.mask is not None)
+    kind = "text" if args.image is None else "image" if args.mask is None else "inpaint"
+    pipe = load_pipeline(args.model, args.model_config, kind)
     scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     if scheduler is not None:
         pipe.scheduler = scheduler

@@ -191,10 +191,11 @@ class StableDiffusion:
 
         return {"text": TextToImagePipeline, "image": ImageToImagePipeline, "inpaint": InpaintPipeline}[kind]
 
-    def pipeline(self):
-        """sdlite's text-to-image pipeline of the model, with a fresh DDPM scheduler, quiet."""
+    def pipeline(self, kind: str = "text"):
+        """sdlite's pipeline of the model for ``kind`` (``pipeline_class``'s), with a fresh DDPM
+        scheduler, quiet."""
         scheduler = DDPMScheduler.from_config(self.parts.scheduler.config)
-        pipe = self.pipeline_class()(
+        pipe = self.pipeline_class(kind)(
             **{**self.parts.as_dict(), "scheduler": scheduler}, **self.pipeline_options()
         )
         pipe.set_progress_bar_config(disable=True)

@@ -37,7 +37,7 @@ from training.checkpoint import (
 RESUMABLE = frozenset({
     "max_steps", "log_every", "checkpoint_every", "checkpoints_total_limit", "report_to",
     "validation_prompts", "validation_prompts_file", "validation_every", "validation_inference_steps",
-    "validation_guidance",
+    "validation_guidance", "validation_image", "validation_strength",
     "val_data_dir", "val_count", "val_timesteps", "eval_every", "scale_count",
     "output_dir", "final_dir", "resume", "allow_config_change", "cache_dir", "cache_latents", "cache_text",
     "dataloader_num_workers", "compile", "allow_tf32", "gradient_checkpointing", "channels_last",

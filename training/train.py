@@ -283,7 +283,8 @@ class UNetTrainer(Trainer):
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out loss and the sample prompts' images (validation/step-N/NN.png and their grid
-        validation/step-N.png, in TensorBoard too), with the EMA weights when there are any."""
+        validation/step-N.png, in TensorBoard too; with validation_image, its image-to-image sample
+        validation/step-N-image.png), with the EMA weights when there are any."""
         acc, cfg = self.accelerator, self.cfg
         if not acc.is_main_process or (self.val is None and not self.sample_prompts):
             return {}
@@ -302,6 +303,10 @@ class UNetTrainer(Trainer):
                 )
                 for i, image in enumerate(images):
                     log_image(acc, f"validation/{i:02d}", image, step)
+            if cfg.validation.validation_image is not None:
+                image = self.image_to_image_sample()
+                image.save(Path(cfg.run.output_dir) / "validation" / f"step-{step}-image.png")
+                log_image(acc, "validation/image", image, step)
         denoiser.train()
         if logs:
             acc.log(logs, step=step)
@@ -349,6 +354,28 @@ class UNetTrainer(Trainer):
             for i, image in zip(places, pipe(**call, generator=generators, output_type="pil").images):
                 images[i] = image
         return images
+
+    def image_to_image_sample(self):
+        """validation_image, at the model's size, redrawn toward the first sample prompt (with its line's
+        options, as in sample_images) at validation_strength by the family's image-to-image pipeline."""
+        from PIL import Image
+
+        val = self.cfg.validation
+        [(_, call)] = sample_batches(
+            self.sample_prompts[:1],
+            self.cfg.optimizer.seed,
+            val.validation_inference_steps,
+            val.validation_guidance,
+        )
+        pipe = self.family.pipeline("image")
+        height, width = pipe.resolve_size(call.pop("height"), call.pop("width"))
+        with Image.open(val.validation_image) as image:
+            image = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+        generator = torch.Generator(self.accelerator.device).manual_seed(call.pop("seeds")[0])
+        out = pipe(
+            **call, image=image, strength=val.validation_strength, generator=generator, output_type="pil"
+        )
+        return out.images[0]
 
     # ---- the result -----------------------------------------------------------------------------------
 

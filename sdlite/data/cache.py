@@ -1,6 +1,6 @@
 """A disk cache of what the frozen models compute from the training data: VAE latents, text embeddings.
 
-Each entry is one safetensors file named by its key, the SHA-256 of everything that produced it:
+Each entry is keyed by the SHA-256 of everything that produced it:
 
 - latents of one image and one flip: the image's bytes, the decoder's version, the resolution, the crop
   box, the flip, and the VAE's fingerprint (its config and weights, so also their dtype). Stored:
@@ -12,17 +12,18 @@ Each entry is one safetensors file named by its key, the SHA-256 of everything t
   captions' token ids and both encoders' fingerprints: ``embeds`` (L, d1 + d2), both encoders'
   penultimate states concatenated, and ``pooled`` (p,), encoder 2's projected embedding
   (``sdlite.conditioning_xl``, what the SDXL pipeline computes for a prompt);
-- ``decoded/``: an empty file per image (by its bytes and the decoder's version) that decoded whole,
+- ``decoded/``: the digests of images (by their bytes and the decoder's version) that decoded whole,
   so that the check of every image before training (``sdlite.data.cleaning.clean_rows``) decodes
   each only once.
 
-A key changes whenever anything that shapes the tensor changes, so a stale entry is never read, and
-unchanged data hits in every later run, whatever its output folder. Entries are never rewritten:
-changed inputs make new keys and the old files stay until the folder is deleted. The one exception is
-an entry that no longer reads (a power cut after an unsynced write, a disk error, a hand edit): ``fill``
-opens every entry it finds (safetensors checks the header and the sizes) and computes a bad one again
-over it, naming it, and a run that meets one later removes it (``TrainingExamples``). Writes are
-fsynced before the rename, so a rename that survives a power cut names a whole file.
+Entries live in shards of about a thousand (``sdlite.data.shards``: each process writes files of its
+own and publishes each whole, readers merge the shards' headers), so a million images make a few
+thousand files, and many processes on many machines can fill one folder. A key changes whenever
+anything that shapes the tensor changes, so a stale entry is never read, and unchanged data hits in
+every later run, whatever its output folder. Entries are never rewritten: changed inputs make new keys;
+``sdlite.data.cache_clean.clean_cache`` removes the shards no run has used for a while. A shard that
+does not read is named, removed and its entries computed again (``fill``); one met mid-run likewise
+(``TrainingExamples``).
 
 Why the mean and std rather than one sample: diffusers' script draws z ~ q(z|x) afresh at every step
 (``latent_dist.sample()``). Keeping the distribution keeps exactly that, so cached training optimises
@@ -34,21 +35,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 
 from sdlite.conditioning_xl import encode_ids_xl
-from sdlite.data.dataset import ImageTransform, image_bytes
+from sdlite.data.dataset import BadCacheEntry, ImageTransform, image_bytes
 from sdlite.data.decoding import DECODER, image_size
 from sdlite.data.files import DataError, shown
-from sdlite.durable import fsync
+from sdlite.data.shards import SHARD_BYTES, SHARD_ENTRIES, KeyLog, ShardIndex, ShardWriter
 from sdlite.latents import to_latents
 
 # Config entries that do not change what a model computes from its input.
@@ -86,24 +84,22 @@ def text_key(input_ids: torch.Tensor, text_fingerprint: str) -> str:
 
 
 class DecodedImages:
-    """The images (by content) that decode_image has read whole: an empty file per image under
-    ``root/decoded``, so that a later run's check (clean_rows) need not decode them again."""
+    """The images (by content) that decode_image has read whole, kept under ``root/decoded`` (a
+    ``KeyLog``), so that a later run's check (clean_rows) need not decode them again."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root) / "decoded"
+        self.log = KeyLog(Path(root) / "decoded")
 
-    def path(self, data: bytes) -> Path:
-        key = digest(data + f"|decoder{DECODER}".encode())
-        return self.root / key[:2] / key
+    @staticmethod
+    def key(data: bytes) -> bytes:
+        return hashlib.sha256(data + f"|decoder{DECODER}".encode()).digest()
 
     def __contains__(self, data: bytes) -> bool:
-        return self.path(data).is_file()
+        return self.key(data) in self.log
 
     def add(self, data: bytes) -> None:
-        path = self.path(data)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()  # empty: it exists whole or not at all
+            self.log.add(self.key(data))
         except OSError:  # a full disk: a record not kept costs one decoding in a later run, not this run
             pass
 
@@ -113,58 +109,88 @@ class CacheWriteError(DataError, OSError):
     OSError, as the failed write was, and a DataError, as every error of the data's preparation is."""
 
 
+@dataclass(frozen=True)
+class CacheEntry:
+    """One entry of a TensorCache, what a training example reads (``TrainingExamples``): found in its
+    shard when first read, so it may be handed out before another process has written it."""
+
+    key: str
+    cache: TensorCache = field(compare=False, repr=False)
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """The entry's tensors; BadCacheEntry (its shard removed, so that the next start computes its
+        entries again) if it does not read."""
+        return self.cache.read(self.key)
+
+
 class TensorCache:
-    """Content-addressed safetensors files under ``root``: ``root/ab/abcdef....safetensors``."""
+    """Entries (key -> named tensors) in safetensors shards under ``root/shards`` (sdlite/data/shards.py)."""
 
-    def __init__(self, root: str | Path, log: Callable[[str], None] = print):
+    def __init__(self, root: str | Path, log: Callable[[str], None] = print,
+                 shard_entries: int = SHARD_ENTRIES, shard_bytes: int = SHARD_BYTES):  # fmt: skip
         self.root, self.log = Path(root), log
-
-    def path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.safetensors"
+        self.index = ShardIndex(self.root / "shards", log)
+        self.shard_entries, self.shard_bytes = shard_entries, shard_bytes
 
     def __contains__(self, key: str) -> bool:
-        return self.path(key).is_file()
+        if key not in self.index:
+            self.index.refresh()
+        return key in self.index
 
-    def readable(self, key: str) -> bool:
-        """Whether the entry is there and opens (safetensors checks its header against the file's size);
-        a bad one is named in the log."""
-        path = self.path(key)
-        if not path.is_file():
-            return False
-        try:
-            with safe_open(path, "pt"):
-                return True
-        except (OSError, SafetensorError) as error:
-            self.log(f"cache: {shown(path)}: unreadable entry ({error}); computing it again")
-            return False
+    def shard(self, key: str) -> Path:
+        """The shard file that holds the entry (KeyError if none does)."""
+        if key not in self:
+            raise KeyError(f"no cache entry {key} under {shown(self.root)!r}")
+        return self.index.shard_of(key)
+
+    def entry(self, key: str) -> CacheEntry:
+        return CacheEntry(key, self)
 
     def load(self, key: str) -> dict[str, torch.Tensor]:
-        return load_file(self.path(key))
+        """The entry's tensors, from the shards as they are now (KeyError if none holds it)."""
+        if key not in self:
+            raise KeyError(f"no cache entry {key} under {shown(self.root)!r}")
+        return self.index.load(key)
 
-    def save(self, key: str, tensors: dict[str, torch.Tensor], what: str = "cache entries") -> Path:
+    def read(self, key: str) -> dict[str, torch.Tensor]:
+        """``load`` for a training example: BadCacheEntry, naming the shard, for an entry that is
+        missing or whose shard does not read (that shard removed: ours, and not whole)."""
+        try:
+            return self.load(key)
+        except KeyError as error:
+            raise BadCacheEntry(f"cache entry {key} is in no shard of {shown(self.root)!r}; it is computed "
+                                "again when a run starts") from error  # fmt: skip
+        except (OSError, SafetensorError) as error:
+            shard = self.index.shard_of(key)
+            shard.unlink(missing_ok=True)
+            self.index.forget()
+            raise BadCacheEntry(
+                f"cache entry {key} in {shown(shard)} does not read ({type(error).__name__}: {error}); its "
+                "shard removed, its entries are computed again when a run starts"
+            ) from error
+
+    def save(self, key: str, tensors: dict[str, torch.Tensor], what: str = "cache entries") -> None:
         """Write one entry (see ``save_all``)."""
         self.save_all([(key, tensors)], what)
-        return self.path(key)
 
     def save_all(
         self, entries: Sequence[tuple[str, dict[str, torch.Tensor]]], what: str = "cache entries"
     ) -> None:
-        """Write (key, tensors) entries atomically and durably: a reader sees a whole file or none (a
-        crash leaves only .tmp files), and each file is on the disk before its name is. The fsyncs run
-        together, which a file system commits at once (one by one they cost a journal commit each).
-        CacheWriteError, naming ``what``, if they cannot be written."""
-        tmps = [(self.path(k).with_name(f"{k}.safetensors.{uuid.uuid4().hex}.tmp"), k, t) for k, t in entries]
+        """Write (key, tensors) entries into shards published whole (see sdlite.data.shards)."""
+        writer = self.writer()
+        for key, tensors in entries:
+            self.write(writer, what, key, tensors)
+        self.write(writer, what)
+
+    def writer(self) -> ShardWriter:
+        return ShardWriter(self.index.folder, self.shard_entries, self.shard_bytes)
+
+    def write(self, writer: ShardWriter, what: str, key: str | None = None, tensors=None) -> None:
+        """Hand the writer one entry, or with none publish what it holds; a published shard joins the
+        index. CacheWriteError, naming ``what``, when it cannot be written."""
         try:
-            for tmp, _, tensors in tmps:  # names unique across processes and machines
-                tmp.parent.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp)
-            with ThreadPoolExecutor(min(len(tmps), 16)) as pool:
-                list(pool.map(fsync, [tmp for tmp, _, _ in tmps]))
-            for tmp, key, _ in tmps:
-                os.replace(tmp, self.path(key))
+            shard = writer.publish() if key is None else writer.add(key, tensors)
         except (OSError, SafetensorError) as error:
-            for tmp, _, _ in tmps:
-                tmp.unlink(missing_ok=True)  # frees what the partial files took
             raise CacheWriteError(
                 f"could not write {what} to the cache {shown(self.root)!r} ({type(error).__name__}: "
                 f"{error}). Nothing was lost: the cache is filled before the first training step, the "
@@ -172,6 +198,8 @@ class TensorCache:
                 "Free disk space there (or fix the folder's permissions, or set cache_dir to a disk with "
                 "room), then start again"
             ) from error
+        if shard is not None:
+            self.index.refresh()
 
     def fill(
         self,
@@ -183,31 +211,32 @@ class TensorCache:
         progress: Callable[[int], None] | None = None,
         what: str = "cache entries",
     ) -> int:
-        """Compute and store the entries of ``keys`` that are missing or do not read; returns how many
-        (as this process saw them). ``what`` names the entries in an error ("latents").
+        """Compute and store the entries of ``keys`` that are missing; returns how many (as this
+        process saw them). ``what`` names the entries in an error ("latents").
 
         ``compute(positions)`` returns a dict of batched tensors for those positions of ``keys``. With
         several processes each computes its share of the missing entries; the caller waits for all
-        of them before reading.
+        of them before reading. A fill that is stopped keeps the shards it published.
         """
+        self.index.refresh()
         first: dict[str, int] = {}
         for i, key in enumerate(keys):
             first.setdefault(key, i)
-        # A bad entry is computed again by its owner over the old file (os.replace): none is deleted
-        # here, so no process can remove a file another has just rewritten.
-        missing = [i for key, i in first.items() if not self.readable(key)]
+        missing = [i for key, i in first.items() if key not in self.index]
+        if rank == 0:  # what this run uses is not stale (clean_cache): one process says so
+            self.index.touch(first)
         # Each key has one owner, fixed by the key itself, so processes that look at different times
         # (while others write) still split the work without gaps or overlaps.
         mine = [i for i in missing if int(keys[i][:8], 16) % world_size == rank]
+        writer = self.writer()
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
             batch = compute(chunk)
-            self.save_all(
-                [(keys[i], {name: value[j] for name, value in batch.items()}) for j, i in enumerate(chunk)],
-                what,
-            )
+            for j, i in enumerate(chunk):
+                self.write(writer, what, keys[i], {name: value[j] for name, value in batch.items()})
             if progress is not None:
                 progress(len(chunk))
+        self.write(writer, what)  # the last, short shard
         return len(missing)
 
 
@@ -241,11 +270,11 @@ def cache_latents(
     rank: int = 0,
     world_size: int = 1,
     progress: Callable[[int], None] | None = None,
-) -> tuple[list[list[str | None]], int]:
+) -> tuple[list[list[CacheEntry | None]], int]:
     """Make sure every row's latents are cached for each of ``flips``.
 
-    Returns the files per row as ``[unflipped, flipped]`` (None where that flip is not cached) and the
-    number of entries that had to be computed (0: every entry hit).
+    Returns the entries (``CacheEntry``) per row as ``[unflipped, flipped]`` (None where that flip is not
+    cached) and the number of entries that had to be computed (0: every entry hit).
     """
     vae_fingerprint = fingerprint(vae)
     images = rows.select_columns([image_column])
@@ -266,9 +295,9 @@ def cache_latents(
         return vae_moments(vae, torch.stack(pixels))
 
     missing = cache.fill(keys, compute, batch_size, rank, world_size, progress, "latents")
-    files: list[list[str | None]] = [[None, None] for _ in range(len(images))]
+    files: list[list[CacheEntry | None]] = [[None, None] for _ in range(len(images))]
     for key, (index, flip) in zip(keys, where):
-        files[index][int(flip)] = str(cache.path(key))
+        files[index][int(flip)] = cache.entry(key)
     return files, missing
 
 
@@ -279,7 +308,7 @@ def cache_text(
     batch_size: int = 64,
     rank: int = 0,
     world_size: int = 1,
-) -> tuple[list[str], int]:
+) -> tuple[list[CacheEntry], int]:
     """Make sure the embeddings of every row's token ids (N, L) are cached; returns (files, computed)."""
     text_fingerprint = fingerprint(text_encoder)
     keys = [text_key(ids, text_fingerprint) for ids in input_ids]
@@ -291,7 +320,7 @@ def cache_text(
         world_size,
         what="text embeddings",
     )
-    return [str(cache.path(key)) for key in keys], missing
+    return [cache.entry(key) for key in keys], missing
 
 
 @torch.no_grad()
@@ -313,7 +342,7 @@ def cache_text_xl(
     batch_size: int = 64,
     rank: int = 0,
     world_size: int = 1,
-) -> tuple[list[str], int]:
+) -> tuple[list[CacheEntry], int]:
     """``cache_text`` for SDXL: each row's (N, L) ids of both tokenizers -> one file of ``embeds`` and
     ``pooled``; returns (files, computed)."""
     prints = f"xl|{fingerprint(text_encoder)}|{fingerprint(text_encoder_2)}"
@@ -328,4 +357,4 @@ def cache_text_xl(
         world_size,
         what="text embeddings",
     )
-    return [str(cache.path(key)) for key in keys], missing
+    return [cache.entry(key) for key in keys], missing

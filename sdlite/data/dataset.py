@@ -1,12 +1,13 @@
 """Training rows of (image, caption) read through ``datasets``, and the transforms of one image.
 
-Three sources, each with an image column and a caption column (``image`` and ``text`` by default):
+Sources, each with an image column and a caption column (``image`` and ``text`` by default):
 
 - an image folder with ``metadata.jsonl`` lines ``{"file_name": "0001.png", "text": "a red circle"}``
   (datasets' ``imagefolder``; a folder with ``train/`` inside reads that split);
 - a folder written by ``datasets.Dataset.save_to_disk``;
 - a CSV, parquet or JSON-lines file whose image column holds paths relative to the file's folder;
-- a folder of parquet shards (``part-00000.parquet`` ..., as ``write_shards`` writes them), read whole.
+- a folder of parquet shards (``part-00000.parquet`` ..., as ``write_shards`` writes them), read whole;
+- WebDataset tar shards, a ``.tar`` file or a folder of them (sdlite/data/webdataset.py).
 
 Images stay encoded in the rows (``datasets.Image(decode=False)``): the cache keys on their bytes and
 a cached run never decodes them again.
@@ -36,8 +37,6 @@ import torch
 from datasets.data_files import EmptyDatasetError
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from sdlite.data.decoding import check_aspect, decode_image, pixel_limit, why_unusable
 from sdlite.data.files import (
@@ -49,6 +48,7 @@ from sdlite.data.files import (
     resolve_in,
     shown,
 )
+from sdlite.data.webdataset import tar_shards, webdataset_rows
 
 TABLE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 # Cached latents and embeddings kept in memory after their first read, per process (and per DataLoader
@@ -120,6 +120,8 @@ def load_rows(
     elif path.is_dir() and _parquet_shards(path) and not _metadata_files(path):
         rows = datasets.load_dataset("parquet", data_files=_parquet_shards(path), split="train")
         rows = _absolute_paths(rows, path.resolve(), image_column, allow_outside)
+    elif tar_shards(path) and not (path.is_dir() and _metadata_files(path)):
+        rows = webdataset_rows(path, image_column, caption_column, bad_data, PROBLEM, WHERE)
     elif path.is_dir():
         rows, problems = _rows_of_lines(_metadata_files(path), path, image_column, caption_column, bad_data,
                                         allow_outside, "file_name")  # fmt: skip
@@ -141,8 +143,8 @@ def load_rows(
             rows = _absolute_paths(rows, folder, image_column, allow_outside)
     else:
         raise DataError(
-            f"data source {str(path)!r} is neither a folder (images with metadata.jsonl, or a dataset "
-            f"saved with save_to_disk) nor a {'/'.join(TABLE_FORMATS)} file"
+            f"data source {str(path)!r} is neither a folder (images with metadata.jsonl, a dataset saved "
+            f"with save_to_disk, parquet or webdataset .tar shards) nor a {'/'.join(TABLE_FORMATS)}/.tar file"
         )
     for kind, column in (("image", image_column), ("caption", caption_column)):
         if column not in rows.column_names:
@@ -273,7 +275,7 @@ class ImageTransform:
 
 
 class BadCacheEntry(DataError):
-    """A cache file that does not read (sdlite.data.cache's entries): removed when met."""
+    """A cache entry that does not read (sdlite.data.cache): its shard removed when met."""
 
 
 def row_name(entry, index: int) -> str:
@@ -286,7 +288,7 @@ class TrainingExamples(torch.utils.data.Dataset):
     """Item ``(index, flip)`` -> one example as a dict of tensors.
 
     The latent side is ``mean`` and ``std`` of q(z|x) (C, h, w) read from the cache when
-    ``latent_files`` is given (one file per flip), else ``pixels`` (3, R, R) for the trainer to
+    ``latent_files`` is given (one cache entry per flip), else ``pixels`` (3, R, R) for the trainer to
     encode. The text side is ``embeds`` (L, D) from the cache when ``embed_files`` is given, else
     ``input_ids`` (L,) for the trainer to encode.
 
@@ -306,8 +308,8 @@ class TrainingExamples(torch.utils.data.Dataset):
         image_column: str,
         transform: ImageTransform,
         input_ids: torch.Tensor,
-        latent_files: list[list[str | None]] | None = None,
-        embed_files: list[str] | None = None,
+        latent_files: list[list] | None = None,  # CacheEntry per row and flip (sdlite.data.cache)
+        embed_files: list | None = None,  # CacheEntry per row
         report: str | Path | None = None,
         log: Callable[[str], None] = print,
         groups: Sequence | None = None,
@@ -317,7 +319,7 @@ class TrainingExamples(torch.utils.data.Dataset):
         self.latent_files, self.embed_files = latent_files, embed_files
         self.report, self.log, self.groups = report, log, groups
         self.broken: set[int] = set()  # rows found broken in this process
-        self.memory: dict[str, dict[str, torch.Tensor]] = {}  # cache file -> its tensors, see read_cached
+        self.memory: dict[object, dict[str, torch.Tensor]] = {}  # cache entry -> its tensors, see read_cached
         self.memory_bytes = 0
 
     def __len__(self) -> int:
@@ -382,23 +384,16 @@ class TrainingExamples(torch.utils.data.Dataset):
             example["input_ids"] = self.input_ids[index]
         return example
 
-    def read_cached(self, path: str) -> dict[str, torch.Tensor]:
-        """A cache file's tensors, from memory after the first read while CACHE_MEMORY_BYTES has room.
-        The cache is written once at start-up and only read after, and the loader stacks each batch
-        into new tensors, so the kept ones are never changed. BadCacheEntry (the file removed) for a
-        file that does not read."""
-        tensors = self.memory.get(path)
+    def read_cached(self, entry) -> dict[str, torch.Tensor]:
+        """A cache entry's tensors (a ``sdlite.data.cache.CacheEntry``), from memory after the first read
+        while CACHE_MEMORY_BYTES has room. The cache is written once at start-up and only read after,
+        and the loader stacks each batch into new tensors, so the kept ones are never changed.
+        BadCacheEntry (its shard removed) for an entry that does not read."""
+        tensors = self.memory.get(entry)
         if tensors is None:
-            try:
-                tensors = load_file(path)
-            except (OSError, SafetensorError) as error:
-                Path(path).unlink(missing_ok=True)  # ours: the next start computes it again
-                raise BadCacheEntry(
-                    f"cache entry {path} does not read ({type(error).__name__}: {error}); removed, it is "
-                    "computed again when a run starts"
-                ) from error
+            tensors = entry.load()
             size = sum(t.numel() * t.element_size() for t in tensors.values())
             if self.memory_bytes + size <= CACHE_MEMORY_BYTES:
-                self.memory[path] = tensors
+                self.memory[entry] = tensors
                 self.memory_bytes += size
         return dict(tensors)

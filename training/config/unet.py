@@ -340,6 +340,12 @@ class ValidationSection(Section):
     val_data_dir: str | None = option(None, "held-out data for the validation loss (same formats as train)")
     val_count: int = option(64, "held-out items used")
     val_timesteps: list[int] = option([100, 300, 500, 700, 900], "validation loss t")
+    validation_image: str | None = option(
+        None,
+        "an image redrawn toward the first sample prompt by image to image at each validation, beside "
+        "the prompts' images (validation/step-N-image.png)",
+    )
+    validation_strength: float = option(0.6, "validation_image's strength: the share of the schedule redrawn")
 
     def problems(self) -> list[str]:
         """Also what would only show at the first validation."""
@@ -356,7 +362,33 @@ class ValidationSection(Section):
             problems.append(
                 f"val_timesteps={self.val_timesteps}: use timesteps from 0 to 999, e.g. 100,500,900"
             )
-        return problems + prompts_file_problems(self.validation_prompts_file)
+        return problems + prompts_file_problems(self.validation_prompts_file) + self.image_problems()
+
+    def image_problems(self) -> list[str]:
+        """validation_image: a file PIL reads, a prompt to redraw it toward, a strength that runs a step."""
+        strength, steps = self.validation_strength, self.validation_inference_steps
+        if not 0 < strength <= 1:  # NaN too
+            return [f"validation_strength={strength}: use a number in (0, 1], e.g. 0.6"]
+        if self.validation_image is None:
+            return []
+        if int(steps * strength) < 1:
+            return [
+                f"validation_strength={strength} of validation_inference_steps={steps} runs no step: "
+                f"raise either (at least {1 / steps:.3g} of {steps} steps)"
+            ]
+        if not (self.validation_prompts or self.validation_prompts_file):
+            return ["validation_image needs a prompt to redraw it toward: give validation_prompts too"]
+        from PIL import Image  # here, not at the top: a config parses without image libraries
+
+        name = self.validation_image
+        try:
+            with Image.open(name) as image:
+                image.verify()
+        except FileNotFoundError:
+            return [f"validation_image={name!r}: no such file; give an image file or leave it out"]
+        except Exception as e:  # PIL raises many kinds for a file that is not an image
+            return [f"validation_image={name!r} is not an image PIL reads ({e}): give a PNG or JPEG"]
+        return []
 
 
 @dataclass
