@@ -19,6 +19,11 @@
    train_text_to_image_lora.py (frozen base in bf16, adapters in fp32, VAE and CLIP encode per step;
    its images are decoded once up front, so its images/s leaves out the image decoding).
 
+4. ``--memory``: only the memory table of benchmarks/bench_memory.py on this GPU (peak
+   torch.cuda.max_memory_allocated of a step and its parts: weights, gradients, optimizer state,
+   activations; each memory lever in turn; beside steps after diffusers' train_text_to_image_lora.py
+   and train_text_to_image_lora_sdxl.py): sd15 at 512 px and sdxl at 1024 px, LoRA and full.
+
 Each variant runs in a fresh subprocess, so its peak memory (torch.cuda.max_memory_allocated; RSS on
 a CPU) is its own. The tables print as markdown for benchmarks/RESULTS.md.
 """
@@ -305,6 +310,24 @@ def report(args, results: dict) -> None:
         print(f"| {r['px']} | {name} | {args.batch * args.steps / r['seconds']:.2f} | {r['peak_gb']:.2f} |")
 
 
+# bench_memory.py's runs on a GPU: SD 1.5 at 512 px in fp32 (as the CPU rows), SDXL at 1024 px with its
+# base in bf16 (mixed precision), and both models' full fine-tunes with each optimizer.
+MEMORY_RUNS = [
+    ["--model", "sd15"],
+    ["--model", "sd15", "--mode", "full"],
+    ["--model", "sdxl", "--precision", "bf16"],
+    ["--model", "sdxl", "--mode", "full", "--precision", "bf16", "--keys", '{"gradient_checkpointing": 1}'],
+]
+
+
+def memory_table(args) -> None:
+    for flags in MEMORY_RUNS:
+        command = [sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--device", args.device,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), *flags]  # fmt: skip
+        print("$ " + " ".join(command[1:]), flush=True)
+        subprocess.run(command, cwd=ROOT, check=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="sd15")
@@ -322,6 +345,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed text-to-image calls; 5 (cuda) or 1")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16; 989: H100 SXM")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--memory", action="store_true", help="only bench_memory.py's table, on this device")
     for hidden in ("child", "work", "variant", "px", "compile"):
         parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -342,6 +366,8 @@ def main() -> None:
     args.compile = args.compile == "True"
     if args.child:
         return child(args)
+    if args.memory:
+        return memory_table(args)
 
     import diffusers
     import torch

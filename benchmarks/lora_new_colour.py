@@ -13,6 +13,12 @@
    shapes of the known colours), base frozen.
 4. The same fidelity with the adapter loaded (``pipe.load_lora_weights``), and at scale 0.
 
+``--kind loha | lokr | dora`` trains LyCORIS' LoHa or LoKr, or DoRA, in place of the LoRA, with the same
+rank, alpha, steps and rate (``--lora_type``, ``--lora_dora``); a LoHa or LoKr is merged when loaded, so
+it has no scale-0 row. ``--kind textual_inversion`` trains a word ``<magenta>`` instead (its vectors
+alone, the base untouched; the captions say the word) and asks for "a <magenta> circle". Each run also
+reports its file's size and its seconds per step.
+
 The in-suite version (tests/test_train_lora.py) is cut down to seconds and measures bits/dim instead.
 
 What it measured, with the commands and the machine: benchmarks/RESULTS.md, "LoRA and DreamBooth".
@@ -30,11 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 NEW = "magenta"
+WORD = "<magenta>"  # --kind textual_inversion's new word
 SEEN = ["red", "green", "blue", "yellow", "cyan"]
 
 
-def fidelity(pipe, colours: list[str], n: int, steps: int, guidance: float, scale: float | None = None):
-    """Prompt fidelity over every shape in ``colours``; ``scale``: the adapters' strength."""
+def fidelity(pipe, colours: list[str], n: int, steps: int, guidance: float, scale: float | None = None,
+             word: str | None = None):  # fmt: skip
+    """Prompt fidelity over every shape in ``colours``; ``scale``: the adapters' strength; ``word``: a
+    textual-inversion word said in the new colour's place (the checker still reads the colour)."""
     import torch
 
     from sdlite.data.shapes import SHAPES
@@ -44,6 +53,7 @@ def fidelity(pipe, colours: list[str], n: int, steps: int, guidance: float, scal
     extra = {} if scale is None else {"cross_attention_kwargs": {"scale": scale}}
 
     def generate(asked, seed):
+        asked = [p.replace(NEW, word) for p in asked] if word else asked
         generator = torch.Generator().manual_seed(seed)
         return list(pipe(list(asked), num_inference_steps=steps, guidance_scale=guidance,
                          generator=generator, output_type="np", **extra).images)  # fmt: skip
@@ -89,6 +99,11 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0, help="the LoRA run's seed")
     parser.add_argument("--replay", type=int, default=0, help="images of the known colours mixed in")
+    parser.add_argument("--word_init", default="red", help="textual inversion: the word its vectors start at")
+    parser.add_argument("--word_lr", type=float, default=1e-2, help="textual inversion: the vectors' rate")
+    kinds = ["lora", "loha", "lokr", "dora", "textual_inversion"]
+    parser.add_argument("--kind", default="lora", choices=kinds,
+                        help="the adapter: LoRA, LyCORIS' LoHa or LoKr, DoRA, or a new word")  # fmt: skip
     args = parser.parse_args()
 
     import torch
@@ -138,23 +153,45 @@ def main() -> None:
     # The saved base's own layer count: a base built by an earlier run may differ from this run's flag.
     base_layers = json.loads((base_model / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
     run_name = f"seed{args.seed}" + (f"-replay{args.replay}" if args.replay else "")
+    kind = {"loha": {"lora_type": "loha"}, "lokr": {"lora_type": "lokr"}, "dora": {"lora_dora": "true"}}
+    if args.kind != "lora":
+        run_name = f"{args.kind}-{run_name}"
     lora_dir = out / f"lora-{run_name}"
-    final = train.main(flags(config=recipe("tiny-lora.yaml"), pretrained=base_model,
-                             train_data_dir=lora_data, val_data_dir=new_data / "test",
-                             output_dir=lora_dir, cache_dir=out / "cache", max_steps=args.lora_steps,
-                             lora_text_encoder=str(base_layers > 0).lower(),
-                             seed=args.seed, report_to="none"))  # fmt: skip
+    common = dict(pretrained=base_model, val_data_dir=new_data / "test", output_dir=lora_dir,
+                  cache_dir=out / "cache", max_steps=args.lora_steps, seed=args.seed,
+                  report_to="none")  # fmt: skip
+    if args.kind == "textual_inversion":  # the word in the colour's place in every caption
+        word_data = mixed_data(out / "data-magenta-word", lora_data, lora_data, 0)
+        metadata = word_data / "metadata.jsonl"
+        metadata.write_text(metadata.read_text().replace(NEW, WORD))
+        final = train.main(flags(train_data_dir=word_data, textual_inversion_token=WORD,
+                                 textual_inversion_init=args.word_init, learning_rate=args.word_lr,
+                                 train_batch_size=32, caption_dropout=0.1,
+                                 lr_scheduler="constant_with_warmup", lr_warmup_steps=20,
+                                 adam_weight_decay=0.0, max_grad_norm=1.0, snr_gamma=5.0,
+                                 checkpoint_every=0, **{**common, "val_data_dir": "none"}))  # fmt: skip
+    else:
+        final = train.main(flags(config=recipe("tiny-lora.yaml"), train_data_dir=lora_data,
+                                 lora_text_encoder=str(base_layers > 0).lower(), **common,
+                                 **kind.get(args.kind, {})))  # fmt: skip
     seconds["lora"] = time.perf_counter() - t
+    seconds["per_step"] = seconds["lora"] / args.lora_steps  # validation and saving included
+    files = {f.name: f.stat().st_size for f in Path(final).glob("*.safetensors")}
 
-    pipe.load_lora_weights(final, adapter_name="magenta")
+    word = WORD if args.kind == "textual_inversion" else None
+    if word:
+        pipe.load_textual_inversion(Path(final) / "learned_embeds.safetensors")
+    else:
+        pipe.load_lora_weights(final, adapter_name="magenta")
     print("\n=== with the adapter ===")
     results["lora"] = {
-        NEW: fidelity(pipe, [NEW], args.n, args.eval_steps, args.guidance),
+        NEW: fidelity(pipe, [NEW], args.n, args.eval_steps, args.guidance, word=word),
         "seen": fidelity(pipe, SEEN, max(1, args.n // 2), args.eval_steps, args.guidance),
     }
-    print("\n=== adapter at scale 0 ===")
-    results["scale0"] = {NEW: fidelity(pipe, [NEW], args.n, args.eval_steps, args.guidance, scale=0.0)}
-    results["seconds"] = seconds
+    if args.kind in ("lora", "dora"):  # a LoHa or LoKr is merged into the weights: no run-time scale
+        print("\n=== adapter at scale 0 ===")
+        results["scale0"] = {NEW: fidelity(pipe, [NEW], args.n, args.eval_steps, args.guidance, scale=0.0)}
+    results["seconds"], results["file_bytes"] = seconds, files
     (out / f"results-{run_name}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

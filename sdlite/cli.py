@@ -292,7 +292,9 @@ def final_message(final: str | Path, base: str | None, prompt: str, lora: bool) 
         )
     if base is None:
         return f"{written}\n(its base was a preset's random weights, read from no folder: no generate line)"
-    spec = f"{final / 'pytorch_lora_weights.safetensors'}:{FIRST_LORA_SCALE:g}"
+    from sdlite.kohya import weights_file  # a LoHa's or LoKr's folder holds lora_kohya.safetensors alone
+
+    spec = f"{weights_file(final)}:{FIRST_LORA_SCALE:g}"
     line = shlex.join(["sdlite", "generate", "--model", str(base), "--lora", spec, prompt])
     return f"{written}\ngenerate with: {line}"
 

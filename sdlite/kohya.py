@@ -75,9 +75,13 @@ def _kohya_path(part: str, module: str) -> str:
 
 
 def weights_file(path: str | Path) -> Path:
-    """A folder's ``pytorch_lora_weights.safetensors``, or the file itself."""
+    """A folder's ``pytorch_lora_weights.safetensors`` (or, in a folder without one, its
+    ``lora_kohya.safetensors``: what a LoHa or LoKr run writes), or the file itself."""
     path = Path(path)
-    return path / DIFFUSERS_WEIGHT_NAME if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    diffusers, kohya = path / DIFFUSERS_WEIGHT_NAME, path / KOHYA_WEIGHT_NAME
+    return kohya if kohya.is_file() and not diffusers.exists() else diffusers
 
 
 def load_lora_file(path: str | Path) -> tuple[dict, dict[str, str]]:
@@ -234,8 +238,23 @@ def read_modules(path: str | Path, unet_config=None) -> tuple[Modules, str, str 
 # ---- writing -----------------------------------------------------------------------------------
 
 
-def _header(base_model: str | None) -> dict[str, str]:
+def sdlite_header(base_model: str | None) -> dict[str, str]:
     return {"format": "pt", SDLITE_METADATA_KEY: json.dumps({"base_model": base_model})}
+
+
+def kohya_name(part: str, module: str, width_in: int, width_out: int, sdxl: bool, unet_config=None) -> str:
+    """kohya's name of a module (``lora_unet_...``, ``lora_te_...``): an SDXL U-Net's in SGM block names
+    (its widths checked against the U-Net of ``unet_config``), SDXL's encoders ``lora_te1``/``lora_te2``."""
+    prefix = "lora_te1" if part == "text_encoder" and sdxl else KOHYA_PREFIXES[part]
+    if part == "unet" and sdxl:
+        return f"{prefix}_{sgm_name(module, width_in, width_out, unet_config)}"
+    return f"{prefix}_{_kohya_path(part, module).replace('.', '_')}"
+
+
+def kohya_header(network_module: str, sdxl: bool) -> dict[str, str]:
+    """What sd-scripts' files say they are: the network's module, and SDXL's base model version."""
+    header = {"ss_network_module": network_module}
+    return header | {"ss_base_model_version": "sdxl_base_v1-0"} if sdxl else header
 
 
 def to_kohya(modules: Modules, unet_config=None) -> tuple[dict, dict[str, str]]:
@@ -247,15 +266,9 @@ def to_kohya(modules: Modules, unet_config=None) -> tuple[dict, dict[str, str]]:
     import torch
 
     sdxl = is_sdxl(modules, unet_config)
-    tensors, header = {}, {"ss_network_module": "networks.lora"}  # what sd-scripts' files say they are
-    if sdxl:
-        header["ss_base_model_version"] = "sdxl_base_v1-0"  # sd-scripts' word for an SDXL LoRA
+    tensors, header = {}, kohya_header("networks.lora", sdxl)
     for (part, module), m in modules.items():
-        prefix = "lora_te1" if part == "text_encoder" and sdxl else KOHYA_PREFIXES[part]
-        if part == "unet" and sdxl:
-            name = f"{prefix}_{sgm_name(module, m.down[0].numel(), m.up.shape[0], unet_config)}"
-        else:
-            name = f"{prefix}_{_kohya_path(part, module).replace('.', '_')}"
+        name = kohya_name(part, module, m.down[0].numel(), m.up.shape[0], sdxl, unet_config)
         tensors[f"{name}.lora_down.weight"] = m.down.contiguous()
         tensors[f"{name}.lora_up.weight"] = m.up.contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
@@ -295,18 +308,24 @@ def write_lora(
     """Write ``modules`` to ``file`` in layout ``to`` ("kohya" or "diffusers"), via a temporary file so
     that a failure (a full disk: LoraFileError saying what to free) leaves no half-written file behind.
     ``unet_config``: the U-Net an SDXL LoRA's kohya names are for (``to_kohya``)."""
-    import safetensors.torch
-
     if to not in ("kohya", "diffusers"):
         raise LoraFileError(f"unknown layout {to!r}: choose 'kohya' or 'diffusers'")
     if not modules:
         raise LoraFileError("no LoRA modules to write")
     tensors, header = to_kohya(modules, unet_config) if to == "kohya" else to_diffusers(modules)
+    return save_atomically(tensors, {**sdlite_header(base_model), **header}, file)
+
+
+def save_atomically(tensors: dict, header: dict[str, str], file: str | Path) -> Path:
+    """Write a safetensors file via a temporary one, so that a failure (a full disk: LoraFileError saying
+    what to free) leaves no half-written file behind, and an existing file unchanged."""
+    import safetensors.torch
+
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     partial = file.with_name(file.name + ".partial")
     try:
-        safetensors.torch.save_file(tensors, partial, metadata={**_header(base_model), **header})
+        safetensors.torch.save_file(tensors, partial, metadata=header)
         partial.replace(file)
     except (OSError, safetensors.SafetensorError) as e:  # a full disk, a read-only folder
         partial.unlink(missing_ok=True)  # gives the space back
@@ -319,6 +338,26 @@ def write_lora(
     return file
 
 
+def _is_dora(file: Path) -> bool:
+    """Whether a safetensors LoRA file is a DoRA, from its tensor names alone."""
+    import safetensors
+
+    from sdlite.lycoris import is_dora_file
+
+    if not file.is_file() or file.suffix != ".safetensors":
+        return False  # load_lora_file names what is wrong with it
+    try:
+        with safetensors.safe_open(file, framework="pt") as f:
+            return is_dora_file(dict.fromkeys(f.keys()))
+    except Exception:  # not a safetensors file: load_lora_file says so
+        return False
+
+
+def detect_dora_layout(tensors: dict) -> str:
+    """ "kohya" (LyCORIS' keys) or "diffusers" for a DoRA's tensors."""
+    return "kohya" if all(map(is_kohya_key, tensors)) else "diffusers"
+
+
 def convert_lora_file(
     src: str | Path, out: str | Path, to: str = "kohya", overwrite: bool = False, unet_config=None
 ) -> Path:
@@ -328,7 +367,8 @@ def convert_lora_file(
     gets ``pytorch_lora_weights.safetensors`` (what ``load_lora_weights(folder)`` reads). Returns the
     file written. Refuses pickles, unknown layouts, a file already in layout ``to``, and an existing
     ``out`` unless ``overwrite``. ``unet_config``: the U-Net of the model the LoRA is for, which
-    places an SDXL LoRA's SGM-named U-Net modules (SDXL 1.0's U-Net when None).
+    places an SDXL LoRA's SGM-named U-Net modules (SDXL 1.0's U-Net when None). A DoRA goes between
+    diffusers' layout and LyCORIS' kohya keys (``dora_scale``: ``sdlite.lycoris.convert_dora``).
     """
     src, out = weights_file(src), Path(out)
     if out.suffix != ".safetensors":
@@ -339,6 +379,14 @@ def convert_lora_file(
         raise LoraFileError(f"{str(out)!r} is the file being converted; write the result elsewhere")
     if out.exists() and not overwrite:
         raise LoraFileError(f"{str(out)!r} exists; choose another name or pass overwrite (--overwrite)")
+    if _is_dora(src):  # kohya's LoRA layout has no magnitude: LyCORIS' has (sdlite.lycoris)
+        from sdlite.lycoris import convert_dora
+
+        tensors, header = load_lora_file(src)
+        if detect_dora_layout(tensors) == to:
+            raise LoraFileError(f"{str(src)!r} is already in {to}'s layout")
+        base = json.loads(header.get(SDLITE_METADATA_KEY, "{}")).get("base_model")
+        return convert_dora(tensors, header, out, to, unet_config, base)
     modules, layout, base = read_modules(src, unet_config)
     if layout == to:
         raise LoraFileError(f"{str(src)!r} is already in {to}'s layout")

@@ -33,13 +33,22 @@ import safetensors.torch
 import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
+from peft.tuners.loha import LoHaLayer
+from peft.tuners.lokr import LoKrLayer
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lycoris_utils import LycorisLayer
 from peft.utils import get_peft_model_state_dict
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the U-Net's self- and cross-attention projections
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's self-attention projections
 SDLITE_METADATA_KEY = "sdlite"
+# LoRA; LoHa and LoKr, LyCORIS' Hadamard and Kronecker forms (sdlite.lycoris)
+KINDS = ("lora", "loha", "lokr")
+# Every kind's trained tensors in peft's layers (DoRA's magnitude is LoRA's lora_magnitude_vector).
+ADAPTER_TENSORS = (
+    LoraLayer.adapter_layer_names + LoHaLayer.adapter_layer_names + LoKrLayer.adapter_layer_names
+)
 
 
 @dataclass
@@ -50,15 +59,24 @@ class LoraSettings:
     unet_targets: tuple[str, ...] = UNET_TARGETS
     text_encoder: bool = False  # also adapt the text encoder
     text_encoder_targets: tuple[str, ...] = TEXT_ENCODER_TARGETS
+    kind: str = "lora"  # one of KINDS
+    dora: bool = False  # DoRA (Liu et al. 2024): LoRA plus a trained magnitude per output row
 
-    def config(self, targets: tuple[str, ...]) -> LoraConfig:
-        # peft's default initialisation: A Kaiming-uniform, B zero, so a new adapter changes nothing.
+    def config(self, targets: tuple[str, ...]) -> LoraConfig | LoHaConfig | LoKrConfig:
+        """peft's config of this kind. Each starts at a zero update (LoRA's B, LoHa's w2_b, LoKr's w1
+        are zeros), so a new adapter changes nothing; r and alpha mean the same in all three: the
+        update is scaled by alpha / r."""
+        alpha = self.alpha if self.alpha is not None else self.rank
+        if self.kind == "loha":
+            return LoHaConfig(r=self.rank, alpha=alpha, target_modules=list(targets))
+        if self.kind == "lokr":
+            return LoKrConfig(r=self.rank, alpha=alpha, target_modules=list(targets))
+        if self.kind != "lora":
+            raise ValueError(f"unknown adapter kind {self.kind!r}: choose one of {', '.join(KINDS)}")
         return LoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha if self.alpha is not None else self.rank,
-            lora_dropout=self.dropout,
-            target_modules=list(targets),
-        )
+            r=self.rank, lora_alpha=alpha, lora_dropout=self.dropout, target_modules=list(targets),
+            use_dora=self.dora,
+        )  # fmt: skip
 
 
 def targets_found(model: torch.nn.Module, targets: Sequence[str]) -> bool:
@@ -104,15 +122,20 @@ def add_lora(unet, text_encoder=None, settings: LoraSettings | None = None, adap
 
 
 def named_adapter_parameters(model, adapter_name: str = "default") -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) of one adapter's A and B matrices; empty when ``model`` is None or has none."""
+    """(name, parameter) of one adapter's trained tensors (LoRA's A and B, DoRA's magnitude, LoHa's and
+    LoKr's factors); empty when ``model`` is None or has none."""
     if model is None:
         return []
-    keys = (f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}.")
-    return [(name, p) for name, p in model.named_parameters() if any(k in name for k in keys)]
+    keys = tuple(f".{tensor}.{adapter_name}" for tensor in ADAPTER_TENSORS)
+    return [
+        (name, p)
+        for name, p in model.named_parameters()
+        if any(k + "." in name or name.endswith(k) for k in keys)  # LoRA's A ends in .weight, LoHa's not
+    ]
 
 
 def adapter_parameters(model, adapter_name: str = "default") -> list[torch.nn.Parameter]:
-    """The A and B matrices of one adapter; empty when ``model`` is None or has no such adapter."""
+    """The trained tensors of one adapter; empty when ``model`` is None or has no such adapter."""
     return [p for _, p in named_adapter_parameters(model, adapter_name)]
 
 
@@ -137,7 +160,7 @@ def lora_param_groups(
 
 
 class AdapterWeights(torch.nn.Module):
-    """A module whose parameters are one adapter's A and B matrices in ``model``, shared, not copied.
+    """A module whose parameters are one adapter's tensors in ``model`` (A and B...), shared, not copied.
 
     Its ``state_dict`` is what a LoRA checkpoint needs of the model (megabytes, not the frozen base),
     and ``load_state_dict`` writes into the model's adapter in place, so the optimizer's references
@@ -176,7 +199,8 @@ def adapter_scale(*models, scale: float | None):
     if scale is None or scale == 1:
         yield
         return
-    layers = [m for model in models if model is not None for m in model.modules() if isinstance(m, LoraLayer)]
+    kinds = (LoraLayer, LycorisLayer)  # LoRA and DoRA; LoHa and LoKr
+    layers = [m for model in models if model is not None for m in model.modules() if isinstance(m, kinds)]
     saved = [dict(layer.scaling) for layer in layers]
     for layer in layers:
         layer.scale_layer(scale)
@@ -196,6 +220,25 @@ def _adapter_config(model, adapter_name: str) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}  # sets are not JSON
 
 
+def adapter_kind(model, adapter_name: str = "default") -> str:
+    """The kind of ``model``'s adapter: "lora", "dora" (LoRA with use_dora), "loha" or "lokr"."""
+    config = model.peft_config[adapter_name]
+    if isinstance(config, (LoHaConfig, LoKrConfig)):
+        return "loha" if isinstance(config, LoHaConfig) else "lokr"
+    return "dora" if config.use_dora else "lora"
+
+
+def adapter_state_dict(model, part: str, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """peft's state dict of one adapter (its name dropped from the keys), as diffusers' loader reads it
+    into ``part``: a text encoder's DoRA magnitudes named ``lora_magnitude_vector.weight``, which is
+    where transformers' adapter loading looks (without ``.weight`` it leaves them at their fresh
+    value, and the loaded encoder computes another function); the U-Net's keep peft's names."""
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    if part.startswith("text_encoder"):
+        state = {k + ".weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in state.items()}
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
 def save_lora(
     path: str | Path,
     unet,
@@ -209,32 +252,41 @@ def save_lora(
     The text encoder's adapter is written when it has one named ``adapter_name``. Pass models
     unwrapped from accelerate / DDP. ``base_model`` (a folder or a name) is recorded in the header.
     ``format="kohya"`` also writes ``path/lora_kohya.safetensors`` in kohya's layout (A1111, ComfyUI),
-    each module with its alpha (``sdlite.kohya``), and returns that file.
+    each module with its alpha (``sdlite.kohya``; a DoRA's with its ``dora_scale``, ``sdlite.lycoris``),
+    and returns that file. A LoHa or LoKr, which diffusers does not read, is written as that file alone,
+    whatever ``format`` says (sdlite's pipelines load it from ``path`` too).
     """
     if format not in ("diffusers", "kohya"):
         raise ValueError(f"unknown LoRA file format {format!r}: choose 'diffusers' or 'kohya'")
-    tensors, configs = {}, {}
-    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
-        if not _has_adapter(model, adapter_name):
-            continue
-        state = get_peft_model_state_dict(model, adapter_name=adapter_name)  # adapter name dropped from keys
-        tensors.update({f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in state.items()})
-        configs.update({f"{prefix}.{k}": v for k, v in _adapter_config(model, adapter_name).items()})
-    if not tensors:
+    from sdlite.kohya import KOHYA_WEIGHT_NAME, convert_lora_file
+    from sdlite.lycoris import save_lycoris
+
+    models = {
+        p: m for p, m in (("unet", unet), ("text_encoder", text_encoder)) if _has_adapter(m, adapter_name)
+    }
+    if not models:
         raise ValueError(f"neither the U-Net nor the text encoder has an adapter named {adapter_name!r}")
+    path = Path(path)
+    kind = adapter_kind(next(iter(models.values())), adapter_name)
+    if kind in ("loha", "lokr"):
+        return save_lycoris(path / KOHYA_WEIGHT_NAME, models, unet.config, base_model, adapter_name)
+    tensors, configs = {}, {}
+    for prefix, model in models.items():
+        state = adapter_state_dict(model, prefix, adapter_name)
+        tensors.update({f"{prefix}.{k}": v for k, v in state.items()})
+        configs.update({f"{prefix}.{k}": v for k, v in _adapter_config(model, adapter_name).items()})
     header = {
         "format": "pt",
         LORA_ADAPTER_METADATA_KEY: json.dumps(configs, indent=2, sort_keys=True),
         SDLITE_METADATA_KEY: json.dumps({"base_model": None if base_model is None else str(base_model)}),
     }
-    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     file = path / LORA_WEIGHT_NAME_SAFE
     safetensors.torch.save_file(tensors, file, metadata=header)
+    kohya_file = path / KOHYA_WEIGHT_NAME  # SDXL's U-Net blocks get the names of this U-Net's shape
+    if format == "kohya" and kind == "dora":  # kohya's LoRA layout has no magnitude: LyCORIS' has
+        return save_lycoris(kohya_file, models, unet.config, base_model, adapter_name)
     if format == "kohya":  # from the file just written, so both files hold the same adapter
-        from sdlite.kohya import KOHYA_WEIGHT_NAME, convert_lora_file
-
-        kohya_file = path / KOHYA_WEIGHT_NAME  # SDXL's U-Net blocks get the names of this U-Net's shape
         return convert_lora_file(file, kohya_file, to="kohya", overwrite=True, unet_config=unet.config)
     return file
 

@@ -32,7 +32,8 @@ def test_a_lora_setting_without_lora_is_refused_before_the_model(tmp_path, nothi
 def test_each_lora_setting_changed_without_lora_is_named(key):
     value = {"lora_target_modules": "[to_q]", "lora_text_encoder_target_modules": "[q_proj]",
              "lora_text_encoder": "true", "lora_save_format": "kohya", "text_encoder_lr": "1e-3",
-             "lora_alpha": "2", "lora_dropout": "0.1", "lora_rank": "2"}[key]  # fmt: skip
+             "lora_alpha": "2", "lora_dropout": "0.1", "lora_rank": "2", "lora_type": "loha",
+             "lora_dora": "true", "lora_base_dtype": "bf16"}[key]  # fmt: skip
     problems = parse_config(TrainConfig, [f"--{key}", value]).problems()
     assert problems == [f"{key} set without lora: a run without it trains the weights themselves, not an "
                         "adapter: add --lora true, or leave them out"]  # fmt: skip

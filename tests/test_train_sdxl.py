@@ -209,10 +209,6 @@ def test_a_lora_on_unet_and_both_encoders_gives_the_same_images_in_diffusers(dat
     [
         (dict(streaming="true"), "streaming with SDXL"),
         (dict(caption_tag_dropout_rate=0.1), "caption_tag_dropout_rate with SDXL"),
-        (
-            dict(lora="true", lora_save_format="kohya", lora_from_scratch="true"),
-            "kohya is not written for SDXL",
-        ),
         (dict(text_encoder_layers=0), "text_encoder_layers is for SD presets"),
         (dict(unet_block_out_channels="32,64,64"), "unet_block_out_channels is for SD presets"),
         (dict(unet_mid_block="false"), "unet_mid_block is for SD presets"),

@@ -2,7 +2,9 @@
 
 A checkpoint holds the trained weights (safetensors), the optimizer state (``torch.load`` with
 ``weights_only=True``: nothing is unpickled as code), the learning-rate schedule, the EMA and every
-process's RNG state, so that ``--resume latest`` continues a run exactly, and the run's config. A
+process's RNG state, so that ``--resume latest`` continues a run exactly, and the run's config (a
+sharded run's weights, optimizer state and EMA: every process's shards, with torch.distributed.checkpoint,
+training/sharding.py). A
 failed write is a CheckpointError naming the last complete checkpoint; an unreadable file on loading
 is a CorruptCheckpointError naming it (training.resume then tries an older checkpoint).
 """
@@ -26,6 +28,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from sdlite.durable import fsync
 from sdlite.models import unpickling_refusal
+from training.sharding import is_sharded, is_sharded_checkpoint, load_sharded, local, save_sharded
 
 if TYPE_CHECKING:
     from training.optim import EMA
@@ -37,7 +40,8 @@ OWNED = ".sdlite-checkpoint"  # written first into checkpoint-N.tmp: the folder 
 # any subset, the mark included) is a leftover of ours; one holding anything else is not ours to delete.
 OUR_FILES = re.compile(
     r"^(COMPLETE|\.sdlite-checkpoint|state\.json|config\.json|optimizer\.pt|ema\.safetensors|"
-    r"rng-\d+\.safetensors|(unet|text_encoder|text_encoder_2|vae)(_lora)?\.safetensors)$"
+    r"rng-\d+\.safetensors|(unet|text_encoder|text_encoder_2|vae)(_lora)?\.safetensors|"
+    r"\.metadata|__\d+_\d+\.distcp)$"  # a sharded run's (DCP): every process's shards, their index
 )
 
 
@@ -242,16 +246,27 @@ def save_checkpoint(
     return final
 
 
+def sharded_root(modules: dict[str, torch.nn.Module]) -> torch.nn.Module | None:
+    """A sharded run's one module (training/sharding.py: its weights, optimizer state and EMA are saved
+    by every process, with DCP), else None."""
+    found = [module for module in modules.values() if is_sharded(module)]
+    return found[0] if found else None
+
+
 def _write_checkpoint(accelerator, tmp: Path, step, modules, optimizer, lr_schedule, ema, config) -> None:
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, tmp / f"rng-{accelerator.process_index}.safetensors")
+    sharded = sharded_root(modules)
+    if sharded is not None:
+        save_sharded(tmp, sharded, optimizer, ema)
     if not accelerator.is_main_process:
         return
-    for name, module in modules.items():
-        save_model(accelerator.unwrap_model(module), str(tmp / f"{name}.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if sharded is None:
+        for name, module in modules.items():
+            save_model(accelerator.unwrap_model(module), str(tmp / f"{name}.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     state = {
         "step": step,
         "lr_schedule": lr_schedule.state_dict(),
@@ -259,7 +274,7 @@ def _write_checkpoint(accelerator, tmp: Path, step, modules, optimizer, lr_sched
     }
     if accelerator.scaler is not None:
         state["scaler"] = accelerator.scaler.state_dict()
-    if ema is not None:
+    if ema is not None and sharded is None:
         save_file(ema.state_dict(), tmp / "ema.safetensors")
     (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     if config is not None:
@@ -357,16 +372,28 @@ def load_checkpoint(
     path = Path(path)
     device, sums = str(accelerator.device), recorded_checksums(path)
     state = read_file(path / "state.json", lambda p: json.loads(p.read_text()), sums)
-    for name, module in modules.items():
+    sharded = sharded_root(modules)
+    if (sharded is not None) != is_sharded_checkpoint(path):
+        written, this = ("an unsharded", "under FSDP") if sharded else ("a sharded (FSDP)", "without FSDP")
+        raise CheckpointError(
+            f"{str(path)!r} was written by {written} run and this run trains {this}: resume it as it was "
+            "launched (docs/scale-out.md), or start a new output_dir"
+        )
+    if sharded is not None:
+        load_sharded_checkpoint(path, sharded, optimizer, ema, sums)
+    for name, module in modules.items() if sharded is None else ():
         file, model = path / f"{name}.safetensors", accelerator.unwrap_model(module)
         check_shapes(model, file)
         read_file(file, lambda p, m=model: load_model(m, str(p), device=device), sums)
         check_finite(model.state_dict(), file)
-    optimizer.load_state_dict(read_file(path / "optimizer.pt", load_tensors_pickle, sums))
+    if sharded is None:
+        optimizer.load_state_dict(read_file(path / "optimizer.pt", load_tensors_pickle, sums))
     lr_schedule.load_state_dict(state["lr_schedule"])
     if accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
-    if ema is not None:
+    if ema is not None and sharded is not None:
+        ema.updates = state["ema_updates"]
+    elif ema is not None:
         shadow = read_file(path / "ema.safetensors", lambda p: load_file(p, device=device), sums)
         check_finite(shadow, path / "ema.safetensors")
         ema.load_state_dict(shadow, state["ema_updates"])
@@ -377,6 +404,24 @@ def load_checkpoint(
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer, ema: EMA | None, sums) -> None:
+    """A sharded checkpoint into a sharded run: every DCP file checked against its sha256 first, a DCP
+    failure reported as a corrupt checkpoint, and this process's shards checked for NaN and inf."""
+    files = [path / ".metadata", *sorted(path.glob("__*_*.distcp"))]
+    for file in files:
+        read_file(file, lambda p: None, sums)
+    try:
+        load_sharded(path, model, optimizer, ema)
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as e:
+        raise CorruptCheckpointError(
+            f"{str(path)!r}: its sharded files do not load ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
+    shards = {k: local(v) for k, v in model.state_dict().items()}
+    check_finite(shards, path / ".metadata")
+    if ema is not None:
+        check_finite({k: local(v) for k, v in ema.state_dict().items()}, path / ".metadata")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -25,6 +25,7 @@ from sdlite.lora import LoraSettings, add_lora, cast_adapters_to_fp32, save_lora
 from sdlite.models import build_components, check_compatible, load_components
 from sdlite.presets import get_preset
 from sdlite.tokenizer import token_ids
+from training.stored_weights import store_frozen_weights
 from training.unet_step import Denoiser
 
 if TYPE_CHECKING:
@@ -44,7 +45,22 @@ def lora_settings(lora: LoraSection) -> LoraSettings:
         unet_targets=tuple(lora.lora_target_modules),
         text_encoder=lora.lora_text_encoder,
         text_encoder_targets=tuple(lora.lora_text_encoder_target_modules),
+        kind=lora.lora_type,
+        dora=lora.lora_dora,
     )
+
+
+class Released:
+    """A model freed after caching (release_encoders): its config stays, any other use says why not."""
+
+    def __init__(self, name: str, config):
+        self.name, self.config = name, config
+
+    def __getattr__(self, attribute: str):
+        raise AttributeError(
+            f"the {self.name} was freed after caching (release_encoders true) and cannot be used for "
+            f"{attribute!r}: set release_encoders false"
+        )
 
 
 class StableDiffusion:
@@ -54,6 +70,7 @@ class StableDiffusion:
 
     def __init__(self, parts):
         self.parts = parts  # sdlite.models.Components (or the family's own), unwrapped
+        self.words: list[str] = []  # a textual-inversion word's tokens (training/textual_inversion.py)
 
     # ---- chosen from the config alone, before any weight is read ----------------------------------------
 
@@ -116,7 +133,14 @@ class StableDiffusion:
 
     def token_ids(self, captions: list[str]) -> tuple[torch.Tensor, ...]:
         """(N, L) token ids of the captions, one tensor per tokenizer."""
-        return (token_ids(self.parts.tokenizer, captions),)
+        return (token_ids(self.parts.tokenizer, self.spelt(captions)),)
+
+    def spelt(self, captions: list[str]) -> list[str]:
+        """The captions with a textual-inversion word of n vectors spelt out to its n tokens, as the
+        pipelines spell prompts (diffusers' ``maybe_convert_prompt``); as they are without one."""
+        if len(self.words) < 2:
+            return captions
+        return [caption.replace(self.words[0], " ".join(self.words)) for caption in captions]
 
     def cache_text(self, cache: TensorCache, ids: tuple, rank: int, world_size: int) -> tuple[list[str], int]:
         """Cache each caption's condition; returns (one file per caption, entries computed)."""
@@ -176,8 +200,22 @@ class StableDiffusion:
         """Freeze the base and add the adapters, in an order that fixes each one's random init."""
         add_lora(self.parts.unet, self.parts.text_encoder, settings)
 
+    # ---- memory (docs/training.md: Fitting a card) -----------------------------------------------------
+
+    def store_base_weights(self, storage: str) -> int:
+        """The frozen U-Net's Linear and Conv2d weights stored in ``storage`` ("bf16" or "fp8"), each
+        layer upcast as it runs (training/stored_weights.py); its adapters stay fp32. Returns bytes saved."""
+        return store_frozen_weights(self.parts.unet, storage)
+
+    def release_encoders(self) -> None:
+        """Free the VAE and text encoders once every example's latents and condition are cached; what
+        stays of each is its config (the latents' scaling factor is the VAE's)."""
+        for name in ("vae", *self.encoders):
+            setattr(self.parts, name, Released(name, getattr(self.parts, name).config))
+
     def save_lora(self, path: Path, lora: LoraSection, base_model: str) -> None:
-        """The adapters alone, in the file ``load_lora_weights`` reads, with the base model's name."""
+        """The adapters alone, in the file ``load_lora_weights`` reads, with the base model's name (a
+        LoHa or LoKr in LyCORIS' layout alone: sdlite.lora.save_lora)."""
         te = self.parts.text_encoder if lora.lora_text_encoder else None
         save_lora(path, self.parts.unet, te, base_model=base_model, format=lora.lora_save_format)
 

@@ -259,7 +259,10 @@ def _network_module(reading: Reading, name: str, values: list[str]) -> None:
     if (value := _one(reading, name, values)) is None:
         return
     if value not in LORA_MODULES:
-        reading.problems.append(f"--network_module {value}: sdlite trains networks.lora (LoRA) only")
+        reading.problems.append(
+            f"--network_module {value}: sdlite trains networks.lora (LoRA); for LyCORIS' LoHa or LoKr give "
+            "--lora true --lora_type loha (or lokr), for DoRA --lora_dora true"
+        )
     else:
         reading.set("lora", "true", name, shown="true")
 

@@ -36,6 +36,7 @@ SWITCHES: dict[str, dict[str, str]] = {
     "network_train_unet_only": {"lora_text_encoder": "false"},
     "v_parameterization": {"prediction_type": "v_prediction"},
     "zero_terminal_snr": {"rescale_betas_zero_snr": "true"},
+    "fp8_base": {"lora_base_dtype": "fp8"},
     "with_prior_preservation": {},
     "enable_xformers_memory_efficient_attention": {},
     "xformers": {},

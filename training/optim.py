@@ -19,9 +19,11 @@ def make_optimizer(
     weight_decay=1e-2,
     eps=1e-8,
     use_8bit: bool = False,
+    kernel: str = "fused",
 ) -> torch.optim.Optimizer:
-    """AdamW: fused (one kernel for all parameters) where the device has it, or bitsandbytes' 8-bit.
-    ``params`` may be param groups ({"params": [...], "lr": ...}), each at its own learning rate."""
+    """AdamW, its step run by ``kernel`` (see ``adamw``), or bitsandbytes' 8-bit AdamW (its two moments
+    in 8 bits with a scale per block: 2 bytes a parameter instead of 8). ``params`` may be param groups
+    ({"params": [...], "lr": ...}), each at its own learning rate."""
     params = list(params)
     if params and isinstance(params[0], dict):
         params = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in params]
@@ -33,14 +35,24 @@ def make_optimizer(
             import bitsandbytes as bnb
         except ImportError:
             raise ImportError(
-                "use_8bit_adam needs bitsandbytes (pip install bitsandbytes, or sdlite[bnb]), which needs "
-                "a CUDA GPU; or set use_8bit_adam false"
+                "use_8bit_adam needs bitsandbytes (pip install bitsandbytes, or sdlite[bnb]); or set "
+                "use_8bit_adam false"
             ) from None
         return bnb.optim.AdamW8bit(params, **kw)
-    try:
-        return torch.optim.AdamW(params, fused=True, **kw)
-    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(params, foreach=True, **kw)
+    return adamw(params, kernel, **kw)
+
+
+def adamw(params: list, kernel: str, **kw) -> torch.optim.AdamW:
+    """torch's AdamW with its step run by ``kernel``: "fused" (one kernel over all parameters, no
+    temporaries), "foreach" (a few multi-tensor ops; their temporaries are as large as the parameters)
+    or "loop" (one tensor at a time: temporaries of the largest tensor alone, slowest). "fused" falls
+    back to "foreach" on a device or dtype without the fused kernel."""
+    if kernel == "fused":
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw)
+        except (RuntimeError, ValueError):
+            kernel = "foreach"
+    return torch.optim.AdamW(params, foreach=kernel == "foreach", **kw)
 
 
 def make_lr_schedule(optimizer, name: str, warmup_steps: int, max_steps: int):

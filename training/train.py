@@ -29,7 +29,9 @@ lora_text_encoder), the base in the mixed-precision dtype, the adapters in fp32,
 then hold only the adapters, and final_dir holds pytorch_lora_weights.safetensors, which
 ``pipe.load_lora_weights(final_dir)`` reads (sdlite's pipeline or diffusers'); with
 --lora_save_format kohya also lora_kohya.safetensors, kohya's layout with each module's alpha (A1111,
-ComfyUI).
+ComfyUI). --lora_type loha | lokr trains LyCORIS' adapters and --lora_dora true DoRA's, in the same loop
+(their files: sdlite.lora.save_lora). With --textual_inversion_token "<word>" the trained weights are a
+new word's vectors alone (training/textual_inversion.py), saved as embedding files.
 
 SDXL (Podell et al. 2023): an SDXL folder or preset (tiny-sdxl) trains in the same loop, its step given
 both encoders' states, encoder 2's pooled embedding and each image's six size/crop numbers taken from
@@ -44,6 +46,7 @@ training/family.py; the data from training/examples.py; the step's math from tra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import sys
@@ -83,6 +86,17 @@ from training.sample_prompts import (  # noqa: E402
     sample_batches,
     save_samples,
 )
+from training.sharding import (  # noqa: E402
+    ShardedEMA,
+    gathered,
+    held,
+    launch_sharding,
+    reshard,
+    shard_model,
+    sharding_refusals,
+    unsharded_models,
+)
+from training.textual_inversion import attach_word, save_word, word_checkpoint  # noqa: E402
 from training.trainer import Trainer, leave  # noqa: E402
 from training.unet_step import diffusion_loss, draw_step, latents_of  # noqa: E402
 
@@ -94,13 +108,19 @@ class UNetTrainer(Trainer):
 
     def make_accelerator(self):
         c = self.cfg
-        return setup_accelerator(
+        acc = setup_accelerator(
             c.run.output_dir,
             c.optimizer.mixed_precision,
             c.optimizer.gradient_accumulation_steps,
             c.run.report_to,
             c.run.allow_tf32,
+            shards=True,
         )
+        self.sharding = launch_sharding() if acc.num_processes > 1 else None  # one process: nothing to shard
+        problems = sharding_refusals(c, acc.mixed_precision) if self.sharding else []
+        if problems:
+            raise ValueError("under FSDP: " + "; ".join(problems))
+        return acc
 
     def final_path(self) -> str | None:
         return self.cfg.run.final_dir
@@ -110,24 +130,40 @@ class UNetTrainer(Trainer):
         cfg, acc = self.cfg, self.accelerator
         self.family = family = self.load_model()
         self.parts = family.parts  # unwrapped
+        # Textual inversion: the new word in the tokenizers before any caption is tokenized
+        self.words = attach_word(family, cfg.inversion) if cfg.inverts else {}
         # training/examples.py; DreamBooth's class images are generated there, before any adapter attaches
         self.data = data = training_data(cfg, acc, family)
         self.sampler, self.layout, self.val = data.sampler, data.layout, data.held_out
         if cfg.adapters.lora:  # after training_data: the cache is filled by the fp32 models, as without LoRA
             seed, dtype = cfg.optimizer.seed, weight_dtype(acc.mixed_precision)
             family.attach_lora(lora_settings(cfg.adapters), seed, dtype, acc.device)
+            if cfg.adapters.lora_base_dtype:
+                family.store_base_weights(cfg.adapters.lora_base_dtype)
         family.freeze_unread()
+        if cfg.data.release_encoders:  # the cache holds every example: docs/training.md, Fitting a card
+            family.release_encoders()
         denoiser, groups = self.make_denoiser()
         opt = cfg.optimizer
         betas = (opt.adam_beta1, opt.adam_beta2)
         optimizer = make_optimizer(groups, opt.learning_rate, betas, opt.adam_weight_decay, opt.adam_epsilon,
-                                   use_8bit=opt.use_8bit_adam)  # fmt: skip
+                                   use_8bit=opt.use_8bit_adam, kernel=opt.optimizer_kernel)  # fmt: skip
         self.lr_schedule = make_lr_schedule(optimizer, opt.lr_scheduler, opt.lr_warmup_steps, opt.max_steps)
-        # The model is the prepared Denoiser (DDP-wrapped with several processes); not the schedule:
-        # see make_lr_schedule.
-        self.model, self.optimizer = acc.prepare(denoiser, optimizer)
-        use_ema = opt.ema_decay and not cfg.adapters.lora  # LoRA: the adapter as trained, as diffusers'
-        self.ema = EMA(self.params, opt.ema_decay) if use_ema and acc.is_main_process else None
+        # The model is the prepared Denoiser (DDP-wrapped with several processes; sharded, as it is); not
+        # the schedule: see make_lr_schedule.
+        if self.sharding:
+            self.model, self.optimizer = denoiser, acc.prepare(optimizer)
+            # under autocast, as prepare runs the models it wraps: diffusers casts some inputs to its
+            # parameters' dtype, which FSDP's bf16 policy leaves fp32 (only the gathered copies are bf16)
+            denoiser.forward = acc.autocast()(denoiser.forward)
+        else:
+            self.model, self.optimizer = acc.prepare(denoiser, optimizer)
+        use_ema = opt.ema_decay and not cfg.adapters.lora and not cfg.inverts  # as trained, as diffusers'
+        self.ema = None
+        if use_ema and self.sharding:  # every process averages its own shards
+            self.ema = ShardedEMA(denoiser, self.params, opt.ema_decay)
+        elif use_ema and acc.is_main_process:
+            self.ema = EMA(self.params, opt.ema_decay)
         self.start_step = self.resume()
         workers, pin = cfg.data.dataloader_num_workers, acc.device.type == "cuda"
         self.batches = iter(data.loader(self.start_step, workers, pin, opt.seed))
@@ -169,15 +205,20 @@ class UNetTrainer(Trainer):
         if run.compile:
             unet.compile()
         denoiser = self.family.denoiser(encoders, run.channels_last)
+        if self.sharding:  # before the parameters are listed: sharding replaces them with DTensors
+            shard_model(denoiser, self.sharding, self.accelerator.mixed_precision, self.accelerator.device)
         denoiser.train()
         self.params = [p for p in denoiser.parameters() if p.requires_grad]
         if cfg.adapters.lora:  # the text encoders' adapters at their own rate
             te, te_2 = (encoders + [None, None])[:2]  # none trained, SD's one or SDXL's two
             lrs = cfg.optimizer.learning_rate, cfg.adapters.text_encoder_lr
             groups = lora_param_groups(unet, te, *lrs, text_encoder_2=te_2)
+        elif cfg.inverts:  # the word's vectors alone, at learning_rate
+            groups = [{"params": [w.vectors for w in self.words.values()]}]
         else:
             groups = [{"params": [p for p in m.parameters() if p.requires_grad]} for m in (unet, *encoders)]
-        for group, name in zip(groups, ("unet", "text_encoder", "text_encoder_2")):  # as both make them
+        names = ("text_encoder",) if cfg.inverts else ("unet", "text_encoder", "text_encoder_2")
+        for group, name in zip(groups, names):  # as both make them
             group["name"] = name
         return denoiser, groups
 
@@ -185,6 +226,8 @@ class UNetTrainer(Trainer):
         """What a checkpoint holds of the model: the trained models, or with LoRA only their adapters."""
         parts, cfg = self.parts, self.cfg
         encoders = self.family.encoders.items()  # text_encoder, and SDXL's text_encoder_2
+        if cfg.inverts:
+            return {"word": word_checkpoint(self.words)}
         if cfg.adapters.lora:
             te = (
                 {f"{n}_lora": AdapterWeights(m) for n, m in encoders}
@@ -192,6 +235,8 @@ class UNetTrainer(Trainer):
                 else {}
             )
             return {"unet_lora": AdapterWeights(parts.unet), **te}
+        if self.sharding:  # every trained model is in the sharded Denoiser, saved as one (DCP)
+            return {"model": self.model}
         te = dict(encoders) if cfg.model.train_text_encoder else {}
         return {"unet": parts.unet, **te}
 
@@ -204,6 +249,10 @@ class UNetTrainer(Trainer):
                 f"{self.sampler.num_items or 'streamed'} examples, global batch {self.global_batch}, "
                 f"steps {self.start_step} -> {cfg.optimizer.max_steps}"
             )
+            if self.sharding:
+                mine, whole = held(self.params)
+                print(f"FSDP ({self.sharding.style} style): process {acc.process_index} holds "
+                      f"{mine / 1e6:.2f} M of the {whole / 1e6:.2f} M trained parameters")  # fmt: skip
             self.loop()
             self.evaluate(cfg.optimizer.max_steps)
             final = self.save_final()
@@ -286,7 +335,8 @@ class UNetTrainer(Trainer):
         validation/step-N.png, in TensorBoard too; with validation_image, its image-to-image sample
         validation/step-N-image.png), with the EMA weights when there are any."""
         acc, cfg = self.accelerator, self.cfg
-        if not acc.is_main_process or (self.val is None and not self.sample_prompts):
+        # Sharded, every process runs the same forwards (each gathers the blocks it runs); else the main one.
+        if not (acc.is_main_process or self.sharding) or (self.val is None and not self.sample_prompts):
             return {}
         denoiser = acc.unwrap_model(self.model).eval()  # unwrapped: no DDP collectives on one process
         logs = {}
@@ -295,6 +345,7 @@ class UNetTrainer(Trainer):
                 logs = self.held_out_loss(denoiser)
             if self.sample_prompts:
                 images = self.sample_images()
+            if self.sample_prompts and acc.is_main_process:
                 log_image(
                     acc,
                     "validation",
@@ -305,8 +356,11 @@ class UNetTrainer(Trainer):
                     log_image(acc, f"validation/{i:02d}", image, step)
             if cfg.validation.validation_image is not None:
                 image = self.image_to_image_sample()
-                image.save(Path(cfg.run.output_dir) / "validation" / f"step-{step}-image.png")
-                log_image(acc, "validation/image", image, step)
+                if acc.is_main_process:
+                    image.save(Path(cfg.run.output_dir) / "validation" / f"step-{step}-image.png")
+                    log_image(acc, "validation/image", image, step)
+        if self.sharding:
+            reshard(denoiser)  # the gathered weights the forwards left
         denoiser.train()
         if logs:
             acc.log(logs, step=step)
@@ -385,11 +439,23 @@ class UNetTrainer(Trainer):
         published atomically in final_dir, with the run's config as train_config.yaml."""
         acc, cfg, parts = self.accelerator, self.cfg, self.parts
         acc.wait_for_everyone()
+        if self.sharding:  # every process takes part in gathering the whole weights onto the main one
+            self.check_finite_weights()
+            raw = gathered(self.model)
+            with self.ema_weights():
+                averaged = gathered(self.model) if self.ema is not None else raw
         if acc.is_main_process:
             with self.publishing() as tmp:
                 if cfg.adapters.lora:  # the adapters alone, in the file load_lora_weights reads
                     base = cfg.model.pretrained or f"sdlite preset {cfg.model.preset}"
                     self.family.save_lora(tmp, cfg.adapters, base_model=base)
+                elif cfg.inverts:  # the word's vectors, in diffusers' and A1111's files
+                    save_word(tmp, cfg.inversion.textual_inversion_token, self.words)
+                elif self.sharding:
+                    if self.ema is not None:
+                        for name, model in unsharded_models(self.model, raw).items():
+                            model.save_pretrained(tmp / f"{name}_raw")
+                    dataclasses.replace(parts, **unsharded_models(self.model, averaged)).save_pretrained(tmp)
                 else:
                     if self.ema is not None:
                         parts.unet.save_pretrained(tmp / "unet_raw")
@@ -402,7 +468,12 @@ class UNetTrainer(Trainer):
             prompt = next(
                 iter(cfg.validation.validation_prompts), cfg.dreambooth.instance_prompt or "a prompt"
             )
-            acc.print(final_message(self.final, cfg.model.pretrained, prompt, cfg.adapters.lora))
+            if cfg.inverts:  # no model folder and no LoRA: the word's files, which the pipelines load
+                files = ", ".join(sorted(p.name for p in Path(self.final).glob("*.safetensors")))
+                acc.print(f"saved {self.final}: {files}; pipe.load_textual_inversion(FILE) adds the word "
+                          f"{cfg.inversion.textual_inversion_token!r} to {cfg.model.pretrained}")  # fmt: skip
+            else:
+                acc.print(final_message(self.final, cfg.model.pretrained, prompt, cfg.adapters.lora))
         acc.wait_for_everyone()
         return self.final
 

@@ -44,6 +44,7 @@ from training.run_folder import (
     prepare_final_dir,
     publish_final,
 )
+from training.sharding import grad_norm, local
 from training.signals import StopSignals
 
 NONFINITE_IN_A_ROW = 10  # skipped steps in a row that end a run: a healthy run has at most a stray one
@@ -62,7 +63,8 @@ class Trainer:
     params: list  # the trained parameters (clipped, checked, averaged)
     optimizer: object  # accelerate's AcceleratedOptimizer
     lr_schedule: object
-    ema: EMA | None = None  # on the main process only
+    ema: EMA | None = None  # on the main process only; sharded, on every process (its shards)
+    sharding = None  # training/sharding.py's Sharding when the trainer shards its model (FSDP), else None
     global_batch: int  # images per optimizer step, over all processes
     start_step: int = 0
     eval_every = 0  # steps between ``evaluate`` calls in the loop; 0: none
@@ -152,7 +154,9 @@ class Trainer:
             if max_norm > 0:
                 acc.clip_grad_norm_(self.params, max_norm)
             return bad_loss
-        if max_norm > 0:
+        if self.sharding:  # the norm of DTensor shards: each process's part, summed over all (sharding.py)
+            norm = grad_norm(self.params, max_norm)
+        elif max_norm > 0:
             norm = acc.clip_grad_norm_(self.params, max_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
@@ -304,7 +308,8 @@ class Trainer:
         """On the main process: an empty staging folder to write the result into; when the block ends
         without an error, it replaces ``self.final`` in one atomic step, marked as this run's (a folder
         of someone else's files there is refused, before anything is written)."""
-        self.check_finite_weights()
+        if not self.sharding:  # sharded: every process checked its own shards before (check_finite_weights)
+            self.check_finite_weights()
         staging = final_staging(self.final, self.cfg.run.output_dir)
         try:
             yield staging
@@ -318,8 +323,12 @@ class Trainer:
 
     def check_finite_weights(self) -> None:
         """NonFiniteLossError, before the final folder is touched, if the trained weights or their EMA hold
-        NaN or inf (a learning rate so high one step overflowed): such a model is never published."""
-        bad = nonfinite_count([p.detach() for p in self.params] + (self.ema.shadow if self.ema else []))
+        NaN or inf (a learning rate so high one step overflowed): such a model is never published.
+        Sharded, every process calls it and counts its own shards."""
+        tensors = [p.detach() for p in self.params] + (self.ema.shadow if self.ema else [])
+        bad = nonfinite_count([local(t) for t in tensors])
+        if self.sharding:
+            bad = int(self.accelerator.reduce(torch.tensor(bad, device=self.accelerator.device), "sum"))
         if bad:
             last = checkpoints(self.cfg.run.output_dir)
             raise NonFiniteLossError(

@@ -9,7 +9,8 @@ A file per part:
 
 - sections.py: ``Section`` (some keys that check themselves), ``Config`` (sections), ``option``;
 - shared.py: the data, optimisation and run sections both trainers extend, other tools' flag names;
-- unet.py: ``TrainConfig``, the U-Net trainer's sections (training/train.py);
+- unet.py: ``TrainConfig``, the U-Net trainer's sections (training/train.py); inversion.py: its
+  textual-inversion section;
 - vae.py: ``VAETrainConfig``, the VAE trainer's (training/train_vae.py);
 - keys.py: the flat keys: read from YAML and flags (``parse_config``, ``from_dict``), written back
   (``to_dict``, ``save_yaml``), and ``--help``.

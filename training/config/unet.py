@@ -14,11 +14,13 @@ This module imports neither torch nor any model library (see training/config/__i
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar
 
 from sdlite.presets import PRESETS, Preset
 from training.checks import counts_below, numbers_outside, text_problems
+from training.config.inversion import TextualInversionSection
 from training.config.sections import Config, Section, option, section
 from training.config.shared import (
     DIFFUSERS_FLAGS,
@@ -34,6 +36,9 @@ from training.sample_prompts import prompts_file_problems
 # here (tests/test_train.py keeps them equal): the attention projections LoRA adapts by default.
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# Memory levers' values (training/optim.py, training/stored_weights.py).
+OPTIMIZER_KERNELS = ("fused", "foreach", "loop")
+BASE_DTYPES = ("bf16", "fp8")
 
 
 def _default(f) -> object:
@@ -144,6 +149,12 @@ class DataSection(DataBase):
     bad_data: str = option(
         "skip", 'unreadable images: "skip" them (listed in output_dir/bad_files.txt) or "error"'
     )
+    # Memory (docs/training.md: Fitting a card).
+    release_encoders: bool = option(
+        False,
+        "LoRA with cached latents and text: free the VAE and text encoders once the cache is filled "
+        "(no validation images then)",
+    )
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -152,7 +163,14 @@ class DataSection(DataBase):
         if self.bad_data not in ("skip", "error"):
             problems.append(f"bad_data={self.bad_data!r}: use skip or error")
         problems += counts_below(self, 0, "dataloader_num_workers")
-        return problems + counts_below(self, 1, "shuffle_buffer")
+        return problems + counts_below(self, 1, "shuffle_buffer") + self.release_problems()
+
+    def release_problems(self) -> list[str]:
+        """release_encoders frees what encodes the data: every example must come from the cache."""
+        if self.release_encoders and (self.streaming or not (self.cache_latents and self.cache_text)):
+            return ["release_encoders needs cache_latents and cache_text true and no streaming: the VAE and "
+                    "text encoders are freed once the cache holds every example"]  # fmt: skip
+        return []
 
 
 @dataclass
@@ -228,6 +246,12 @@ class OptimizerSection(OptimizerBase):
     snr_gamma: float | None = option(None, "min-SNR-γ loss weights (Hang et al. 2023); 5 is the paper's")
     noise_offset: float = option(0.0, "ε += offset * N(0, I) per (sample, channel) (Guttenberg 2023)")
     ema_decay: float | None = option(0.9999, "the EMA of the weights that final_dir holds; None: no EMA")
+    # Memory (docs/training.md: Fitting a card).
+    optimizer_kernel: str = option(
+        "fused",
+        'AdamW\'s step: "fused" (one kernel; foreach where the device has none), "foreach" (a few ops '
+        'over all tensors, temporaries as large as the parameters) or "loop" (one tensor at a time)',
+    )
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -235,7 +259,18 @@ class OptimizerSection(OptimizerBase):
             problems.append("gradient_accumulation_steps must be >= 1")
         problems += numbers_outside(self, "adam_beta1", "adam_beta2", "ema_decay", high=1)
         problems += numbers_outside(self, "adam_epsilon", "snr_gamma", above=True)
-        return problems + numbers_outside(self, "noise_offset")
+        return problems + numbers_outside(self, "noise_offset") + self.kernel_problems()
+
+    def kernel_problems(self) -> list[str]:
+        if self.optimizer_kernel not in OPTIMIZER_KERNELS:
+            return [f"optimizer_kernel={self.optimizer_kernel!r}: use one of {', '.join(OPTIMIZER_KERNELS)}"]
+        if self.use_8bit_adam and self.optimizer_kernel != "fused":
+            return [f"optimizer_kernel={self.optimizer_kernel} with use_8bit_adam: bitsandbytes' AdamW8bit "
+                    "has its own kernel; leave optimizer_kernel out"]  # fmt: skip
+        if self.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:  # found, not imported
+            return ["use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or sdlite[bnb]), or set "
+                    "use_8bit_adam false"]  # fmt: skip
+        return []
 
 
 @dataclass
@@ -266,7 +301,21 @@ class LoraSection(Section):
     lora_save_format: str = option(
         "diffusers",
         '"kohya": also final_dir/lora_kohya.safetensors (A1111, ComfyUI); the diffusers layout is '
-        "always written",
+        "always written (LoHa, LoKr: lora_kohya.safetensors alone, which diffusers does not read)",
+    )
+    lora_type: str = option(
+        "lora",
+        '"lora"; "loha" (Hadamard product of two rank-r pairs) or "lokr" (Kronecker product): LyCORIS\'s, '
+        "saved in its layout",
+    )
+    lora_dora: bool = option(
+        False, "DoRA (Liu et al. 2024): lora_type lora plus a trained magnitude per output row"
+    )
+    # Memory (docs/training.md: Fitting a card).
+    lora_base_dtype: str | None = option(
+        None,
+        'the frozen U-Net\'s weights stored in "bf16" or "fp8" (float8_e4m3fn, as kohya\'s --fp8_base), '
+        "each layer upcast as it runs; None: mixed_precision's dtype (fp32 without it)",
     )
 
     def problems(self) -> list[str]:
@@ -277,7 +326,23 @@ class LoraSection(Section):
             )
         if self.lora_save_format not in ("diffusers", "kohya"):
             problems.append(f"lora_save_format={self.lora_save_format!r}: use diffusers or kohya")
+        problems += self.lora_type_problems()
+        if self.lora_base_dtype not in (None, *BASE_DTYPES):
+            problems.append(f"lora_base_dtype={self.lora_base_dtype!r}: use bf16, fp8 or none")
         return problems + numbers_outside(self, "lora_alpha", "text_encoder_lr", above=True)
+
+    def lora_type_problems(self) -> list[str]:
+        """An unknown lora_type, and the LoRA-only settings given to a LoHa or LoKr."""
+        if self.lora_type not in ("lora", "loha", "lokr"):
+            return [f"lora_type={self.lora_type!r}: use lora, loha or lokr"]
+        if self.lora_type == "lora":
+            return []
+        problems = []
+        if self.lora_dora:  # peft trains DoRA's magnitude on LoRA layers only
+            problems.append(f"lora_dora with lora_type {self.lora_type}: DoRA is trained on lora_type lora")
+        if self.lora_dropout:  # LoRA's dropout is on its input; peft's LoHa and LoKr have none
+            problems.append(f"lora_dropout with lora_type {self.lora_type}: it is LoRA's; set it to 0")
+        return problems
 
 
 # The settings that shape an adapter: one changed without lora true is a contradiction.
@@ -415,14 +480,22 @@ class TrainConfig(Config):
     captions: CaptionSection = section(CaptionSection)
     optimizer: OptimizerSection = section(OptimizerSection)
     adapters: LoraSection = section(LoraSection)
+    inversion: TextualInversionSection = section(TextualInversionSection)
     dreambooth: DreamBoothSection = section(DreamBoothSection)
     validation: ValidationSection = section(ValidationSection)
     run: RunSection = section(RunSection)
 
     @property
     def text_encoder_trains(self) -> bool:
-        """Whether gradients reach the text encoder: trained whole, or through its LoRA adapter."""
-        return self.model.train_text_encoder or (self.adapters.lora and self.adapters.lora_text_encoder)
+        """Whether gradients reach the text encoder: trained whole, through its LoRA adapter, or to a new
+        word's vectors (textual inversion)."""
+        lora = self.adapters.lora and self.adapters.lora_text_encoder
+        return self.model.train_text_encoder or lora or self.inverts
+
+    @property
+    def inverts(self) -> bool:
+        """Whether the run is textual inversion: a new word's vectors the only trained weights."""
+        return self.inversion.textual_inversion_token is not None
 
     def cross_problems(self) -> list[str]:
         model, lora, data, dreambooth = self.model, self.adapters, self.data, self.dreambooth
@@ -446,7 +519,47 @@ class TrainConfig(Config):
                 "bucket_no_upscale with class_data_dir: each subject photo's bucket is its own size, which "
                 "the class images need not share; use bucket_step / bucket_min_side without it"
             )
-        return problems + self.lora_contradictions()
+        return (
+            problems
+            + self.lora_contradictions()
+            + self.inversion_contradictions()
+            + self.release_contradictions()
+        )
+
+    def inversion_contradictions(self) -> list[str]:
+        """What textual inversion cannot be trained with: other trained weights, captions drawn per step."""
+        if not self.inverts:
+            return []
+        others = [key for key, on in (("lora", self.adapters.lora), ("train_text_encoder",
+                  self.model.train_text_encoder)) if on]  # fmt: skip
+        problems = [f"textual_inversion_token with {key}: it trains the new word alone" for key in others]
+        if not self.model.pretrained:
+            problems.append("textual_inversion_token without pretrained: a word for random weights teaches "
+                            "nothing to keep: give --pretrained FOLDER")  # fmt: skip
+        if self.data.streaming or self.captions.shuffle_caption or self.captions.caption_tag_dropout_rate:
+            problems.append(
+                "textual_inversion_token with streaming, shuffle_caption or caption_tag_dropout_rate: "
+                "captions tokenized as they are drawn are not spelt out to the word's tokens; turn them off"
+            )
+        return problems
+
+    def release_contradictions(self) -> list[str]:
+        """release_encoders on a run that needs an encoder after the cache is filled."""
+        if not self.data.release_encoders:
+            return []
+        needs = [
+            reason
+            for reason, needed in (
+                ("a full fine-tune writes them into final_dir: use lora true", not self.adapters.lora),
+                ("a trained text encoder reads every caption", self.text_encoder_trains),
+                ("validation images are decoded by the VAE from the text encoders' condition",
+                 bool(self.validation.validation_prompts or self.validation.validation_prompts_file)),
+                ("shuffle_caption and caption_tag_dropout_rate encode a new caption at every draw",
+                 self.captions.shuffle_caption or bool(self.captions.caption_tag_dropout_rate)),
+            )
+            if needed
+        ]  # fmt: skip
+        return [f"release_encoders: {'; '.join(needs)}"] if needs else []
 
     def lora_contradictions(self) -> list[str]:
         """LoRA settings on a run that trains no adapter, and an adapter on random weights not asked for."""
