@@ -306,7 +306,8 @@ def add_evaluate(commands) -> None:
     ev = _parser(
         commands,
         "evaluate",
-        "prompt fidelity, diversity and bits/dim on shapes",
+        "prompt fidelity (lenient and strict), diversity, the VAE's round trip read strictly, and "
+        "bits/dim on shapes",
         "training.cmd_evaluate:run",
     )
     add_model(ev)
@@ -329,8 +330,9 @@ def add_evaluate(commands) -> None:
     ev.add_argument(
         "--data",
         default=None,
-        help="held-out image folder (the training data's distribution) for bits/dim and for the spread the "
-        "diversity is measured against; default: drawn from the shapes generator's default settings",
+        help="held-out image folder (the training data's distribution) for bits/dim, the VAE's round "
+        "trip and the spread the diversity is measured against; default: drawn from the shapes "
+        "generator's default settings",
     )
     ev.add_argument("--bpd_count", type=_positive, default=256, help="held-out latents for bits/dim")
     ev.add_argument("--stride", type=_positive, default=10, help="sum every k-th bound term (x k)")

@@ -6,7 +6,9 @@ median, name its shape by which template (circle, square, triangle drawn in the 
 overlaps it most. Beside it a **diversity** figure: the spread (standard deviation) of the shape's
 position and size over a prompt's images, over the same spread in the data that the prompt describes
 (the images whose caption names the same size, or none), so 1.0 means "as varied as the data" and a
-model that draws one picture per prompt scores near 0. Deterministic for a seed.
+model that draws one picture per prompt scores near 0. Beside the fidelity its **strict** figure:
+the images that also read clean by ``sdlite.shape_reading.read_strictly`` (a rounded square, a blunt
+triangle or an off-palette colour is a defect there). Deterministic for a seed.
 
 This module imports no pipeline: ``prompt_fidelity`` takes a ``generate(prompts, seed)`` callable,
 and ``pipeline_generate`` wraps any object called like ``TextToImagePipeline``. The likelihood of
@@ -16,21 +18,15 @@ held-out data (bits per dimension) is ``sdlite.likelihood``.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from sdlite.data.shapes import PALETTE, SHAPES, SIZE_WORDS, half_range, parse_pair, shape_mask
+from sdlite.data.shapes import SHAPES, SIZE_WORDS, half_range, parse_pair, shape_mask
 from sdlite.images import to_uint8
-
-# A pixel belongs to the shape when its colour is this far (RGB Euclidean, 0..441) from the
-# background's: about half the distance of the palette colour nearest to the background (yellow, 219).
-FOREGROUND_DISTANCE = 100.0
-# Below this many pixels there is no shape to name (the smallest one in the data has about 50).
-MIN_AREA = 6
+from sdlite.shape_reading import MIN_AREA, Reading, foreground, nearest_colour, read_strictly
 
 GenerateFn = Callable[[Sequence[str], int], Sequence]  # (prompts, seed) -> one image per prompt
 GENERATOR_DATA = "the shapes generator's default data"  # the diversity's reference without a data set
@@ -54,40 +50,6 @@ class Analysis:
     match: float = 0.0  # intersection over union of the shape and its best template
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected region of a (H, W) bool mask."""
-    h, w = mask.shape
-    seen = np.zeros_like(mask)
-    best: list[tuple[int, int]] = []
-    for start in zip(*np.nonzero(mask)):
-        if seen[start]:
-            continue
-        seen[start] = True
-        region, queue = [], deque([start])
-        while queue:
-            y, x = queue.popleft()
-            region.append((y, x))
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    queue.append((ny, nx))
-        if len(region) > len(best):
-            best = region
-    out = np.zeros_like(mask)
-    if best:
-        out[tuple(np.array(best).T)] = True
-    return out
-
-
-def foreground(image: np.ndarray) -> np.ndarray:
-    """(H, W) bool mask of the shape: the largest region that differs from the background, whose
-    colour is the median of the image's border."""
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.float64)
-    background = np.median(border, axis=0)
-    distance = np.linalg.norm(image.astype(np.float64) - background, axis=-1)
-    return largest_component(distance > FOREGROUND_DISTANCE)
-
-
 def analyse_image(image) -> Analysis:
     """Colour, shape, position and size of the one shape in an image."""
     image = to_uint8(image)
@@ -95,8 +57,7 @@ def analyse_image(image) -> Analysis:
     area = int(mask.sum())
     if area < MIN_AREA:
         return Analysis(None, None, area=area)
-    median = np.median(image[mask].astype(np.float64), axis=0)
-    colour = min(PALETTE, key=lambda c: float(np.sum((median - PALETTE[c]) ** 2)))
+    colour, _ = nearest_colour(image, mask)
     ys, xs = np.nonzero(mask)
     box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)  # (x0, y0, x1, y1), pixel edges
 
@@ -131,6 +92,12 @@ def matches(prompt: str, analysis: Analysis, image_size: int) -> bool:
     return True
 
 
+def strictly(prompt: str, analysis: Analysis, reading: Reading, image_size: int) -> bool:
+    """Whether an image shows what the prompt asks (``matches``) and reads as it clean, strictly."""
+    same = (reading.colour, reading.shape) == (analysis.colour, analysis.shape)
+    return matches(prompt, analysis, image_size) and reading.clean and same
+
+
 # ---------------------------------------------------------------------------------------------------
 # Prompt fidelity and diversity
 # ---------------------------------------------------------------------------------------------------
@@ -154,6 +121,7 @@ class PromptScore:
     seen: bool = True  # False for a pair left out of the training data
     diversity_all_data: float = 0.0  # the same over the spread of all the data, whatever the caption
     by_axis: tuple[float, float, float] = (0.0, 0.0, 0.0)  # x, y and size apart: which one guidance narrows
+    strict: float = 0.0  # fraction correct that also read clean strictly (sdlite.shape_reading)
 
 
 @dataclass
@@ -165,6 +133,10 @@ class FidelityReport:
     @property
     def fidelity(self) -> float:
         return float(np.mean([s.correct for s in self.scores]))
+
+    @property
+    def fidelity_strict(self) -> float:
+        return float(np.mean([s.strict for s in self.scores]))
 
     @property
     def diversity(self) -> float:
@@ -187,13 +159,15 @@ class FidelityReport:
         return float(np.mean(picked)) if picked else None
 
     def table(self) -> str:
-        lines = [f"{'prompt':<28} {'correct':>8} {'colour':>7} {'shape':>6} {'diversity':>9}"]
+        lines = [f"{'prompt':<28} {'correct':>8} {'colour':>7} {'shape':>6} {'diversity':>9} {'strict':>7}"]
         for s in self.scores:
             note = "" if s.seen else "  (never seen in training)"
             lines.append(
-                f"{s.prompt:<28} {s.correct:>8.0%} {s.colour:>7.0%} {s.shape:>6.0%} {s.diversity:>9.2f}{note}"
+                f"{s.prompt:<28} {s.correct:>8.0%} {s.colour:>7.0%} {s.shape:>6.0%} {s.diversity:>9.2f} "
+                f"{s.strict:>7.0%}{note}"
             )
-        lines.append(f"{'overall':<28} {self.fidelity:>8.1%} {'':>7} {'':>6} {self.diversity:>9.2f}")
+        overall = f"{self.fidelity:>8.1%} {'':>7} {'':>6} {self.diversity:>9.2f} {self.fidelity_strict:>7.1%}"
+        lines.append(f"{'overall':<28} {overall}")
         unseen = self.fidelity_of(seen=False)
         if unseen is not None:
             lines.append(f"{'pairs seen in training':<28} {self.fidelity_of(seen=True):>8.1%}")
@@ -291,6 +265,7 @@ def prompt_fidelity(
     for i, prompt in enumerate(prompts):
         batch = images[i * n : (i + 1) * n]
         analyses = [analyse_image(im) for im in batch]
+        read = [strictly(prompt, a, read_strictly(im), image_size) for a, im in zip(analyses, batch)]
         colour, shape = parse_pair(prompt)
         spreads = spread(analyses)  # (3,): x, y, size
         ratio = spreads / np.maximum(references[prompt_size(prompt)], 1e-6)
@@ -304,6 +279,7 @@ def prompt_fidelity(
                 diversity_all_data=float(np.mean(spreads / np.maximum(all_data, 1e-6))),
                 seen=(colour, shape) not in unseen_pairs,
                 by_axis=tuple(float(v) for v in ratio),
+                strict=float(np.mean(read)),
             )
         )
         if keep_images:

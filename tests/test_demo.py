@@ -25,6 +25,9 @@ def test_the_whole_chain_runs_in_a_few_steps_and_makes_a_loadable_model(tmp_path
     assert Image.open(tmp_path / "samples.png").size[0] >= 32
     out = capsys.readouterr().out
     assert "prompt fidelity" in out and "bits/dim" in out and "total" in out
+    # the VAE stage reads its round trip of the held-out images strictly, beside its PSNR
+    assert 0 <= results["vae_round_trip"] <= 1 and results["vae_round_trip_images"] == 16
+    assert "VAE round trip" in out and "round trip read back strictly" in out
 
 
 def test_the_demo_builds_each_trainers_config_from_its_recipe_and_its_paths(tmp_path):

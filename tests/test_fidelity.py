@@ -1,10 +1,12 @@
-"""Prompt fidelity and diversity read from the pixels (sdlite.fidelity), and the grid (sdlite.images)."""
+"""Prompt fidelity and diversity read from the pixels (sdlite.fidelity), the strict reading
+(sdlite.shape_reading), and the grid (sdlite.images)."""
 
 import numpy as np
 
-from sdlite.data.shapes import PALETTE, ShapeSpec, draw, parse_pair, sample_specs
+from sdlite.data.shapes import PALETTE, SHAPES, ShapeSpec, draw, half_range, parse_pair, sample_specs
 from sdlite.fidelity import GENERATOR_DATA, analyse_image, data_reference, prompt_fidelity
 from sdlite.images import grid
+from sdlite.shape_reading import read_strictly, round_trip_reading
 
 PROMPTS = ["a red circle", "a blue square", "a yellow triangle"]
 
@@ -149,3 +151,113 @@ def test_grid_lays_images_out_row_major_and_leaves_missing_cells_white():
     assert image.shape == (8, 12, 3)  # 2 rows x 2 columns of 2x3 tiles, pixels doubled
     assert image[0, 0, 0] == 10 and image[0, 6, 0] == 20 and image[4, 0, 0] == 30
     assert (image[4:, 6:] == 255).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The strict reading (sdlite.shape_reading)
+# ---------------------------------------------------------------------------------------------------
+
+
+def rounded_square(colour: str, cx: int, cy: int, half: int, radius: float, size: int = 32) -> np.ndarray:
+    """A square whose corners are quarter circles of ``radius``, drawn as the generator draws (a pixel
+    is inside when its centre is)."""
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    inner = half - radius  # the corners' centres lie this far from the box's centre
+    dx = np.maximum(np.abs(x - cx) - inner, 0)
+    dy = np.maximum(np.abs(y - cy) - inner, 0)
+    inside = (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half) & (dx**2 + dy**2 <= radius**2)
+    image = np.full((size, size, 3), 255, np.uint8)
+    image[inside] = PALETTE[colour]
+    return image
+
+
+def every_shape_at_every_size(size: int = 32) -> list[ShapeSpec]:
+    """Each shape at each size the data draws, at the image's edges and inside, colours in turn."""
+    lo, hi = half_range(size)
+    colours = list(PALETTE)
+    specs = []
+    for shape in SHAPES:
+        for half in range(lo, hi + 1):
+            for cx, cy in ((half, half), (size - half, size - half), (16, 15), (half, size - half)):
+                specs.append(ShapeSpec(colours[len(specs) % len(colours)], shape, cx, cy, half, None))
+    return specs
+
+
+def test_every_shape_the_generator_draws_reads_back_clean_and_exact_strictly():
+    for spec in every_shape_at_every_size():
+        reading = read_strictly(draw(spec))
+        assert reading.clean, (spec, reading)
+        assert (reading.colour, reading.shape, reading.box, reading.match) == (
+            spec.colour,
+            spec.shape,
+            spec.box,
+            1.0,
+        )
+
+
+def test_a_square_with_rounded_corners_is_a_defect_strictly_though_it_reads_as_a_square_leniently():
+    lo, hi = half_range(32)
+    for half in range(lo, hi + 1):
+        for radius in (2, 3, 4):
+            image = rounded_square("blue", 16, 16, half, radius)
+            reading = read_strictly(image)  # a defect, or (radius 4 on a 10 px side) a circle
+            assert not (reading.clean and reading.shape == "square"), (half, radius, reading)
+            if radius <= 3:  # what the lenient reader accepts: the square still overlaps it most
+                assert analyse_image(image).shape == "square"
+        # A radius under 1.7 px leaves every corner pixel's centre inside: the same pixels as the square.
+        assert read_strictly(rounded_square("blue", 16, 16, half, 1.5)).clean
+
+
+def test_a_blunt_triangle_a_squircle_stray_pixels_and_an_off_palette_colour_are_defects():
+    triangle = draw(ShapeSpec("red", "triangle", 16, 16, 9, None))
+    apex_row = np.nonzero((triangle != 255).any(axis=(1, 2)))[0][0]
+    blunt = triangle.copy()
+    blunt[apex_row : apex_row + 2] = 255  # the apex cut off
+    assert any("corner" in d for d in read_strictly(blunt).defects)
+    y, x = np.mgrid[0:32, 0:32] + 0.5
+    squircle = np.full((32, 32, 3), 255, np.uint8)
+    squircle[((x - 16) / 9) ** 4 + ((y - 16) / 9) ** 4 <= 1] = PALETTE["green"]
+    assert not read_strictly(squircle).clean
+    specks = draw(ShapeSpec("green", "circle", 16, 16, 9, None))
+    specks[2, 2] = specks[2, 29] = specks[29, 2] = PALETTE["green"]  # apart from the circle
+    assert read_strictly(specks).defects == ("3 stray pixels",)
+    off = draw(ShapeSpec("cyan", "square", 16, 16, 8, None))
+    off[off[..., 0] == PALETTE["cyan"][0]] = (40, 140, 215)  # between cyan and blue
+    reading = read_strictly(off)
+    assert (
+        not reading.clean and reading.defects[0].startswith("colour") and analyse_image(off).shape == "square"
+    )
+
+
+def test_a_round_trip_counts_the_images_that_come_back_as_they_went_in():
+    specs = every_shape_at_every_size()
+    originals = [draw(s) for s in specs]
+    assert round_trip_reading(originals, originals).fraction == 1.0
+    rounded = [
+        rounded_square(s.colour, s.cx, s.cy, s.half, 3) if s.shape == "square" else image
+        for s, image in zip(specs, originals)
+    ]
+    trip = round_trip_reading(originals, rounded)
+    squares = sum(s.shape == "square" for s in specs)
+    assert (
+        trip.by_shape["square"] == (0, squares) and trip.by_shape["circle"][0] == trip.by_shape["circle"][1]
+    )
+    assert trip.agreed == len(specs) - squares and "square 0%" in trip.line()
+    shifted = [np.roll(image, 2, axis=1) for image in originals]  # clean shapes, two pixels off
+    assert round_trip_reading(originals[4:5], shifted[4:5]).fraction == 0.0
+
+
+def test_prompt_fidelity_reports_the_strict_figure_beside_the_lenient_one():
+    def rounded_squares(prompts, seed):
+        images = data_like(prompts, seed)
+        for i, prompt in enumerate(prompts):
+            colour, shape = parse_pair(prompt)
+            if shape == "square":
+                images[i] = rounded_square(colour, 16, 16, 8, 3)
+        return images
+
+    exact = prompt_fidelity(data_like, PROMPTS, n=4)
+    assert exact.fidelity_strict == 1.0
+    report = prompt_fidelity(rounded_squares, PROMPTS, n=4)
+    assert report.fidelity == 1.0 and [s.strict for s in report.scores] == [1.0, 0.0, 1.0]
+    assert "strict" in report.table()
