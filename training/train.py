@@ -17,26 +17,12 @@ validation/step-N.png (and step-N/NN.png, one per sample prompt), run.lock (one 
 whose unet (and text_encoder, when trained) hold the EMA weights (the raw ones are in unet_raw/). final_dir is
 replaced only if this run published it: a folder of other files is refused at start-up.
 
-Photo sets (training/examples.py): a caption folder (a .txt beside each image, N_name repeat folders),
-aspect-ratio buckets (each step one bucket, its noise of the bucket's latent shape), captions drawn per
-step (shuffle_caption, caption_tag_dropout_rate), and DreamBooth (Ruiz et al. 2023): every micro-batch
-B subject images then B class images, loss = mean_subject + λ mean_class (eq. 2), the class images
-generated first if missing.
-
-With --lora true the same loop trains LoRA adapters (Hu et al. 2021, sdlite/lora.py) on a frozen base
-instead: W' = W + (alpha / r) B A on the U-Net's attention projections (and the text encoder's when
-lora_text_encoder), the base in the mixed-precision dtype, the adapters in fp32, no EMA. Checkpoints
-then hold only the adapters, and final_dir holds pytorch_lora_weights.safetensors, which
-``pipe.load_lora_weights(final_dir)`` reads (sdlite's pipeline or diffusers'); with
---lora_save_format kohya also lora_kohya.safetensors, kohya's layout with each module's alpha (A1111,
-ComfyUI). --lora_type loha | lokr trains LyCORIS' adapters and --lora_dora true DoRA's, in the same loop
-(their files: sdlite.lora.save_lora). With --textual_inversion_token "<word>" the trained weights are a
-new word's vectors alone (training/textual_inversion.py), saved as embedding files.
-
-SDXL (Podell et al. 2023): an SDXL folder or preset (tiny-sdxl) trains in the same loop, its step given
-both encoders' states, encoder 2's pooled embedding and each image's six size/crop numbers taken from
-its real size and crop (training/family_sdxl.py); LoRA covers both text encoders, final_dir is an SDXL
-folder (or its LoRA file) that sdlite's TextToImageXLPipeline and diffusers' StableDiffusionXLPipeline load.
+Photo sets (training/examples.py): caption folders with repeat folders, aspect-ratio buckets, captions
+drawn per step, and DreamBooth (Ruiz et al. 2023; loss = mean_subject + λ mean_class, eq. 2). Adapters
+in place of the weights: --lora true (Hu et al. 2021; LoHa, LoKr, DoRA by lora_type and lora_dora;
+sdlite/lora.py), a new word's vectors (--textual_inversion_token, training/textual_inversion.py), or an
+LCM-LoRA distilled from the model (--distill lcm, training/lcm_step.py). SDXL (Podell et al. 2023) runs
+in the same loop through its family (training/family_sdxl.py). docs/training.md says what each writes.
 
 ``UNetTrainer`` is the run: its ``__init__`` builds everything (the model through its family,
 training/family.py; the data from training/examples.py; the step's math from training/unet_step.py),
@@ -81,12 +67,7 @@ from training.launch import follow_launcher  # noqa: E402
 from training.lcm_step import ConsistencyDistillation  # noqa: E402
 from training.metrics import log_image  # noqa: E402
 from training.optim import EMA, make_lr_schedule, make_optimizer  # noqa: E402
-from training.sample_prompts import (  # noqa: E402
-    SamplePrompt,
-    run_prompts,
-    sample_batches,
-    save_samples,
-)
+from training.sample_prompts import SamplePrompt, run_prompts, save_samples  # noqa: E402
 from training.schedulers import make_scheduler  # noqa: E402
 from training.sharding import (  # noqa: E402
     ShardedEMA,
@@ -101,6 +82,7 @@ from training.sharding import (  # noqa: E402
 from training.textual_inversion import attach_word, save_word, word_checkpoint  # noqa: E402
 from training.trainer import Trainer, leave  # noqa: E402
 from training.unet_step import diffusion_loss, draw_step, latents_of  # noqa: E402
+from training.validation import held_out_loss, image_to_image_sample, sample_images  # noqa: E402
 
 
 class UNetTrainer(Trainer):
@@ -389,22 +371,8 @@ class UNetTrainer(Trainer):
         return logs
 
     def held_out_loss(self, denoiser) -> dict[str, float]:
-        """The unweighted loss on held-out data at fixed timesteps, with noise fixed for the whole run."""
-        val, parts, cfg = self.val, self.parts, self.cfg
-        logs = {}
-        for k, t in enumerate(val["timesteps"]):
-            total = 0.0
-            for rows in torch.arange(len(val["noise"][k])).split(cfg.optimizer.train_batch_size):
-                batch = {name: value[rows] for name, value in val["batch"].items()}
-                x0 = latents_of(batch, parts.vae, val["latent_noise"][rows])
-                keep = torch.zeros(len(rows), dtype=torch.bool, device=self.accelerator.device)  # no dropout
-                text = self.text_condition(batch, keep)
-                ts = torch.full((len(rows),), t)
-                loss = diffusion_loss(denoiser, parts.scheduler, x0, text, ts, val["noise"][k][rows])
-                total += loss.item() * len(rows)
-            logs[f"val/loss_t{t}"] = total / len(val["noise"][k])
-        logs["val/loss"] = sum(logs.values()) / len(logs)
-        return logs
+        batch_size, device = self.cfg.optimizer.train_batch_size, self.accelerator.device
+        return held_out_loss(denoiser, self.val, self.parts, self.text_condition, batch_size, device)
 
     @functools.cached_property
     def sample_prompts(self) -> list[SamplePrompt]:
@@ -414,45 +382,16 @@ class UNetTrainer(Trainer):
         )
 
     def sample_images(self) -> list:
-        """One image per sample prompt, with sdlite's pipeline (SDXL's for an SDXL model): prompt i from
-        seed + i unless its line sets --d, at validation_inference_steps and validation_guidance unless it
-        sets --s and --l."""
-        cfg, device = self.cfg, self.accelerator.device
         pipe = self.family.pipeline()
         if self.distiller is not None:  # a consistency model samples with its own few-step sampler
             pipe.scheduler = make_scheduler("lcm", pipe.scheduler.config)
-        cfg_steps, cfg_guidance = (
-            cfg.validation.validation_inference_steps,
-            cfg.validation.validation_guidance,
-        )
-        images = [None] * len(self.sample_prompts)
-        for places, call in sample_batches(self.sample_prompts, cfg.optimizer.seed, cfg_steps, cfg_guidance):
-            generators = [torch.Generator(device).manual_seed(s) for s in call.pop("seeds")]
-            for i, image in zip(places, pipe(**call, generator=generators, output_type="pil").images):
-                images[i] = image
-        return images
+        seed, device = self.cfg.optimizer.seed, self.accelerator.device
+        return sample_images(pipe, self.sample_prompts, self.cfg.validation, seed, device)
 
     def image_to_image_sample(self):
-        """validation_image, at the model's size, redrawn toward the first sample prompt (with its line's
-        options, as in sample_images) at validation_strength by the family's image-to-image pipeline."""
-        from PIL import Image
-
-        val = self.cfg.validation
-        [(_, call)] = sample_batches(
-            self.sample_prompts[:1],
-            self.cfg.optimizer.seed,
-            val.validation_inference_steps,
-            val.validation_guidance,
-        )
         pipe = self.family.pipeline("image")
-        height, width = pipe.resolve_size(call.pop("height"), call.pop("width"))
-        with Image.open(val.validation_image) as image:
-            image = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
-        generator = torch.Generator(self.accelerator.device).manual_seed(call.pop("seeds")[0])
-        out = pipe(
-            **call, image=image, strength=val.validation_strength, generator=generator, output_type="pil"
-        )
-        return out.images[0]
+        seed, device = self.cfg.optimizer.seed, self.accelerator.device
+        return image_to_image_sample(pipe, self.sample_prompts[0], self.cfg.validation, seed, device)
 
     # ---- the result -----------------------------------------------------------------------------------
 

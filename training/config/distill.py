@@ -8,14 +8,10 @@ LoRA file; without it the student is the whole U-Net. Either is sampled with ``L
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from training.checks import numbers_outside
 from training.config.sections import Section, option
-
-if TYPE_CHECKING:
-    from training.config.unet import TrainConfig
 
 
 @dataclass
@@ -52,36 +48,3 @@ class DistillSection(Section):
             problems.append(f"lcm_guidance_interval={interval}: give two timesteps LO,HI with 0 <= LO <= HI")
         problems += numbers_outside(self, "lcm_w_min", "lcm_w_max")
         return problems + numbers_outside(self, "lcm_huber_c", above=True)
-
-
-def distill_problems(cfg: TrainConfig) -> list[str]:
-    """What a distillation run cannot take, and lcm_* keys set on a run that does not distil."""
-    section = cfg.distillation
-    if not section.lcm:
-        keys = [f.name for f in fields(section) if f.name != "distill"]
-        given = [key for key in keys if getattr(section, key) != getattr(DistillSection(), key)]
-        if given:
-            return [f"{', '.join(given)} set without distill lcm: add --distill lcm, or leave them out"]
-        return []
-    problems = []
-    if not cfg.model.pretrained:
-        problems.append("distill lcm without pretrained: give the teacher, --pretrained FOLDER")
-    if cfg.text_encoder_trains:
-        problems.append(
-            "distill lcm with train_text_encoder or lora_text_encoder: the teacher and the student read "
-            "the same frozen text encoder; turn them off"
-        )
-    if cfg.data.caption_dropout:
-        problems.append(
-            "distill lcm with caption_dropout: the student learns the guided teacher on the captions "
-            "themselves (the teacher's unconditional half is the empty caption anyway); set it to 0"
-        )
-    if cfg.optimizer.snr_gamma:
-        problems.append("distill lcm with snr_gamma: the consistency loss has no SNR weight; leave it out")
-    if cfg.inverts:
-        problems.append(
-            "distill lcm with textual_inversion_token: distil a model, or teach it a word; not both"
-        )
-    if cfg.dreambooth.class_data_dir:
-        problems.append("distill lcm with class_data_dir: prior preservation is not distilled; leave it out")
-    return problems

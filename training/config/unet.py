@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from sdlite.presets import PRESETS, Preset
 from training.checks import counts_below, numbers_outside, text_problems
-from training.config.distill import DistillSection, distill_problems
+from training.config.distill import DistillSection
 from training.config.dreambooth import DreamBoothSection
 from training.config.inversion import TextualInversionSection
 from training.config.lora import LoraSection
@@ -340,7 +340,7 @@ class TrainConfig(Config):
             + self.lora_contradictions()
             + self.inversion_contradictions()
             + self.release_contradictions()
-            + distill_problems(self)
+            + self.distill_contradictions()
         )
 
     def inversion_contradictions(self) -> list[str]:
@@ -394,3 +394,39 @@ class TrainConfig(Config):
                 "teach nothing to keep: give --pretrained FOLDER (--lora_from_scratch true: a test)"
             ]
         return []
+
+    def distill_contradictions(self) -> list[str]:
+        """What a distillation run cannot take, and lcm_* keys set on a run that does not distil."""
+        section = self.distillation
+        if not section.lcm:
+            keys = [f.name for f in fields(section) if f.name != "distill"]
+            given = [key for key in keys if getattr(section, key) != getattr(DistillSection(), key)]
+            if given:
+                return [f"{', '.join(given)} set without distill lcm: add --distill lcm, or leave them out"]
+            return []
+        problems = []
+        if not self.model.pretrained:
+            problems.append("distill lcm without pretrained: give the teacher, --pretrained FOLDER")
+        if self.text_encoder_trains:
+            problems.append(
+                "distill lcm with train_text_encoder or lora_text_encoder: the teacher and the student read "
+                "the same frozen text encoder; turn them off"
+            )
+        if self.data.caption_dropout:
+            problems.append(
+                "distill lcm with caption_dropout: the student learns the guided teacher on the captions "
+                "themselves (the teacher's unconditional half is the empty caption anyway); set it to 0"
+            )
+        if self.optimizer.snr_gamma:
+            problems.append(
+                "distill lcm with snr_gamma: the consistency loss has no SNR weight; leave it out"
+            )
+        if self.inverts:
+            problems.append(
+                "distill lcm with textual_inversion_token: distil a model, or teach it a word; not both"
+            )
+        if self.dreambooth.class_data_dir:
+            problems.append(
+                "distill lcm with class_data_dir: prior preservation is not distilled; leave it out"
+            )
+        return problems

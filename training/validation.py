@@ -1,0 +1,64 @@
+"""What a U-Net run shows of itself at each validation: the held-out loss at fixed timesteps, one image
+per sample prompt, and the image-to-image sample of ``validation_image``.
+
+The trainer (training/train.py, ``UNetTrainer.evaluate``) calls these with its EMA weights swapped in and
+writes what they return; they hold no state, so the same draws come back at every validation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from training.config.validation import ValidationSection
+from training.sample_prompts import SamplePrompt, sample_batches
+from training.unet_step import diffusion_loss, latents_of
+
+
+def held_out_loss(denoiser, val: dict, parts, text_condition, batch_size: int, device) -> dict[str, float]:
+    """The unweighted loss on held-out data at fixed timesteps, with noise fixed for the whole run
+    (``val``: the batch, its timesteps and noises); ``text_condition(batch, drop)``: the trainer's."""
+    logs = {}
+    for k, t in enumerate(val["timesteps"]):
+        total = 0.0
+        for rows in torch.arange(len(val["noise"][k])).split(batch_size):
+            batch = {name: value[rows] for name, value in val["batch"].items()}
+            x0 = latents_of(batch, parts.vae, val["latent_noise"][rows])
+            text = text_condition(
+                batch, torch.zeros(len(rows), dtype=torch.bool, device=device)
+            )  # no dropout
+            ts = torch.full((len(rows),), t)
+            loss = diffusion_loss(denoiser, parts.scheduler, x0, text, ts, val["noise"][k][rows])
+            total += loss.item() * len(rows)
+        logs[f"val/loss_t{t}"] = total / len(val["noise"][k])
+    logs["val/loss"] = sum(logs.values()) / len(logs)
+    return logs
+
+
+def sample_images(pipe, prompts: list[SamplePrompt], section: ValidationSection, seed: int, device) -> list:
+    """One image per sample prompt by ``pipe``: prompt i from seed + i unless its line sets --d, at
+    validation_inference_steps and validation_guidance unless it sets --s and --l."""
+    steps, guidance = section.validation_inference_steps, section.validation_guidance
+    images = [None] * len(prompts)
+    for places, call in sample_batches(prompts, seed, steps, guidance):
+        generators = [torch.Generator(device).manual_seed(s) for s in call.pop("seeds")]
+        for i, image in zip(places, pipe(**call, generator=generators, output_type="pil").images):
+            images[i] = image
+    return images
+
+
+def image_to_image_sample(pipe, prompt: SamplePrompt, section: ValidationSection, seed: int, device):
+    """validation_image, at the model's size, redrawn toward ``prompt`` (with its line's options, as in
+    sample_images) at validation_strength by the image-to-image pipeline ``pipe``."""
+    from PIL import Image
+
+    [(_, call)] = sample_batches(
+        [prompt], seed, section.validation_inference_steps, section.validation_guidance
+    )
+    height, width = pipe.resolve_size(call.pop("height"), call.pop("width"))
+    with Image.open(section.validation_image) as image:
+        image = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    generator = torch.Generator(device).manual_seed(call.pop("seeds")[0])
+    out = pipe(
+        **call, image=image, strength=section.validation_strength, generator=generator, output_type="pil"
+    )
+    return out.images[0]
