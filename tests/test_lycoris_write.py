@@ -50,11 +50,11 @@ def _merged(plain: dict, file) -> dict:
     return merged, modules
 
 
-def _unet_out(unet, sdxl=False):
+def epsilon(unet, sdxl: bool = False) -> torch.Tensor:
+    """ε of the U-Net on fixed random inputs (SDXL's pooled embedding and size numbers included)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, unet.config.in_channels, 16, 16, generator=g)
-    width = unet.config.cross_attention_dim
-    text = torch.randn(2, 8, width, generator=g)
+    text = torch.randn(2, 8, unet.config.cross_attention_dim, generator=g)
     extra = {}
     if sdxl:
         pooled = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
@@ -73,7 +73,7 @@ def test_a_written_file_read_back_and_merged_gives_the_adapted_models_outputs(ki
     assert {m.kind for m in modules.values()} == {"lora" if kind == "dora" else kind}
     assert all(m.dora == (kind == "dora") for m in modules.values())
     assert {part for part, _ in modules} == {"unet", "text_encoder"}
-    ours, theirs, before = _unet_out(merged["unet"]), _unet_out(adapted["unet"]), _unet_out(plain["unet"])
+    ours, theirs, before = epsilon(merged["unet"]), epsilon(adapted["unet"]), epsilon(plain["unet"])
     assert (theirs - before).abs().max() > 1e-2  # the adapters do something
     assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5)
     ids = torch.tensor([[49406, 320, 1000, 49407] + [49407] * 4])
@@ -97,7 +97,7 @@ def test_an_sdxl_file_names_the_unet_blocks_the_sgm_way_and_merges_to_the_same_o
     assert any(k.startswith("lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.") for k in keys)
     assert not any("down_blocks" in k for k in keys) and header["ss_base_model_version"] == "sdxl_base_v1-0"
     merged, _ = _merged(plain, file)
-    ours, theirs = _unet_out(merged["unet"], sdxl=True), _unet_out(adapted["unet"], sdxl=True)
+    ours, theirs = epsilon(merged["unet"], sdxl=True), epsilon(adapted["unet"], sdxl=True)
     assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
@@ -143,13 +143,13 @@ def test_sdlite_lora_convert_takes_a_dora_to_lycoris_keys_and_back_tensor_equal(
     kohya_file = convert_lora_file(diffusers_file, tmp_path / "dora.safetensors", to="kohya")
     merged, modules = _merged(plain, kohya_file)
     assert all(m.dora for m in modules.values())
-    assert torch.allclose(_unet_out(merged["unet"]), _unet_out(adapted["unet"]), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(epsilon(merged["unet"]), epsilon(adapted["unet"]), rtol=1e-4, atol=1e-5)
     back = convert_lora_file(kohya_file, tmp_path / "back", to="diffusers")
     original, again = load_file(diffusers_file), load_file(back)
     assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
     pipe = TextToImagePipeline(**build_components("tiny", seed=0).as_dict())
     pipe.load_lora_weights(str(back))  # diffusers' reading, magnitudes included
-    assert torch.allclose(_unet_out(pipe.unet), _unet_out(adapted["unet"]), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(epsilon(pipe.unet), epsilon(adapted["unet"]), rtol=1e-4, atol=1e-5)
     ids = torch.tensor([[49406, 320, 1000, 49407]])
     with torch.no_grad():
         assert torch.allclose(pipe.text_encoder(ids)[0], adapted["text_encoder"](ids)[0], atol=1e-5)

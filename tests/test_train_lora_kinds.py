@@ -13,6 +13,7 @@ import safetensors
 import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
+from test_lycoris_write import epsilon
 from test_train import flags, run_killed_at
 
 from pipelines import TextToImagePipeline, TextToImageXLPipeline
@@ -56,20 +57,6 @@ def is_adapter(key: str) -> bool:
 def base_weights(model) -> dict[str, torch.Tensor]:
     """A peft-wrapped model's weights but the adapters', under their names before wrapping."""
     return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if not is_adapter(k)}
-
-
-def epsilon(unet, sdxl: bool = False) -> torch.Tensor:
-    """ε of the U-Net on fixed random inputs (SDXL's pooled embedding and size numbers included)."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, unet.config.in_channels, 8, 8, generator=g)
-    text = torch.randn(2, 8, unet.config.cross_attention_dim, generator=g)
-    extra = {}
-    if sdxl:
-        pooled = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
-        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled, generator=g),
-                                       "time_ids": torch.rand(2, 6, generator=g)}}  # fmt: skip
-    with torch.no_grad():
-        return unet(x, torch.tensor([10, 500]), encoder_hidden_states=text, **extra).sample
 
 
 def text_states(encoder) -> torch.Tensor:
