@@ -1,7 +1,8 @@
 """Image to image and inpainting on the demo's model, read back with `sdlite evaluate`'s reader.
 
     python benchmarks/img2img_strength.py [--model /work/demo/model] [--data /work/demo/data/test]
-        [--n 64] [--seeds 0 1] [--threads 1] [--skip img2img|inpaint]
+        [--inpaint_models /work/demo/model runs/demo-inpaint/final] [--n 64] [--seeds 0 1] [--threads 1]
+        [--skip img2img|inpaint]
 
 1. Image to image toward another colour: each held-out image (a shape on white) redrawn with its own
    caption but another colour ("a yellow square" for a red square), at strength 0.02, 0.05, 0.1,
@@ -16,10 +17,13 @@
    same prompts over the whole image stands beside it). Outside the mask, the mean absolute pixel
    change from the input against the VAE's own round trip (decode(encode(x)), the same sampled
    latents) on the same pixels, and the same two away from the mask's edge (beyond one latent, the
-   VAE's factor in pixels).
+   VAE's factor in pixels). Twice: the square beside the image's own shape, and the same square of the
+   image with its shape removed (background only: the shapes data's plain BACKGROUND).
 3. The same for the shape's own box (grown by 2 px; then also out to the latent grid) masked and
    another colour and shape painted in its place, read in the whole image.
 
+Inpainting runs on each of --inpaint_models: ordinary U-Nets (4 channels) and inpainting ones (9, e.g.
+configs/demo-inpaint.yaml's), whose text to image is their own: the whole image masked.
 Sampling as `sdlite evaluate`'s: 50 DDPM steps, guidance 2 for t <= 300. Deterministic for its seeds.
 What it measured, with the machine and date: benchmarks/RESULTS.md, "Image to image and inpainting".
 """
@@ -41,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines import ImageToImagePipeline, InpaintPipeline, TextToImagePipeline  # noqa: E402
 from sdlite.cli import DEFAULT_STEPS, EVAL_GUIDANCE, EVAL_GUIDANCE_INTERVAL  # noqa: E402
-from sdlite.data.shapes import PALETTE, SHAPES  # noqa: E402
+from sdlite.data.shapes import BACKGROUND, PALETTE, SHAPES  # noqa: E402
 from sdlite.fidelity import analyse_image, foreground  # noqa: E402
 
 STRENGTHS = [0.02, 0.05] + [round(0.1 * k, 1) for k in range(1, 11)]  # 1 and 2 of 50 steps first
@@ -134,6 +138,11 @@ def empty_region_cases(items, n: int) -> list[tuple[np.ndarray, np.ndarray, str,
     return cases[:n]
 
 
+def background_only(cases) -> list[tuple[np.ndarray, np.ndarray, str, tuple]]:
+    """The same cases on an empty image: each image's shape removed, the background alone left."""
+    return [(np.full_like(image, BACKGROUND), *rest) for image, *rest in cases]
+
+
 def own_region_cases(items, n: int, grid: int = 1) -> list[tuple[np.ndarray, np.ndarray, str, None]]:
     """(image, mask, prompt, None) for the first n images: the shape's box grown by 2 px (then out to
     multiples of ``grid`` px) masked, and another colour and shape painted in its place, read in the
@@ -161,8 +170,7 @@ def inpainting(pipe, cases, seeds: list[int]) -> dict:
     mask_images = [Image.fromarray(mask.astype(np.uint8) * 255) for mask in masks]
     originals = np.stack([image for image, *_ in cases]).astype(np.float64)
     away = ~np.stack([_dilate(m, pipe.vae_scale_factor) for m in masks])  # beyond one latent of the mask
-    t2i = TextToImagePipeline(**{k: v for k, v in pipe.components.items() if k in _T2I_PARTS})
-    t2i.set_progress_bar_config(disable=True)
+    t2i = text_to_image(pipe)
     found = {k: [] for k in ("colour", "shape", "both", "t2i", "out", "vae", "out_away", "vae_away")}
     for seed in seeds:
         out = pipe(prompts, image=images, mask_image=mask_images, strength=1.0, **call_kwargs(seed)).images
@@ -179,13 +187,26 @@ def inpainting(pipe, cases, seeds: list[int]) -> dict:
             change = np.abs(x - originals).mean(axis=-1)  # (N, H, W), 0-255
             found[name].append(change[~masks].mean())
             found[name + "_away"].append(change[away].mean())
-        for image, prompt in zip(t2i(prompts, **call_kwargs(seed)).images, prompts):
+        for image, prompt in zip(t2i(prompts, seed), prompts):
             a, (colour, shape) = analyse_image(image), prompt.split()[-2:]
             found["t2i"].append(a.colour == colour and a.shape == shape)
     result = {name: float(np.mean(v)) for name, v in found.items()}
     result["cases"] = len(cases)
     print(json.dumps(result), flush=True)
     return result
+
+
+def text_to_image(pipe):
+    """The model's text to image, prompts, seed -> images: an ordinary U-Net's pipeline, or an inpainting
+    U-Net's with the whole image masked (the masked image then all zeros, as it was trained)."""
+    if pipe.unet.config.in_channels == 4:
+        t2i = TextToImagePipeline(**{k: v for k, v in pipe.components.items() if k in _T2I_PARTS})
+        t2i.set_progress_bar_config(disable=True)
+        return lambda prompts, seed: t2i(prompts, **call_kwargs(seed)).images
+    size = pipe.resolve_size(None, None)
+    white = Image.new("RGB", size[::-1], BACKGROUND)
+    whole = lambda n: dict(image=[white] * n, mask_image=[white] * n, strength=1.0)  # noqa: E731
+    return lambda prompts, seed: pipe(prompts, **whole(len(prompts)), **call_kwargs(seed)).images
 
 
 _T2I_PARTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
@@ -212,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="/work/demo/model")
     parser.add_argument("--data", default="/work/demo/data/test")
+    parser.add_argument("--inpaint_models", nargs="+", default=None, help="inpainting's models; --model's")
     parser.add_argument("--n", type=int, default=64, help="held-out images")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -226,16 +248,21 @@ def main(argv: list[str] | None = None) -> None:
         strength_curve(img2img, items, args.seeds)
         print(f"image to image: {time.perf_counter() - began:.0f} s", flush=True)
     if args.skip != "inpaint":
-        began = time.perf_counter()
-        inpaint = InpaintPipeline(**img2img.components)
-        inpaint.set_progress_bar_config(disable=True)
-        print("an empty square:", flush=True)
-        inpainting(inpaint, empty_region_cases(held_out(Path(args.data), 10**6), args.n), args.seeds)
-        print("the shape's own box:", flush=True)
-        inpainting(inpaint, own_region_cases(items, args.n), args.seeds)
-        print("the shape's own box, out to the latent grid:", flush=True)
-        inpainting(inpaint, own_region_cases(items, args.n, inpaint.vae_scale_factor), args.seeds)
-        print(f"inpainting: {time.perf_counter() - began:.0f} s", flush=True)
+        empty = empty_region_cases(held_out(Path(args.data), 10**6), args.n)
+        for model in args.inpaint_models or [args.model]:
+            began = time.perf_counter()
+            inpaint = InpaintPipeline.from_pretrained(model)
+            inpaint.set_progress_bar_config(disable=True)
+            print(f"{model} (U-Net of {inpaint.unet.config.in_channels} input channels)", flush=True)
+            print("an empty square of an empty image (the shape removed):", flush=True)
+            inpainting(inpaint, background_only(empty), args.seeds)
+            print("an empty square beside the image's shape:", flush=True)
+            inpainting(inpaint, empty, args.seeds)
+            print("the shape's own box:", flush=True)
+            inpainting(inpaint, own_region_cases(items, args.n), args.seeds)
+            print("the shape's own box, out to the latent grid:", flush=True)
+            inpainting(inpaint, own_region_cases(items, args.n, inpaint.vae_scale_factor), args.seeds)
+            print(f"inpainting: {time.perf_counter() - began:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

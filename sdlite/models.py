@@ -233,9 +233,11 @@ def check_weights(path: str | Path, name: str) -> None:
         )
 
 
-def load_components(path: str | Path, torch_dtype: torch.dtype | None = None) -> Components:
+def load_components(
+    path: str | Path, torch_dtype: torch.dtype | None = None, inpainting: bool = False
+) -> Components:
     """Load every part of a diffusers-layout folder from local files only, checked first (check_folder)
-    and after (check_compatible)."""
+    and after (check_compatible; ``inpainting``: an inpainting U-Net fits too)."""
     path = check_folder(path)
     kw = dict(local_files_only=True)
     if torch_dtype is not None:
@@ -248,7 +250,7 @@ def load_components(path: str | Path, torch_dtype: torch.dtype | None = None) ->
         unet=UNet2DConditionModel.from_pretrained(path / "unet", **kw),
         scheduler=DDPMScheduler.from_pretrained(path / "scheduler"),
     )
-    check_compatible(parts)
+    check_compatible(parts, inpainting)
     return parts
 
 

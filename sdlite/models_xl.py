@@ -302,9 +302,11 @@ def _check_text_encoder_2_weights(folder: Path) -> None:
 # ---- loading ---------------------------------------------------------------------------------------
 
 
-def load_components_xl(path: str | Path, torch_dtype: torch.dtype | None = None) -> ComponentsXL:
+def load_components_xl(
+    path: str | Path, torch_dtype: torch.dtype | None = None, inpainting: bool = False
+) -> ComponentsXL:
     """Load every part of a diffusers-layout SDXL folder from local safetensors only, checked first
-    (check_folder_xl) and after (check_compatible_xl)."""
+    (check_folder_xl) and after (check_compatible_xl; ``inpainting``: an inpainting U-Net fits too)."""
     path = check_folder_xl(path)
     kw = dict(local_files_only=True, use_safetensors=True)
     dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
@@ -325,7 +327,7 @@ def load_components_xl(path: str | Path, torch_dtype: torch.dtype | None = None)
             True,  # diffusers' default
         ),
     )
-    check_compatible_xl(parts)
+    check_compatible_xl(parts, inpainting)
     return parts
 
 

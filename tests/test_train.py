@@ -285,7 +285,8 @@ def test_min_snr_weights_for_epsilon_and_v():
 
 RECIPES = {"sd15-finetune.yaml": TrainConfig, "sd15-lora.yaml": TrainConfig, "tiny-shapes.yaml": TrainConfig,
            "tiny-lora.yaml": TrainConfig, "tiny-vae.yaml": VAETrainConfig,
-           "tiny-sdxl-shapes.yaml": TrainConfig, "demo-lcm.yaml": TrainConfig}  # fmt: skip
+           "tiny-sdxl-shapes.yaml": TrainConfig, "demo-lcm.yaml": TrainConfig,
+           "demo-inpaint.yaml": TrainConfig}  # fmt: skip
 
 
 def test_every_recipe_in_configs_is_covered():

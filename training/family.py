@@ -93,21 +93,24 @@ class StableDiffusion:
         return build_components(model.shaped_preset(get_preset(model.preset)), seed=seed)
 
     @classmethod
-    def load_folder(cls, path: str):
-        return load_components(path)
+    def load_folder(cls, path: str, inpainting: bool = False):
+        return load_components(path, inpainting=inpainting)
 
     @classmethod
-    def load(cls, model: ModelSection, seed: int, device: torch.device) -> StableDiffusion:
-        """The model: a preset's random init or a pretrained folder, a separately trained VAE (with its
-        own scaling factor), the scheduler options; the VAE (and the text encoders, unless trained)
-        frozen. All on ``device``."""
-        family = cls(cls.load_folder(model.pretrained) if model.pretrained else cls.build(model, seed))
+    def load(
+        cls, model: ModelSection, seed: int, device: torch.device, inpainting: bool = False
+    ) -> StableDiffusion:
+        """The model: a preset's random init or a pretrained folder (with ``inpainting`` an inpainting
+        U-Net's too), a separately trained VAE (with its own scaling factor), the scheduler options; the
+        VAE (and the text encoders, unless trained) frozen. All on ``device``."""
+        folder = model.pretrained and cls.load_folder(model.pretrained, inpainting)
+        family = cls(folder or cls.build(model, seed))
         parts = family.parts
         if model.vae_path:
             path = Path(model.vae_path)
             path = path / "vae" if (path / "vae" / "config.json").is_file() else path
             parts.vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
-            family.check_compatible()
+            family.check_compatible(inpainting)
         overrides = {"prediction_type": model.prediction_type} if model.prediction_type else {}
         if model.rescale_betas_zero_snr:  # sampling must then start at t = T-1: trailing spacing (Lin et al.)
             overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
@@ -121,9 +124,9 @@ class StableDiffusion:
             module.to(device)
         return family
 
-    def check_compatible(self) -> None:
-        """Refuse a replaced VAE whose latents the U-Net cannot read."""
-        check_compatible(self.parts)
+    def check_compatible(self, inpainting: bool = False) -> None:
+        """Refuse a replaced VAE whose latents the U-Net cannot read (or, ``inpainting``, with the mask)."""
+        check_compatible(self.parts, inpainting)
 
     @property
     def encoders(self) -> dict[str, torch.nn.Module]:

@@ -96,11 +96,11 @@ class StableDiffusionXL(StableDiffusion):
         return parts
 
     @classmethod
-    def load_folder(cls, path: str):
-        return load_components_xl(path)
+    def load_folder(cls, path: str, inpainting: bool = False):
+        return load_components_xl(path, inpainting=inpainting)
 
-    def check_compatible(self) -> None:
-        check_compatible_xl(self.parts)
+    def check_compatible(self, inpainting: bool = False) -> None:
+        check_compatible_xl(self.parts, inpainting)
 
     @property
     def encoders(self) -> dict[str, torch.nn.Module]:

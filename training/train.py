@@ -21,8 +21,10 @@ Photo sets (training/examples.py): caption folders with repeat folders, aspect-r
 drawn per step, and DreamBooth (Ruiz et al. 2023; loss = mean_subject + λ mean_class, eq. 2). Adapters
 in place of the weights: --lora true (Hu et al. 2021; LoHa, LoKr, DoRA by lora_type and lora_dora;
 sdlite/lora.py), a new word's vectors (--textual_inversion_token, training/textual_inversion.py), or an
-LCM-LoRA distilled from the model (--distill lcm, training/lcm_step.py). SDXL (Podell et al. 2023) runs
-in the same loop through its family (training/family_sdxl.py). docs/training.md says what each writes.
+LCM-LoRA distilled from the model (--distill lcm, training/lcm_step.py). An inpainting U-Net
+(--inpainting true, training/inpaint_step.py) reads random masks and the masked image beside x_t.
+SDXL (Podell et al. 2023) runs in the same loop through its family (training/family_sdxl.py).
+docs/training.md says what each writes.
 
 ``UNetTrainer`` is the run: its ``__init__`` builds everything (the model through its family,
 training/family.py; the data from training/examples.py; the step's math from training/unet_step.py),
@@ -63,6 +65,7 @@ from training.errors import reported_errors  # noqa: E402
 from training.examples import training_data  # noqa: E402
 from training.families import family_of  # noqa: E402
 from training.family import lora_settings, weight_dtype  # noqa: E402
+from training.inpaint_step import Inpainting  # noqa: E402
 from training.launch import follow_launcher  # noqa: E402
 from training.lcm_step import ConsistencyDistillation  # noqa: E402
 from training.metrics import log_image  # noqa: E402
@@ -114,6 +117,10 @@ class UNetTrainer(Trainer):
         cfg, acc = self.cfg, self.accelerator
         self.family = family = self.load_model()
         self.parts = family.parts  # unwrapped
+        # inpainting: a 4-channel U-Net widened to read the mask and masked image (training/inpaint_step.py)
+        self.inpainter = (
+            Inpainting(cfg.inpaint, cfg.optimizer.seed, family) if cfg.inpaint.inpainting else None
+        )
         # Textual inversion: the new word in the tokenizers before any caption is tokenized
         self.words = attach_word(family, cfg.inversion) if cfg.inverts else {}
         # training/examples.py; DreamBooth's class images are generated there, before any adapter attaches
@@ -163,7 +170,7 @@ class UNetTrainer(Trainer):
         problems = family.refusals(cfg)
         if problems:
             raise ValueError(f"bad training config for {family.name}: " + "; ".join(problems))
-        family = family.load(cfg.model, cfg.optimizer.seed, acc.device)
+        family = family.load(cfg.model, cfg.optimizer.seed, acc.device, cfg.inpaint.inpainting)
         lora = cfg.adapters
         problems = (
             target_problems(lora_settings(lora), family.parts.unet, family.encoders) if lora.lora else []
@@ -273,6 +280,10 @@ class UNetTrainer(Trainer):
                           self.data.step_latent_shape(step), acc.device)  # fmt: skip
         if self.distiller is not None:
             draws |= self.distiller.draw(opt.seed, step, self.global_batch, acc.device)
+        if self.inpainter is not None:
+            draws |= self.inpainter.draw(
+                step, self.global_batch, self.data.step_latent_shape(step), acc.device
+            )
         total = torch.zeros((), device=acc.device)
         halves = torch.zeros(2, device=acc.device)  # DreamBooth: the instance and prior losses' sums
         nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
@@ -290,6 +301,7 @@ class UNetTrainer(Trainer):
                 with acc.autocast():
                     x0 = latents_of(batch, parts.vae, mine["latent_noise"])
                     text = self.text_condition(batch, mine["drop"])
+                    extra = self.inpainter.inputs(batch, mine) if self.inpainter is not None else None
                     if self.distiller is not None:  # the teacher's unconditional half: the empty caption
                         blank = self.text_condition(batch, torch.ones_like(mine["drop"]))
                 if self.distiller is not None:
@@ -304,6 +316,7 @@ class UNetTrainer(Trainer):
                         mine["noise"],
                         cfg.optimizer.snr_gamma,
                         per_example=prior_pairs,  # DreamBooth's two halves are weighed apart
+                        extra=extra,
                     )
                 if prior_pairs:  # Ruiz et al. eq. 2: instance mean + λ class mean
                     loss, instance, prior = prior_preservation_loss(
@@ -372,7 +385,10 @@ class UNetTrainer(Trainer):
 
     def held_out_loss(self, denoiser) -> dict[str, float]:
         batch_size, device = self.cfg.optimizer.train_batch_size, self.accelerator.device
-        return held_out_loss(denoiser, self.val, self.parts, self.text_condition, batch_size, device)
+        extra = None
+        if self.inpainter is not None:
+            extra = self.inpainter.held_out(self.val["batch"], self.data.latent_shape, device)
+        return held_out_loss(denoiser, self.val, self.parts, self.text_condition, batch_size, device, extra)
 
     @functools.cached_property
     def sample_prompts(self) -> list[SamplePrompt]:
@@ -382,7 +398,7 @@ class UNetTrainer(Trainer):
         )
 
     def sample_images(self) -> list:
-        pipe = self.family.pipeline()
+        pipe = self.family.pipeline("text" if self.inpainter is None else "inpaint")  # inpaint: a full mask
         if self.distiller is not None:  # a consistency model samples with its own few-step sampler
             pipe.scheduler = make_scheduler("lcm", pipe.scheduler.config)
         seed, device = self.cfg.optimizer.seed, self.accelerator.device
@@ -438,6 +454,8 @@ class UNetTrainer(Trainer):
                 # A consistency model samples in a few LCMScheduler steps without guidance, its adapter at 1.
                 lcm = {"sampler": ("--scheduler", "lcm", "--steps", "4", "--guidance", "1"), "scale": 1.0}
                 options = lcm if self.distiller is not None else {}
+                if self.inpainter is not None:  # a 9-channel U-Net runs in InpaintPipeline
+                    options = {"sampler": ("--image", "IN.png", "--mask", "MASK.png")}
                 lora = cfg.adapters.lora
                 acc.print(final_message(self.final, cfg.model.pretrained, prompt, lora, **options))
         acc.wait_for_everyone()

@@ -77,15 +77,19 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> tor
 
 
 def diffusion_loss(
-    model, scheduler, x0, text, t, noise, snr_gamma: float | None = None, per_example: bool = False
-) -> torch.Tensor:
+    model, scheduler, x0, text, t, noise, snr_gamma: float | None = None, per_example: bool = False,
+    extra: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Algorithm 1, line 5: mean over the batch of w(t) ‖target - model(x_t, t, c)‖² (per element);
-    with ``per_example`` each example's (B,), for a loss that weighs examples apart (DreamBooth's)."""
+    with ``per_example`` each example's (B,), for a loss that weighs examples apart (DreamBooth's).
+    ``extra``: channels the model reads beside x_t (an inpainting U-Net's mask and masked image's
+    latents, training/inpaint_step.py)."""
     # t stays on the CPU, where the scheduler's float64 tables are: gathering there costs no device sync.
     x_t = scheduler.add_noise(x0, noise, t)  # eq. 4: x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε
     kind = scheduler.config.prediction_type
     target = noise if kind == "epsilon" else scheduler.get_velocity(x0, noise, t)
-    prediction = model(x_t, t.to(x0.device, non_blocking=True), text)
+    x_in = x_t if extra is None else torch.cat([x_t, extra.to(x_t.dtype)], dim=1)
+    prediction = model(x_in, t.to(x0.device, non_blocking=True), text)
     loss = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # eq. 14, per sample
     if snr_gamma:
         loss = loss * min_snr_weight(scheduler.snr(t), snr_gamma, kind).to(loss.device)

@@ -14,9 +14,11 @@ from training.sample_prompts import SamplePrompt, sample_batches
 from training.unet_step import diffusion_loss, latents_of
 
 
-def held_out_loss(denoiser, val: dict, parts, text_condition, batch_size: int, device) -> dict[str, float]:
+def held_out_loss(denoiser, val: dict, parts, text_condition, batch_size: int, device,
+                  extra=None) -> dict[str, float]:  # fmt: skip
     """The unweighted loss on held-out data at fixed timesteps, with noise fixed for the whole run
-    (``val``: the batch, its timesteps and noises); ``text_condition(batch, drop)``: the trainer's."""
+    (``val``: the batch, its timesteps and noises); ``text_condition(batch, drop)``: the trainer's;
+    ``extra``: an inpainting U-Net's channels beside x_t for the batch (training/inpaint_step.py)."""
     logs = {}
     for k, t in enumerate(val["timesteps"]):
         total = 0.0
@@ -27,7 +29,8 @@ def held_out_loss(denoiser, val: dict, parts, text_condition, batch_size: int, d
                 batch, torch.zeros(len(rows), dtype=torch.bool, device=device)
             )  # no dropout
             ts = torch.full((len(rows),), t)
-            loss = diffusion_loss(denoiser, parts.scheduler, x0, text, ts, val["noise"][k][rows])
+            more = None if extra is None else extra[rows]
+            loss = diffusion_loss(denoiser, parts.scheduler, x0, text, ts, val["noise"][k][rows], extra=more)
             total += loss.item() * len(rows)
         logs[f"val/loss_t{t}"] = total / len(val["noise"][k])
     logs["val/loss"] = sum(logs.values()) / len(logs)
@@ -36,14 +39,27 @@ def held_out_loss(denoiser, val: dict, parts, text_condition, batch_size: int, d
 
 def sample_images(pipe, prompts: list[SamplePrompt], section: ValidationSection, seed: int, device) -> list:
     """One image per sample prompt by ``pipe``: prompt i from seed + i unless its line sets --d, at
-    validation_inference_steps and validation_guidance unless it sets --s and --l."""
+    validation_inference_steps and validation_guidance unless it sets --s and --l. An inpainting
+    pipeline paints the whole image (a full mask: what the model was trained on as text to image)."""
     steps, guidance = section.validation_inference_steps, section.validation_guidance
     images = [None] * len(prompts)
     for places, call in sample_batches(prompts, seed, steps, guidance):
         generators = [torch.Generator(device).manual_seed(s) for s in call.pop("seeds")]
+        if hasattr(pipe, "mask_processor"):
+            call |= full_mask(pipe, call, len(places))
         for i, image in zip(places, pipe(**call, generator=generators, output_type="pil").images):
             images[i] = image
     return images
+
+
+def full_mask(pipe, call: dict, n: int) -> dict:
+    """An inpainting call's image and mask_image for text to image: a white mask over the whole image,
+    so that the masked image is all zeros whatever the image holds."""
+    from PIL import Image
+
+    width, height = pipe.resolve_size(call.get("height"), call.get("width"))[::-1]
+    white = Image.new("RGB", (width, height), (255, 255, 255))
+    return {"image": [white] * n, "mask_image": [white] * n}
 
 
 def image_to_image_sample(pipe, prompt: SamplePrompt, section: ValidationSection, seed: int, device):

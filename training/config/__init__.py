@@ -11,7 +11,8 @@ A file per part:
 - shared.py: the data, optimisation and run sections both trainers extend, other tools' flag names;
 - unet.py: ``TrainConfig``, the U-Net trainer's config (training/train.py), with its model, data,
   captions, optimizer and run sections; its larger sections have a file each: lora.py, dreambooth.py,
-  validation.py, inversion.py (textual inversion) and distill.py (latent consistency distillation);
+  validation.py, inversion.py (textual inversion), distill.py (latent consistency distillation) and
+  inpaint.py (an inpainting U-Net);
 - vae.py: ``VAETrainConfig``, the VAE trainer's (training/train_vae.py);
 - keys.py: the flat keys: read from YAML and flags (``parse_config``, ``from_dict``), written back
   (``to_dict``, ``save_yaml``), and ``--help``.

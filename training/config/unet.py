@@ -22,6 +22,7 @@ from sdlite.presets import PRESETS, Preset
 from training.checks import counts_below, numbers_outside, text_problems
 from training.config.distill import DistillSection
 from training.config.dreambooth import DreamBoothSection
+from training.config.inpaint import InpaintSection, inpaint_contradictions
 from training.config.inversion import TextualInversionSection
 from training.config.lora import LoraSection
 from training.config.sections import Config, Section, option, section
@@ -300,6 +301,7 @@ class TrainConfig(Config):
     validation: ValidationSection = section(ValidationSection)
     run: RunSection = section(RunSection)
     distillation: DistillSection = section(DistillSection)
+    inpaint: InpaintSection = section(InpaintSection)
 
     @property
     def text_encoder_trains(self) -> bool:
@@ -341,6 +343,7 @@ class TrainConfig(Config):
             + self.inversion_contradictions()
             + self.release_contradictions()
             + self.distill_contradictions()
+            + inpaint_contradictions(self)
         )
 
     def inversion_contradictions(self) -> list[str]:
