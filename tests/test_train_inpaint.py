@@ -181,3 +181,30 @@ def test_what_inpainting_cannot_take_is_refused_in_one_line(data, tmp_path, opti
 def test_inpaint_keys_without_inpainting_are_refused(data, tmp_path):
     with pytest.raises(ConfigError, match="inpaint_mask_sizes set without inpainting"):
         parse_config(TrainConfig, ["--inpaint_mask_sizes", "[0.1, 0.2]"]).check()
+
+
+def test_sdxl_trains_an_inpainting_u_net_that_inpaint_xl_pipeline_loads(data, cache, tmp_path):
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    from pipelines import InpaintXLPipeline
+
+    validation = dict(
+        val_data_dir=data / "test", validation_prompts='["a red circle"]', validation_inference_steps=2
+    )
+    final = main(flags(data, cache, tmp_path, preset="tiny-sdxl", max_steps=2, **validation, **INPAINT))
+    assert (tmp_path / "validation" / "step-2.png").is_file()
+    image = Image.fromarray(np.full((32, 32, 3), 200, np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    call = dict(prompt="a red circle", image=image, mask_image=Image.fromarray(mask), num_inference_steps=3,
+                output_type="np")  # fmt: skip
+    ours = InpaintXLPipeline.from_pretrained(final)
+    theirs = StableDiffusionXLInpaintPipeline.from_pretrained(
+        final, local_files_only=True, add_watermarker=False
+    )
+    assert ours.unet.config.in_channels == 9
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+    a = ours(**call, generator=torch.Generator().manual_seed(0)).images
+    b = theirs(**call, generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(a - b).max() <= 1e-4
