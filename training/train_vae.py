@@ -231,7 +231,6 @@ class VAETrainer(Trainer):
         self.objective, self.optimizer = acc.prepare(objective, optimizer)
 
         self.start_step = self.resume()
-        opt = cfg.optimizer
         sampler = StepSampler(len(self.train_images), opt.train_batch_size, opt.seed, opt.max_steps,
                               self.start_step, acc.num_processes, acc.process_index)  # fmt: skip
         self.batches, self.global_batch, self.eval_every = (
