@@ -109,7 +109,7 @@ def test_a_prompts_file_seed_no_generator_takes_is_refused_naming_its_line(tmp_p
 @pytest.mark.parametrize(
     ("key", "value"),
     [("kl_weight", "nan"), ("eval_count", "0"), ("scale_count", "0"), ("eval_every", "-1"),
-     ("learning_rate", "inf"), ("seed", str(2**64)), ("max_grad_norm", "-1")],
+     ("learning_rate", "inf"), ("seed", str(2**64)), ("max_grad_norm", "-1"), ("edge_weight", "-1")],
 )  # fmt: skip
 def test_a_bad_vae_setting_is_refused_before_the_vae_is_built(key, value, tmp_path, nothing_built):
     with pytest.raises(ConfigError, match=f"^bad training config: {key}=.*: use "):

@@ -6,11 +6,11 @@ import torch
 from diffusers import AutoencoderKL
 
 from sdlite.data.dataset import DataError
-from sdlite.data.shapes import write_dataset
+from sdlite.data.shapes import PALETTE, shape_mask, write_dataset
 from training import train_vae
 from training.checkpoint import NonFiniteLossError, checkpoints
 from training.config import ConfigError, VAETrainConfig, parse_config
-from training.train_vae import build_vae, latent_std, load_images, main, psnr
+from training.train_vae import VAEObjective, build_vae, contrast_weights, latent_std, load_images, main, psnr
 
 TINY_RUN = dict(max_steps=3, train_batch_size=8, lr_warmup_steps=1, report_to="none")
 # Measured on these 8 held-out images: the untrained VAE (seed 0) 5.2 dB, after 10 steps 11.0 dB (3
@@ -170,3 +170,53 @@ def test_bad_settings_fail_at_start_up(shapes, tmp_path):
         with pytest.raises(ValueError, match=f"vae_block_out_channels .*{error}"):
             main(flags(train_data_dir=shapes / "train", eval_count=4, output_dir=tmp_path,
                        vae_block_out_channels=widths))  # fmt: skip
+
+
+def square_image(colour: str = "red", box=(10, 10, 20, 20)) -> torch.Tensor:
+    """(1, 3, 32, 32) in [-1, 1]: a square of a palette colour in ``box`` on the white background."""
+    image = torch.ones(1, 3, 32, 32)
+    mask = torch.from_numpy(shape_mask("square", box, (32, 32)))
+    image[0][:, mask] = torch.tensor(PALETTE[colour], dtype=torch.float32)[:, None] / 127.5 - 1
+    return image
+
+
+def test_contrast_weights_are_one_on_flat_colour_and_highest_on_a_corner_of_any_colour():
+    weights = contrast_weights(square_image(), 20.0)[0, 0]
+    assert weights.shape == (32, 32)
+    for flat in (weights[0, 0], weights[15, 15], weights[31, 31]):  # background, inside, the border
+        assert flat.item() == pytest.approx(1.0, abs=1e-5)
+    # red (220, 40, 40) on white: its largest channel difference is 215 of 127.5 a unit; |x - box3(x)| is
+    # that times the share of the 9 neighbours that differ: 5 at a corner, 3 on an edge
+    corner, edge = weights[10, 10].item(), weights[10, 15].item()
+    assert corner == pytest.approx(1 + 20 * 215 / 127.5 * 5 / 9, rel=1e-5)
+    assert edge == pytest.approx(1 + 20 * 215 / 127.5 * 3 / 9, rel=1e-5)
+    # yellow (235, 215, 40) is near white in two channels: its corner weighs as red's
+    assert contrast_weights(square_image("yellow"), 20.0)[0, 0, 10, 10].item() == pytest.approx(corner)
+    # a square in the image's corner: outside is the background, so its corner pixel is a corner
+    assert contrast_weights(square_image(box=(0, 0, 10, 10)), 20.0)[0, 0, 0, 0].item() == pytest.approx(
+        corner
+    )
+    assert contrast_weights(square_image(), 0.0).eq(1).all()
+
+
+def test_the_edge_weighted_reconstruction_is_the_mean_of_the_errors_weighted_by_contrast():
+    torch.manual_seed(0)
+    vae = build_vae(VAETrainConfig())[0]
+    x = square_image()
+    plain, weighted = VAEObjective(vae, kl_weight=0.0), VAEObjective(vae, kl_weight=0.0, edge_weight=20.0)
+    torch.manual_seed(1)
+    _, rec_plain, _ = plain(x)
+    torch.manual_seed(1)  # the same z ~ q(z|x)
+    _, rec_weighted, _ = weighted(x)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        reconstruction = vae.decode(vae.encode(x).latent_dist.sample()).sample
+    errors = (reconstruction - x) ** 2
+    weights = contrast_weights(x, 20.0).expand_as(errors)
+    assert rec_plain.item() == pytest.approx(errors.mean().item(), rel=1e-5)
+    assert rec_weighted.item() == pytest.approx(
+        (weights * errors).sum().item() / weights.sum().item(), rel=1e-5
+    )
+    assert rec_weighted.item() != pytest.approx(rec_plain.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="edge_weight"):
+        VAEObjective(vae, edge_weight=-1.0)

@@ -5,7 +5,9 @@
 
 The loss is the VAE objective of Kingma & Welling 2014 with a small weight on the KL term, as latent
 diffusion trains its first stage (Rombach et al. 2022, sec. 3 and appendix G, without the perceptual
-and adversarial terms): loss = ‖x - D(z)‖² + kl_weight · KL(q(z|x) ‖ N(0, I)), z ~ q(z|x).
+and adversarial terms): loss = ‖x - D(z)‖² + kl_weight · KL(q(z|x) ‖ N(0, I)), z ~ q(z|x); with
+edge_weight > 0 the squared error is weighted, pixel by pixel, by the image's local contrast
+(``contrast_weights``), so that corners and edges count more than flat colour.
 
 The learning rate warms up and then decays to zero at the last step: at a constant rate a small VAE
 can end on a loss spike. PSNR is measured on held-out images, and the one reported at the end is of
@@ -94,23 +96,57 @@ def load_splits(cfg: VAETrainConfig, resolution: int) -> tuple[torch.Tensor, tor
 # ---------------------------------------------------------------------------------------------------
 
 
+def contrast_weights(x: torch.Tensor, edge_weight: float) -> torch.Tensor:
+    """(N, 1, H, W) pixel weights 1 + edge_weight · c(x): c is the largest over the channels of
+    |x - box₃(x)|, the pixel's distance from the mean of its 3x3 neighbourhood, the image padded with
+    the median of its border (its background, as ``sdlite.shape_reading`` takes it).
+
+    Not from a paper: c is 0 on flat colour and grows with the share of the neighbourhood that differs,
+    so a shape's convex corner pixel (5 of 9 neighbours background) weighs more than a straight edge's
+    (3 of 9); those are the pixels a VAE trained on the plain mean gives back last (benchmarks/RESULTS.md,
+    "The VAE's round trip, read strictly"). The largest channel, not their mean, so that a colour near
+    the background in two channels (yellow on white) weighs as much as one far in all three; the
+    background outside, not the border repeated, so that a corner on the image's edge is a corner."""
+    x = x.float()
+    n, c, h, w = x.shape
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)
+    padded = border.median(dim=-1).values[..., None, None].expand(n, c, h + 2, w + 2).clone()
+    padded[..., 1:-1, 1:-1] = x
+    local = F.avg_pool2d(padded, 3, stride=1)
+    return 1 + edge_weight * (x - local).abs().amax(dim=1, keepdim=True)
+
+
 class VAEObjective(torch.nn.Module):
-    """loss(x) = reconstruction of z ~ q(z|x) + kl_weight · KL(q(z|x) ‖ N(0, I)), both per element.
+    """loss(x) = reconstruction of z ~ q(z|x) + kl_weight · KL(q(z|x) ‖ N(0, I)), both per element;
+    with edge_weight > 0 the reconstruction is the mean weighted by ``contrast_weights(x)``.
 
     A module, so that accelerate wraps the whole objective: under DDP gradients are only reduced
     for what runs through the wrapped module's forward, and the VAE's own forward hides q(z|x)."""
 
-    def __init__(self, vae: AutoencoderKL, reconstruction_loss: str = "mse", kl_weight: float = 1e-6):
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        reconstruction_loss: str = "mse",
+        kl_weight: float = 1e-6,
+        edge_weight: float = 0.0,
+    ):
         super().__init__()
         if reconstruction_loss not in ("mse", "l1"):
             raise ValueError(f"reconstruction_loss={reconstruction_loss!r}; expected 'mse' or 'l1'")
+        if not edge_weight >= 0:
+            raise ValueError(f"edge_weight={edge_weight!r}; expected a number >= 0 (0: the plain mean)")
         self.vae, self.reconstruction_loss, self.kl_weight = vae, reconstruction_loss, kl_weight
+        self.edge_weight = edge_weight
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         posterior = self.vae.encode(x).latent_dist
         reconstruction = self.vae.decode(posterior.sample()).sample.float()
         distance = F.mse_loss if self.reconstruction_loss == "mse" else F.l1_loss
-        rec = distance(reconstruction, x.float())
+        if self.edge_weight > 0:
+            weights = contrast_weights(x, self.edge_weight)
+            rec = (weights * distance(reconstruction, x.float(), reduction="none")).mean() / weights.mean()
+        else:
+            rec = distance(reconstruction, x.float())
         kl = posterior.kl().mean() / posterior.mean[0].numel()  # diffusers sums KL over a latent
         return rec + self.kl_weight * kl, rec.detach(), kl.detach()
 
@@ -182,7 +218,8 @@ class VAETrainer(Trainer):
         torch.manual_seed(cfg.optimizer.seed)  # the initial weights; the steps' draws continue this stream
         self.vae, resolution = build_vae(cfg)
         self.train_images, self.eval_images = load_splits(cfg, resolution)
-        objective = VAEObjective(self.vae, cfg.optimizer.reconstruction_loss, cfg.optimizer.kl_weight)
+        opt = cfg.optimizer
+        objective = VAEObjective(self.vae, opt.reconstruction_loss, opt.kl_weight, opt.edge_weight)
         self.params = list(objective.parameters())
         groups = [{"params": self.params, "name": "vae"}]  # logged as lr/vae
         optimizer = make_optimizer(
@@ -194,7 +231,6 @@ class VAETrainer(Trainer):
         self.objective, self.optimizer = acc.prepare(objective, optimizer)
 
         self.start_step = self.resume()
-        opt = cfg.optimizer
         sampler = StepSampler(len(self.train_images), opt.train_batch_size, opt.seed, opt.max_steps,
                               self.start_step, acc.num_processes, acc.process_index)  # fmt: skip
         self.batches, self.global_batch, self.eval_every = (

@@ -57,12 +57,15 @@ class VAEOptimizerSection(OptimizerBase):
     adam_weight_decay: float = 0.0
     reconstruction_loss: str = option("mse", '"mse" or "l1"')
     kl_weight: float = option(1e-6, "the weight of KL(q(z|x) ‖ N(0, I)) against the reconstruction loss")
+    edge_weight: float = option(
+        0.0, "pixels weigh 1 + this x their contrast with their 3x3 neighbours (corners most); 0: plain mean"
+    )
 
     def problems(self) -> list[str]:
         problems = super().problems()
         if self.reconstruction_loss not in ("mse", "l1"):
             problems.append(f"reconstruction_loss={self.reconstruction_loss!r}: use mse or l1")
-        return problems + numbers_outside(self, "kl_weight")
+        return problems + numbers_outside(self, "kl_weight", "edge_weight")
 
 
 @dataclasses.dataclass
