@@ -10,6 +10,9 @@ from PIL import Image
 
 from sdlite.cli import build_parser, final_message, main
 from sdlite.models import build_components, save_components
+from training.closing import closing_message
+from training.config.keys import parse_config
+from training.config.unet import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +51,24 @@ def test_a_full_runs_message_generates_with_the_folder_and_a_preset_lora_says_wh
     assert args.model == str(tmp_path) and args.lora == [] and args.prompt == "a red circle"
     message = final_message(tmp_path, None, "a red circle", lora=True)
     assert "generate with" not in message and "random weights" in message
+
+
+def test_the_closing_line_of_a_distilled_an_inpainting_and_a_new_words_run(tmp_path):
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (tmp_path / "model_index.json").write_text("{}")
+    base = ["--pretrained_model_name_or_path", "models/base", "--validation_prompts", "a red circle"]
+    lcm = parse_config(TrainConfig, [*base, "--lora", "true", "--distill", "lcm"])
+    args = build_parser().parse_args(generate_line(closing_message(lcm, tmp_path, True, False))[1:])
+    assert (args.scheduler, args.num_inference_steps, args.guidance_scale) == ("lcm", 4, 1.0)
+    assert args.lora == [(str(tmp_path / "pytorch_lora_weights.safetensors"), 1.0)]
+    assert args.model == "models/base"
+    inpaint = parse_config(TrainConfig, [*base, "--inpainting", "true", "--cache_latents", "false"])
+    args = build_parser().parse_args(generate_line(closing_message(inpaint, tmp_path, False, True))[1:])
+    assert (args.model, args.image, args.mask, args.lora) == (str(tmp_path), "IN.png", "MASK.png", [])
+    word = parse_config(TrainConfig, [*base, "--textual_inversion_token", "<mystar>"])
+    message = closing_message(word, tmp_path, False, False)
+    assert "pytorch_lora_weights.safetensors" in message and "'<mystar>'" in message
+    assert "load_textual_inversion" in message and "models/base" in message
 
 
 def test_a_lora_training_run_ends_with_a_generate_line_that_runs(data, cache, tmp_path):

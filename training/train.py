@@ -55,10 +55,10 @@ if __name__ == "__main__":  # an entry point: third-party noise dropped before d
 
 import torch  # noqa: E402
 
-from sdlite.cli import final_message  # noqa: E402
 from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
 from sdlite.lora import AdapterWeights, lora_param_groups, target_problems  # noqa: E402
 from training.accelerator import setup_accelerator  # noqa: E402
+from training.closing import closing_message  # noqa: E402
 from training.config.keys import parse_config, save_yaml  # noqa: E402
 from training.config.unet import TrainConfig  # noqa: E402
 from training.errors import reported_errors  # noqa: E402
@@ -443,21 +443,8 @@ class UNetTrainer(Trainer):
                     with self.ema_weights():
                         parts.save_pretrained(tmp)  # a diffusers SD or SDXL folder (sdlite.models, models_xl)
                 save_yaml(cfg, tmp / "train_config.yaml")
-            prompt = next(
-                iter(cfg.validation.validation_prompts), cfg.dreambooth.instance_prompt or "a prompt"
-            )
-            if cfg.inverts:  # no model folder and no LoRA: the word's files, which the pipelines load
-                files = ", ".join(sorted(p.name for p in Path(self.final).glob("*.safetensors")))
-                acc.print(f"saved {self.final}: {files}; pipe.load_textual_inversion(FILE) adds the word "
-                          f"{cfg.inversion.textual_inversion_token!r} to {cfg.model.pretrained}")  # fmt: skip
-            else:
-                # A consistency model samples in a few LCMScheduler steps without guidance, its adapter at 1.
-                lcm = {"sampler": ("--scheduler", "lcm", "--steps", "4", "--guidance", "1"), "scale": 1.0}
-                options = lcm if self.distiller is not None else {}
-                if self.inpainter is not None:  # a 9-channel U-Net runs in InpaintPipeline
-                    options = {"sampler": ("--image", "IN.png", "--mask", "MASK.png")}
-                lora = cfg.adapters.lora
-                acc.print(final_message(self.final, cfg.model.pretrained, prompt, lora, **options))
+            distilled, inpainting = self.distiller is not None, self.inpainter is not None
+            acc.print(closing_message(cfg, self.final, distilled, inpainting))
         acc.wait_for_everyone()
         return self.final
 
