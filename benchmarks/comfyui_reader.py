@@ -309,8 +309,9 @@ def ours(args) -> None:
                     states = encoders["text_encoder"](inputs["ids_0"])[0]
                 results[f"{kind}.text"] = states.float()
         log(f"ours {kind}: text encoders, {n} modules merged")
-    unet = _float32(parts.unet)
-    del parts, encoders
+    unet = parts.unet
+    del parts, encoders  # the text encoders' float32 weights go before the U-Net's arrive
+    unet = _float32(unet)
     extra = {}
     if sdxl:
         h, w, ch, cw = (SIZE[k] for k in ("height", "width", "crop_h", "crop_w"))
