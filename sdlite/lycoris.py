@@ -11,8 +11,8 @@ SGM block names included); what follows the name says the kind, with ``.alpha`` 
           ΔW = scale · (w1 ⊗ w2), a Kronecker product (Yeh et al. 2023, LyCORIS); scale = alpha / r
           when a factor is factorised (r its inner width), 1 when both are full (nothing to scale by)
     DoRA  any of the above and dora_scale m (Liu et al. 2024): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm
-          per output row when m is (out, 1) (peft's and LyCORIS' wd_on_out), per input column when m
-          is (1, in) (the paper's)
+          per output row when m is (out, 1) (peft's, LyCORIS' wd_on_output, what we write), per input
+          column when m is (1, in) (LyCORIS before 3.2); which readers apply which: docs/interop.md
 
 A convolution's weight (out, in, kh, kw) is the same update on (out, in·kh·kw), reshaped. The Tucker
 forms (``hada_t1``, ``lokr_t2``, ``lora_mid``) are refused by name. Applying the update to the weight
