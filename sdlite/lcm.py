@@ -17,7 +17,8 @@ Glossary (paper symbol -> name here)
     ω                           w, the guidance: ε̃ = (1 + ω) ε_θ(z, c) - ω ε_θ(z, ∅) (sec. 4.2); a
                                 pipeline's guidance_scale s is 1 + ω
     ẑ_0, ε̂                      x0, eps: the teacher's (guided) estimates at z_{t_{n+k}}
-    ẑ_{t_n}^{Ψ,ω}               x_end: one DDIM step of the augmented PF-ODE from z_{t_{n+k}} to t_n
+    ẑ_{t_n}^{Ψ,ω}               x_end: one step of the solver Ψ (DDIM, or Heun's) of the augmented PF-ODE
+                                from z_{t_{n+k}} to t_n
     c_skip(t), c_out(t)         boundary_scalings (sec. 4.1; Song et al. 2023, "Consistency Models")
     f_θ(z, ω, c, t)             consistency_function = c_skip(t) z + c_out(t) ẑ_0(z)
     d(x, y)                     pseudo_huber (Song & Dhariwal 2023, sec. 3.3; LCM-LoRA's distance)
@@ -112,6 +113,25 @@ def ddim_step(
     """ẑ_{t_n}^{Ψ,ω}: one DDIM step (Song et al. 2021, eq. 12 with η = 0; LCM's solver Ψ, sec. 4.2-4.3) of the
     augmented PF-ODE from z_{t_{n+k}}, given its guided estimates: α(t_n) ẑ_0 + σ(t_n) ε̂."""
     return _per_example(alpha_end, x0) * x0 + _per_example(sigma_end, eps) * eps
+
+
+def heun_step(
+    z_start: torch.Tensor,
+    eps_start: torch.Tensor,
+    eps_end: torch.Tensor,
+    alpha_start: torch.Tensor,
+    sigma_start: torch.Tensor,
+    alpha_end: torch.Tensor,
+    sigma_end: torch.Tensor,
+) -> torch.Tensor:
+    """ẑ_{t_n}^{Ψ,ω} by Heun's second-order step (Karras et al. 2022, Algorithm 1, lines 5-8) of the same
+    PF-ODE, a second-order Ψ as LCM sec. 4.3 allows (its table compares DDIM, DPM-Solver and PLMS). In
+    DDIM's variables x̄ = z / α, σ̄ = σ / α the ODE is dx̄ / dσ̄ = ε(z, t) (Song et al. 2021, eq. 14), so
+    DDIM is its Euler step and Heun's averages the slope at both ends: x̄_n = x̄_{n+k} + (σ̄_n - σ̄_{n+k})
+    (ε̂_{n+k} + ε̂_n) / 2, with ε̂_n the guided ε at t_n of the Euler (DDIM) step's point."""
+    a_start, a_end = _per_example(alpha_start, z_start), _per_example(alpha_end, z_start)
+    step = _per_example(sigma_end / alpha_end - sigma_start / alpha_start, z_start)
+    return a_end * (z_start / a_start + step * (eps_start + eps_end) / 2)
 
 
 def consistency_function(z_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from sdlite.lcm import (
     consistency_function,
     ddim_step,
     guided,
+    heun_step,
     pseudo_huber,
     x0_and_eps,
 )
@@ -77,6 +78,33 @@ def test_a_ddim_step_of_the_exact_predictor_of_a_point_mass_lands_on_its_ode_sol
     assert torch.allclose(x0_hat, z0, atol=1e-10) and torch.allclose(eps_hat, eps, atol=1e-10)
     exact = a_end.view(view) * z0 + s_end.view(view) * eps
     assert torch.allclose(ddim_step(x0_hat, eps_hat, a_end, s_end), exact, atol=1e-10)
+
+
+def test_heun_step_is_nearer_the_ode_solution_than_ddim_on_gaussian_data_and_exact_on_a_point():
+    # Data N(0, s² I): the exact ε at z_t is σ z_t / (α² s² + σ²) and the PF-ODE keeps z_t / √(α² s² + σ²)
+    # fixed, so the solution at t_n is known; each solver step's error is measured against it.
+    grid, s2 = schedule(10), 0.25
+    start, end = grid.endpoints(torch.tensor([2, 5, 9]))
+    a, s = grid.alpha_sigma(start)
+    a_end, s_end = grid.alpha_sigma(end)
+    view = (-1, 1, 1, 1)
+
+    def exact_eps(z, alpha, sigma):
+        return (sigma / (alpha**2 * s2 + sigma**2)).view(view) * z
+
+    z = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    exact = z * ((a_end**2 * s2 + s_end**2) / (a**2 * s2 + s**2)).sqrt().view(view)
+    x0, eps = x0_and_eps(exact_eps(z, a, s), z, a, s, "epsilon")
+    euler = ddim_step(x0, eps, a_end, s_end)
+    heun = heun_step(z, eps, exact_eps(euler, a_end, s_end), a, s, a_end, s_end)
+    ddim_error, heun_error = ((x - exact).abs().flatten(1).max(1).values for x in (euler, heun))
+    assert (heun_error < 0.8 * ddim_error).all() and ddim_error.min() > 1e-4, (ddim_error, heun_error)
+    # A point mass: ε is constant along the trajectory, so both steps are exact.
+    z0 = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    point = a.view(view) * z0 + s.view(view) * torch.randn_like(z0)
+    x0, eps = x0_and_eps((point - a.view(view) * z0) / s.view(view), point, a, s, "epsilon")
+    landed = ddim_step(x0, eps, a_end, s_end)
+    assert torch.allclose(heun_step(point, eps, eps, a, s, a_end, s_end), landed, atol=1e-10)
 
 
 def test_guidance_is_the_papers_one_plus_omega_form_per_example():

@@ -22,6 +22,7 @@ from training.checks import ConfigError
 from training.cmd_evaluate import run_evaluation
 from training.config import parse_config
 from training.config.unet import TrainConfig
+from training.lcm_step import ConsistencyDistillation
 from training.schedulers import make_scheduler
 from training.train import UNetTrainer, main
 
@@ -154,6 +155,25 @@ def test_a_full_weight_student_trains_the_unet_and_its_teacher_stays_the_base(
     assert "--scheduler lcm --steps 4 --guidance 1" in capsys.readouterr().out  # the line it prints
 
 
+def test_heuns_solver_asks_the_guided_teacher_at_both_ends_of_the_step_and_moves_the_adapter_elsewhere(
+    distilled, data, cache, base, tmp_path, monkeypatch
+):
+    calls, guided_teacher = [], ConsistencyDistillation.guided_teacher
+
+    def counted(self, z, t, *rest):
+        calls.append(t.clone())
+        return guided_teacher(self, z, t, *rest)
+
+    monkeypatch.setattr(ConsistencyDistillation, "guided_teacher", counted)
+    final = run(data, cache, tmp_path, pretrained=base, **LCM_LORA, lcm_solver="heun")
+    assert len(calls) == 2 * 3 and all(torch.all(calls[i] - calls[i + 1] >= 0) for i in range(0, 6, 2))
+    assert any(not torch.equal(calls[i], calls[i + 1]) for i in range(0, 6, 2)), "t_{n+k} then t_n"
+    ddim = load_file(distilled[0] / "final" / "pytorch_lora_weights.safetensors")
+    heun = load_file(final / "pytorch_lora_weights.safetensors")
+    assert ddim.keys() == heun.keys() and all(v.isfinite().all() for v in heun.values())
+    assert any(not torch.allclose(ddim[k], heun[k], atol=1e-6) for k in ddim), "the same target as DDIM's"
+
+
 def test_an_sdxl_lcm_lora_gives_the_same_image_in_diffusers_as_in_ours(data, cache, tmp_path):
     folder = build_components_xl("tiny-sdxl", seed=0).save_pretrained(tmp_path / "base")
     final = run(data, cache, tmp_path / "run", pretrained=folder, distill="lcm", lora="true", lora_rank=4,
@@ -182,6 +202,8 @@ def test_an_sdxl_lcm_lora_gives_the_same_image_in_diffusers_as_in_ours(data, cac
         (dict(distill="lcm", pretrained="x", lcm_w_min=4, lcm_w_max=2), "above lcm_w_max"),
         (dict(distill="lcm", pretrained="x", lcm_guidance_interval="300,0"), "lcm_guidance_interval"),
         (dict(distill="lcm", pretrained="x", lcm_ddim_steps=0), "lcm_ddim_steps"),
+        (dict(distill="lcm", pretrained="x", lcm_solver="dpm"), "use ddim or heun"),
+        (dict(lcm_solver="heun"), "lcm_solver set without distill lcm"),
         (dict(distill="lcd"), "use lcm or none"),
         (dict(lcm_w_max=3.0), "without distill lcm"),
     ],

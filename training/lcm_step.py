@@ -6,6 +6,7 @@ For each example of the batch, with its latents z_0 and caption c:
     z_{t_{n+k}} = α(t_{n+k}) z_0 + σ(t_{n+k}) ε               eq. 4 of Ho et al. (scheduler.add_noise)
     ẑ_0, ε̂ = (1+ω) teacher(z, c) - ω teacher(z, ∅)            guided estimates at t_{n+k} (no grad)
     ẑ_{t_n} = α(t_n) ẑ_0 + σ(t_n) ε̂                           one DDIM step of the teacher's ODE
+              (lcm_solver heun: corrected by the guided ε̂ at t_n of that point, Heun's step)
     loss = d(f_θ(z_{t_{n+k}}, t_{n+k}), f_θ⁻(ẑ_{t_n}, t_n))    pseudo-Huber, θ⁻ = sg(θ)
 
 The teacher is the pretrained model the run loads: with a LoRA student the same U-Net with its adapter
@@ -30,7 +31,15 @@ import functools
 import torch
 
 from sdlite.data.samplers import seeded_generator
-from sdlite.lcm import SkippingSchedule, consistency_function, ddim_step, guided, pseudo_huber, x0_and_eps
+from sdlite.lcm import (
+    SkippingSchedule,
+    consistency_function,
+    ddim_step,
+    guided,
+    heun_step,
+    pseudo_huber,
+    x0_and_eps,
+)
 from sdlite.lora import adapter_scale
 from training.config.distill import DistillSection
 
@@ -86,6 +95,13 @@ class ConsistencyDistillation:
         inside = (start >= interval[0]) & (start <= interval[1])
         return torch.where(inside.to(w.device), w, torch.zeros_like(w))
 
+    def guided_teacher(self, z, t, alpha, sigma, text, uncond, w) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's (ẑ_0, ε̂) at z_t guided by ω (LCM sec. 4.2): its conditional and ∅ passes."""
+        cond = x0_and_eps(self.teacher(z, t, text).float(), z, alpha, sigma, self.prediction_type)
+        blank = x0_and_eps(self.teacher(z, t, self.unconditional(uncond)).float(), z, alpha, sigma,
+                           self.prediction_type)  # fmt: skip
+        return guided(cond[0], blank[0], w), guided(cond[1], blank[1], w)
+
     def loss(self, model, z0: torch.Tensor, text, uncond, draws: dict) -> torch.Tensor:
         """The batch's mean consistency loss; gradients reach ``model`` (the prepared student) alone."""
         schedule, device = self.schedule, z0.device
@@ -100,12 +116,12 @@ class ConsistencyDistillation:
         online = consistency_function(z_start, x0_student, start)  # f_θ(z_{t_{n+k}}, t_{n+k})
         with torch.no_grad():
             w = self.guidance(start, draws["w"])
-            cond = x0_and_eps(self.teacher(z_start, t_start, text).float(), z_start, a_start, s_start,
-                              self.prediction_type)  # fmt: skip
-            blank = x0_and_eps(self.teacher(z_start, t_start, self.unconditional(uncond)).float(), z_start,
-                               a_start, s_start, self.prediction_type)  # fmt: skip
-            x0, eps = guided(cond[0], blank[0], w), guided(cond[1], blank[1], w)
-            z_end = ddim_step(x0, eps, a_end, s_end).to(z0.dtype)  # ẑ_{t_n}
+            x0, eps = self.guided_teacher(z_start, t_start, a_start, s_start, text, uncond, w)
+            z_end = ddim_step(x0, eps, a_end, s_end)  # ẑ_{t_n}: Euler's step in DDIM's variables
+            if self.settings.lcm_solver == "heun":  # the slope at t_n of that point too: second order
+                _, eps_end = self.guided_teacher(z_end.to(z0.dtype), t_end, a_end, s_end, text, uncond, w)
+                z_end = heun_step(z_start.float(), eps, eps_end, a_start, s_start, a_end, s_end)
+            z_end = z_end.to(z0.dtype)
             x0_target, _ = x0_and_eps(self.denoiser(z_end, t_end, text).float(), z_end, a_end, s_end,
                                       self.prediction_type)  # fmt: skip
             target = consistency_function(z_end, x0_target, end)  # f_θ⁻(ẑ_{t_n}, t_n)

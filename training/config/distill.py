@@ -29,6 +29,9 @@ class DistillSection(Section):
     lcm_guidance_interval: list[int] | None = option(
         None, "guide the teacher only at solver steps from t LO to HI (as generate's --guidance_interval)"
     )
+    lcm_solver: str = option(
+        "ddim", "the teacher's ODE step Ψ: ddim (first order), heun (second order, 2 more teacher passes)"
+    )
     lcm_huber_c: float = option(0.001, "c of the pseudo-Huber distance √((x-y)² + c²) - c")
 
     @property
@@ -43,6 +46,8 @@ class DistillSection(Section):
             problems.append(f"lcm_ddim_steps={self.lcm_ddim_steps}: use 1 to 1000 (default 50)")
         if self.lcm_w_min > self.lcm_w_max:
             problems.append(f"lcm_w_min {self.lcm_w_min} is above lcm_w_max {self.lcm_w_max}")
+        if self.lcm_solver not in ("ddim", "heun"):
+            problems.append(f"lcm_solver={self.lcm_solver!r}: use ddim or heun")
         interval = self.lcm_guidance_interval
         if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1]):
             problems.append(f"lcm_guidance_interval={interval}: give two timesteps LO,HI with 0 <= LO <= HI")
