@@ -19,6 +19,15 @@ from training.train import main
 INPAINT = dict(inpainting="true", cache_latents="false")
 
 
+def grey_square_call() -> dict:
+    """An inpainting call both pipelines take: a grey 32 px image, its middle 16 px square masked."""
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    image = Image.fromarray(np.full((32, 32, 3), 200, np.uint8))
+    return dict(prompt="a red circle", image=image, mask_image=Image.fromarray(mask), num_inference_steps=3,
+                output_type="np")  # fmt: skip
+
+
 @pytest.mark.parametrize("build", [lambda: build_components("tiny", seed=0),
                                    lambda: build_components_xl("tiny-sdxl", seed=0)])  # fmt: skip
 def test_the_widened_u_net_predicts_the_bases_epsilon_whatever_the_mask(build):
@@ -106,11 +115,7 @@ def test_the_final_folder_is_a_9_channel_model_that_inpaints_as_diffusers_does(t
     final = trained / "final"
     assert load_components(final, inpainting=True).unet.config.in_channels == 9
     assert (trained / "validation" / "step-3.png").is_file()  # sampled with a full mask
-    image = Image.fromarray(np.full((32, 32, 3), 200, np.uint8))
-    mask = np.zeros((32, 32), np.uint8)
-    mask[8:24, 8:24] = 255
-    call = dict(prompt="a red circle", image=image, mask_image=Image.fromarray(mask), num_inference_steps=3,
-                output_type="np")  # fmt: skip
+    call = grey_square_call()
     ours = InpaintPipeline.from_pretrained(final)
     theirs = StableDiffusionInpaintPipeline.from_pretrained(final, local_files_only=True, safety_checker=None)
     for pipe in (ours, theirs):
@@ -193,11 +198,7 @@ def test_sdxl_trains_an_inpainting_u_net_that_inpaint_xl_pipeline_loads(data, ca
     )
     final = main(flags(data, cache, tmp_path, preset="tiny-sdxl", max_steps=2, **validation, **INPAINT))
     assert (tmp_path / "validation" / "step-2.png").is_file()
-    image = Image.fromarray(np.full((32, 32, 3), 200, np.uint8))
-    mask = np.zeros((32, 32), np.uint8)
-    mask[8:24, 8:24] = 255
-    call = dict(prompt="a red circle", image=image, mask_image=Image.fromarray(mask), num_inference_steps=3,
-                output_type="np")  # fmt: skip
+    call = grey_square_call()
     ours = InpaintXLPipeline.from_pretrained(final)
     theirs = StableDiffusionXLInpaintPipeline.from_pretrained(
         final, local_files_only=True, add_watermarker=False
