@@ -13,7 +13,7 @@ import torch
 from accelerate.state import AcceleratorState
 from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
-from test_train import ROOT, flags, launch, run_killed_at
+from test_train import ROOT, flags, launch, run_killed_at, trainers_kept
 
 from pipelines import TextToImagePipeline, TextToImageXLPipeline
 from sdlite.models import build_components, load_components
@@ -24,7 +24,7 @@ from training.config import parse_config
 from training.config.unet import TrainConfig
 from training.lcm_step import ConsistencyDistillation
 from training.schedulers import make_scheduler
-from training.train import UNetTrainer, main
+from training.train import main
 
 # An adapter on attention and on a convolution (kohya's files hold both), a rate that moves it in 3 steps.
 LCM_LORA = dict(distill="lcm", lora="true", lora_rank=4, lora_target_modules="to_q,to_k,to_v,to_out.0,conv1",
@@ -49,15 +49,8 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def distilled(data, cache, base, tmp_path_factory):
     """A 3-step LCM-LoRA run, and the trainer that ran it."""
-    out, runs = tmp_path_factory.mktemp("lcm"), []
-    save_final = UNetTrainer.save_final
-
-    def keep(trainer):
-        runs.append(trainer)
-        return save_final(trainer)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(UNetTrainer, "save_final", keep)
+    out = tmp_path_factory.mktemp("lcm")
+    with trainers_kept() as runs:
         run(data, cache, out, pretrained=base, **LCM_LORA)
     return out, runs[0]
 
@@ -140,13 +133,10 @@ def test_an_interrupted_distillation_resumed_ends_with_the_same_adapter(
 
 
 def test_a_full_weight_student_trains_the_unet_and_its_teacher_stays_the_base(
-    data, cache, base, tmp_path, monkeypatch, capsys
+    data, cache, base, tmp_path, capsys
 ):
-    runs, save_final = [], UNetTrainer.save_final
-    monkeypatch.setattr(
-        UNetTrainer, "save_final", lambda trainer: runs.append(trainer) or save_final(trainer)
-    )
-    final = run(data, cache, tmp_path, pretrained=base, distill="lcm", max_steps=2, ema_decay="none")
+    with trainers_kept() as runs:
+        final = run(data, cache, tmp_path, pretrained=base, distill="lcm", max_steps=2, ema_decay="none")
     before = load_components(base).unet.state_dict()
     after = load_components(final).unet.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "the student trained"

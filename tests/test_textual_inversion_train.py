@@ -11,12 +11,12 @@ import pytest
 import safetensors.torch
 import torch
 from diffusers import StableDiffusionPipeline
-from test_train import flags, run_killed_at
+from test_train import flags, run_killed_at, trainers_kept
 
 from pipelines import TextToImagePipeline
 from sdlite.data.shapes import write_dataset
 from sdlite.models import build_components, load_components
-from training.train import UNetTrainer, main
+from training.train import main
 
 WORD = "<shade>"
 OPTIONS = dict(textual_inversion_token=WORD, textual_inversion_init="red", textual_inversion_vectors=2,
@@ -45,14 +45,8 @@ def shade_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inverted(shade_data, base, cache, tmp_path_factory):
     """A 3-step textual-inversion run and its trainer."""
-    out, runs, save_final = tmp_path_factory.mktemp("ti"), [], UNetTrainer.save_final
-
-    def keep(trainer):
-        runs.append(trainer)
-        return save_final(trainer)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(UNetTrainer, "save_final", keep)
+    out = tmp_path_factory.mktemp("ti")
+    with trainers_kept() as runs:
         main(flags(shade_data, cache, out, pretrained=base, **OPTIONS))
     return out / "final", runs[0]
 
@@ -145,11 +139,9 @@ def test_an_sdxl_word_is_trained_in_both_encoders_and_saved_as_the_clip_l_clip_g
 
     base = tmp_path / "base"
     build_components_xl("tiny-sdxl", seed=0).save_pretrained(base)
-    runs, save_final = [], UNetTrainer.save_final
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(UNetTrainer, "save_final", lambda trainer: runs.append(trainer) or save_final(trainer))
+        with trainers_kept() as runs:
             main(flags(shade_data, cache, tmp_path / "run", pretrained=base, **OPTIONS))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)

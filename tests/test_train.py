@@ -11,6 +11,7 @@ So `assert_same_training` asks for a mean difference under 1e-6 and fewer than 0
 more than 1e-5 apart.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -32,6 +33,21 @@ from training.train import UNetTrainer, main
 from training.unet_step import min_snr_weight
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def trainers_kept():
+    """Yields a list that each UNetTrainer reaching save_final inside the block is appended to (its adapted
+    models intact for the test to read); save_final still runs and writes the run's files."""
+    runs, save_final = [], UNetTrainer.save_final
+
+    def keep(trainer):
+        runs.append(trainer)
+        return save_final(trainer)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(UNetTrainer, "save_final", keep)
+        yield runs
 
 
 def flags(data, cache, out, **overrides) -> list[str]:

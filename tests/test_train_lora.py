@@ -18,7 +18,7 @@ import torch
 from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file
-from test_train import ROOT, flags, launch, run_killed_at
+from test_train import ROOT, flags, launch, run_killed_at, trainers_kept
 
 from pipelines import TextToImagePipeline
 from sdlite.data.shapes import write_dataset
@@ -42,15 +42,8 @@ LORA = dict(lora="true", lora_rank=4, lora_alpha=8, lora_text_encoder="true", le
 @pytest.fixture(scope="module")
 def trained(data, cache, tmp_path_factory):
     """A 3-step LoRA run, and the trainer that ran it (kept from save_final)."""
-    out, runs = tmp_path_factory.mktemp("lora"), []
-    save_final = UNetTrainer.save_final
-
-    def keep(trainer):
-        runs.append(trainer)
-        return save_final(trainer)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(UNetTrainer, "save_final", keep)
+    out = tmp_path_factory.mktemp("lora")
+    with trainers_kept() as runs:
         main(flags(data, cache, out, **LORA))
     return out, runs[0]
 

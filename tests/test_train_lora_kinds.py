@@ -14,14 +14,14 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from test_lycoris_write import epsilon
-from test_train import flags, run_killed_at
+from test_train import flags, run_killed_at, trainers_kept
 
 from pipelines import TextToImagePipeline, TextToImageXLPipeline
 from sdlite.lora import ADAPTER_TENSORS
 from sdlite.lycoris import read_lycoris
 from sdlite.models import build_components
 from sdlite.models_xl import build_components_xl
-from training.train import UNetTrainer, main
+from training.train import main
 
 KINDS = {
     "loha": dict(lora_type="loha"),
@@ -34,16 +34,9 @@ OPTIONS = dict(lora="true", lora_rank=4, lora_alpha=2, lora_text_encoder="true",
 
 def trained_run(argv: list[str]):
     """Run train.py's main; returns the trainer (kept from save_final), its adapted models intact."""
-    runs, save_final = [], UNetTrainer.save_final
-
-    def keep(trainer):
-        runs.append(trainer)
-        return save_final(trainer)
-
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(UNetTrainer, "save_final", keep)
+        with trainers_kept() as runs:
             main(argv)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
