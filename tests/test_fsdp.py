@@ -289,6 +289,11 @@ def test_what_fsdp_cannot_train_is_refused_in_one_line_with_the_reason(data, tmp
     word = parse_config(TrainConfig, ["--train_data_dir", str(data / "train"), "--output_dir", str(tmp_path),
                                       "--textual_inversion_token", "<shape>"])  # fmt: skip
     assert [p.split(":")[0] for p in sharding_refusals(word, None)] == ["textual inversion"]
+    lcm = ["--train_data_dir", str(data / "train"), "--output_dir", str(tmp_path), "--distill", "lcm",
+           "--pretrained", str(tmp_path)]  # fmt: skip
+    refused = sharding_refusals(parse_config(TrainConfig, lcm), None)
+    assert [p.split(":")[0] for p in refused] == ["distill lcm with lcm_target_decay"]
+    assert sharding_refusals(parse_config(TrainConfig, [*lcm, "--lcm_target_decay", "0"]), None) == []
 
 
 def test_sdxl_trains_under_zero2_style_sharding_as_in_one_process(data, cache, tmp_path):

@@ -62,16 +62,17 @@ def make_lr_schedule(optimizer, name: str, warmup_steps: int, max_steps: int):
 
 
 class EMA:
-    """Exponential moving average of parameters; decay at update k: min(decay, (1+k)/(10+k)), as diffusers."""
+    """Exponential moving average of parameters; decay at update k: min(decay, (1+k)/(10+k)), as diffusers,
+    or ``decay`` from the first update without ``warmup`` (a consistency target's, training/lcm_step.py)."""
 
-    def __init__(self, parameters: Iterable[torch.nn.Parameter], decay: float = 0.9999):
-        self.decay, self.updates = decay, 0
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], decay: float = 0.9999, warmup: bool = True):
+        self.decay, self.updates, self.warmup = decay, 0, warmup
         self.shadow = [p.detach().clone().float() for p in parameters]
 
     @torch.no_grad()
     def update(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
         torch._foreach_lerp_(self.shadow, [p.detach().float() for p in parameters], 1 - decay)
 
     @contextlib.contextmanager

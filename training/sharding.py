@@ -262,6 +262,11 @@ def sharding_refusals(cfg: TrainConfig, mixed_precision: str | None) -> list[str
             "train_text_encoder: only the U-Net is sharded (a CLIP encoder sharded inside the U-Net's "
             "forward returns no hidden states, which SDXL reads); train text encoders with DDP"
         )
+    if cfg.distillation.lcm and cfg.distillation.lcm_target_decay:
+        problems.append(
+            "distill lcm with lcm_target_decay: the target's average is not sharded; set lcm_target_decay 0 "
+            "(the student itself as its target) or launch with configs/accelerate/ddp.yaml"
+        )
     if mixed_precision == "fp16":
         problems.append("mixed_precision fp16: its loss scaler does not take sharded gradients; use bf16")
     if cfg.optimizer.use_8bit_adam:

@@ -150,6 +150,8 @@ class UNetTrainer(Trainer):
             denoiser.forward = acc.autocast()(denoiser.forward)
         else:
             self.model, self.optimizer = acc.prepare(denoiser, optimizer)
+        if self.distiller is not None:
+            self.distiller.start_target()  # before resume, which loads it
         use_ema = opt.ema_decay and not cfg.adapters.lora and not cfg.inverts  # as trained, as diffusers'
         self.ema = None
         if use_ema and self.sharding:  # every process averages its own shards
@@ -226,7 +228,12 @@ class UNetTrainer(Trainer):
         )
 
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
-        """What a checkpoint holds of the model: the trained models, or with LoRA only their adapters."""
+        """What a checkpoint holds of the model: the trained models, or with LoRA only their adapters; and
+        a distillation's target network θ⁻."""
+        target = self.distiller.target if self.distiller is not None else None
+        return self.trained_modules() | ({"lcm_target": target} if target is not None else {})
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
         parts, cfg = self.parts, self.cfg
         encoders = self.family.encoders.items()  # text_encoder, and SDXL's text_encoder_2
         if cfg.inverts:
@@ -329,6 +336,8 @@ class UNetTrainer(Trainer):
                     nonfinite = self.update(~torch.isfinite(total))
         if self.ema is not None:
             self.ema.update(self.params)
+        if self.distiller is not None:
+            self.distiller.update_target()
         logs = {"loss": total / cfg.optimizer.gradient_accumulation_steps}
         if prior_pairs:
             logs["instance_loss"], logs["prior_loss"] = halves / cfg.optimizer.gradient_accumulation_steps

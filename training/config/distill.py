@@ -33,6 +33,9 @@ class DistillSection(Section):
         "ddim", "the teacher's ODE step Ψ: ddim (first order), heun (second order, 2 more teacher passes)"
     )
     lcm_huber_c: float = option(0.001, "c of the pseudo-Huber distance √((x-y)² + c²) - c")
+    lcm_target_decay: float = option(
+        0.95, "μ of the target θ⁻ ← μ θ⁻ + (1-μ) θ (LCM Algorithm 1); 0: the student itself (LCM-LoRA's)"
+    )
 
     @property
     def lcm(self) -> bool:
@@ -51,5 +54,7 @@ class DistillSection(Section):
         interval = self.lcm_guidance_interval
         if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1]):
             problems.append(f"lcm_guidance_interval={interval}: give two timesteps LO,HI with 0 <= LO <= HI")
+        if not 0.0 <= self.lcm_target_decay < 1.0:
+            problems.append(f"lcm_target_decay={self.lcm_target_decay}: use 0 <= μ < 1 (0.95 as LCM's)")
         problems += numbers_outside(self, "lcm_w_min", "lcm_w_max")
         return problems + numbers_outside(self, "lcm_huber_c", above=True)
