@@ -125,3 +125,24 @@ def test_a_trainer_following_its_launcher_stops_with_a_checkpoint_when_plain_acc
         with contextlib.suppress(ProcessLookupError):  # the trainer too, if it outlived the launcher
             os.killpg(process.pid, signal.SIGKILL)
     assert saved.read_text() == "saved"
+
+
+def test_a_cpu_run_trains_on_the_machines_cores_not_accelerates_one_thread(monkeypatch):
+    from accelerate.commands.launch import launch_command_parser
+
+    import training.launch as launcher
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("sdlite.cli.physical_cores", lambda: 8)
+    parse = launch_command_parser().parse_args
+    one = parse(["--config_file", str(ROOT / "accelerate_config.yaml"), "train.py"])
+    assert launcher.cpu_threads(one) == 8  # accelerate alone: OMP_NUM_THREADS=1
+    two = parse(["--config_file", str(ROOT / "accelerate_config.yaml"), "--num_processes", "2", "train.py"])
+    assert launcher.cpu_threads(two) == 4
+    assert launcher.cpu_threads(parse(["--num_cpu_threads_per_process", "3", "train.py"])) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's standing choice: accelerate passes it on
+    assert launcher.cpu_threads(one) is None
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert launcher.cpu_threads(one) is None  # a GPU trains: accelerate's setting stands

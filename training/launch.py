@@ -83,11 +83,37 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def cpu_threads(args) -> int | None:
+    """OpenMP threads for each trainer on a machine without a GPU: its physical cores shared among the
+    processes, as sdlite's other commands use them; None where accelerate's choice stands (the user set
+    --num_cpu_threads_per_process or $OMP_NUM_THREADS, or a GPU trains). accelerate launch gives each
+    process OMP_NUM_THREADS=1 unless its config says use_cpu, which ours does not (a GPU is used when
+    there is one), so without this a CPU run trains on one core of many."""
+    if args.num_cpu_threads_per_process is not None or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from sdlite.cli import physical_cores
+
+    processes = args.num_processes
+    if processes is None:
+        try:  # the config's, as accelerate reads it (no file: accelerate's one process)
+            processes = load_config_from_file(args.config_file).num_processes
+        except OSError:
+            processes = 1
+    return max(1, physical_cores() // max(1, processes or 1))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``accelerate launch argv`` in this process, forwarding stop signals; returns the trainer's status."""
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     args = launch_command_parser().parse_args(argv)
+    args.num_cpu_threads_per_process = cpu_threads(args) or args.num_cpu_threads_per_process
     args.quiet = False  # a failing trainer raises CalledProcessError, which carries its status
     previous = {number: signal.signal(number, _forward) for number in FORWARDED}
     try:
