@@ -6,6 +6,7 @@ it cannot take fail before anything is read."""
 
 import copy
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -160,6 +161,19 @@ def test_an_interrupted_distillation_resumed_ends_with_the_same_adapter(
         for name in ("straight", "resumed")
     )
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_checkpoint_of_before_the_ema_target_resumes_only_as_it_was_trained(data, cache, base, tmp_path):
+    options = dict(pretrained=base, **LCM_LORA, max_steps=4, checkpoint_every=2)
+    run(data, cache, tmp_path, **dict(options, max_steps=2, lcm_target_decay=0.0))
+    checkpoint = tmp_path / "checkpoint-2"
+    saved = json.loads((checkpoint / "config.json").read_text())
+    del saved["lcm_target_decay"]  # as sdlite wrote it before the key existed
+    (checkpoint / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="resume it with --lcm_target_decay 0"):
+        run(data, cache, tmp_path, **options, resume="latest")
+    run(data, cache, tmp_path, **dict(options, lcm_target_decay=0.0), resume="latest")
+    assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_a_full_weight_student_trains_the_unet_and_its_teacher_stays_the_base(

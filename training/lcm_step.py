@@ -43,8 +43,23 @@ from sdlite.lcm import (
     x0_and_eps,
 )
 from sdlite.lora import adapter_scale
+from training.checkpoint import find_resume
 from training.config.distill import DistillSection
 from training.optim import EMA
+from training.resume import saved_config
+
+
+def written_before_the_target(output_dir: str, resume: str | None, decay: float) -> str | None:
+    """One line if the checkpoint ``resume`` names comes from a distillation of before the EMA target (its
+    config has no lcm_target_decay, its folder no lcm_target): the average it would need was never kept."""
+    checkpoint = find_resume(output_dir, resume) if decay > 0 else None
+    saved = saved_config(checkpoint) if checkpoint is not None else None
+    if saved is None or "lcm_target_decay" in saved:
+        return None
+    return (
+        f"{checkpoint} was written by a distillation of before lcm_target_decay, whose target was the "
+        "student itself: resume it with --lcm_target_decay 0, as it was trained, or start a new output_dir"
+    )
 
 
 class TargetNetwork(torch.nn.Module):

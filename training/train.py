@@ -67,7 +67,7 @@ from training.families import family_of  # noqa: E402
 from training.family import lora_settings, weight_dtype  # noqa: E402
 from training.inpaint_step import Inpainting  # noqa: E402
 from training.launch import follow_launcher  # noqa: E402
-from training.lcm_step import ConsistencyDistillation  # noqa: E402
+from training.lcm_step import ConsistencyDistillation, written_before_the_target  # noqa: E402
 from training.metrics import log_image  # noqa: E402
 from training.optim import EMA, make_lr_schedule, make_optimizer  # noqa: E402
 from training.sample_prompts import SamplePrompt, run_prompts, save_samples  # noqa: E402
@@ -115,6 +115,10 @@ class UNetTrainer(Trainer):
     def setup(self) -> None:
         """Build the models, cache the data, prepare with accelerate and resume: ready for ``start_step``."""
         cfg, acc = self.cfg, self.accelerator
+        distill = cfg.distillation
+        if distill.lcm and (older := written_before_the_target(cfg.run.output_dir, cfg.run.resume,
+                                                               distill.lcm_target_decay)):  # fmt: skip
+            raise ValueError(older)  # before the model is read
         self.family = family = self.load_model()
         self.parts = family.parts  # unwrapped
         # inpainting: a 4-channel U-Net widened to read the mask and masked image (training/inpaint_step.py)
