@@ -1,6 +1,7 @@
 """ImageToImageXLPipeline draws what diffusers' StableDiffusionXLImg2ImgPipeline does."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -195,9 +196,13 @@ def test_time_ids_the_unet_does_not_read_are_refused_naming_the_setting(parts, m
         pipe(PROMPTS, num_inference_steps=2, output_type="np", **image)
 
 
-def test_sdlite_generate_redraws_an_image_with_a_refiner_folder(refiner_folder, tmp_path):
+def test_sdlite_generate_redraws_an_image_with_a_refiner_folder(refiner_folder, tmp_path, monkeypatch):
     """The refiner's folder has no text-to-image pipeline: --image loads it straight into the image one."""
     from sdlite.cli import main
+
+    # the command's threads as the test's own (conftest.py): its default, the machine's physical cores,
+    # sums in another order, and the images are compared exactly
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("SDLITE_TEST_THREADS", "1"))
 
     picture(3, size=64).save(tmp_path / "in.png")
     flags = ["--num_inference_steps", "4", "--guidance_scale", "5", "--seed", "0", "--strength", "0.6"]

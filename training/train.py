@@ -34,7 +34,6 @@ training/family.py; the data from training/examples.py; the step's math from tra
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 import sys
@@ -59,12 +58,13 @@ from sdlite.data.dreambooth import prior_preservation_loss  # noqa: E402
 from sdlite.lora import AdapterWeights, lora_param_groups, target_problems  # noqa: E402
 from training.accelerator import setup_accelerator  # noqa: E402
 from training.closing import closing_message  # noqa: E402
-from training.config.keys import parse_config, save_yaml  # noqa: E402
+from training.config.keys import parse_config  # noqa: E402
 from training.config.unet import TrainConfig  # noqa: E402
 from training.errors import reported_errors  # noqa: E402
 from training.examples import training_data  # noqa: E402
 from training.families import family_of  # noqa: E402
 from training.family import lora_settings, weight_dtype  # noqa: E402
+from training.final_folder import write_final  # noqa: E402
 from training.inpaint_step import Inpainting  # noqa: E402
 from training.launch import follow_launcher  # noqa: E402
 from training.lcm_step import ConsistencyDistillation, written_before_the_target  # noqa: E402
@@ -80,9 +80,8 @@ from training.sharding import (  # noqa: E402
     reshard,
     shard_model,
     sharding_refusals,
-    unsharded_models,
 )
-from training.textual_inversion import attach_word, save_word, word_checkpoint  # noqa: E402
+from training.textual_inversion import attach_word, word_checkpoint  # noqa: E402
 from training.trainer import Trainer, leave  # noqa: E402
 from training.unet_step import diffusion_loss, draw_step, latents_of  # noqa: E402
 from training.validation import held_out_loss, image_to_image_sample, sample_images  # noqa: E402
@@ -428,8 +427,9 @@ class UNetTrainer(Trainer):
         """The diffusers-layout folder (EMA weights in unet/ and text_encoder/; raw ones in *_raw/), or with
         LoRA pytorch_lora_weights.safetensors (and lora_kohya.safetensors with lora_save_format kohya);
         published atomically in final_dir, with the run's config as train_config.yaml."""
-        acc, cfg, parts = self.accelerator, self.cfg, self.parts
+        acc, cfg = self.accelerator, self.cfg
         acc.wait_for_everyone()
+        raw = averaged = None
         if self.sharding:  # every process takes part in gathering the whole weights onto the main one
             self.check_finite_weights()
             raw = gathered(self.model)
@@ -437,25 +437,7 @@ class UNetTrainer(Trainer):
                 averaged = gathered(self.model) if self.ema is not None else raw
         if acc.is_main_process:
             with self.publishing() as tmp:
-                if cfg.adapters.lora:  # the adapters alone, in the file load_lora_weights reads
-                    base = cfg.model.pretrained or f"sdlite preset {cfg.model.preset}"
-                    self.family.save_lora(tmp, cfg.adapters, base_model=base)
-                elif cfg.inverts:  # the word's vectors, in diffusers' and A1111's files
-                    save_word(tmp, cfg.inversion.textual_inversion_token, self.words)
-                elif self.sharding:
-                    if self.ema is not None:
-                        for name, model in unsharded_models(self.model, raw).items():
-                            model.save_pretrained(tmp / f"{name}_raw")
-                    dataclasses.replace(parts, **unsharded_models(self.model, averaged)).save_pretrained(tmp)
-                else:
-                    if self.ema is not None:
-                        parts.unet.save_pretrained(tmp / "unet_raw")
-                        if cfg.model.train_text_encoder:
-                            for name, text_encoder in self.family.encoders.items():
-                                text_encoder.save_pretrained(tmp / f"{name}_raw")
-                    with self.ema_weights():
-                        parts.save_pretrained(tmp)  # a diffusers SD or SDXL folder (sdlite.models, models_xl)
-                save_yaml(cfg, tmp / "train_config.yaml")
+                write_final(self, tmp, raw, averaged)
             distilled, inpainting = self.distiller is not None, self.inpainter is not None
             acc.print(closing_message(cfg, self.final, distilled, inpainting))
         acc.wait_for_everyone()
