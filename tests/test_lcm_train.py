@@ -91,8 +91,7 @@ def test_the_target_is_the_students_moving_average_and_leaves_the_student_as_it_
 
 def test_a_run_keeps_its_target_trailing_the_adapter(distilled):
     trainer = distilled[1]
-    adapter = [p for p in trainer.distiller.denoiser.parameters() if p.requires_grad]
-    target = trainer.distiller.target
+    adapter, target = trainer.params, trainer.distiller.target
     assert target is not None and len(target.average.shadow) == len(adapter)
     trailing = [not torch.allclose(t, p) for t, p in zip(target.average.shadow, adapter)]
     assert any(trailing), "θ⁻ is the student itself"

@@ -104,11 +104,11 @@ class ConsistencyDistillation:
             self.teacher = type(denoiser)(frozen, channels_last=denoiser.channels_last)
         self.target: TargetNetwork | None = None  # start_target, once the weights are the same everywhere
 
-    def start_target(self) -> None:
-        """θ⁻ = θ, with μ > 0: called after accelerate's prepare, whose DDP gives every process the main
-        process's weights (an average begun before would keep each process's own initialisation)."""
+    def start_target(self, trained: list[torch.nn.Parameter]) -> None:
+        """θ⁻ = θ of the ``trained`` parameters, with μ > 0: called after accelerate's prepare, whose DDP
+        gives every process the main process's weights (an average begun before would keep each
+        process's own initialisation)."""
         if self.settings.lcm_target_decay > 0:
-            trained = [p for p in self.denoiser.parameters() if p.requires_grad]
             self.target = TargetNetwork(trained, self.settings.lcm_target_decay)
 
     def update_target(self) -> None:

@@ -154,7 +154,7 @@ class UNetTrainer(Trainer):
         else:
             self.model, self.optimizer = acc.prepare(denoiser, optimizer)
         if self.distiller is not None:
-            self.distiller.start_target()  # before resume, which loads it
+            self.distiller.start_target(self.params)  # before resume, which loads it
         use_ema = opt.ema_decay and not cfg.adapters.lora and not cfg.inverts  # as trained, as diffusers'
         self.ema = None
         if use_ema and self.sharding:  # every process averages its own shards
