@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipelines import ImageToImagePipeline
 from sdlite.data.shapes import write_dataset
-from training import train as train_module
+from training import validation
 from training.config import from_dict
 from training.config.unet import TrainConfig
 from training.train import main
@@ -23,7 +23,7 @@ def test_a_run_redraws_the_validation_image_with_the_models_image_to_image_pipel
     start = tmp_path / "start.png"
     Image.open(next(data.glob("*.png"))).resize((48, 40)).save(start)  # resized to the model's 32 x 32
     logged = []
-    monkeypatch.setattr(train_module, "log_image", lambda acc, tag, image, step: logged.append((tag, step)))
+    monkeypatch.setattr(validation, "log_image", lambda acc, tag, image, step: logged.append((tag, step)))
     out = tmp_path / "run"
     run = dict(train_data_dir=data, output_dir=out, cache_dir=tmp_path / "cache", max_steps=1, seed=3,
                train_batch_size=2, checkpoint_every=0, report_to="none", ema_decay="none")  # fmt: skip

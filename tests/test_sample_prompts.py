@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from sdlite.data.shapes import write_dataset
-from training import train as train_module
+from training import validation
 from training.config import from_dict
 from training.config.unet import TrainConfig
 from training.sample_prompts import (
@@ -114,7 +114,7 @@ def test_a_run_samples_the_file_prompts_into_pngs_and_the_logs(tmp_path, monkeyp
     path = tmp_path / "prompts.txt"
     path.write_text("# samples\na red circle --d 5\na wide blue square --w 64 --h 32 --s 3 --n a circle\n")
     logged = []
-    monkeypatch.setattr(train_module, "log_image", lambda acc, tag, image, step: logged.append((tag, step)))
+    monkeypatch.setattr(validation, "log_image", lambda acc, tag, image, step: logged.append((tag, step)))
     out = tmp_path / "run"
     argv = dict(train_data_dir=data, output_dir=out, cache_dir=tmp_path / "cache", max_steps=1,
                 train_batch_size=2, checkpoint_every=0, report_to="none", validation_prompts="a green square",

@@ -34,7 +34,6 @@ training/family.py; the data from training/examples.py; the step's math from tra
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 from pathlib import Path
@@ -68,26 +67,22 @@ from training.final_folder import write_final  # noqa: E402
 from training.inpaint_step import Inpainting  # noqa: E402
 from training.launch import follow_launcher  # noqa: E402
 from training.lcm_step import ConsistencyDistillation, written_before_the_target  # noqa: E402
-from training.metrics import log_image  # noqa: E402
 from training.optim import EMA, make_lr_schedule, make_optimizer  # noqa: E402
-from training.sample_prompts import SamplePrompt, run_prompts, save_samples  # noqa: E402
-from training.schedulers import make_scheduler  # noqa: E402
 from training.sharding import (  # noqa: E402
     ShardedEMA,
     gathered,
     held,
     launch_sharding,
-    reshard,
     shard_model,
     sharding_refusals,
 )
 from training.textual_inversion import attach_word, word_checkpoint  # noqa: E402
 from training.trainer import Trainer, leave  # noqa: E402
 from training.unet_step import diffusion_loss, draw_step, latents_of  # noqa: E402
-from training.validation import held_out_loss, image_to_image_sample, sample_images  # noqa: E402
+from training.validation import UNetValidation  # noqa: E402
 
 
-class UNetTrainer(Trainer):
+class UNetTrainer(UNetValidation, Trainer):
     """A U-Net training run: ``UNetTrainer(cfg).train()`` builds, resumes, trains, saves final_dir."""
 
     cfg: TrainConfig
@@ -356,70 +351,6 @@ class UNetTrainer(Trainer):
     def ema_weights(self):
         """Inside the block the trained parameters hold their EMA, when there is one."""
         return self.ema.swapped_into(self.params) if self.ema is not None else contextlib.nullcontext()
-
-    @torch.no_grad()
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Held-out loss and the sample prompts' images (validation/step-N/NN.png and their grid
-        validation/step-N.png, in TensorBoard too; with validation_image, its image-to-image sample
-        validation/step-N-image.png), with the EMA weights when there are any."""
-        acc, cfg = self.accelerator, self.cfg
-        # Sharded, every process runs the same forwards (each gathers the blocks it runs); else the main one.
-        if not (acc.is_main_process or self.sharding) or (self.val is None and not self.sample_prompts):
-            return {}
-        denoiser = acc.unwrap_model(self.model).eval()  # unwrapped: no DDP collectives on one process
-        logs = {}
-        with self.ema_weights(), acc.autocast():
-            if self.val is not None:
-                logs = self.held_out_loss(denoiser)
-            if self.sample_prompts:
-                images = self.sample_images()
-            if self.sample_prompts and acc.is_main_process:
-                log_image(
-                    acc,
-                    "validation",
-                    save_samples(images, Path(cfg.run.output_dir) / "validation", step),
-                    step,
-                )
-                for i, image in enumerate(images):
-                    log_image(acc, f"validation/{i:02d}", image, step)
-            if cfg.validation.validation_image is not None:
-                image = self.image_to_image_sample()
-                if acc.is_main_process:
-                    image.save(Path(cfg.run.output_dir) / "validation" / f"step-{step}-image.png")
-                    log_image(acc, "validation/image", image, step)
-        if self.sharding:
-            reshard(denoiser)  # the gathered weights the forwards left
-        denoiser.train()
-        if logs:
-            acc.log(logs, step=step)
-            acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
-        return logs
-
-    def held_out_loss(self, denoiser) -> dict[str, float]:
-        batch_size, device = self.cfg.optimizer.train_batch_size, self.accelerator.device
-        extra = None
-        if self.inpainter is not None:
-            extra = self.inpainter.held_out(self.val["batch"], self.data.latent_shape, device)
-        return held_out_loss(denoiser, self.val, self.parts, self.text_condition, batch_size, device, extra)
-
-    @functools.cached_property
-    def sample_prompts(self) -> list[SamplePrompt]:
-        """validation_prompts, then validation_prompts_file's (checked at start-up by cfg.check)."""
-        return run_prompts(
-            self.cfg.validation.validation_prompts, self.cfg.validation.validation_prompts_file
-        )
-
-    def sample_images(self) -> list:
-        pipe = self.family.pipeline("text" if self.inpainter is None else "inpaint")  # inpaint: a full mask
-        if self.distiller is not None:  # a consistency model samples with its own few-step sampler
-            pipe.scheduler = make_scheduler("lcm", pipe.scheduler.config)
-        seed, device = self.cfg.optimizer.seed, self.accelerator.device
-        return sample_images(pipe, self.sample_prompts, self.cfg.validation, seed, device)
-
-    def image_to_image_sample(self):
-        pipe = self.family.pipeline("image")
-        seed, device = self.cfg.optimizer.seed, self.accelerator.device
-        return image_to_image_sample(pipe, self.sample_prompts[0], self.cfg.validation, seed, device)
 
     # ---- the result -----------------------------------------------------------------------------------
 

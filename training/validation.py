@@ -1,16 +1,23 @@
 """What a U-Net run shows of itself at each validation: the held-out loss at fixed timesteps, one image
 per sample prompt, and the image-to-image sample of ``validation_image``.
 
-The trainer (training/train.py, ``UNetTrainer.evaluate``) calls these with its EMA weights swapped in and
-writes what they return; they hold no state, so the same draws come back at every validation.
+``UNetValidation.evaluate``, the trainer's (training/train.py's ``UNetTrainer`` inherits it), calls the
+functions with the EMA weights swapped in and writes what they return; they hold no state, so the same
+draws come back at every validation.
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 
 from training.config.validation import ValidationSection
-from training.sample_prompts import SamplePrompt, sample_batches
+from training.metrics import log_image
+from training.sample_prompts import SamplePrompt, run_prompts, sample_batches, save_samples
+from training.schedulers import make_scheduler
+from training.sharding import reshard
 from training.unet_step import diffusion_loss, latents_of
 
 
@@ -78,3 +85,73 @@ def image_to_image_sample(pipe, prompt: SamplePrompt, section: ValidationSection
         **call, image=image, strength=section.validation_strength, generator=generator, output_type="pil"
     )
     return out.images[0]
+
+
+class UNetValidation:
+    """The U-Net trainer's validation (training/trainer.py's loop calls ``evaluate`` every eval_every
+    steps): what it reads of the trainer (cfg, accelerator, model, val, parts, family, inpainter,
+    distiller, sharding, data, ``ema_weights``, ``text_condition``) is set up by training/train.py."""
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out loss and the sample prompts' images (validation/step-N/NN.png and their grid
+        validation/step-N.png, in TensorBoard too; with validation_image, its image-to-image sample
+        validation/step-N-image.png), with the EMA weights when there are any."""
+        acc, cfg = self.accelerator, self.cfg
+        # Sharded, every process runs the same forwards (each gathers the blocks it runs); else the main one.
+        if not (acc.is_main_process or self.sharding) or (self.val is None and not self.sample_prompts):
+            return {}
+        denoiser = acc.unwrap_model(self.model).eval()  # unwrapped: no DDP collectives on one process
+        logs = {}
+        with self.ema_weights(), acc.autocast():
+            if self.val is not None:
+                logs = self.held_out_loss(denoiser)
+            if self.sample_prompts:
+                images = self.sample_images()
+            if self.sample_prompts and acc.is_main_process:
+                log_image(
+                    acc,
+                    "validation",
+                    save_samples(images, Path(cfg.run.output_dir) / "validation", step),
+                    step,
+                )
+                for i, image in enumerate(images):
+                    log_image(acc, f"validation/{i:02d}", image, step)
+            if cfg.validation.validation_image is not None:
+                image = self.image_to_image_sample()
+                if acc.is_main_process:
+                    image.save(Path(cfg.run.output_dir) / "validation" / f"step-{step}-image.png")
+                    log_image(acc, "validation/image", image, step)
+        if self.sharding:
+            reshard(denoiser)  # the gathered weights the forwards left
+        denoiser.train()
+        if logs:
+            acc.log(logs, step=step)
+            acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+        return logs
+
+    def held_out_loss(self, denoiser) -> dict[str, float]:
+        batch_size, device = self.cfg.optimizer.train_batch_size, self.accelerator.device
+        extra = None
+        if self.inpainter is not None:
+            extra = self.inpainter.held_out(self.val["batch"], self.data.latent_shape, device)
+        return held_out_loss(denoiser, self.val, self.parts, self.text_condition, batch_size, device, extra)
+
+    @functools.cached_property
+    def sample_prompts(self) -> list[SamplePrompt]:
+        """validation_prompts, then validation_prompts_file's (checked at start-up by cfg.check)."""
+        return run_prompts(
+            self.cfg.validation.validation_prompts, self.cfg.validation.validation_prompts_file
+        )
+
+    def sample_images(self) -> list:
+        pipe = self.family.pipeline("text" if self.inpainter is None else "inpaint")  # inpaint: a full mask
+        if self.distiller is not None:  # a consistency model samples with its own few-step sampler
+            pipe.scheduler = make_scheduler("lcm", pipe.scheduler.config)
+        seed, device = self.cfg.optimizer.seed, self.accelerator.device
+        return sample_images(pipe, self.sample_prompts, self.cfg.validation, seed, device)
+
+    def image_to_image_sample(self):
+        pipe = self.family.pipeline("image")
+        seed, device = self.cfg.optimizer.seed, self.accelerator.device
+        return image_to_image_sample(pipe, self.sample_prompts[0], self.cfg.validation, seed, device)
