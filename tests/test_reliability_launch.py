@@ -146,3 +146,17 @@ def test_a_cpu_run_trains_on_the_machines_cores_not_accelerates_one_thread(monke
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert launcher.cpu_threads(one) is None  # a GPU trains: accelerate's setting stands
+
+
+def test_an_empty_omp_num_threads_is_taken_as_unset_not_handed_to_accelerate(monkeypatch):
+    """OMP_NUM_THREADS= (empty) is unset to OpenMP; accelerate's launcher reads it with int() and raised."""
+    import accelerate.commands.launch as accelerate_launch
+
+    import training.launch as launcher
+
+    launched = []
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # accelerate's own thread count then
+    monkeypatch.setattr(accelerate_launch, "simple_launcher", lambda args: launched.append(args))
+    assert launcher.main(["--num_processes", "1", "--mixed_precision", "no", "train.py"]) == 0
+    assert launched and "OMP_NUM_THREADS" not in os.environ

@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     """``accelerate launch argv`` in this process, forwarding stop signals; returns the trainer's status."""
     from accelerate.commands.launch import launch_command, launch_command_parser
 
+    if os.environ.get("OMP_NUM_THREADS") == "":  # unset to OpenMP; accelerate's int() of it would raise
+        del os.environ["OMP_NUM_THREADS"]
     args = launch_command_parser().parse_args(argv)
     args.num_cpu_threads_per_process = cpu_threads(args) or args.num_cpu_threads_per_process
     args.quiet = False  # a failing trainer raises CalledProcessError, which carries its status
