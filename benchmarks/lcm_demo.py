@@ -31,12 +31,16 @@ TEACHER = dict(steps=50, guidance=2.0, guidance_interval=(0.0, 300.0), scheduler
 STUDENT_STEPS = (1, 2, 4, 8)
 
 
-def settings(lora: str) -> dict[str, dict]:
-    """name -> run_evaluation's sampler arguments: the teacher, then the LCM-LoRA at each step count."""
+def settings(lora: str, timesteps: list[int] | None = None) -> dict[str, dict]:
+    """name -> run_evaluation's sampler arguments: the teacher, then the LCM-LoRA at each step count, and
+    at ``timesteps`` (LCMScheduler's own otherwise: 999, 759, 499, 259 for 4 steps)."""
     student = dict(guidance=1.0, guidance_interval=None, scheduler="lcm", loras=[(lora, 1.0)])
     ddim = dict(TEACHER, steps=4, scheduler="ddim")  # the teacher's own few-step sampling, for reference
-    return {"teacher-50": dict(TEACHER), "teacher-ddim-4": ddim,
+    runs = {"teacher-50": dict(TEACHER), "teacher-ddim-4": ddim,
             **{f"lcm-{n}": dict(student, steps=n) for n in STUDENT_STEPS}}  # fmt: skip
+    if timesteps:
+        runs[f"lcm-t{timesteps[0]}"] = dict(student, steps=len(timesteps), timesteps=timesteps)
+    return runs
 
 
 def images_per_second(
@@ -60,7 +64,8 @@ def images_per_second(
     for _ in range(repeats):
         for name, run in runs.items():
             start = time.perf_counter()
-            pipes[name](prompts, num_inference_steps=run["steps"], guidance_scale=run["guidance"],
+            pipes[name](prompts, num_inference_steps=run["steps"], timesteps=run.get("timesteps"),
+                        guidance_scale=run["guidance"],
                         guidance_interval=run["guidance_interval"], output_type="np",
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
             best[name] = min(best[name], time.perf_counter() - start)
@@ -79,13 +84,15 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--no_fuse", action="store_true", help="time the LCM-LoRA unfused, as --lora runs it")
     parser.add_argument("--students_only", action="store_true", help="evaluate the LCM-LoRA's rows alone")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=None,
+                        help="the LCM-LoRA at these timesteps too, high to low")  # fmt: skip
     args = parser.parse_args()
     import torch
 
     from training.cmd_evaluate import evaluation_prompts, run_evaluation
 
     torch.set_num_threads(args.threads)
-    runs = settings(args.lora)
+    runs = settings(args.lora, args.timesteps)
     speed = images_per_second(
         args.model, runs, evaluation_prompts(None, None) * 4, args.repeats, not args.no_fuse
     )

@@ -100,6 +100,27 @@ def _interval(text: str) -> tuple[float, float] | None:
     return lo, hi
 
 
+def _timesteps(text: str) -> list[int]:
+    """argparse type of --timesteps: ``T1,T2,...``, whole timesteps from high to low."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give timesteps high to low: 599,439,279,119") from None
+    if values[-1] < 0 or any(high <= low for high, low in zip(values, values[1:])):
+        raise argparse.ArgumentTypeError(f"{text!r}: timesteps must be >= 0 and go from high to low")
+    return values
+
+
+def _custom_timesteps(parser) -> None:
+    parser.add_argument(
+        "--timesteps",
+        type=_timesteps,
+        default=None,
+        help="sample at these timesteps, T1,T2,... from high to low, instead of --steps evenly spaced "
+        "(diffusers' timesteps=; e.g. an LCM-LoRA of a linear-beta model: docs/training.md)",
+    )
+
+
 def _guidance_interval(parser, default) -> None:
     shown = "none" if default is None else f"{default[0]:g},{default[1]:g}"
     parser.add_argument(
@@ -216,6 +237,7 @@ def add_generate(commands) -> None:
         help="classifier-free guidance weight (1: none)",
     )  # fmt: skip
     _guidance_interval(gen, None)
+    _custom_timesteps(gen)
     gen.add_argument("--height", type=_positive, default=None, help="pixels (default: the model's size)")
     gen.add_argument("--width", type=_positive, default=None, help="pixels (default: the model's size)")
     gen.add_argument(
@@ -323,6 +345,7 @@ def add_evaluate(commands) -> None:
         help="LoRA weights evaluated on the model, at SCALE (default 1); repeat for several",
     )  # fmt: skip
     _guidance_interval(ev, EVAL_GUIDANCE_INTERVAL)
+    _custom_timesteps(ev)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--colours", type=_csv, default=None, help="prompts' colours; default: all")
     ev.add_argument("--shapes", type=_csv, default=None, help="prompts' shapes; default: all")

@@ -293,8 +293,10 @@ def pipeline_generate(
     guidance_scale: float = 7.5,
     batch_size: int = 64,
     guidance_interval: tuple[float, float] | None = None,
+    timesteps: list[int] | None = None,
 ) -> GenerateFn:
-    """A ``generate(prompts, seed)`` over any pipeline called like ``TextToImagePipeline``."""
+    """A ``generate(prompts, seed)`` over any pipeline called like ``TextToImagePipeline`` (``timesteps``:
+    a custom schedule in place of ``num_inference_steps``)."""
 
     def generate(prompts: Sequence[str], seed: int) -> list[np.ndarray]:
         generator = torch.Generator().manual_seed(seed)
@@ -303,6 +305,7 @@ def pipeline_generate(
             out = pipe(
                 list(prompts[start : start + batch_size]),
                 num_inference_steps=num_inference_steps,
+                timesteps=timesteps,
                 guidance_scale=guidance_scale,
                 guidance_interval=guidance_interval,
                 generator=generator,

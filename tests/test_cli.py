@@ -85,6 +85,14 @@ def test_shortened_flags_are_refused(model, capsys):
     assert "unrecognized arguments: --cou" in err
 
 
+def test_timesteps_out_of_order_or_not_numbers_are_refused_by_the_parser(model, capsys):
+    for command in (["generate", "x"], ["evaluate"]):
+        err = usage_error([*command, "--model", str(model), "--timesteps", "279,599"], capsys)
+        assert "'279,599': timesteps must be >= 0 and go from high to low" in err
+    err = usage_error(["generate", "x", "--model", str(model), "--timesteps", "599;279"], capsys)
+    assert "'599;279': give timesteps high to low: 599,439,279,119" in err
+
+
 def test_a_missing_lora_path_is_named_as_a_missing_file(model, tmp_path, capsys):
     missing = tmp_path / "runs" / "no-lora"
     err = usage_error(["generate", "x", "--model", str(model), "--lora", f"{missing}:0.5"], capsys)

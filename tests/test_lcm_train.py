@@ -7,6 +7,7 @@ it cannot take fail before anything is read."""
 import copy
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from test_train import ROOT, flags, launch, run_killed_at, trainers_kept
 
 from pipelines import TextToImagePipeline, TextToImageXLPipeline
+from sdlite.cli import main as sdlite
 from sdlite.models import build_components, load_components
 from sdlite.models_xl import build_components_xl, load_components_xl
 from training.checks import ConfigError
@@ -263,3 +265,34 @@ def test_generate_and_evaluate_sample_with_lcm_scheduler_and_the_lora(distilled,
         report = run_evaluation(str(base), grid_path=grids[name], **sampler, **few)
         assert report["scheduler"] == "lcm" and report["steps"] == 2
     assert grids["plain"].read_bytes() != grids["lcm"].read_bytes(), "the LoRA was not loaded"
+
+
+def test_generate_and_evaluate_sample_an_lcm_lora_at_the_timesteps_given(
+    distilled, base, tmp_path, monkeypatch
+):
+    """--timesteps: LCMScheduler at those timesteps, as diffusers' pipeline with timesteps= draws them."""
+    from PIL import Image
+
+    # the command's threads as the test's own (conftest.py): the images are compared to the unit
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("SDLITE_TEST_THREADS", "1"))
+    final, out = distilled[0] / "final", tmp_path / "out.png"
+    argv = ["generate", "a red circle", "--model", str(base), "--lora", str(final), "--scheduler", "lcm",
+            "--guidance", "1", "--seed", "0", "--out", str(out)]  # fmt: skip
+    assert sdlite([*argv, "--timesteps", "599,279"]) == 0
+    drawn = np.asarray(Image.open(out), dtype=np.float32)
+    assert sdlite([*argv, "--steps", "2"]) == 0  # LCMScheduler's own two: 999, 499
+    assert np.abs(np.asarray(Image.open(out), dtype=np.float32) - drawn).max() > 1
+
+    parts = with_lcm_scheduler(load_components(base)).as_dict()
+    theirs = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                     requires_safety_checker=False)  # fmt: skip
+    theirs.set_progress_bar_config(disable=True)
+    theirs.load_lora_weights(final)
+    expected = theirs(["a red circle"], timesteps=[599, 279], guidance_scale=1.0, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    assert np.abs(drawn - np.round(expected * 255)).max() <= 1
+
+    few = dict(n=1, colours=["red"], shapes=["circle"], bpd_count=2, stride=500, bpd_draws=1)
+    report = run_evaluation(str(base), guidance=1.0, guidance_interval=None, scheduler="lcm",
+                            loras=[(str(final), None)], timesteps=[599, 279], **few)  # fmt: skip
+    assert report["steps"] == 2 and report["timesteps"] == [599, 279]

@@ -55,6 +55,7 @@ def run_evaluation(
     scheduler: str = "ddpm",
     loras: list[tuple[str, float | None]] = (),
     round_trip: bool = True,
+    timesteps: list[int] | None = None,
 ) -> dict:
     """Fidelity and diversity of generated images, bits per dimension of held-out latents; printed
     and returned as a dict; ``round_trip``: with the VAE's round trip read strictly (the demo reads it
@@ -74,7 +75,9 @@ def run_evaluation(
         pixels = held_out.permute(0, 2, 3, 1).add(1).div(2).numpy()  # (N, size, size, 3) in [0, 1]
         reference = fidelity.data_reference(list(pixels), captions)
     start = time.perf_counter()
-    generate = fidelity.pipeline_generate(pipe, steps, guidance, guidance_interval=guidance_interval)
+    generate = fidelity.pipeline_generate(
+        pipe, steps, guidance, guidance_interval=guidance_interval, timesteps=timesteps
+    )
     report = fidelity.prompt_fidelity(
         generate, prompts, n=n, seed=seed, image_size=size, unseen=unseen, keep_images=grid_path is not None,
         reference=reference,
@@ -82,7 +85,8 @@ def run_evaluation(
     fidelity_s = time.perf_counter() - start
     print(report.table())
     where = f" at t in {list(guidance_interval)}" if guidance_interval is not None else ""
-    setting = f"{steps} steps of {scheduler}, guidance {guidance}{where}"
+    at = f" at t {','.join(map(str, timesteps))}" if timesteps is not None else ""
+    setting = f"{len(timesteps) if timesteps else steps} steps of {scheduler}{at}, guidance {guidance}{where}"
     print(f"({len(prompts)} prompts x {n} images, {setting}: {fidelity_s:.0f} s)")
     axes = ", ".join(f"{k} {v:.2f}" for k, v in report.diversity_by_axis.items())
     print(
@@ -119,7 +123,8 @@ def run_evaluation(
         "bpd": bound.bpd,
         "bpd_spread": bound.spread,
         "bound": vars(bound),
-        "steps": steps,
+        "steps": len(timesteps) if timesteps else steps,
+        "timesteps": timesteps,
         "scheduler": scheduler,
         "guidance": guidance,
         "guidance_interval": list(guidance_interval) if guidance_interval is not None else None,
@@ -166,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance=args.guidance,
         guidance_interval=args.guidance_interval,
+        timesteps=args.timesteps,
         seed=args.seed,
         colours=args.colours,
         shapes=args.shapes,

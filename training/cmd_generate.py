@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         **extra,
         num_inference_steps=args.num_inference_steps,
+        timesteps=args.timesteps,
         guidance_scale=args.guidance_scale,
         guidance_interval=args.guidance_interval,
         num_images_per_prompt=args.num_images,
