@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from sdlite.cli import build_parser, final_message, main
+from sdlite.ddpm import DDPMScheduler
 from sdlite.models import build_components, save_components
 from training.closing import closing_message
 from training.config.keys import parse_config
@@ -90,3 +91,17 @@ def test_a_lora_training_run_ends_with_a_generate_line_that_runs(data, cache, tm
     assert Image.open(out).size == (32, 32)
     # The trainer's entry point drops the same third-party noise as the sdlite command.
     assert "requires torchvision (not installed)" not in done.stderr
+
+
+def test_a_distillations_closing_line_says_so_when_its_schedule_ends_far_noisier_than_sds(tmp_path):
+    """The DDPM paper's linear β (the demo's) ends at ᾱ = 4e-5: LCMScheduler's first steps draw noise."""
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    base = ["--pretrained_model_name_or_path", "models/base", "--validation_prompts", "a red circle"]
+    lcm = parse_config(TrainConfig, [*base, "--lora", "true", "--distill", "lcm"])
+    linear = DDPMScheduler(beta_schedule="linear").alphas_cumprod
+    scaled = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    message = closing_message(lcm, tmp_path, True, False, linear)
+    assert "ε error by 157, against 14.6" in message and "--timesteps" in message
+    generate_line(message)  # still one line to paste
+    assert "--timesteps" not in closing_message(lcm, tmp_path, True, False, scaled)  # SD's: as LCM made it
+    assert "--timesteps" not in closing_message(lcm, tmp_path, False, False, linear)  # not a distillation

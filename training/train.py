@@ -370,7 +370,8 @@ class UNetTrainer(UNetValidation, Trainer):
             with self.publishing() as tmp:
                 write_final(self, tmp, raw, averaged)
             distilled, inpainting = self.distiller is not None, self.inpainter is not None
-            acc.print(closing_message(cfg, self.final, distilled, inpainting))
+            alphas = self.distiller.schedule.alphas_cumprod if distilled else None
+            acc.print(closing_message(cfg, self.final, distilled, inpainting, alphas))
         acc.wait_for_everyone()
         return self.final
 
