@@ -60,6 +60,7 @@ def run_evaluation(
     """Fidelity and diversity of generated images, bits per dimension of held-out latents; printed
     and returned as a dict; ``round_trip``: with the VAE's round trip read strictly (the demo reads it
     at its VAE stage)."""
+    steps = len(timesteps) if timesteps else steps  # a custom schedule sets the step count
     pipe = load_pipeline(model, model_config)
     load_loras(pipe, [(path, 1.0 if scale is None else scale) for path, scale in loras])  # an LCM-LoRA, say
     bound_scheduler = pipe.scheduler  # the bound is the model's own diffusion's, whatever samples
@@ -86,7 +87,7 @@ def run_evaluation(
     print(report.table())
     where = f" at t in {list(guidance_interval)}" if guidance_interval is not None else ""
     at = f" at t {','.join(map(str, timesteps))}" if timesteps is not None else ""
-    setting = f"{len(timesteps) if timesteps else steps} steps of {scheduler}{at}, guidance {guidance}{where}"
+    setting = f"{steps} steps of {scheduler}{at}, guidance {guidance}{where}"
     print(f"({len(prompts)} prompts x {n} images, {setting}: {fidelity_s:.0f} s)")
     axes = ", ".join(f"{k} {v:.2f}" for k, v in report.diversity_by_axis.items())
     print(
@@ -123,7 +124,7 @@ def run_evaluation(
         "bpd": bound.bpd,
         "bpd_spread": bound.spread,
         "bound": vars(bound),
-        "steps": len(timesteps) if timesteps else steps,
+        "steps": steps,
         "timesteps": timesteps,
         "scheduler": scheduler,
         "guidance": guidance,
